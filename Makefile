@@ -1,0 +1,47 @@
+# ferrotune — every install and build step lives here, so a cold machine needs only `make demo` / `make test`.
+SHELL := /bin/bash
+FERROTUNE_CACHE ?= $(HOME)/.cache/ferrotune
+export FERROTUNE_CACHE
+VENV := $(FERROTUNE_CACHE)/venv
+# tch's build script asks this venv's python where libtorch is (LIBTORCH_USE_PYTORCH).
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+# One target dir outside the clone, shared by every checkout: a cold machine builds it, a warm one reuses it.
+export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
+CARGO ?= cargo
+BIN := target/release/ferrotune
+
+.PHONY: target-link all libtorch build build-cuda test demo fixtures clean-cache
+
+all: build
+
+libtorch: $(VENV)/.torch-ok
+$(VENV)/.torch-ok: scripts/libtorch.sh
+	bash scripts/libtorch.sh >/dev/null
+	touch $@
+
+# The link `target` -> $(CARGO_TARGET_DIR) makes `target/release/ferrotune` exist in the clone.
+target-link:
+	@if [ "$(CARGO_TARGET_DIR)" != "$(CURDIR)/target" ] && [ ! -d target -o -L target ]; then ln -sfn "$(CARGO_TARGET_DIR)" target; fi
+
+build: libtorch target-link
+	$(CARGO) build --release --locked -p ferrotune-cli
+
+# For a GPU host: links libtorch_cuda so that cuda:N devices are usable.
+build-cuda: libtorch target-link
+	FERROTUNE_CUDA=1 $(CARGO) build --release --locked -p ferrotune-cli
+
+# Tests run in the release profile so they share every compiled dependency with `make build`.
+test: build
+	$(CARGO) test --release --locked --workspace --no-fail-fast
+
+demo: build
+	bash scripts/demo.sh
+
+# Dev only: regenerates the tiny-model fixtures with HF transformers (see tests/fixtures/README.md).
+fixtures:
+	"$$(bash ../shared/tools/dev-python.sh)" tests/fixtures/make_tiny.py tests/fixtures/tiny
+
+clean-cache:
+	rm -rf "$(FERROTUNE_CACHE)/target"

@@ -1,0 +1,373 @@
+//! `ferrotune import gguf`: a llama.cpp GGUF file → a Hugging Face model directory (config.json,
+//! model.safetensors in f32, tokenizer.json, tokenizer_config.json with the chat template,
+//! generation_config.json), loadable by transformers and by [`crate::models::load_model`].
+//!
+//! llama.cpp's converter permutes the rows of `attn_q` / `attn_k` of Llama-architecture models so that its
+//! RoPE kernel can rotate adjacent pairs; HF rotates halves. For a dequantized `[out, in]` weight the HF
+//! layout is `w.reshape(n, head_dim/2, 2, in).transpose(1, 2).reshape(out, in)` with n the number of query
+//! (resp. key/value) heads.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+
+use crate::error::{CoreError, Result};
+use crate::gguf::{GgufFile, Value};
+
+/// What an import produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The HF model directory written.
+    pub path: PathBuf,
+    /// GGUF architecture (`llama`, `qwen2`).
+    pub architecture: String,
+    /// Number of tensors written.
+    pub tensors: usize,
+    /// GGUF tensors not carried over (with why), e.g. `rope_freqs.weight`.
+    pub skipped: Vec<String>,
+}
+
+/// Imports `gguf_path` into `out_dir` (created; existing files are overwritten). Files are written to a
+/// temporary sibling directory and renamed into place, so a failed import leaves no half-written model.
+pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
+    let g = GgufFile::open(gguf_path)?;
+    let arch = g.get_str("general.architecture")?.to_owned();
+    if arch != "llama" && arch != "qwen2" {
+        return Err(CoreError::format(gguf_path, format!("unsupported architecture `{arch}` (supported: llama, qwen2)")));
+    }
+    let cfg = hf_config(&g, &arch)?;
+    let tmp = tmp_sibling(out_dir)?;
+    let result = (|| {
+        let (tensors, skipped) = write_weights(&g, &arch, &cfg, &tmp.join("model.safetensors"))?;
+        write_json(&tmp.join("config.json"), &cfg)?;
+        write_tokenizer(&g, &tmp)?;
+        let gen = json!({
+            "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"],
+        });
+        write_json(&tmp.join("generation_config.json"), &gen)?;
+        let source = json!({
+            "source": gguf_path.display().to_string(), "gguf_version": g.version, "architecture": arch,
+            "tensor_types": tensor_type_counts(&g), "skipped": skipped,
+            "note": "weights dequantized to f32; attn_q/attn_k rows un-permuted to HF layout",
+        });
+        write_json(&tmp.join("ferrotune_import.json"), &source)?;
+        Ok((tensors, skipped))
+    })();
+    let (tensors, skipped) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir).map_err(|e| CoreError::io(out_dir, e))?;
+    }
+    std::fs::rename(&tmp, out_dir).map_err(|e| CoreError::io(out_dir, e))?;
+    Ok(ImportReport { path: out_dir.to_path_buf(), architecture: arch, tensors, skipped })
+}
+
+fn tmp_sibling(out_dir: &Path) -> Result<PathBuf> {
+    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.importing-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    Ok(tmp)
+}
+
+fn write_json(path: &Path, v: &Json) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
+    std::fs::write(path, text + "\n").map_err(|e| CoreError::io(path, e))
+}
+
+fn tensor_type_counts(g: &GgufFile) -> Json {
+    let mut m = std::collections::BTreeMap::<String, usize>::new();
+    for t in &g.tensors {
+        let name = match t.ty {
+            Ok(ty) => format!("{ty:?}"),
+            Err(id) => format!("type{id}"),
+        };
+        *m.entry(name).or_default() += 1;
+    }
+    json!(m)
+}
+
+/// HF config.json for the GGUF's architecture, from its metadata.
+fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
+    let k = |s: &str| format!("{arch}.{s}");
+    let heads = g.get_u64(&k("attention.head_count"))?;
+    let kv_heads = g.metadata.get(&k("attention.head_count_kv")).and_then(Value::as_u64).unwrap_or(heads);
+    let hidden = g.get_u64(&k("embedding_length"))?;
+    let vocab = match g.metadata.get(&k("vocab_size")).and_then(Value::as_u64) {
+        Some(v) => v,
+        None => g.get("tokenizer.ggml.tokens")?.as_array().map(|a| a.len() as u64).unwrap_or(0),
+    };
+    let head_dim = g.metadata.get(&k("attention.key_length")).and_then(Value::as_u64).unwrap_or(hidden / heads.max(1));
+    let tied = g.tensor("output.weight").is_none();
+    let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64);
+    let mut rope_scaling = Json::Null;
+    if let Some(ty) = g.metadata.get(&k("rope.scaling.type")).and_then(Value::as_str) {
+        match ty {
+            "none" => {}
+            "linear" => rope_scaling = json!({"rope_type": "linear", "factor": g.get_f64(&k("rope.scaling.factor"))?}),
+            other => return Err(CoreError::format(g.path(), format!("unsupported rope scaling `{other}` (supported: none, linear)"))),
+        }
+    }
+    let (model_type, class) = match arch {
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        _ => ("llama", "LlamaForCausalLM"),
+    };
+    Ok(json!({
+        "architectures": [class],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": g.get_u64(&k("feed_forward_length"))?,
+        "num_hidden_layers": g.get_u64(&k("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": g.get_u64(&k("context_length"))?,
+        "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": g.metadata.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": id("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": id("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": id("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }))
+}
+
+/// llama.cpp tensor name → HF name (and, for llama q/k, the head count to un-permute with).
+fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String, Option<u64>)> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some((f.to_owned(), None));
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: u64 = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let (hf, permute) = match module {
+        "attn_q" => ("self_attn.q_proj", Some(heads)),
+        "attn_k" => ("self_attn.k_proj", Some(kv_heads)),
+        "attn_v" => ("self_attn.v_proj", None),
+        "attn_output" => ("self_attn.o_proj", None),
+        "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" => ("post_attention_layernorm", None),
+        "ffn_gate" => ("mlp.gate_proj", None),
+        "ffn_up" => ("mlp.up_proj", None),
+        "ffn_down" => ("mlp.down_proj", None),
+        _ => return None,
+    };
+    // Only llama-architecture GGUFs carry the permutation (qwen2's converter leaves q/k alone), and only
+    // weights/biases of q and k are affected.
+    let permute = if arch == "llama" { permute } else { None };
+    Some((format!("model.layers.{layer}.{hf}.{suffix}"), permute))
+}
+
+/// Undoes llama.cpp's q/k row permutation on a row-major `[out, inner]` tensor (`inner` = 1 for biases).
+fn unpermute(w: &[f32], out: usize, inner: usize, n_heads: usize) -> Vec<f32> {
+    let head_dim = out / n_heads;
+    let half = head_dim / 2;
+    let mut r = vec![0f32; w.len()];
+    // source row (h, i, j) with i < half, j < 2  →  destination row (h, j, i)
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + i * 2 + j;
+                let dst = h * head_dim + j * half + i;
+                r[dst * inner..(dst + 1) * inner].copy_from_slice(&w[src * inner..(src + 1) * inner]);
+            }
+        }
+    }
+    r
+}
+
+struct F32Tensor {
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &F32Tensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(usize, Vec<String>)> {
+    let heads = cfg["num_attention_heads"].as_u64().unwrap_or(1);
+    let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap_or(heads);
+    let mut tensors: Vec<(String, F32Tensor)> = Vec::new();
+    let mut skipped = Vec::new();
+    for t in &g.tensors {
+        let Some((name, permute)) = hf_name(&t.name, arch, heads, kv_heads) else {
+            skipped.push(format!("{} (no HF equivalent)", t.name));
+            continue;
+        };
+        let mut data = g.dequantize(t)?;
+        if let Some(n) = permute {
+            let out_rows = t.shape[0];
+            let inner = t.numel() / out_rows.max(1);
+            if n == 0 || out_rows % n as usize != 0 || (out_rows / n as usize) % 2 != 0 {
+                return Err(CoreError::format(g.path(), format!("tensor `{}`: {out_rows} rows do not split into {n} heads of even size", t.name)));
+            }
+            data = unpermute(&data, out_rows, inner, n as usize);
+        }
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((name, F32Tensor { shape: t.shape.clone(), data: bytes }));
+    }
+    if !tensors.iter().any(|(n, _)| n == "model.embed_tokens.weight") {
+        return Err(CoreError::format(g.path(), "tensor `token_embd.weight` is missing"));
+    }
+    let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    let n = tensors.len();
+    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(meta), out)
+        .map_err(|e| CoreError::format(out, format!("cannot write safetensors: {e}")))?;
+    Ok((n, skipped))
+}
+
+/// tokenizer.json + tokenizer_config.json for a GGUF byte-level BPE (`tokenizer.ggml.model == "gpt2"`).
+fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
+    let model = g.get_str("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(CoreError::format(g.path(), format!("tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE)")));
+    }
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let arr = g.get(key)?.as_array().ok_or_else(|| CoreError::format(g.path(), format!("metadata `{key}` is not an array")))?;
+        arr.iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| CoreError::format(g.path(), format!("metadata `{key}` holds a non-string"))))
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<i64> = match g.metadata.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(a) => a.iter().map(|v| match v {
+            Value::I64(x) => *x,
+            Value::U64(x) => *x as i64,
+            _ => 1,
+        }).collect(),
+        None => vec![1; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(CoreError::format(g.path(), format!("{} token types for {} tokens", types.len(), tokens.len())));
+    }
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
+        vocab.insert(tok.clone(), json!(i));
+        // 3 = control (special), 4 = user-defined: both are matched before BPE, as in transformers.
+        if *ty == 3 || *ty == 4 {
+            added.push(json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                              "normalized": *ty == 4, "special": *ty == 3}));
+        }
+    }
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre = g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level.clone(),
+        // SmolLM's tokenizer isolates every digit before the GPT-2 byte-level split.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]}),
+        other => return Err(CoreError::format(g.path(), format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm)"))),
+    };
+    let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64).map(|i| i as usize);
+    let tok_at = |i: Option<usize>| i.and_then(|i| tokens.get(i)).cloned();
+    let (bos, eos, pad, unk) = (
+        tok_at(id("tokenizer.ggml.bos_token_id")),
+        tok_at(id("tokenizer.ggml.eos_token_id")),
+        tok_at(id("tokenizer.ggml.padding_token_id")),
+        tok_at(id("tokenizer.ggml.unknown_token_id")),
+    );
+    let add_bos = matches!(g.metadata.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let post_processor = match (&bos, add_bos) {
+        (Some(b), true) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b: {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}}}),
+        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+    };
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    write_json(&dir.join("tokenizer.json"), &tokenizer)?;
+    let mut tc = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": g.metadata.get(&format!("{}.context_length", g.get_str("general.architecture")?)).and_then(Value::as_u64),
+        "bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk,
+    });
+    if let Some(t) = g.metadata.get("tokenizer.chat_template").and_then(Value::as_str) {
+        tc["chat_template"] = json!(t);
+    }
+    write_json(&dir.join("tokenizer_config.json"), &tc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(n, 2, head_dim/2, in).swapaxes(1, 2).reshape(out, in) — rows of each head
+        // interleaved (0, h, 1, h+1, ...). Build that from a known HF matrix and check we get it back.
+        let (n, head_dim, inner) = (3, 4, 2);
+        let out = n * head_dim;
+        let hf: Vec<f32> = (0..out * inner).map(|x| x as f32).collect();
+        let mut perm = vec![0f32; hf.len()];
+        for h in 0..n {
+            for i in 0..head_dim / 2 {
+                for j in 0..2 {
+                    let src = h * head_dim + j * (head_dim / 2) + i; // HF row (h, j, i)
+                    let dst = h * head_dim + i * 2 + j; // llama.cpp row (h, i, j)
+                    perm[dst * inner..(dst + 1) * inner].copy_from_slice(&hf[src * inner..(src + 1) * inner]);
+                }
+            }
+        }
+        assert_ne!(perm, hf);
+        assert_eq!(unpermute(&perm, out, inner, n), hf);
+    }
+
+    #[test]
+    fn names_map_to_hf() {
+        assert_eq!(hf_name("blk.3.attn_k.weight", "llama", 9, 3), Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3))));
+        assert_eq!(hf_name("blk.0.attn_q.bias", "qwen2", 9, 3), Some(("model.layers.0.self_attn.q_proj.bias".into(), None)));
+        assert_eq!(hf_name("output_norm.weight", "llama", 9, 3), Some(("model.norm.weight".into(), None)));
+        assert_eq!(hf_name("rope_freqs.weight", "llama", 9, 3), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! ferrotune's model core: HF-compatible decoder-only language models on libtorch (`tch`), weights from
+//! safetensors (single or sharded, memory-mapped) and from llama.cpp GGUF files, HF tokenizers, and
+//! perplexity evaluation. Services and the CLI build on this crate; it knows nothing of gRPC.
+
+pub mod error;
+pub mod gguf;
+pub mod gguf_import;
+pub mod models;
+pub mod perplexity;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{CoreError, Result};
+pub use models::{load_model, parse_device, parse_dtype, CausalLm, DecoderConfig};
+pub use perplexity::{perplexity, Perplexity, PerplexityOptions};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,329 @@
+//! The decoder shared by the Llama-layout families (llama, mistral, qwen2): token embedding, N ×
+//! (RMSNorm → GQA attention with RoPE → residual → RMSNorm → SwiGLU MLP → residual), final RMSNorm,
+//! lm_head. Parameter names equal the HF safetensors keys (`model.layers.0.self_attn.q_proj.weight`).
+//! Numerics follow transformers' modeling_llama.py: RMSNorm in f32, rotary tables in f32, attention through
+//! libtorch's scaled-dot-product attention.
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::{DecoderConfig, RopeScaling};
+use crate::error::{CoreError, Result};
+use crate::weights::Weights;
+
+/// `y = x Wᵀ + b`.
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vb.get(&[out_dim, in_dim], "weight")?;
+        let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// # Shapes
+    /// `x`: `[.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// Root-mean-square layer norm, computed in f32 like transformers' `LlamaRMSNorm`.
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// `[hidden]`.
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: &Weights, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(&[dim], "weight")?, eps })
+    }
+
+    /// # Shapes
+    /// `x`: `[.., hidden]` → same.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let h = x.f_to_kind(Kind::Float)?;
+        let var = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+        let h = h.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&h.f_to_kind(kind)?)?)
+    }
+}
+
+/// Inverse rotary frequencies `[head_dim / 2]` (f32), with the configured rescaling
+/// (transformers' `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+/// `_compute_llama3_parameters`).
+pub fn inv_freq(cfg: &DecoderConfig) -> Vec<f32> {
+    let d = cfg.head_dim as usize;
+    let base: Vec<f32> = (0..d).step_by(2).map(|i| 1.0 / (cfg.rope_theta.powf(i as f64 / d as f64)) as f32).collect();
+    match cfg.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        (f as f64 / factor) as f32
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        ((1.0 - smooth) * f as f64 / factor + smooth * f as f64) as f32
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Rotary position tables for given positions.
+pub(crate) struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// # Shapes
+    /// `inv_freq`: `[head_dim/2]` f32, `positions`: `[b, s]` → cos/sin `[b, 1, s, head_dim]` in `kind`.
+    fn new(inv_freq: &Tensor, positions: &Tensor, kind: Kind) -> Result<Self> {
+        let freqs = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(inv_freq)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?;
+        Ok(Self { cos: emb.f_cos()?.f_to_kind(kind)?, sin: emb.f_sin()?.f_to_kind(kind)? })
+    }
+
+    /// # Shapes
+    /// `x`: `[b, heads, s, head_dim]` → same.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let half = x.size()[3] / 2;
+        let x1 = x.f_narrow(3, 0, half)?;
+        let x2 = x.f_narrow(3, half, half)?;
+        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], 3)?;
+        Ok(x.f_mul(&self.cos)?.f_add(&rotated.f_mul(&self.sin)?)?)
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug)]
+pub struct Attention {
+    /// Query projection `[heads·head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// Key projection `[kv_heads·head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// Value projection `[kv_heads·head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// Output projection `[hidden, heads·head_dim]`.
+    pub o_proj: Linear,
+    n_heads: i64,
+    n_kv: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(vb: &Weights, cfg: &DecoderConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(&vb.pp("q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            o_proj: Linear::load(&vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
+            n_heads: cfg.num_heads,
+            n_kv: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: `[b, s, hidden]`; `mask`: `None` (plain causal) or bool `[b, 1, s, s]` (true = attend)
+    /// → `[b, s, hidden]`.
+    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let split = |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, s, n, self.head_dim])?.f_transpose(1, 2)?) };
+        let q = rot.apply(&split(self.q_proj.forward(x)?, self.n_heads)?)?;
+        let k = rot.apply(&split(self.k_proj.forward(x)?, self.n_kv)?)?;
+        let v = split(self.v_proj.forward(x)?, self.n_kv)?;
+        let gqa = self.n_heads != self.n_kv;
+        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa)?;
+        let y = y.f_transpose(1, 2)?.f_reshape([b, s, self.n_heads * self.head_dim])?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
+#[derive(Debug)]
+pub struct Mlp {
+    /// `[intermediate, hidden]`.
+    pub gate_proj: Linear,
+    /// `[intermediate, hidden]`.
+    pub up_proj: Linear,
+    /// `[hidden, intermediate]`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &Weights, cfg: &DecoderConfig) -> Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(&vb.pp("gate_proj"), h, i, b)?,
+            up_proj: Linear::load(&vb.pp("up_proj"), h, i, b)?,
+            down_proj: Linear::load(&vb.pp("down_proj"), i, h, b)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.f_silu()?;
+        self.down_proj.forward(&g.f_mul(&self.up_proj.forward(x)?)?)
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(vb: &Weights, cfg: &DecoderConfig) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask)?)?;
+        Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+/// A decoder-only causal language model in the Llama layout.
+#[derive(Debug)]
+pub struct CausalLm {
+    /// The normalised config.
+    pub cfg: DecoderConfig,
+    /// `model.embed_tokens.weight` `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// `model.layers.*`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head.weight` `[vocab, hidden]` (a view of the embedding when tied).
+    pub lm_head: Tensor,
+    inv_freq: Tensor,
+}
+
+impl CausalLm {
+    /// Builds the model from HF-named weights.
+    pub fn load(vb: &Weights, cfg: DecoderConfig) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?;
+        let layers = (0..cfg.num_layers).map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // Tied checkpoints normally omit lm_head.weight; when one stores it anyway it is the same matrix.
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?
+        };
+        let inv_freq = Tensor::f_from_slice(&inv_freq(&cfg))?.f_to_device(vb.device)?;
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// Floating-point kind of the weights.
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    /// Final hidden states (after the last norm), before lm_head.
+    ///
+    /// `attention_mask` (1 = real token, 0 = padding) makes padded batches give the same states for the
+    /// real tokens as unpadded rows. `position_ids` default to the running count of real tokens
+    /// (`cumsum(mask) − 1`, as HF `generate` does), or `0..s` without a mask.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, s]` i64; `attention_mask`: `[b, s]`; `position_ids`: `[b, s]` → `[b, s, hidden]`.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>) -> Result<Tensor> {
+        let size = input_ids.size();
+        let [b, s] = size[..] else {
+            return Err(CoreError::InvalidArgument(format!("input_ids must be [batch, seq], got {size:?}")));
+        };
+        if s == 0 {
+            return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
+        }
+        let dev = self.device();
+        let ids = input_ids.f_to_device(dev)?;
+        let mask = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Bool)).transpose()?;
+        if let Some(m) = &mask {
+            if m.size() != [b, s] {
+                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, s], m.size())));
+            }
+        }
+        let positions = match (position_ids, &mask) {
+            (Some(p), _) => p.f_to_device(dev)?,
+            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?,
+            (None, None) => Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
+        };
+        let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
+        let attn_mask = self.attention_mask(mask.as_ref(), b, s)?;
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+        for layer in &self.layers {
+            h = layer.forward(&h, &rot, attn_mask.as_ref())?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// as [`Self::forward_hidden`] → `[b, s, vocab]` in the model's kind.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, attention_mask, position_ids)?;
+        Ok(h.f_linear::<Tensor>(&self.lm_head, None)?)
+    }
+
+    /// The boolean `[b, 1, s, s]` mask (true = attend) for padding and sliding window, or `None` when plain
+    /// causal attention suffices. Every query may attend to itself, so rows of padding tokens are never
+    /// empty (an empty row would give NaN and, through the value matmul, poison real rows).
+    fn attention_mask(&self, pad: Option<&Tensor>, b: i64, s: i64) -> Result<Option<Tensor>> {
+        if pad.is_none() && self.cfg.sliding_window.is_none_or(|w| w >= s) {
+            return Ok(None);
+        }
+        let dev = self.device();
+        let idx = Tensor::f_arange(s, (Kind::Int64, dev))?;
+        let q = idx.f_unsqueeze(1)?;
+        let k = idx.f_unsqueeze(0)?;
+        let mut m = q.f_ge_tensor(&k)?;
+        if let Some(w) = self.cfg.sliding_window {
+            m = m.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
+        }
+        let mut m = m.f_unsqueeze(0)?.f_unsqueeze(0)?.f_expand([b, 1, s, s], false)?;
+        if let Some(p) = pad {
+            m = m.f_logical_and(&p.f_view([b, 1, 1, s])?)?;
+        }
+        let diag = Tensor::f_eye(s, (Kind::Bool, dev))?;
+        Ok(Some(m.f_logical_or(&diag)?))
+    }
+}

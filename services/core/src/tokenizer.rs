@@ -1,0 +1,48 @@
+//! The model's tokenizer: `tokenizer.json` loaded with the HF `tokenizers` crate, used exactly as
+//! transformers' fast tokenizer is (special tokens added only if the tokenizer's post-processor adds them).
+
+use std::path::Path;
+
+use crate::error::{CoreError, Result};
+
+/// A loaded tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_file(&dir.join("tokenizer.json"))
+    }
+
+    /// Loads a tokenizer.json file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(CoreError::format(path, "tokenizer.json not found"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| CoreError::format(path, format!("cannot load tokenizer: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    /// Token ids of `text`, like `tokenizer(text).input_ids` in transformers.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| CoreError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens included or skipped.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| CoreError::Tokenizer(e.to_string()))
+    }
+
+    /// Number of tokens including added ones.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Id of a token string, if it is in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}

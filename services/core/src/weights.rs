@@ -1,0 +1,194 @@
+//! Weights from Hugging Face safetensors: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped, with HF key names unchanged. [`Weights`] hands tensors
+//! to the model code by path (`vb.pp("model").pp("layers").pp(0).get(&[576, 576], "weight")`), checking
+//! shapes and converting to the caller's dtype and device.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safetensors::{Dtype as StDtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{CoreError, Result};
+
+/// One memory-mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+/// All weight files of a model directory, with an index from tensor name to file.
+pub struct WeightFiles {
+    shards: Vec<Shard>,
+    index: HashMap<String, usize>,
+}
+
+impl WeightFiles {
+    /// Opens `dir/model.safetensors`, or the shards named by `dir/model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::format(&index_path, e.to_string()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| CoreError::format(&index_path, "no `weight_map` object"))?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_owned)).collect();
+            files.sort();
+            files.dedup();
+            let mut shards = Vec::new();
+            for f in &files {
+                if f.contains('/') || f.contains("..") {
+                    return Err(CoreError::format(&index_path, format!("shard name `{f}` is not a plain file name")));
+                }
+                let p = dir.join(f);
+                if !p.exists() {
+                    return Err(CoreError::format(&index_path, format!("shard `{f}` listed in the index is missing ({})", p.display())));
+                }
+                shards.push(Shard::open(&p)?);
+            }
+            Self::from_shards(shards)
+        } else {
+            let p = dir.join("model.safetensors");
+            if !p.exists() {
+                return Err(CoreError::format(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
+            }
+            Self::from_shards(vec![Shard::open(&p)?])
+        }
+    }
+
+    /// Opens the given safetensors files as one weight set.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        Self::from_shards(paths.iter().map(|p| Shard::open(p)).collect::<Result<_>>()?)
+    }
+
+    fn from_shards(shards: Vec<Shard>) -> Result<Self> {
+        let mut index = HashMap::new();
+        for (i, s) in shards.iter().enumerate() {
+            for name in s.parse()?.names() {
+                index.insert(name.to_owned(), i);
+            }
+        }
+        Ok(Self { shards, index })
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The file a name resolves to (the first shard when absent, for error messages).
+    fn file_of(&self, name: &str) -> &Path {
+        let i = self.index.get(name).copied().unwrap_or(0);
+        &self.shards[i].path
+    }
+
+    /// Loads tensor `name` as stored (dtype and shape of the file), on the CPU.
+    pub fn load_raw(&self, name: &str) -> Result<Tensor> {
+        let i = *self.index.get(name).ok_or_else(|| CoreError::Weight {
+            file: self.file_of(name).to_path_buf(),
+            name: name.to_owned(),
+            msg: "missing".into(),
+        })?;
+        let shard = &self.shards[i];
+        let st = shard.parse()?;
+        let view = st.tensor(name).map_err(|e| shard.err(e))?;
+        let kind = match view.dtype() {
+            StDtype::F32 => Kind::Float,
+            StDtype::F16 => Kind::Half,
+            StDtype::BF16 => Kind::BFloat16,
+            StDtype::F64 => Kind::Double,
+            StDtype::I64 => Kind::Int64,
+            StDtype::I32 => Kind::Int,
+            StDtype::I16 => Kind::Int16,
+            StDtype::I8 => Kind::Int8,
+            StDtype::U8 => Kind::Uint8,
+            StDtype::BOOL => Kind::Bool,
+            other => {
+                return Err(CoreError::Weight { file: shard.path.clone(), name: name.to_owned(), msg: format!("unsupported dtype {other:?}") })
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+    }
+
+    /// Loads tensor `name`, checks its shape, converts to `kind` on `device`.
+    pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let t = self.load_raw(name)?;
+        if t.size() != shape {
+            return Err(CoreError::Weight {
+                file: self.file_of(name).to_path_buf(),
+                name: name.to_owned(),
+                msg: format!("shape mismatch: expected {shape:?}, found {:?}", t.size()),
+            });
+        }
+        Ok(t.f_to_device(device)?.f_to_kind(kind)?)
+    }
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+        // SAFETY: read-only mapping of a file we do not modify; safetensors validates offsets against its length.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CoreError::io(path, e))?;
+        let shard = Self { path: path.to_path_buf(), mmap };
+        shard.parse()?;
+        Ok(shard)
+    }
+
+    /// Parses the header; cheap (the data stays mapped), so done on every access rather than stored
+    /// as a self-referential struct.
+    fn parse(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap).map_err(|e| self.err(e))
+    }
+
+    fn err(&self, e: safetensors::SafeTensorError) -> CoreError {
+        CoreError::format(&self.path, format!("invalid safetensors file: {e}"))
+    }
+}
+
+/// A path into a [`WeightFiles`] with the dtype and device the model wants (in the style of candle's
+/// `VarBuilder`): `pp` descends, `get` loads and checks a tensor.
+#[derive(Clone)]
+pub struct Weights {
+    files: Arc<WeightFiles>,
+    prefix: String,
+    /// Floating-point kind the weights are converted to.
+    pub kind: Kind,
+    /// Device the weights are moved to.
+    pub device: Device,
+}
+
+impl Weights {
+    /// The root of `files`.
+    pub fn new(files: Arc<WeightFiles>, kind: Kind, device: Device) -> Self {
+        Self { files, prefix: String::new(), kind, device }
+    }
+
+    /// Descends into `name` (`model` → `model.layers` → `model.layers.0`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_owned() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// Loads `prefix.name` with the given shape.
+    pub fn get(&self, shape: &[i64], name: &str) -> Result<Tensor> {
+        self.files.load(&self.key(name), shape, self.kind, self.device)
+    }
+
+    /// Whether `prefix.name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.files.contains(&self.key(name))
+    }
+}
