@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod gguf_import;
 pub mod models;
 pub mod perplexity;
+pub mod registry;
 pub mod tokenizer;
 pub mod weights;
 
