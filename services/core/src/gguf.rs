@@ -387,6 +387,17 @@ mod tests {
     }
 
     #[test]
+    fn f16_and_bf16_are_little_endian_halves() {
+        let vals = [1.5f32, -2.25, 0.0, 65504.0];
+        let f16: Vec<u8> = vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        assert_eq!(dequantize(TensorType::F16, &f16, 4), vals);
+        let bf16: Vec<u8> = [1.5f32, -2.25, 0.0, 3.0e38].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let got = dequantize(TensorType::BF16, &bf16, 4);
+        assert_eq!(&got[..3], &[1.5, -2.25, 0.0]);
+        assert!((got[3] / 3.0e38 - 1.0).abs() < 1e-2);
+    }
+
+    #[test]
     fn q4_0_and_q8_0_blocks() {
         let mut b = Vec::new();
         b.extend(half::f16::from_f32(2.0).to_le_bytes());

@@ -1,0 +1,249 @@
+//! GGUF import end to end on a tiny model: a HF fixture is written as a llama.cpp-style GGUF (q/k rows
+//! permuted the way llama.cpp's converter does, byte-level BPE tokenizer metadata), imported back, and
+//! must reproduce transformers' logits. Damaged GGUFs give errors naming the tensor.
+
+use std::path::Path;
+
+use ferrotune_core::gguf_import::import_gguf;
+use ferrotune_core::weights::WeightFiles;
+use ferrotune_core::{load_model, Tokenizer};
+use tch::{Device, Kind, Tensor};
+
+use crate::common::{max_abs_diff, reference, tiny_dir};
+
+enum Kv {
+    U32(u32),
+    F32(f32),
+    Str(String),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+/// A minimal GGUF v3 writer (test-only), alignment 32.
+#[derive(Default)]
+struct Writer {
+    kv: Vec<(String, Kv)>,
+    tensors: Vec<(String, Vec<usize>, u32, Vec<u8>)>,
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u64).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+impl Writer {
+    fn kv(&mut self, k: &str, v: Kv) {
+        self.kv.push((k.to_owned(), v));
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((self.tensors.len() as u64).to_le_bytes());
+        b.extend((self.kv.len() as u64).to_le_bytes());
+        for (k, v) in &self.kv {
+            put_str(&mut b, k);
+            match v {
+                Kv::U32(x) => {
+                    b.extend(4u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                Kv::F32(x) => {
+                    b.extend(6u32.to_le_bytes());
+                    b.extend(x.to_le_bytes());
+                }
+                Kv::Str(s) => {
+                    b.extend(8u32.to_le_bytes());
+                    put_str(&mut b, s);
+                }
+                Kv::Strs(a) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(8u32.to_le_bytes());
+                    b.extend((a.len() as u64).to_le_bytes());
+                    a.iter().for_each(|s| put_str(&mut b, s));
+                }
+                Kv::I32s(a) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(5u32.to_le_bytes());
+                    b.extend((a.len() as u64).to_le_bytes());
+                    a.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+            }
+        }
+        let mut offset = 0u64;
+        for (name, shape, ty, data) in &self.tensors {
+            put_str(&mut b, name);
+            b.extend((shape.len() as u32).to_le_bytes());
+            shape.iter().rev().for_each(|&d| b.extend((d as u64).to_le_bytes()));
+            b.extend(ty.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        for (_, _, _, data) in &self.tensors {
+            b.extend(data);
+            b.resize(b.len().div_ceil(32) * 32, 0);
+        }
+        b
+    }
+}
+
+/// GPT-2's byte → printable-char table (the byte-level BPE alphabet).
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut n = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap()
+            }
+        })
+        .collect()
+}
+
+fn f32_bytes(t: &Tensor) -> Vec<u8> {
+    let v: Vec<f32> = Vec::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).unwrap();
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The `llama-linear-sharded` fixture as a llama.cpp would write it.
+fn fixture_as_gguf() -> Writer {
+    let dir = tiny_dir("llama-linear-sharded");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let files = WeightFiles::open_dir(&dir).unwrap();
+    let (heads, kv_heads) = (cfg["num_attention_heads"].as_i64().unwrap(), cfg["num_key_value_heads"].as_i64().unwrap());
+    let mut w = Writer::default();
+    let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
+    w.kv("general.architecture", Kv::Str("llama".into()));
+    w.kv("llama.block_count", Kv::U32(u("num_hidden_layers")));
+    w.kv("llama.context_length", Kv::U32(u("max_position_embeddings")));
+    w.kv("llama.embedding_length", Kv::U32(u("hidden_size")));
+    w.kv("llama.feed_forward_length", Kv::U32(u("intermediate_size")));
+    w.kv("llama.attention.head_count", Kv::U32(heads as u32));
+    w.kv("llama.attention.head_count_kv", Kv::U32(kv_heads as u32));
+    w.kv("llama.attention.key_length", Kv::U32(u("head_dim")));
+    w.kv("llama.rope.freq_base", Kv::F32(cfg["rope_theta"].as_f64().unwrap() as f32));
+    w.kv("llama.rope.scaling.type", Kv::Str("linear".into()));
+    w.kv("llama.rope.scaling.factor", Kv::F32(2.0));
+    w.kv("llama.attention.layer_norm_rms_epsilon", Kv::F32(1e-5));
+    w.kv("tokenizer.ggml.model", Kv::Str("gpt2".into()));
+    w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
+    w.kv("tokenizer.ggml.tokens", Kv::Strs(byte_chars().iter().map(|c| c.to_string()).collect()));
+    w.kv("tokenizer.ggml.token_type", Kv::I32s(vec![1; 256]));
+    w.kv("tokenizer.ggml.merges", Kv::Strs(vec![]));
+    w.kv("tokenizer.ggml.bos_token_id", Kv::U32(1));
+    w.kv("tokenizer.ggml.eos_token_id", Kv::U32(2));
+    w.kv("tokenizer.chat_template", Kv::Str("{% for m in messages %}{{ m['content'] }}{% endfor %}".into()));
+    let mut names: Vec<&str> = files.names().collect();
+    names.sort();
+    for hf in names {
+        let t = files.load_raw(hf).unwrap();
+        let mut gg = hf
+            .replace("model.embed_tokens", "token_embd")
+            .replace("model.norm", "output_norm")
+            .replace("lm_head", "output")
+            .replace("model.layers.", "blk.");
+        for (a, b) in [
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("input_layernorm", "attn_norm"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ] {
+            gg = gg.replace(a, b);
+        }
+        // llama.cpp's permute: rows of each head reordered from halves to interleaved pairs.
+        let n = if gg.contains("attn_q") { Some(heads) } else if gg.contains("attn_k") { Some(kv_heads) } else { None };
+        let t = match n {
+            Some(n) => {
+                let (out, inp) = (t.size()[0], t.size()[1]);
+                t.reshape([n, 2, out / n / 2, inp]).transpose(1, 2).reshape([out, inp])
+            }
+            None => t,
+        };
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        w.tensors.push((gg, shape, 0, f32_bytes(&t)));
+    }
+    w
+}
+
+fn write(w: &Writer, dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("tiny.gguf");
+    std::fs::write(&p, w.bytes()).unwrap();
+    p
+}
+
+#[test]
+fn imported_gguf_reproduces_transformers_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = write(&fixture_as_gguf(), tmp.path());
+    let out = tmp.path().join("hf");
+    let report = import_gguf(&gguf, &out).unwrap();
+    assert_eq!(report.architecture, "llama");
+    let model = load_model(&out, Kind::Float, Device::Cpu).unwrap();
+    assert!(!model.cfg.tie_word_embeddings, "output.weight present → untied");
+    let (ids, want) = reference("llama-linear-sharded");
+    let got = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-4, "max |Δlogit| {d}");
+
+    let tok = Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(tok.encode("hi!").unwrap(), vec![104, 105, 33]);
+    assert_eq!(tok.encode(" é").unwrap().len(), 3, "space + two UTF-8 bytes");
+    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tc["eos_token"], byte_chars()[2].to_string());
+    assert!(tc["chat_template"].as_str().unwrap().contains("messages"));
+}
+
+#[test]
+fn truncated_gguf_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixture_as_gguf();
+    let last = w.tensors.last().unwrap().0.clone();
+    let mut b = w.bytes();
+    b.truncate(b.len() - 100);
+    let p = tmp.path().join("cut.gguf");
+    std::fs::write(&p, b).unwrap();
+    let e = import_gguf(&p, &tmp.path().join("out")).unwrap_err().to_string();
+    assert!(e.contains("cut.gguf") && e.contains("truncated") && e.contains(&last), "{e}");
+    assert!(!tmp.path().join("out").exists(), "a failed import leaves no output");
+}
+
+#[test]
+fn unsupported_tensor_type_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = fixture_as_gguf();
+    let t = w.tensors.iter_mut().find(|t| t.0 == "blk.1.ffn_up.weight").unwrap();
+    t.2 = 12; // Q4_K
+    let p = write(&w, tmp.path());
+    let e = import_gguf(&p, &tmp.path().join("out")).unwrap_err().to_string();
+    assert!(e.contains("blk.1.ffn_up.weight") && e.contains("Q4_K"), "{e}");
+}
+
+#[test]
+fn corrupt_headers_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.gguf");
+    std::fs::write(&p, b"NOPE and some more bytes").unwrap();
+    assert!(import_gguf(&p, &tmp.path().join("o")).unwrap_err().to_string().contains("not a GGUF file"));
+    // valid magic and version, then an absurd key length
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(u64::MAX.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    let e = import_gguf(&p, &tmp.path().join("o")).unwrap_err().to_string();
+    assert!(e.contains("corrupt GGUF") && e.contains("impossible length"), "{e}");
+    std::fs::write(&p, &b[..10]).unwrap();
+    assert!(import_gguf(&p, &tmp.path().join("o")).unwrap_err().to_string().contains("truncated GGUF"));
+    let missing = import_gguf(&tmp.path().join("nope.gguf"), &tmp.path().join("o")).unwrap_err().to_string();
+    assert!(missing.contains("nope.gguf"), "{missing}");
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the model core (one binary, to keep link time down): tiny random models of each
+//! family against logits computed by HF transformers, padding invariance, GGUF import round trips, and
+//! clear errors on bad files.
+
+mod bad_inputs;
+mod common;
+mod gguf_roundtrip;
+mod tiny_models;
