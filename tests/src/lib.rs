@@ -1,1 +1,51 @@
-//! End-to-end tests live in `tests/`.
+//! Helpers for the end-to-end tests: run the real `ferrotune` binary (built by `make build`, which
+//! `make test` runs first) and get the real default model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `ferrotune` binary of the same profile as the running test (`target/<profile>/ferrotune`).
+pub fn ferrotune_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-xxxx → target/<profile>/ferrotune
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("ferrotune");
+    assert!(bin.exists(), "{} not found: run `make build` (or `cargo build --release -p ferrotune-cli`) first", bin.display());
+    bin
+}
+
+/// Runs `ferrotune ARGS` and returns its output.
+pub fn run_cli(args: &[&str]) -> Output {
+    Command::new(ferrotune_bin()).args(args).output().expect("run ferrotune")
+}
+
+/// Runs `ferrotune ARGS --json`, asserts success, parses stdout.
+pub fn run_json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = run_cli(&a);
+    assert!(out.status.success(), "ferrotune {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ferrotune {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The default model (SmolLM2-135M-Instruct), pulled once per test process with `ferrotune models pull`.
+pub fn smollm2_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let v = run_json(&["models", "pull", "smollm2-135m-instruct"]);
+        PathBuf::from(v["path"].as_str().expect("path"))
+    })
+    .clone()
+}
+
+/// `../shared/fixtures/smollm2/hf-reference.json` (HF transformers reference numbers).
+pub fn hf_reference() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/smollm2/hf-reference.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+/// A file under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}

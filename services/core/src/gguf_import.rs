@@ -72,12 +72,18 @@ fn tmp_sibling(out_dir: &Path) -> Result<PathBuf> {
     let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
     let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.importing-{}", std::process::id()));
+    let tmp = parent.join(format!(".{name}.importing-{}", unique_suffix()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     Ok(tmp)
+}
+
+/// `pid-nanos`: distinct for concurrent imports, in this process or another.
+pub(crate) fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
 }
 
 fn write_json(path: &Path, v: &Json) -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{CoreError, Result};
-use crate::gguf_import::import_gguf;
+use crate::gguf_import::{import_gguf, unique_suffix};
 
 /// A model ferrotune knows how to fetch.
 #[derive(Debug, Clone, Copy)]
@@ -78,7 +78,7 @@ pub fn pull(name: &str) -> Result<PathBuf> {
     if is_complete(&dir) {
         return Ok(dir);
     }
-    let work = ferrotune_home().join("downloads").join(format!("{}-{}", m.name, std::process::id()));
+    let work = ferrotune_home().join("downloads").join(format!("{}-{}", m.name, unique_suffix()));
     std::fs::create_dir_all(&work).map_err(|e| CoreError::io(&work, e))?;
     let result = (|| {
         let spec = format!("{}=={}", m.package, m.version);

