@@ -39,11 +39,59 @@ enum Cmd {
         #[arg(long)]
         text: String,
     },
+    /// Generate text from a prompt or a chat (streams to the terminal unless --json).
+    Generate(GenerateArgs),
     /// Evaluate a model.
     Eval {
         #[command(subcommand)]
         cmd: EvalCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model directory (HF layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text: raw, or with --chat the user message.
+    #[arg(long, required_unless_present = "chat_file")]
+    prompt: Option<String>,
+    /// Apply the model's chat template to --prompt as one user message.
+    #[arg(long)]
+    chat: bool,
+    /// A JSON file with a list of {"role", "content"} messages; the template is applied.
+    #[arg(long, conflicts_with_all = ["prompt", "chat"])]
+    chat_file: Option<PathBuf>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless a sampling option is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sample with this temperature.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Sample from the smallest set of tokens with this much probability.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Sample from the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Penalty on tokens already present (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +199,7 @@ fn run(cli: &Cli) -> Result<()> {
                 println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
             }
         }
+        Cmd::Generate(args) => generate(args, cli.json)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, device, dtype, window, stride, batch } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
             let ids = Tokenizer::from_dir(model)?.encode(&text)?;
@@ -163,6 +212,83 @@ fn run(cli: &Cli) -> Result<()> {
                 println!("tokens {}  mean NLL {:.6}  perplexity {:.4}", p.tokens, p.mean_nll, p.perplexity);
             }
         }
+    }
+    Ok(())
+}
+
+fn generate(a: &GenerateArgs, json_out: bool) -> Result<()> {
+    use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingParams};
+    use std::io::Write;
+
+    let bundle = ModelBundle::load(&a.model, ferrotune_core::parse_dtype(&a.dtype)?, ferrotune_core::parse_device(&a.device)?)?;
+    let (prompt_ids, template) = if let Some(f) = &a.chat_file {
+        let messages = ferrotune_core::bundle::read_chat_file(f)?;
+        (bundle.chat_prompt(&messages)?, Some(bundle.template.origin()))
+    } else {
+        let prompt = a.prompt.as_deref().unwrap_or_default();
+        if prompt.is_empty() {
+            anyhow::bail!("--prompt is empty");
+        }
+        if a.chat {
+            (bundle.chat_prompt(&[Message::new("user", prompt)])?, Some(bundle.template.origin()))
+        } else {
+            (bundle.tokenizer.encode(prompt)?, None)
+        }
+    };
+    let sample = a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some();
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            greedy: a.greedy || !sample,
+            temperature: a.temperature.unwrap_or(1.0),
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+        },
+        seed: a.seed,
+        eos_ids: bundle.defaults.eos_ids.clone(),
+        stop_strings: a.stop.clone(),
+        pad_id: bundle.defaults.pad_id,
+    };
+    let started = std::time::Instant::now();
+    let mut first_token: Option<std::time::Duration> = None;
+    let mut streamed_ids: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut stdout = std::io::stdout();
+    let out = generate(&bundle.model, &bundle.tokenizer, &[prompt_ids], &opts, &mut |events| {
+        first_token.get_or_insert_with(|| started.elapsed());
+        if json_out {
+            return;
+        }
+        streamed_ids.extend(events.iter().map(|e| e.id));
+        // Print what became decodable; a trailing U+FFFD means a multi-byte character is still incomplete.
+        if let Ok(text) = bundle.tokenizer.decode(&streamed_ids, true) {
+            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
+                let _ = write!(stdout, "{}", &text[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
+            }
+        }
+    })?;
+    let g = out.into_iter().next().context("no output")?;
+    let secs = started.elapsed().as_secs_f64();
+    let decode_secs = secs - first_token.map_or(0.0, |d| d.as_secs_f64());
+    let tokens_per_s = if g.ids.len() > 1 && decode_secs > 0.0 { (g.ids.len() - 1) as f64 / decode_secs } else { g.ids.len() as f64 / secs };
+    if json_out {
+        println!(
+            "{}",
+            json!({"text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens, "new_tokens": g.ids.len(),
+                   "tokens_per_s": tokens_per_s, "finish_reason": g.finish_reason, "logprobs": g.logprobs,
+                   "chat_template": template})
+        );
+    } else {
+        // The streamed text may run past a stop string; the final text is cut before it.
+        if printed > g.text.len() {
+            println!("\n[stopped at a stop string; final text: {:?}]", g.text);
+        } else {
+            println!();
+        }
+        eprintln!("[{} prompt tokens, {} new, {:.1} tokens/s, {:?}]", g.prompt_tokens, g.ids.len(), tokens_per_s, g.finish_reason);
     }
     Ok(())
 }

@@ -1,13 +1,17 @@
 //! ferrotune's model core: HF-compatible decoder-only language models on libtorch (`tch`), weights from
 //! safetensors (single or sharded, memory-mapped) and from llama.cpp GGUF files, HF tokenizers, and
-//! perplexity evaluation. Services and the CLI build on this crate; it knows nothing of gRPC.
+//! chat templates, generation and perplexity evaluation. Services and the CLI build on this crate; it knows nothing of gRPC.
 
+pub mod bundle;
+pub mod chat;
 pub mod error;
+pub mod generation;
 pub mod gguf;
 pub mod gguf_import;
 pub mod models;
 pub mod perplexity;
 pub mod registry;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
@@ -15,3 +19,7 @@ pub use error::{CoreError, Result};
 pub use models::{load_model, parse_device, parse_dtype, CausalLm, DecoderConfig};
 pub use perplexity::{perplexity, Perplexity, PerplexityOptions};
 pub use tokenizer::Tokenizer;
+pub use bundle::ModelBundle;
+pub use chat::{ChatTemplate, Message};
+pub use generation::{generate, GenerateOptions, Generated, ModelDefaults};
+pub use sampling::SamplingParams;

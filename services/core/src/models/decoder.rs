@@ -142,17 +142,30 @@ impl Attention {
         })
     }
 
+    /// With a cache, the new keys/values are written at positions `past..past+s` of the layer's buffers
+    /// and attention runs over all `past + s` of them.
+    ///
     /// # Shapes
-    /// `x`: `[b, s, hidden]`; `mask`: `None` (plain causal) or bool `[b, 1, s, s]` (true = attend)
-    /// → `[b, s, hidden]`.
-    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x`: `[b, s, hidden]`; `mask`: `None` (plain causal, or all keys when `s == 1`) or bool
+    /// `[b, 1, s, past + s]` (true = attend) → `[b, s, hidden]`.
+    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>, cache: Option<(&mut LayerKv, i64)>) -> Result<Tensor> {
         let (b, s) = (x.size()[0], x.size()[1]);
         let split = |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, s, n, self.head_dim])?.f_transpose(1, 2)?) };
         let q = rot.apply(&split(self.q_proj.forward(x)?, self.n_heads)?)?;
-        let k = rot.apply(&split(self.k_proj.forward(x)?, self.n_kv)?)?;
-        let v = split(self.v_proj.forward(x)?, self.n_kv)?;
+        let mut k = rot.apply(&split(self.k_proj.forward(x)?, self.n_kv)?)?;
+        let mut v = split(self.v_proj.forward(x)?, self.n_kv)?;
+        let mut past = 0;
+        if let Some((kv, p)) = cache {
+            past = p;
+            kv.k.f_narrow(2, p, s)?.f_copy_(&k)?;
+            kv.v.f_narrow(2, p, s)?.f_copy_(&v)?;
+            k = kv.k.f_narrow(2, 0, p + s)?;
+            v = kv.v.f_narrow(2, 0, p + s)?;
+        }
         let gqa = self.n_heads != self.n_kv;
-        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa)?;
+        // Without a mask: causal for a fresh sequence; a single new token may see every cached key.
+        let is_causal = mask.is_none() && past == 0 && s > 1;
+        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, None, gqa)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, s, self.n_heads * self.head_dim])?;
         self.o_proj.forward(&y)
     }
@@ -208,8 +221,8 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask)?)?;
+    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>, cache: Option<(&mut LayerKv, i64)>) -> Result<Tensor> {
+        let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache)?)?;
         Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
 }
@@ -266,6 +279,22 @@ impl CausalLm {
     /// # Shapes
     /// `input_ids`: `[b, s]` i64; `attention_mask`: `[b, s]`; `position_ids`: `[b, s]` → `[b, s, hidden]`.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_hidden_cached(input_ids, attention_mask, position_ids, None)
+    }
+
+    /// [`Self::forward_hidden`] continuing from a [`KvCache`]: `input_ids` are the `s` tokens that follow
+    /// the `cache.len()` already cached ones, and the cache grows by `s`.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, s]`; `attention_mask`: `[b, past + s]` (the whole sequence so far);
+    /// `position_ids`: `[b, s]` → `[b, s, hidden]`.
+    pub fn forward_hidden_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let size = input_ids.size();
         let [b, s] = size[..] else {
             return Err(CoreError::InvalidArgument(format!("input_ids must be [batch, seq], got {size:?}")));
@@ -273,26 +302,58 @@ impl CausalLm {
         if s == 0 {
             return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
         }
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = &cache {
+            if c.batch != b || past + s > c.capacity {
+                return Err(CoreError::InvalidArgument(format!(
+                    "KV cache holds {} rows × {} positions ({} used); got {b} rows × {s} new tokens",
+                    c.batch, c.capacity, c.len
+                )));
+            }
+        }
+        let total = past + s;
         let dev = self.device();
         let ids = input_ids.f_to_device(dev)?;
         let mask = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Bool)).transpose()?;
         if let Some(m) = &mask {
-            if m.size() != [b, s] {
-                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, s], m.size())));
+            if m.size() != [b, total] {
+                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, total], m.size())));
             }
         }
         let positions = match (position_ids, &mask) {
             (Some(p), _) => p.f_to_device(dev)?,
-            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?,
-            (None, None) => Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
+            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?.f_narrow(1, past, s)?,
+            (None, None) => Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
         };
         let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
-        let attn_mask = self.attention_mask(mask.as_ref(), b, s)?;
+        let attn_mask = self.attention_mask(mask.as_ref(), b, s, past)?;
         let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
-        for layer in &self.layers {
-            h = layer.forward(&h, &rot, attn_mask.as_ref())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
+            h = layer.forward(&h, &rot, attn_mask.as_ref(), kv)?;
+        }
+        if let Some(c) = cache {
+            c.len = total;
         }
         self.norm.forward(&h)
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` tokens, in the model's kind and device.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        let shape = [batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim];
+        let opts = (self.kind(), self.device());
+        let layers = (0..self.layers.len())
+            .map(|_| Ok(LayerKv { k: Tensor::f_zeros(shape, opts)?, v: Tensor::f_zeros(shape, opts)? }))
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers, len: 0, batch, capacity })
+    }
+
+    /// Logits from hidden states, in f32.
+    ///
+    /// # Shapes
+    /// `[.., hidden]` → `[.., vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
     }
 
     /// Logits for every position.
@@ -304,26 +365,64 @@ impl CausalLm {
         Ok(h.f_linear::<Tensor>(&self.lm_head, None)?)
     }
 
-    /// The boolean `[b, 1, s, s]` mask (true = attend) for padding and sliding window, or `None` when plain
-    /// causal attention suffices. Every query may attend to itself, so rows of padding tokens are never
-    /// empty (an empty row would give NaN and, through the value matmul, poison real rows).
-    fn attention_mask(&self, pad: Option<&Tensor>, b: i64, s: i64) -> Result<Option<Tensor>> {
-        if pad.is_none() && self.cfg.sliding_window.is_none_or(|w| w >= s) {
+    /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, sliding window, or new tokens
+    /// after a cache, or `None` when plain causal attention (or, for one new token, attending to everything
+    /// cached) suffices. Every query may attend to itself, so rows of padding tokens are never empty (an
+    /// empty row would give NaN and, through the value matmul, poison real rows).
+    fn attention_mask(&self, pad: Option<&Tensor>, b: i64, s: i64, past: i64) -> Result<Option<Tensor>> {
+        let total = past + s;
+        let window_bites = self.cfg.sliding_window.is_some_and(|w| w < total);
+        if pad.is_none() && !window_bites && (past == 0 || s == 1) {
             return Ok(None);
         }
         let dev = self.device();
-        let idx = Tensor::f_arange(s, (Kind::Int64, dev))?;
-        let q = idx.f_unsqueeze(1)?;
-        let k = idx.f_unsqueeze(0)?;
+        let q = Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(1)?;
+        let k = Tensor::f_arange(total, (Kind::Int64, dev))?.f_unsqueeze(0)?;
         let mut m = q.f_ge_tensor(&k)?;
         if let Some(w) = self.cfg.sliding_window {
             m = m.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
         }
-        let mut m = m.f_unsqueeze(0)?.f_unsqueeze(0)?.f_expand([b, 1, s, s], false)?;
+        let mut m = m.f_unsqueeze(0)?.f_unsqueeze(0)?.f_expand([b, 1, s, total], false)?;
         if let Some(p) = pad {
-            m = m.f_logical_and(&p.f_view([b, 1, 1, s])?)?;
+            m = m.f_logical_and(&p.f_view([b, 1, 1, total])?)?;
         }
-        let diag = Tensor::f_eye(s, (Kind::Bool, dev))?;
+        let diag = q.f_eq_tensor(&k)?;
         Ok(Some(m.f_logical_or(&diag)?))
+    }
+}
+
+/// Keys and values of one layer for every cached position.
+#[derive(Debug)]
+pub struct LayerKv {
+    /// `[b, kv_heads, capacity, head_dim]`.
+    k: Tensor,
+    /// `[b, kv_heads, capacity, head_dim]`.
+    v: Tensor,
+}
+
+/// The KV cache of a batch of sequences: preallocated buffers, one per layer, filled front to back, so a
+/// decoding step writes one slot instead of concatenating (and copying) the whole history.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: i64,
+    batch: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// Positions filled so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every cached position (the buffers are kept for reuse).
+    pub fn clear(&mut self) {
+        self.len = 0;
     }
 }

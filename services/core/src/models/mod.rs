@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tch::{Device, Kind};
 
 pub use config::{DecoderConfig, RopeScaling};
-pub use decoder::CausalLm;
+pub use decoder::{CausalLm, KvCache};
 
 use crate::error::{CoreError, Result};
 use crate::weights::{WeightFiles, Weights};

@@ -1,0 +1,69 @@
+//! A model directory loaded for use: weights, tokenizer, chat template and declared special ids, read
+//! together so that every command and service uses the same template the model shipped with.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind};
+
+use crate::chat::{ChatTemplate, Message};
+use crate::error::{CoreError, Result};
+use crate::generation::ModelDefaults;
+use crate::models::{load_model, CausalLm};
+use crate::tokenizer::Tokenizer;
+
+/// Everything needed to run a model directory.
+pub struct ModelBundle {
+    /// The directory it was loaded from.
+    pub dir: PathBuf,
+    /// The network.
+    pub model: CausalLm,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template (or the ChatML fallback).
+    pub template: ChatTemplate,
+    /// Its EOS and pad ids.
+    pub defaults: ModelDefaults,
+}
+
+impl ModelBundle {
+    /// Loads `dir` with weights in `kind` on `device`.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(CoreError::format(dir, "model directory not found"));
+        }
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let template = ChatTemplate::from_dir(dir)?;
+        let defaults = ModelDefaults::from_dir(dir, &tokenizer)?;
+        let model = load_model(dir, kind, device)?;
+        Ok(Self { dir: dir.to_path_buf(), model, tokenizer, template, defaults })
+    }
+
+    /// Prompt ids of a chat, rendered with the model's template and ending with the assistant's turn
+    /// opener (as `apply_chat_template(messages, add_generation_prompt=True)`).
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode_no_special(&text)
+    }
+}
+
+/// Reads a chat file: a JSON list of `{"role", "content"}` messages (or an object with a `messages` list).
+pub fn read_chat_file(path: &Path) -> Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum ChatFile {
+        List(Vec<Message>),
+        Object { messages: Vec<Message> },
+    }
+    let parsed: ChatFile = serde_json::from_str(&text).or_else(|_| {
+        // Re-parse as a plain list to report the precise error (line, column, field).
+        serde_json::from_str::<Vec<Message>>(&text).map(ChatFile::List)
+    }).map_err(|e| CoreError::format(path, format!("invalid chat file (expected a list of {{\"role\", \"content\"}} messages): {e}")))?;
+    let messages = match parsed {
+        ChatFile::List(m) | ChatFile::Object { messages: m } => m,
+    };
+    if messages.is_empty() {
+        return Err(CoreError::format(path, "chat file has no messages"));
+    }
+    Ok(messages)
+}
