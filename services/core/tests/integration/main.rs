@@ -5,4 +5,5 @@
 mod bad_inputs;
 mod common;
 mod gguf_roundtrip;
+mod kv_cache;
 mod tiny_models;
