@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test demo fixtures clean-cache
+.PHONY: target-link all libtorch build build-cuda test demo bench fixtures clean-cache
 
 all: build
 
@@ -38,6 +38,10 @@ test: build
 
 demo: build
 	bash scripts/demo.sh
+
+# Generation throughput vs HF transformers (HF side only where a dev Python with transformers exists).
+bench: libtorch target-link
+	$(CARGO) bench --locked -p ferrotune-core --bench generation
 
 # Dev only: regenerates the tiny-model fixtures with HF transformers (see tests/fixtures/README.md).
 fixtures:
