@@ -64,6 +64,11 @@ impl RmsNorm {
     /// `x`: `[.., hidden]` → same.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
+        if kind == Kind::Float {
+            // libtorch's fused op computes the same f32 formula in one kernel instead of six.
+            return Ok(x.f_rms_norm(self.weight.size().as_slice(), Some(&self.weight), self.eps)?);
+        }
+        // Half precision: normalise in f32, round to the input kind, then scale (transformers' order).
         let h = x.f_to_kind(Kind::Float)?;
         let var = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
         let h = h.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
