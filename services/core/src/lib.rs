@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod chat;
 pub mod error;
 pub mod generation;
+pub mod lora;
 pub mod gguf;
 pub mod gguf_import;
 pub mod models;

@@ -192,3 +192,66 @@ impl Weights {
         self.files.contains(&self.key(name))
     }
 }
+
+/// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", crate::gguf_import::unique_suffix()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CoreError::io(path, e)
+    })
+}
+
+struct Raw {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &Raw {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Saves named tensors (any device/layout; f32, bf16, f16, i64) as a safetensors file with the
+/// `{"format": "pt"}` metadata transformers and PEFT expect, atomically.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut raws = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = match t.kind() {
+            Kind::Float => StDtype::F32,
+            Kind::BFloat16 => StDtype::BF16,
+            Kind::Half => StDtype::F16,
+            Kind::Int64 => StDtype::I64,
+            Kind::Double => StDtype::F64,
+            k => return Err(CoreError::Weight { file: path.to_path_buf(), name: name.clone(), msg: format!("cannot save kind {k:?}") }),
+        };
+        let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let n = t.numel();
+        let mut data = vec![0u8; n * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, n)?;
+        raws.push((name.clone(), Raw { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data }));
+    }
+    let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    let bytes = safetensors::serialize(raws.iter().map(|(k, v)| (k.clone(), v)), Some(meta))
+        .map_err(|e| CoreError::format(path, format!("cannot serialize safetensors: {e}")))?;
+    write_atomically(path, &bytes)
+}

@@ -8,28 +8,35 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{DecoderConfig, RopeScaling};
 use crate::error::{CoreError, Result};
+use crate::lora::Lora;
 use crate::weights::Weights;
 
-/// `y = x Wᵀ + b`.
+/// `y = x Wᵀ + b`, plus a LoRA adapter's contribution when one is attached.
 #[derive(Debug)]
 pub struct Linear {
     /// `[out, in]`.
     pub weight: Tensor,
     /// `[out]`.
     pub bias: Option<Tensor>,
+    /// Optional adapter ([`crate::lora`]).
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
     fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = gemv_layout(vb.get(&[out_dim, in_dim], "weight")?)?;
         let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, lora: None })
     }
 
     /// # Shapes
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(l) if l.enabled => Ok(y.f_add(&l.delta(x)?)?),
+            _ => Ok(y),
+        }
     }
 }
 

@@ -6,4 +6,5 @@ mod bad_inputs;
 mod common;
 mod gguf_roundtrip;
 mod kv_cache;
+mod lora;
 mod tiny_models;

@@ -1,0 +1,373 @@
+//! LoRA adapters (Hu et al. 2021, <https://arxiv.org/abs/2106.09685>) on the decoder's linear layers, in
+//! PEFT's format: `y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ` with A `[r, in]` initialised like PEFT
+//! (Kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in)), B `[out, r]` zero, and s = alpha / r
+//! (alpha / √r with rsLoRA). Saved as `adapter_config.json` + `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight`, so PEFT loads our adapters and we load PEFT's.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{CoreError, Result};
+use crate::models::decoder::Linear;
+use crate::models::CausalLm;
+use crate::weights::WeightFiles;
+
+/// Which linear layers get an adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Targets {
+    /// Every linear layer of the decoder (not lm_head), like PEFT's `"all-linear"`.
+    AllLinear,
+    /// Module names, matched as PEFT does: equal to the full module path or its last components
+    /// (`q_proj` matches `model.layers.3.self_attn.q_proj`).
+    Names(Vec<String>),
+}
+
+impl Targets {
+    /// Whether module `path` (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Targets::AllLinear => true,
+            Targets::Names(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        }
+    }
+}
+
+/// Hyperparameters of a LoRA adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: i64,
+    /// Scaling numerator.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// Targeted modules.
+    pub targets: Targets,
+    /// Scale by alpha/√r instead of alpha/r.
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// Rejects values that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CoreError::InvalidArgument(m));
+        if self.r <= 0 {
+            return bad(format!("LoRA r must be positive, got {}", self.r));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!("lora_alpha must be positive, got {}", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("lora_dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if matches!(&self.targets, Targets::Names(n) if n.is_empty()) {
+            return bad("target_modules is empty".into());
+        }
+        Ok(())
+    }
+
+    /// The scale applied to `B A x`.
+    pub fn scaling(&self) -> f64 {
+        scaling(self.alpha, self.r, self.use_rslora)
+    }
+}
+
+fn scaling(alpha: f64, r: i64, rslora: bool) -> f64 {
+    if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
+}
+
+/// One adapter on one linear layer. A and B are f32 leaf tensors (trainable), whatever the base's kind.
+#[derive(Debug)]
+pub struct Lora {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// alpha / r (or alpha / √r).
+    pub scaling: f64,
+    /// Input dropout probability while training.
+    pub dropout: f64,
+    /// Whether dropout is active.
+    pub training: bool,
+    /// When false the adapter is bypassed (the reference model of DPO/PPO).
+    pub enabled: bool,
+}
+
+impl Lora {
+    /// `s · dropout(x) Aᵀ Bᵀ`, computed in the adapter's kind and returned in `x`'s.
+    ///
+    /// # Shapes
+    /// `x`: `[.., in]` → `[.., out]`.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.f_to_kind(self.a.kind())?;
+        if self.training && self.dropout > 0.0 {
+            h = h.f_dropout(self.dropout, true)?;
+        }
+        let y = h.f_linear::<Tensor>(&self.a, None)?.f_linear::<Tensor>(&self.b, None)?;
+        Ok(y.f_mul_scalar(self.scaling)?.f_to_kind(x.kind())?)
+    }
+}
+
+/// PEFT's key prefix for a causal LM.
+const PREFIX: &str = "base_model.model.";
+
+impl CausalLm {
+    /// Every linear layer of the decoder with its HF module path (lm_head excluded).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Adds fresh LoRA adapters (A Kaiming-uniform from `seed`, B zero) to the targeted layers; returns how
+    /// many. The base weights are frozen.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<usize> {
+        cfg.validate()?;
+        let dev = self.device();
+        let mut n = 0;
+        for (path, lin) in self.linears_mut() {
+            if !cfg.targets.matches(&path) {
+                continue;
+            }
+            let (out_dim, in_dim) = (lin.weight.size()[0], lin.weight.size()[1]);
+            // One stream per module, so adding a target does not shift the others' init.
+            let g = seed ^ fnv1a(&path);
+            tch::manual_seed(g as i64);
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let a = Tensor::f_empty([cfg.r, in_dim], (Kind::Float, dev))?.f_uniform_(-bound, bound)?.f_set_requires_grad(true)?;
+            let b = Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?.f_set_requires_grad(true)?;
+            lin.lora = Some(Lora { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, training: false, enabled: true });
+            n += 1;
+        }
+        if n == 0 {
+            return Err(CoreError::InvalidArgument(format!("target_modules {:?} match no linear layer of this model", cfg.targets)));
+        }
+        Ok(n)
+    }
+
+    /// Turns adapter dropout on (training) or off (evaluation).
+    pub fn set_training(&mut self, training: bool) {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = &mut lin.lora {
+                l.training = training;
+            }
+        }
+    }
+
+    /// Enables or bypasses every adapter (disabled = the base model, as PEFT's `disable_adapter()`).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = &mut lin.lora {
+                l.enabled = enabled;
+            }
+        }
+    }
+
+    /// Folds every enabled adapter into its base weight (`W += s · B A`, computed in f32 and stored in the
+    /// weight's kind and layout) and removes the adapters.
+    pub fn merge_lora(&mut self) -> Result<usize> {
+        let _guard = tch::no_grad_guard();
+        let mut n = 0;
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.take() {
+                if !l.enabled {
+                    continue;
+                }
+                let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
+                let merged = lin.weight.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(lin.weight.kind())?;
+                lin.weight.f_copy_(&merged)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The adapters' tensors under their PEFT keys (`base_model.model.<module>.lora_A.weight`).
+    pub fn lora_tensors(&mut self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (path, lin) in self.linears_mut() {
+            if let Some(l) = &lin.lora {
+                out.push((format!("{PREFIX}{path}.lora_A.weight"), l.a.shallow_clone()));
+                out.push((format!("{PREFIX}{path}.lora_B.weight"), l.b.shallow_clone()));
+            }
+        }
+        out
+    }
+}
+
+/// The override for module `path` in a PEFT `rank_pattern`/`alpha_pattern` (keys are module names or
+/// suffixes, as for `target_modules`).
+fn pattern_value<T: Copy>(m: &BTreeMap<String, T>, path: &str) -> Option<T> {
+    m.iter().find(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}"))).map(|(_, v)| *v)
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// `adapter_config.json` as PEFT writes it for LoRA (the fields PEFT 0.21 needs; unknown ones are ignored
+/// when reading).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeftConfig {
+    /// `"LORA"`.
+    pub peft_type: String,
+    /// `"CAUSAL_LM"` (or `"SEQ_CLS"` for reward models).
+    pub task_type: Option<String>,
+    /// Rank.
+    pub r: i64,
+    /// Scaling numerator.
+    pub lora_alpha: f64,
+    /// Dropout.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Targeted modules: a list of names, or a string (`"all-linear"` or a regex).
+    pub target_modules: serde_json::Value,
+    /// `"none"` (we neither train nor load biases).
+    #[serde(default = "none")]
+    pub bias: String,
+    /// rsLoRA scaling.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// DoRA (not supported).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Per-module rank overrides.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, i64>,
+    /// Per-module alpha overrides.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Modules saved whole beside the adapter (reward heads).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// The base model it was trained on.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Whether the adapter is for inference only.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Conv1D-style weights (never for our families).
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// How LoRA weights were initialised.
+    #[serde(default)]
+    pub init_lora_weights: serde_json::Value,
+    /// PEFT version that wrote it.
+    #[serde(default)]
+    pub peft_version: Option<String>,
+}
+
+fn none() -> String {
+    "none".into()
+}
+
+/// Saves the model's adapters in PEFT format into `dir` (created). Files are written under temporary
+/// names and renamed, so a crash never leaves a half-written adapter.
+pub fn save_peft(model: &mut CausalLm, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    let tensors = model.lora_tensors();
+    if tensors.is_empty() {
+        return Err(CoreError::InvalidArgument("the model has no LoRA adapters to save".into()));
+    }
+    let target_modules = match &cfg.targets {
+        Targets::AllLinear => {
+            // Like PEFT, write the resolved module names (the suffixes present).
+            let mut names: Vec<String> = tensors.iter().filter_map(|(k, _)| k.strip_suffix(".lora_A.weight")?.rsplit('.').next().map(str::to_owned)).collect();
+            names.sort();
+            names.dedup();
+            serde_json::json!(names)
+        }
+        Targets::Names(n) => serde_json::json!(n),
+    };
+    let config = PeftConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("CAUSAL_LM".into()),
+        r: cfg.r,
+        lora_alpha: cfg.alpha,
+        lora_dropout: cfg.dropout,
+        target_modules,
+        bias: "none".into(),
+        use_rslora: cfg.use_rslora,
+        use_dora: false,
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        modules_to_save: None,
+        base_model_name_or_path: Some(base_model.to_owned()),
+        inference_mode: true,
+        fan_in_fan_out: false,
+        init_lora_weights: serde_json::json!(true),
+        peft_version: Some("0.21.2".into()),
+    };
+    let json = serde_json::to_string_pretty(&config).expect("config serializes");
+    crate::weights::write_atomically(&dir.join("adapter_config.json"), json.as_bytes())?;
+    crate::weights::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)
+}
+
+/// Loads a PEFT LoRA adapter from `dir` onto the model (replacing any adapters it has). Every module with
+/// `lora_A`/`lora_B` tensors gets one; the scaling comes from the config (with `alpha_pattern`/
+/// `rank_pattern` overrides). Returns the config.
+pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
+    let unsupported = |what: &str| Err(CoreError::config(&cfg_path, format!("{what} is not supported")));
+    if cfg.peft_type != "LORA" {
+        return unsupported(&format!("peft_type `{}`", cfg.peft_type));
+    }
+    if cfg.use_dora {
+        return unsupported("use_dora");
+    }
+    if cfg.bias != "none" {
+        return unsupported(&format!("bias `{}`", cfg.bias));
+    }
+    if cfg.fan_in_fan_out {
+        return unsupported("fan_in_fan_out");
+    }
+    if cfg.r <= 0 || !(cfg.lora_alpha > 0.0) {
+        return Err(CoreError::config(&cfg_path, format!("r ({}) and lora_alpha ({}) must be positive", cfg.r, cfg.lora_alpha)));
+    }
+    let wpath = dir.join("adapter_model.safetensors");
+    if !wpath.exists() {
+        return Err(CoreError::format(&wpath, "adapter weights not found"));
+    }
+    let files = WeightFiles::open_files(&[wpath.clone()])?;
+    let dev = model.device();
+    let mut used = 0;
+    for (path, lin) in model.linears_mut() {
+        let (ka, kb) = (format!("{PREFIX}{path}.lora_A.weight"), format!("{PREFIX}{path}.lora_B.weight"));
+        if !files.contains(&ka) && !files.contains(&kb) {
+            lin.lora = None;
+            continue;
+        }
+        let r = pattern_value(&cfg.rank_pattern, &path).unwrap_or(cfg.r);
+        let alpha = pattern_value(&cfg.alpha_pattern, &path).unwrap_or(cfg.lora_alpha);
+        let (out_dim, in_dim) = (lin.weight.size()[0], lin.weight.size()[1]);
+        let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
+        let b = files.load(&kb, &[out_dim, r], Kind::Float, dev)?.f_set_requires_grad(true)?;
+        lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true });
+        used += 2;
+    }
+    let lora_keys = files.names().filter(|k| k.contains(".lora_")).count();
+    if used == 0 || used != lora_keys {
+        let unknown: Vec<_> = files.names().filter(|k| k.contains(".lora_") && !model.linears_mut().iter().any(|(p, _)| k.starts_with(&format!("{PREFIX}{p}.")))).take(3).map(str::to_owned).collect();
+        return Err(CoreError::format(&wpath, format!("{lora_keys} LoRA tensors, {used} match this model's layers (e.g. unmatched: {unknown:?})")));
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,139 @@
+//! LoRA: PEFT-made adapters reproduce PEFT's logits, our adapters round-trip through PEFT's format,
+//! the adapter forward equals the merged-weight forward, and bad adapters are clear errors.
+
+use std::path::{Path, PathBuf};
+
+use ferrotune_core::lora::{load_peft, save_peft, LoraConfig, Targets};
+use ferrotune_core::load_model;
+use tch::{Device, Kind, Tensor};
+
+use crate::common::{max_abs_diff, reference, tiny_dir};
+
+fn lora_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-lora").join(name)
+}
+
+fn lora_reference(name: &str) -> Tensor {
+    let f = ferrotune_core::weights::WeightFiles::open_files(&[lora_fixture(name).join("reference.safetensors")]).unwrap();
+    f.load_raw("logits").unwrap()
+}
+
+#[test]
+fn peft_adapters_reproduce_peft_logits() {
+    for (case, base) in [("llama3-all-linear", "llama3-rope"), ("qwen2-qv-rslora", "qwen2-bias")] {
+        let mut model = load_model(&tiny_dir(base), Kind::Float, Device::Cpu).unwrap();
+        let (ids, base_logits) = reference(base);
+        let cfg = load_peft(&mut model, &lora_fixture(case)).unwrap();
+        assert_eq!(cfg.peft_type, "LORA");
+        let got = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+        let want = lora_reference(case);
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{case}: max |Δ| {d}");
+        assert!(max_abs_diff(&want, &base_logits) > 1e-3, "{case}: the adapter must change the output");
+        model.set_adapters_enabled(false);
+        let off = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+        assert!(max_abs_diff(&off, &base_logits) < 1e-5, "{case}: disabled adapter = base model");
+    }
+}
+
+fn randomise_b(model: &mut ferrotune_core::CausalLm) {
+    tch::manual_seed(5);
+    let _g = tch::no_grad_guard();
+    for (_, lin) in model.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            let _ = l.b.normal_(0.0, 0.05);
+        }
+    }
+}
+
+#[test]
+fn adapter_forward_equals_merged_weights() {
+    let mut model = load_model(&tiny_dir("qwen2-bias"), Kind::Float, Device::Cpu).unwrap();
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    assert_eq!(model.add_lora(&cfg, 3).unwrap(), 14);
+    randomise_b(&mut model);
+    let (ids, base) = reference("qwen2-bias");
+    let with_adapter = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    assert!(max_abs_diff(&with_adapter, &base) > 1e-3);
+    assert_eq!(model.merge_lora().unwrap(), 14);
+    assert!(model.lora_tensors().is_empty());
+    let merged = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    let d = max_abs_diff(&merged, &with_adapter);
+    assert!(d < 1e-5, "merged vs adapter: {d}");
+}
+
+#[test]
+fn fresh_adapter_is_identity_and_trains_only_a_and_b() {
+    let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
+    let cfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]), use_rslora: false };
+    assert_eq!(model.add_lora(&cfg, 0).unwrap(), 4);
+    let (ids, base) = reference("llama3-rope");
+    let out = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    assert!(max_abs_diff(&out, &base) < 1e-6, "B = 0 ⇒ no change");
+    // A ~ U(-1/√in, 1/√in) like PEFT's kaiming_uniform_(a=√5)
+    let t = model.lora_tensors();
+    let a = &t.iter().find(|(k, _)| k == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap().1;
+    assert_eq!(a.size(), [8, 64]);
+    let max = a.abs().max().double_value(&[]);
+    assert!(max <= 1.0 / 8.0 && max > 0.1, "max |A| {max}");
+    model.set_training(true);
+    let loss = model.forward(&ids, None, None).unwrap().mean(Kind::Float);
+    loss.backward();
+    for (_, lin) in model.linears_mut() {
+        assert!(!lin.weight.requires_grad(), "base weights are frozen");
+        if let Some(l) = &lin.lora {
+            assert!(l.a.grad().defined() && l.b.grad().defined());
+        }
+    }
+}
+
+#[test]
+fn saved_adapter_has_peft_layout_and_reloads() {
+    let mut model = load_model(&tiny_dir("mistral-window"), Kind::Float, Device::Cpu).unwrap();
+    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: true };
+    model.add_lora(&cfg, 9).unwrap();
+    randomise_b(&mut model);
+    let tmp = tempfile::tempdir().unwrap();
+    save_peft(&mut model, &cfg, "tiny/mistral-window", tmp.path()).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(c["peft_type"], "LORA");
+    assert_eq!(c["task_type"], "CAUSAL_LM");
+    assert_eq!((c["r"].as_i64(), c["lora_alpha"].as_f64(), c["use_rslora"].as_bool()), (Some(2), Some(4.0), Some(true)));
+    assert_eq!(c["bias"], "none");
+    assert_eq!(c["base_model_name_or_path"], "tiny/mistral-window");
+    assert_eq!(c["target_modules"].as_array().unwrap().len(), 7);
+    let files = ferrotune_core::weights::WeightFiles::open_files(&[tmp.path().join("adapter_model.safetensors")]).unwrap();
+    assert_eq!(files.names().count(), 2 * 7 * 2);
+    assert_eq!(files.load_raw("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").unwrap().size(), [64, 2]);
+    let (ids, _) = reference("mistral-window");
+    let before = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    let mut fresh = load_model(&tiny_dir("mistral-window"), Kind::Float, Device::Cpu).unwrap();
+    load_peft(&mut fresh, tmp.path()).unwrap();
+    let after = tch::no_grad(|| fresh.forward(&ids, None, None)).unwrap();
+    assert_eq!(max_abs_diff(&before, &after), 0.0);
+}
+
+#[test]
+fn bad_adapters_are_errors() {
+    let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
+    let ok = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    assert!(model.add_lora(&LoraConfig { r: 0, ..ok.clone() }, 0).unwrap_err().to_string().contains("r must be positive"));
+    assert!(model.add_lora(&LoraConfig { dropout: 1.5, ..ok.clone() }, 0).is_err());
+    let e = model.add_lora(&LoraConfig { targets: Targets::Names(vec!["c_attn".into()]), ..ok.clone() }, 0).unwrap_err().to_string();
+    assert!(e.contains("match no linear layer"), "{e}");
+    // A PEFT adapter for another model (head_dim 24 there, 16 here): shapes differ → names the tensor.
+    let mut other = load_model(&tiny_dir("llama-linear-sharded"), Kind::Float, Device::Cpu).unwrap();
+    let e = load_peft(&mut other, &lora_fixture("qwen2-qv-rslora")).unwrap_err().to_string();
+    assert!(e.contains("lora_") && e.contains("shape mismatch"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(lora_fixture("llama3-all-linear").join(f), tmp.path().join(f)).unwrap();
+    }
+    let p = tmp.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("\"use_dora\": false", "\"use_dora\": true")).unwrap();
+    assert!(load_peft(&mut model, tmp.path()).unwrap_err().to_string().contains("use_dora is not supported"));
+    std::fs::write(&p, "{not json").unwrap();
+    assert!(load_peft(&mut model, tmp.path()).unwrap_err().to_string().contains("adapter_config.json"));
+    assert!(load_peft(&mut model, Path::new("/nonexistent/adapter")).unwrap_err().to_string().contains("/nonexistent/adapter"));
+}
