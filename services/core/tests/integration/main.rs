@@ -7,4 +7,5 @@ mod common;
 mod gguf_roundtrip;
 mod kv_cache;
 mod lora;
+mod nf4;
 mod tiny_models;
