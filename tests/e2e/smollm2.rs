@@ -93,3 +93,22 @@ fn smollm2_windowed_perplexity_scores_every_token_once() {
     // Repeated text is predictable with full context: the full-context loss must be lower.
     assert!(a + 1.0 < b, "full context {a} should clearly beat 8-to-16-token context {b}");
 }
+
+#[test]
+fn smollm2_nf4_base_stays_close_to_f32() {
+    // QLoRA's frozen base: every decoder linear layer in NF4 (double-quantized), embeddings/norms/lm_head f32.
+    let dir = smollm2_dir();
+    let text = hf_reference()["perplexity"]["text"].as_str().unwrap().to_owned();
+    let tok = ferrotune_core::Tokenizer::from_dir(&dir).unwrap();
+    let ids = tok.encode(&text).unwrap();
+    let mut model = ferrotune_core::load_model(&dir, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    let f32_nll = ferrotune_core::perplexity(&model, &ids, Default::default()).unwrap().mean_nll;
+    let (before, after) = model.quantize_nf4().unwrap();
+    let nf4_nll = ferrotune_core::perplexity(&model, &ids, Default::default()).unwrap().mean_nll;
+    println!("SmolLM2 linear layers: f32 {:.1} MB → NF4 {:.1} MB; mean NLL {f32_nll:.4} → {nf4_nll:.4}", before as f64 / 1e6, after as f64 / 1e6);
+    assert!((after as f64 / before as f64) < 0.13);
+    // bitsandbytes' NF4 round trip of the same weights gives this NLL (tests/fixtures/smollm2-nf4.json).
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-nf4.json")).unwrap()).unwrap();
+    let want = r["nf4_mean_nll"].as_f64().unwrap();
+    assert!((nf4_nll - want).abs() < 1e-4, "NF4 NLL {nf4_nll} vs bitsandbytes {want}");
+}

@@ -89,7 +89,8 @@ fn param_bytes(b: &ModelBundle) -> i64 {
     let mut n = t(&m.lm_head) + t(&m.norm.weight);
     for l in &m.layers {
         for lin in [&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
-            n += t(&lin.weight);
+            let (o, i) = lin.dims();
+            n += o * i * m.kind().elt_size_in_bytes() as i64;
         }
         n += t(&l.input_layernorm.weight) + t(&l.post_attention_layernorm.weight);
     }

@@ -146,7 +146,7 @@ impl CausalLm {
             if !cfg.targets.matches(&path) {
                 continue;
             }
-            let (out_dim, in_dim) = (lin.weight.size()[0], lin.weight.size()[1]);
+            let (out_dim, in_dim) = lin.dims();
             // One stream per module, so adding a target does not shift the others' init.
             let g = seed ^ fnv1a(&path);
             tch::manual_seed(g as i64);
@@ -181,7 +181,8 @@ impl CausalLm {
     }
 
     /// Folds every enabled adapter into its base weight (`W += s · B A`, computed in f32 and stored in the
-    /// weight's kind and layout) and removes the adapters.
+    /// weight's kind) and removes the adapters. An NF4 base is merged into its dequantized weight, which
+    /// becomes dense.
     pub fn merge_lora(&mut self) -> Result<usize> {
         let _guard = tch::no_grad_guard();
         let mut n = 0;
@@ -190,13 +191,29 @@ impl CausalLm {
                 if !l.enabled {
                     continue;
                 }
+                let w = lin.dense_weight()?;
                 let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
-                let merged = lin.weight.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(lin.weight.kind())?;
-                lin.weight.f_copy_(&merged)?;
+                let merged = w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?;
+                lin.base = crate::models::decoder::BaseWeight::Dense(crate::models::decoder::gemv_layout(merged)?);
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Stores every decoder linear layer's weight in NF4 (QLoRA); embeddings, norms and lm_head stay dense.
+    /// Returns (bytes before, bytes after) of the quantized layers.
+    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
+        let _guard = tch::no_grad_guard();
+        let (mut before, mut after) = (0, 0);
+        for (_, lin) in self.linears_mut() {
+            let (o, i) = lin.dims();
+            if let crate::models::decoder::BaseWeight::Dense(w) = &lin.base {
+                before += (o * i) as usize * w.kind().elt_size_in_bytes();
+            }
+            after += lin.quantize_nf4()?;
+        }
+        Ok((before, after))
     }
 
     /// The adapters' tensors under their PEFT keys (`base_model.model.<module>.lora_A.weight`).
@@ -358,7 +375,7 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         }
         let r = pattern_value(&cfg.rank_pattern, &path).unwrap_or(cfg.r);
         let alpha = pattern_value(&cfg.alpha_pattern, &path).unwrap_or(cfg.lora_alpha);
-        let (out_dim, in_dim) = (lin.weight.size()[0], lin.weight.size()[1]);
+        let (out_dim, in_dim) = lin.dims();
         let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
         let b = files.load(&kb, &[out_dim, r], Kind::Float, dev)?.f_set_requires_grad(true)?;
         lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true });

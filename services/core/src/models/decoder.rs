@@ -9,13 +9,28 @@ use tch::{Device, Kind, Tensor};
 use super::config::{DecoderConfig, RopeScaling};
 use crate::error::{CoreError, Result};
 use crate::lora::Lora;
+use crate::nf4::Nf4Weight;
 use crate::weights::Weights;
+
+/// The base weight of a linear layer: dense, or NF4 (QLoRA) dequantized on the fly.
+#[derive(Debug)]
+pub enum BaseWeight {
+    /// `[out, in]` in the model's kind.
+    Dense(Tensor),
+    /// 4-bit NormalFloat storage; dequantized to `kind` in every forward pass.
+    Nf4 {
+        /// The quantized weight.
+        q: Nf4Weight,
+        /// Compute kind.
+        kind: Kind,
+    },
+}
 
 /// `y = x Wᵀ + b`, plus a LoRA adapter's contribution when one is attached.
 #[derive(Debug)]
 pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
+    /// The frozen (or, in full fine-tuning, trained) weight.
+    pub base: BaseWeight,
     /// `[out]`.
     pub bias: Option<Tensor>,
     /// Optional adapter ([`crate::lora`]).
@@ -26,13 +41,46 @@ impl Linear {
     fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = gemv_layout(vb.get(&[out_dim, in_dim], "weight")?)?;
         let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
-        Ok(Self { weight, bias, lora: None })
+        Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None })
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (i64, i64) {
+        match &self.base {
+            BaseWeight::Dense(w) => (w.size()[0], w.size()[1]),
+            BaseWeight::Nf4 { q, .. } => (q.shape[0], q.shape[1]),
+        }
+    }
+
+    /// The base weight as a dense `[out, in]` tensor (dequantized for NF4).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.base {
+            BaseWeight::Dense(w) => Ok(w.shallow_clone()),
+            BaseWeight::Nf4 { q, kind } => q.dequantize(*kind),
+        }
+    }
+
+    /// Replaces a dense base weight by its NF4 quantization (computing in the weight's kind); the dense
+    /// tensor is freed. Returns the bytes now held.
+    pub fn quantize_nf4(&mut self) -> Result<usize> {
+        if let BaseWeight::Dense(w) = &self.base {
+            let kind = w.kind();
+            let q = Nf4Weight::quantize(w)?;
+            self.base = BaseWeight::Nf4 { q, kind };
+        }
+        Ok(match &self.base {
+            BaseWeight::Nf4 { q, .. } => q.bytes(),
+            BaseWeight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
+        })
     }
 
     /// # Shapes
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        let y = match &self.base {
+            BaseWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            BaseWeight::Nf4 { q, kind } => x.f_linear(&q.dequantize(*kind)?, self.bias.as_ref())?,
+        };
         match &self.lora {
             Some(l) if l.enabled => Ok(y.f_add(&l.delta(x)?)?),
             _ => Ok(y),
@@ -46,7 +94,7 @@ impl Linear {
 /// its logical `[out, in]` shape and values; only its strides change (`w.t().contiguous().t()`). Anything
 /// that serialises weights must call `.contiguous()` first. bf16/f16 and CUDA keep the row-major layout,
 /// which is the faster one there.
-pub(crate) fn gemv_layout(w: Tensor) -> Result<Tensor> {
+pub fn gemv_layout(w: Tensor) -> Result<Tensor> {
     if w.device() == Device::Cpu && w.kind() == Kind::Float && w.dim() == 2 {
         Ok(w.f_tr()?.f_contiguous()?.f_tr()?)
     } else {
