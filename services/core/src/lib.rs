@@ -15,6 +15,7 @@ pub mod perplexity;
 pub mod registry;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{CoreError, Result};

@@ -1,6 +1,6 @@
 //! LoRA adapters (Hu et al. 2021, <https://arxiv.org/abs/2106.09685>) on the decoder's linear layers, in
 //! PEFT's format: `y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ` with A `[r, in]` initialised like PEFT
-//! (Kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in)), B `[out, r]` zero, and s = alpha / r
+//! (Kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in), drawn from our own seeded stream), B `[out, r]` zero, and s = alpha / r
 //! (alpha / √r with rsLoRA). Saved as `adapter_config.json` + `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight`, so PEFT loads our adapters and we load PEFT's.
 
@@ -13,6 +13,7 @@ use tch::{Kind, Tensor};
 use crate::error::{CoreError, Result};
 use crate::models::decoder::Linear;
 use crate::models::CausalLm;
+use crate::sampling::Rng;
 use crate::weights::WeightFiles;
 
 /// Which linear layers get an adapter.
@@ -94,6 +95,10 @@ pub struct Lora {
     pub training: bool,
     /// When false the adapter is bypassed (the reference model of DPO/PPO).
     pub enabled: bool,
+    /// State of this adapter's own dropout stream (see [`CausalLm::set_dropout_seed`]). Dropout masks come
+    /// from here, not from libtorch's process-global generator, so concurrent jobs in one process cannot
+    /// perturb each other and a resumed run draws exactly the masks of an uninterrupted one.
+    pub dropout_state: std::cell::Cell<u64>,
 }
 
 impl Lora {
@@ -104,7 +109,13 @@ impl Lora {
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.f_to_kind(self.a.kind())?;
         if self.training && self.dropout > 0.0 {
-            h = h.f_dropout(self.dropout, true)?;
+            let keep = 1.0 - self.dropout;
+            let mut rng = Rng(self.dropout_state.get());
+            let n = h.numel();
+            let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+            self.dropout_state.set(rng.0);
+            let mask = Tensor::f_from_slice(&mask)?.f_view(h.size().as_slice())?.f_to_device(h.device())?.f_to_kind(h.kind())?;
+            h = h.f_mul(&mask)?;
         }
         let y = h.f_linear::<Tensor>(&self.a, None)?.f_linear::<Tensor>(&self.b, None)?;
         Ok(y.f_mul_scalar(self.scaling)?.f_to_kind(x.kind())?)
@@ -148,12 +159,12 @@ impl CausalLm {
             }
             let (out_dim, in_dim) = lin.dims();
             // One stream per module, so adding a target does not shift the others' init.
-            let g = seed ^ fnv1a(&path);
-            tch::manual_seed(g as i64);
+            let mut rng = Rng(seed ^ fnv1a(&path));
             let bound = 1.0 / (in_dim as f64).sqrt();
-            let a = Tensor::f_empty([cfg.r, in_dim], (Kind::Float, dev))?.f_uniform_(-bound, bound)?.f_set_requires_grad(true)?;
+            let init: Vec<f32> = (0..cfg.r * in_dim).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let a = Tensor::f_from_slice(&init)?.f_view([cfg.r, in_dim])?.f_to_device(dev)?.f_set_requires_grad(true)?;
             let b = Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?.f_set_requires_grad(true)?;
-            lin.lora = Some(Lora { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, training: false, enabled: true });
+            lin.lora = Some(Lora { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, training: false, enabled: true, dropout_state: Default::default() });
             n += 1;
         }
         if n == 0 {
@@ -167,6 +178,15 @@ impl CausalLm {
         for (_, lin) in self.linears_mut() {
             if let Some(l) = &mut lin.lora {
                 l.training = training;
+            }
+        }
+    }
+
+    /// Restarts every adapter's dropout stream from `seed` (each module mixes in its own path).
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        for (path, lin) in self.linears_mut() {
+            if let Some(l) = &mut lin.lora {
+                l.dropout_state.set(seed ^ fnv1a(&path));
             }
         }
     }
@@ -378,7 +398,7 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         let (out_dim, in_dim) = lin.dims();
         let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
         let b = files.load(&kb, &[out_dim, r], Kind::Float, dev)?.f_set_requires_grad(true)?;
-        lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true });
+        lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true, dropout_state: Default::default() });
         used += 2;
     }
     let lora_keys = files.names().filter(|k| k.contains(".lora_")).count();

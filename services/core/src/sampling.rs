@@ -49,7 +49,7 @@ impl SamplingParams {
 
 /// SplitMix64: tiny, fast, and good enough to draw one uniform number per token.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
     /// The stream for sequence `row` of a request seeded with `seed`.

@@ -9,3 +9,4 @@ mod kv_cache;
 mod lora;
 mod nf4;
 mod tiny_models;
+mod train;

@@ -1,0 +1,82 @@
+//! The causal-LM loss over trained tokens, computed so that full-vocabulary f32 logits never exist for a
+//! whole batch: the trained positions' hidden states are detached, logits + log-softmax run `chunk` rows at a
+//! time with each chunk's backward done at once, and the accumulated gradient of the hidden states is then
+//! sent back through the network in one pass. Peak memory for the head is one chunk of logits.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{CoreError, Result};
+use crate::models::CausalLm;
+
+/// Label value that excludes a position from the loss (as in transformers).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Sum of next-token NLL and number of trained tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossSum {
+    /// Σ −log p(label) over trained positions.
+    pub nll: f64,
+    /// Trained positions.
+    pub tokens: usize,
+}
+
+/// Rows of `hidden` that predict a trained label, and those labels.
+///
+/// # Shapes
+/// `hidden`: `[b, s, h]`, `labels`: `[b, s]` (aligned with the inputs; position t+1's label is predicted
+/// at t) → (`[n, h]`, `[n]`).
+fn trained_rows(hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, s, h) = hidden.size3()?;
+    if labels.size() != [b, s] {
+        return Err(CoreError::InvalidArgument(format!("labels must be {:?}, got {:?}", [b, s], labels.size())));
+    }
+    let pred = hidden.f_narrow(1, 0, s - 1)?.f_reshape([-1, h])?;
+    let target = labels.f_narrow(1, 1, s - 1)?.f_reshape([-1])?.f_to_device(hidden.device())?;
+    let keep = target.f_ne(IGNORE_INDEX)?.f_nonzero()?.f_squeeze_dim(1)?;
+    Ok((pred.f_index_select(0, &keep)?, target.f_index_select(0, &keep)?))
+}
+
+fn chunk_nll(model: &CausalLm, rows: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let logits = model.logits(rows)?;
+    let lp = logits.f_log_softmax(-1, Kind::Float)?;
+    Ok(lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_neg()?.f_sum(Kind::Float)?)
+}
+
+/// Loss without gradients (evaluation).
+pub fn causal_lm_loss(model: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk: i64) -> Result<LossSum> {
+    let _guard = tch::no_grad_guard();
+    let (rows, target) = trained_rows(hidden, labels)?;
+    let n = rows.size()[0];
+    let mut nll = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        nll += chunk_nll(model, &rows.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?.f_double_value(&[])?;
+        start += len;
+    }
+    Ok(LossSum { nll, tokens: n as usize })
+}
+
+/// Loss with gradients: backpropagates `scale × Σ NLL` into the model (gradients accumulate into the
+/// leaves' `.grad`) and returns the unscaled sum.
+pub fn causal_lm_loss_backward(model: &CausalLm, hidden: &Tensor, labels: &Tensor, scale: f64, chunk: i64) -> Result<LossSum> {
+    let (rows, target) = trained_rows(hidden, labels)?;
+    let n = rows.size()[0];
+    if n == 0 {
+        return Ok(LossSum::default());
+    }
+    let detached = rows.f_detach()?.f_set_requires_grad(true)?;
+    let mut nll = 0.0;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let l = chunk_nll(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
+        nll += l.f_double_value(&[])?;
+        l.f_mul_scalar(scale)?.f_backward()?;
+        start += len;
+    }
+    let grad = detached.grad();
+    // d(scale·loss)/d(network) = Σ rows · grad, backpropagated once through the decoder.
+    rows.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+    Ok(LossSum { nll, tokens: n as usize })
+}

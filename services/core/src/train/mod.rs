@@ -1,0 +1,346 @@
+//! The one training loop. SFT, reward modelling, DPO and PPO differ only in their [`Objective`] (how a
+//! micro-batch's loss is computed and what it is normalised by) and in what is trainable
+//! ([`TrainableState`]); the loop owns the optimizer, schedule, gradient accumulation, clipping, evaluation,
+//! metrics, checkpoints and exact resume.
+//!
+//! Gradient accumulation normalises by the total units (trained tokens for SFT) of all micro-batches of an
+//! optimizer step, so accumulating k micro-batches equals one batch k times larger (the trap of averaging per
+//! micro-batch is avoided). Dropout is seeded per micro-batch from the run seed and the micro-batch's global
+//! index, and the data order per epoch from the seed and the epoch, so a resumed run replays exactly the
+//! same computation as an uninterrupted one.
+
+pub mod checkpoint;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod sft;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::error::{CoreError, Result};
+use crate::models::CausalLm;
+use crate::sampling::Rng;
+pub use loss::LossSum;
+use optim::{AdamW, AdamWConfig};
+use schedule::{lr_at, ScheduleKind};
+
+/// How a batch of examples is turned into a loss.
+pub trait Objective {
+    /// One training example.
+    type Example;
+    /// Units an example adds to the normaliser (trained tokens for SFT, pairs for DPO).
+    fn units(&self, ex: &Self::Example) -> usize;
+    /// Forward and backward of `scale × Σ loss` over `batch`; returns the unscaled sum and its units.
+    fn backward(&self, model: &CausalLm, batch: &[&Self::Example], scale: f64) -> Result<LossSum>;
+    /// Loss without gradients.
+    fn eval(&self, model: &CausalLm, batch: &[&Self::Example]) -> Result<LossSum>;
+}
+
+/// What the run trains and how it is saved: LoRA adapters, a reward head, full weights…
+pub trait TrainableState {
+    /// The leaf tensors to optimise, by name.
+    fn params(&self, model: &mut CausalLm) -> Vec<(String, Tensor)>;
+    /// Saves the trained state into `dir` (e.g. a PEFT adapter).
+    fn save(&self, model: &mut CausalLm, dir: &Path) -> Result<()>;
+    /// Restores it from `dir` (a checkpoint).
+    fn load(&self, model: &mut CausalLm, dir: &Path) -> Result<()>;
+}
+
+/// Hyperparameters of the loop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Schedule after warmup.
+    pub lr_scheduler: ScheduleKind,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Optimizer steps to run.
+    pub max_steps: usize,
+    /// Examples per micro-batch.
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Clip the global gradient norm to this (0 = off).
+    pub max_grad_norm: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW β₁.
+    pub adam_beta1: f64,
+    /// AdamW β₂.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_epsilon: f64,
+    /// Seed for data order, dropout and initialisation.
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (0 = only at the end).
+    pub eval_steps: usize,
+    /// Checkpoint every N optimizer steps (0 = only at the end).
+    pub save_steps: usize,
+    /// Checkpoints kept (oldest deleted first).
+    pub save_total_limit: usize,
+    /// Rows of logits computed at once in the loss.
+    pub loss_chunk_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-4,
+            lr_scheduler: ScheduleKind::Linear,
+            warmup_steps: 0,
+            max_steps: 50,
+            micro_batch_size: 1,
+            gradient_accumulation_steps: 4,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            seed: 42,
+            eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: 2,
+            loss_chunk_tokens: 1024,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects absurd values with a message naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CoreError::InvalidArgument(m));
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            return bad(format!("learning_rate must be in (0, 1), got {}", self.learning_rate));
+        }
+        if self.max_steps == 0 {
+            return bad("max_steps must be at least 1".into());
+        }
+        if self.micro_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("micro_batch_size and gradient_accumulation_steps must be at least 1".into());
+        }
+        if self.warmup_steps > self.max_steps {
+            return bad(format!("warmup_steps ({}) exceeds max_steps ({})", self.warmup_steps, self.max_steps));
+        }
+        if !(self.max_grad_norm >= 0.0) || !(self.weight_decay >= 0.0) {
+            return bad("max_grad_norm and weight_decay must be >= 0".into());
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) || !(self.adam_epsilon > 0.0) {
+            return bad("adam betas must be in [0, 1) and adam_epsilon > 0".into());
+        }
+        if self.loss_chunk_tokens == 0 {
+            return bad("loss_chunk_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where the loop resumes: optimizer steps done and the data position.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Position {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Epoch of the next example.
+    pub epoch: usize,
+    /// Index of the next example in that epoch's order.
+    pub cursor: usize,
+    /// Micro-batches run so far (seeds dropout).
+    pub micro_batches: u64,
+    /// Trained units (tokens) so far.
+    pub units: u64,
+}
+
+/// Progress after an optimizer step (for progress bars, metrics files and job events).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepEvent {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Total optimizer steps.
+    pub total: usize,
+    /// Mean loss per unit over this step's micro-batches.
+    pub loss: f64,
+    /// Mean evaluation loss, when evaluated at this step.
+    pub eval_loss: Option<f64>,
+    /// Learning rate used for this step.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed per second (all tokens of the step's micro-batches).
+    pub tokens_per_s: f64,
+    /// Trained units of this step.
+    pub trained_tokens: usize,
+    /// Epoch (fractional).
+    pub epoch: f64,
+    /// A checkpoint written at this step, if any.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The data order of `epoch`: a permutation of `0..n` from the run seed.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng::for_row(seed ^ 0x5EED_0F_DA7A, epoch);
+    for i in (1..n).rev() {
+        let j = (rng.uniform() * (i + 1) as f64) as usize;
+        order.swap(i, j.min(i));
+    }
+    order
+}
+
+/// Everything the loop needs besides the model.
+pub struct Run<'a, O: Objective> {
+    /// The objective.
+    pub objective: &'a O,
+    /// Training examples.
+    pub train: &'a [O::Example],
+    /// Held-out examples (may be empty).
+    pub eval: &'a [O::Example],
+    /// What is trained and how it is saved.
+    pub state: &'a dyn TrainableState,
+    /// Hyperparameters.
+    pub cfg: &'a TrainConfig,
+    /// Output directory: `checkpoints/`, `metrics.jsonl`, and the final trained state.
+    pub output_dir: &'a Path,
+    /// Count of tokens in an example (for tokens/s).
+    pub tokens_of: &'a dyn Fn(&O::Example) -> usize,
+}
+
+/// Outcome of [`train`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// Final position.
+    pub position: Position,
+    /// Last step's loss.
+    pub final_loss: f64,
+    /// Last evaluation loss.
+    pub final_eval_loss: Option<f64>,
+    /// Where the final state was saved.
+    pub output_dir: PathBuf,
+    /// Whether the run stopped early because `should_stop` said so.
+    pub stopped: bool,
+}
+
+/// Runs (or, with `resume`, continues from the newest checkpoint) the training loop.
+pub fn train<O: Objective>(
+    model: &mut CausalLm,
+    run: &Run<'_, O>,
+    resume: bool,
+    on_step: &mut dyn FnMut(&StepEvent),
+    should_stop: &dyn Fn() -> bool,
+) -> Result<TrainSummary> {
+    let cfg = run.cfg;
+    cfg.validate()?;
+    if run.train.is_empty() {
+        return Err(CoreError::InvalidArgument("the training set is empty".into()));
+    }
+    std::fs::create_dir_all(run.output_dir).map_err(|e| CoreError::io(run.output_dir, e))?;
+    let ckpt_root = run.output_dir.join("checkpoints");
+    let mut pos = Position::default();
+    let resume_from = if resume { checkpoint::latest(&ckpt_root)? } else { None };
+    if let Some(dir) = &resume_from {
+        run.state.load(model, dir)?;
+    }
+    let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
+    let mut opt = AdamW::new(run.state.params(model), adam)?;
+    if opt.params.is_empty() {
+        return Err(CoreError::InvalidArgument("nothing to train: the model has no trainable parameters".into()));
+    }
+    if let Some(dir) = &resume_from {
+        pos = checkpoint::load(dir, &mut opt)?;
+    }
+    let metrics_path = run.output_dir.join("metrics.jsonl");
+    let mut metrics = checkpoint::MetricsLog::open(&metrics_path, pos.step)?;
+    model.set_training(true);
+    let n = run.train.len();
+    let mut order = epoch_order(n, cfg.seed, pos.epoch);
+    let (mut last_loss, mut last_eval, mut stopped) = (f64::NAN, None, false);
+    while pos.step < cfg.max_steps {
+        if should_stop() {
+            stopped = true;
+            break;
+        }
+        let started = Instant::now();
+        // This step's micro-batches, in data order.
+        let mut micro: Vec<Vec<&O::Example>> = Vec::with_capacity(cfg.gradient_accumulation_steps);
+        for _ in 0..cfg.gradient_accumulation_steps {
+            let mut mb = Vec::with_capacity(cfg.micro_batch_size);
+            for _ in 0..cfg.micro_batch_size {
+                if pos.cursor == n {
+                    pos.epoch += 1;
+                    pos.cursor = 0;
+                    order = epoch_order(n, cfg.seed, pos.epoch);
+                }
+                mb.push(&run.train[order[pos.cursor]]);
+                pos.cursor += 1;
+            }
+            micro.push(mb);
+        }
+        let units: usize = micro.iter().flatten().map(|e| run.objective.units(e)).sum();
+        let tokens: usize = micro.iter().flatten().map(|e| (run.tokens_of)(e)).sum();
+        let scale = 1.0 / units.max(1) as f64;
+        opt.zero_grad()?;
+        let mut sum = 0.0;
+        for mb in &micro {
+            model.set_dropout_seed(cfg.seed ^ pos.micro_batches.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            pos.micro_batches += 1;
+            sum += run.objective.backward(model, mb, scale)?.nll;
+        }
+        let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm)?;
+        let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, pos.step, cfg.warmup_steps, cfg.max_steps);
+        opt.step(lr)?;
+        pos.step += 1;
+        pos.units += units as u64;
+        last_loss = sum / units.max(1) as f64;
+        if !last_loss.is_finite() {
+            return Err(CoreError::InvalidArgument(format!("loss became {last_loss} at step {}; lower the learning rate", pos.step)));
+        }
+        let last = pos.step == cfg.max_steps;
+        let eval_loss = if !run.eval.is_empty() && (last || (cfg.eval_steps > 0 && pos.step % cfg.eval_steps == 0)) {
+            let l = evaluate(model, run.objective, run.eval, cfg.micro_batch_size)?;
+            last_eval = Some(l);
+            Some(l)
+        } else {
+            None
+        };
+        let checkpoint = if last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0) {
+            Some(checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit)?)
+        } else {
+            None
+        };
+        let ev = StepEvent {
+            step: pos.step,
+            total: cfg.max_steps,
+            loss: last_loss,
+            eval_loss,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+            trained_tokens: units,
+            epoch: pos.epoch as f64 + pos.cursor as f64 / n as f64,
+            checkpoint,
+        };
+        metrics.write(&ev)?;
+        on_step(&ev);
+    }
+    model.set_training(false);
+    run.state.save(model, run.output_dir)?;
+    Ok(TrainSummary { position: pos, final_loss: last_loss, final_eval_loss: last_eval, output_dir: run.output_dir.to_path_buf(), stopped })
+}
+
+/// Mean loss per unit over `examples` (dropout off).
+pub fn evaluate<O: Objective>(model: &mut CausalLm, obj: &O, examples: &[O::Example], batch: usize) -> Result<f64> {
+    model.set_training(false);
+    let refs: Vec<&O::Example> = examples.iter().collect();
+    let mut total = LossSum::default();
+    for chunk in refs.chunks(batch.max(1)) {
+        let l = obj.eval(model, chunk)?;
+        total.nll += l.nll;
+        total.tokens += l.tokens;
+    }
+    model.set_training(true);
+    Ok(total.nll / total.tokens.max(1) as f64)
+}
