@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 
+mod data_cmd;
+mod recipe;
+mod train_cmd;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ferrotune_core::{gguf_import, registry, tokenizer::Tokenizer};
@@ -39,6 +43,16 @@ enum Cmd {
         #[arg(long)]
         text: String,
     },
+    /// Datasets: format (tokenize + mask + split) and preview.
+    Data {
+        #[command(subcommand)]
+        cmd: data_cmd::DataCmd,
+    },
+    /// Train: `sft` (LoRA / QLoRA supervised fine-tuning).
+    Train {
+        #[command(subcommand)]
+        cmd: TrainCmd,
+    },
     /// Generate text from a prompt or a chat (streams to the terminal unless --json).
     Generate(GenerateArgs),
     /// Evaluate a model.
@@ -46,6 +60,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EvalCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum TrainCmd {
+    /// Supervised fine-tuning with LoRA or QLoRA from a YAML recipe.
+    Sft(train_cmd::SftArgs),
 }
 
 #[derive(clap::Args)]
@@ -200,6 +220,8 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Cmd::Generate(args) => generate(args, cli.json)?,
+        Cmd::Data { cmd } => data_cmd::run(cmd, cli.json)?,
+        Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::sft(args, cli.json)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, device, dtype, window, stride, batch } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
             let ids = Tokenizer::from_dir(model)?.encode(&text)?;

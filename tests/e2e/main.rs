@@ -2,5 +2,6 @@
 //! (pulled from PyPI on first use, then cached under `$FERROTUNE_HOME`).
 
 mod cli_errors;
+mod data;
 mod generation;
 mod smollm2;

@@ -1,0 +1,164 @@
+//! Training recipes: YAML files naming the model, the adapter, the data and the hyperparameters, with any
+//! key overridable from the command line (`--set training.learning_rate=1e-4`). Unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferrotune_core::lora::{LoraConfig, Targets};
+use ferrotune_core::train::TrainConfig;
+use ferrotune_data::formats::{Format, MaskMode};
+use serde::{Deserialize, Serialize};
+
+/// A whole SFT recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SftRecipe {
+    /// A known model name (pulled if needed) or a model directory.
+    pub model: String,
+    /// The adapter to train.
+    pub adapter: AdapterSpec,
+    /// The data.
+    pub data: DataSpec,
+    /// Loop hyperparameters.
+    #[serde(default)]
+    pub training: TrainConfig,
+    /// Where the adapter, checkpoints and metrics go.
+    pub output_dir: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// Compute dtype of the base: f32 (CPU), bf16/f16 (CUDA).
+    #[serde(default = "f32")]
+    pub dtype: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+fn f32() -> String {
+    "f32".into()
+}
+
+/// Adapter method and settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdapterSpec {
+    /// `lora` or `qlora` (NF4 base).
+    pub method: String,
+    /// LoRA rank.
+    #[serde(default = "r")]
+    pub r: i64,
+    /// LoRA alpha.
+    #[serde(default = "alpha")]
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Module names, or the string `all-linear`.
+    #[serde(default = "qv")]
+    pub target_modules: serde_yaml::Value,
+    /// rsLoRA scaling.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn r() -> i64 {
+    8
+}
+fn alpha() -> f64 {
+    16.0
+}
+fn qv() -> serde_yaml::Value {
+    serde_yaml::Value::Sequence(vec!["q_proj".into(), "v_proj".into()])
+}
+
+/// Raw data to format, or a dataset directory made by `ferrotune data format`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DataSpec {
+    /// Raw input file (formatted into `OUTPUT_DIR/dataset`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A pre-formatted dataset directory.
+    #[serde(default)]
+    pub dataset: Option<PathBuf>,
+    /// Record format of `path`.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// What is trained.
+    #[serde(default)]
+    pub mask: MaskMode,
+    /// Longest sequence.
+    #[serde(default = "max_len")]
+    pub max_seq_len: usize,
+    /// Held-out fraction.
+    #[serde(default)]
+    pub eval_fraction: f64,
+}
+
+fn max_len() -> usize {
+    1024
+}
+
+impl AdapterSpec {
+    /// The LoRA config, validated.
+    pub(crate) fn lora(&self) -> Result<LoraConfig> {
+        let targets = match &self.target_modules {
+            serde_yaml::Value::String(s) if s == "all-linear" => Targets::AllLinear,
+            serde_yaml::Value::String(s) => Targets::Names(vec![s.clone()]),
+            serde_yaml::Value::Sequence(v) => Targets::Names(
+                v.iter().map(|x| x.as_str().map(str::to_owned).context("adapter.target_modules: every entry must be a string")).collect::<Result<_>>()?,
+            ),
+            _ => bail!("adapter.target_modules must be a list of module names or \"all-linear\""),
+        };
+        let cfg = LoraConfig { r: self.r, alpha: self.lora_alpha, dropout: self.lora_dropout, targets, use_rslora: self.use_rslora };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Whether the base is stored in NF4.
+    pub(crate) fn qlora(&self) -> Result<bool> {
+        match self.method.as_str() {
+            "lora" => Ok(false),
+            "qlora" => Ok(true),
+            "full" | "prompt-tuning" => bail!("adapter.method `{}` is not supported yet (lora, qlora)", self.method),
+            other => bail!("adapter.method `{other}` is unknown (lora, qlora)"),
+        }
+    }
+}
+
+/// Applies `a.b.c=value` to a YAML mapping (the value parsed as YAML: numbers, booleans, lists…).
+fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
+    let (path, value) = set.split_once('=').with_context(|| format!("--set `{set}`: expected key=value"))?;
+    let value: serde_yaml::Value = serde_yaml::from_str(value).with_context(|| format!("--set `{set}`: bad value"))?;
+    let mut node = root;
+    let keys: Vec<&str> = path.split('.').collect();
+    for (i, k) in keys.iter().enumerate() {
+        let map = node.as_mapping_mut().with_context(|| format!("--set `{set}`: `{}` is not a section", keys[..i].join(".")))?;
+        if i + 1 == keys.len() {
+            map.insert((*k).into(), value);
+            return Ok(());
+        }
+        node = map.entry((*k).into()).or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+/// Reads a recipe file and applies `--set` overrides (and `--output-dir`, `--max-steps`).
+pub(crate) fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut v: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("{}: invalid YAML", path.display()))?;
+    for s in sets {
+        apply_set(&mut v, s)?;
+    }
+    let r: SftRecipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    r.training.validate().with_context(|| format!("{}: training", path.display()))?;
+    r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
+    r.adapter.qlora().with_context(|| format!("{}", path.display()))?;
+    match (&r.data.path, &r.data.dataset, &r.data.format) {
+        (Some(_), None, Some(_)) | (None, Some(_), _) => {}
+        (Some(_), None, None) => bail!("{}: data.format is required with data.path", path.display()),
+        _ => bail!("{}: set exactly one of data.path (raw records) and data.dataset (a formatted dataset dir)", path.display()),
+    }
+    Ok(r)
+}

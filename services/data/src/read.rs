@@ -1,0 +1,60 @@
+//! Reading raw records: JSON Lines (one object per line; blank lines skipped), a JSON array of objects,
+//! or CSV with a header row (every field a string). Each record keeps its 1-based location for errors.
+
+use std::path::Path;
+
+use ferrotune_core::CoreError;
+use serde_json::Value;
+
+use crate::{DataError, Result};
+
+/// One raw record and where it came from.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// 1-based line (JSONL), element index (JSON) or row (CSV; the header is row 1).
+    pub line: usize,
+    /// The parsed object, or the parse error for this line.
+    pub value: std::result::Result<Value, String>,
+}
+
+/// Reads every record of `path`, choosing the reader by extension (`.jsonl`, `.json`, `.csv`).
+pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let text = || std::fs::read_to_string(path).map_err(|e| DataError::Core(CoreError::io(path, e)));
+    match ext.as_str() {
+        "jsonl" | "ndjson" => Ok(text()?
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| RawRecord { line: i + 1, value: serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")) })
+            .collect()),
+        "json" => {
+            let v: Value = serde_json::from_str(&text()?).map_err(|e| DataError::Core(CoreError::format(path, format!("invalid JSON: {e}"))))?;
+            let arr = match v {
+                Value::Array(a) => a,
+                Value::Object(mut o) if o.get("data").is_some_and(Value::is_array) => match o.remove("data") {
+                    Some(Value::Array(a)) => a,
+                    _ => unreachable!("checked above"),
+                },
+                _ => return Err(DataError::Core(CoreError::format(path, "expected a JSON array of records (or {\"data\": [...]})"))),
+            };
+            Ok(arr.into_iter().enumerate().map(|(i, v)| RawRecord { line: i + 1, value: Ok(v) }).collect())
+        }
+        "csv" => {
+            let mut rdr = csv::Reader::from_path(path).map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?;
+            let headers = rdr.headers().map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?.clone();
+            Ok(rdr
+                .records()
+                .enumerate()
+                .map(|(i, r)| RawRecord {
+                    line: i + 2,
+                    value: r.map_err(|e| format!("invalid CSV row: {e}")).map(|r| {
+                        Value::Object(headers.iter().zip(r.iter()).map(|(h, f)| (h.to_owned(), Value::String(f.to_owned()))).collect())
+                    }),
+                })
+                .collect())
+        }
+        "parquet" => Err(DataError::InvalidArgument(format!("{}: Parquet input is not supported yet (use JSONL, JSON or CSV)", path.display()))),
+        _ => Err(DataError::InvalidArgument(format!("{}: unknown input type `.{ext}` (use .jsonl, .json or .csv)", path.display()))),
+    }
+}
