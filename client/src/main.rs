@@ -73,6 +73,9 @@ struct GenerateArgs {
     /// Model directory (HF layout).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Prompt text: raw, or with --chat the user message.
     #[arg(long, required_unless_present = "chat_file")]
     prompt: Option<String>,
@@ -148,6 +151,9 @@ enum EvalCmd {
         /// UTF-8 text file.
         #[arg(long)]
         text_file: PathBuf,
+        /// A PEFT LoRA adapter directory to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -222,12 +228,15 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Generate(args) => generate(args, cli.json)?,
         Cmd::Data { cmd } => data_cmd::run(cmd, cli.json)?,
         Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::sft(args, cli.json)?,
-        Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, device, dtype, window, stride, batch } } => {
+        Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, device, dtype, window, stride, batch } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
-            let ids = Tokenizer::from_dir(model)?.encode(&text)?;
-            let m = ferrotune_core::load_model(model, ferrotune_core::parse_dtype(dtype)?, ferrotune_core::parse_device(device)?)?;
+            let mut b = ferrotune_core::ModelBundle::load(model, ferrotune_core::parse_dtype(dtype)?, ferrotune_core::parse_device(device)?)?;
+            if let Some(ad) = adapter {
+                b.attach_adapter(ad)?;
+            }
+            let ids = b.tokenizer.encode(&text)?;
             let opts = ferrotune_core::PerplexityOptions { window: *window, stride: *stride, batch: *batch };
-            let p = ferrotune_core::perplexity(&m, &ids, opts)?;
+            let p = ferrotune_core::perplexity(&b.model, &ids, opts)?;
             if cli.json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {
@@ -242,7 +251,10 @@ fn generate(a: &GenerateArgs, json_out: bool) -> Result<()> {
     use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingParams};
     use std::io::Write;
 
-    let bundle = ModelBundle::load(&a.model, ferrotune_core::parse_dtype(&a.dtype)?, ferrotune_core::parse_device(&a.device)?)?;
+    let mut bundle = ModelBundle::load(&a.model, ferrotune_core::parse_dtype(&a.dtype)?, ferrotune_core::parse_device(&a.device)?)?;
+    if let Some(ad) = &a.adapter {
+        bundle.attach_adapter(ad)?;
+    }
     let (prompt_ids, template) = if let Some(f) = &a.chat_file {
         let messages = ferrotune_core::bundle::read_chat_file(f)?;
         (bundle.chat_prompt(&messages)?, Some(bundle.template.origin()))

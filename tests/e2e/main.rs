@@ -4,4 +4,5 @@
 mod cli_errors;
 mod data;
 mod generation;
+mod sft;
 mod smollm2;

@@ -38,6 +38,21 @@ impl ModelBundle {
         Ok(Self { dir: dir.to_path_buf(), model, tokenizer, template, defaults })
     }
 
+    /// Attaches a PEFT LoRA adapter. When the adapter was trained by ferrotune on an NF4 base (QLoRA,
+    /// recorded in its `ferrotune_train.json`), the base is quantized the same way first, so inference sees
+    /// the weights the adapter was trained against.
+    pub fn attach_adapter(&mut self, adapter: &Path) -> Result<()> {
+        let info = adapter.join("ferrotune_train.json");
+        if let Ok(text) = std::fs::read_to_string(&info) {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::format(&info, e.to_string()))?;
+            if v["base_quantization"] == "nf4" {
+                self.model.quantize_nf4()?;
+            }
+        }
+        crate::lora::load_peft(&mut self.model, adapter)?;
+        Ok(())
+    }
+
     /// Prompt ids of a chat, rendered with the model's template and ending with the assistant's turn
     /// opener (as `apply_chat_template(messages, add_generation_prompt=True)`).
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {

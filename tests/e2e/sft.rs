@@ -1,0 +1,121 @@
+//! Supervised fine-tuning end to end on SmolLM2 through the CLI: the learning proof (a persona the base
+//! model does not follow, learned with LoRA and with QLoRA, measured on held-out questions), and a run
+//! killed with SIGKILL then resumed, which must end with the same adapter as an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingParams};
+use ferrotune_tests::{ferrotune_bin, run_cli, smollm2_dir};
+use tch::{Device, Kind};
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
+/// Fraction of held-out questions whose greedy answer starts with "Ahoy!" (and the answers).
+fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {
+    let mut b = ModelBundle::load(&smollm2_dir(), Kind::Float, Device::Cpu).unwrap();
+    if let Some(a) = adapter {
+        b.attach_adapter(a).unwrap();
+    }
+    let held = std::fs::read_to_string(repo("recipes/data/pirate-eval.jsonl")).unwrap();
+    let prompts: Vec<Vec<u32>> = held
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            b.chat_prompt(&[Message::new("user", v["messages"][0]["content"].as_str().unwrap())]).unwrap()
+        })
+        .collect();
+    let o = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::default(), seed: 0, eos_ids: b.defaults.eos_ids.clone(), stop_strings: vec![], pad_id: b.defaults.pad_id };
+    let out = generate(&b.model, &b.tokenizer, &prompts, &o, &mut |_| {}).unwrap();
+    let texts: Vec<String> = out.into_iter().map(|g| g.text).collect();
+    let ok = texts.iter().filter(|t| t.trim_start().starts_with("Ahoy!")).count();
+    (ok as f64 / texts.len() as f64, texts)
+}
+
+fn train(out: &Path, extra: &[&str]) {
+    let recipe = repo("recipes/lora-sft.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let mut args = vec!["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--json"];
+    args.extend(extra);
+    let o = run_cli(&args);
+    assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn smollm2_sft_lora_and_qlora_learn_a_held_out_persona() {
+    let (before, texts) = compliance(None);
+    println!("base model: {:.0}% of held-out answers start with \"Ahoy!\" (e.g. {:?})", before * 100.0, texts[0]);
+    assert!(before <= 0.125, "the base model should not follow the persona: {texts:?}");
+    let t = tempfile::tempdir().unwrap();
+    let lora = t.path().join("lora");
+    train(&lora, &["--max-steps", "30"]);
+    let (after, texts) = compliance(Some(&lora));
+    println!("LoRA (all-linear, r=8, 30 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
+    assert!(after >= 0.875, "LoRA: {texts:?}");
+    let qlora = t.path().join("qlora");
+    train(&qlora, &["--max-steps", "30", "--set", "adapter.method=qlora"]);
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(qlora.join("ferrotune_train.json")).unwrap()).unwrap();
+    assert_eq!(info["base_quantization"], "nf4");
+    let (after_q, texts) = compliance(Some(&qlora));
+    println!("QLoRA (NF4 base, all-linear, r=8, 30 steps): {:.0}% (e.g. {:?})", after_q * 100.0, texts[0]);
+    assert!(after_q >= 0.875, "QLoRA: {texts:?}");
+    // The adapter is in PEFT's layout and the metrics log covers every step.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_i64()), (Some("LORA"), Some(8)));
+    assert_eq!(std::fs::read_to_string(lora.join("metrics.jsonl")).unwrap().lines().count(), 30);
+}
+
+#[test]
+fn smollm2_sft_killed_with_sigkill_and_resumed_equals_uninterrupted() {
+    let t = tempfile::tempdir().unwrap();
+    let small = ["--max-steps", "8", "--set", "training.save_steps=2", "--set", "training.micro_batch_size=1", "--set", "training.warmup_steps=0"];
+    let full = t.path().join("full");
+    train(&full, &small);
+    let resumed = t.path().join("resumed");
+    let recipe = repo("recipes/lora-sft.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let mut args = vec!["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", resumed.to_str().unwrap(), "--set", &data, "--json"];
+    args.extend(small);
+    let mut child = Command::new(ferrotune_bin()).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let ckpt = resumed.join("checkpoints/step-00000004");
+    let start = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(start.elapsed().as_secs() < 300, "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!resumed.join("checkpoints/step-00000008").exists(), "killed too late to test anything");
+    args.push("--resume");
+    let o = run_cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "the resumed run's adapter differs from the uninterrupted run's");
+}
+
+#[test]
+fn smollm2_sft_bad_recipes_are_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(repo("recipes/lora-sft.yaml")).unwrap();
+    let cases = [
+        (base.replace("learning_rate: 1.0e-3", "lerning_rate: 1.0e-3"), "unknown field `lerning_rate`"),
+        (base.replace("r: 8", "r: 0"), "LoRA r must be positive"),
+        (base.replace("learning_rate: 1.0e-3", "learning_rate: -1.0"), "learning_rate"),
+        (base.replace("recipes/data/pirate-train.jsonl", "/nonexistent/data.jsonl"), "/nonexistent/data.jsonl"),
+        (base.replace("method: lora", "method: magic"), "adapter.method `magic`"),
+        (base.replace("format: messages", "format: poetry"), "unknown variant `poetry`"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let p = t.path().join(format!("r{i}.yaml"));
+        std::fs::write(&p, text).unwrap();
+        let o = run_cli(&["train", "sft", "--recipe", p.to_str().unwrap(), "--output-dir", t.path().join("o").to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle) && err.trim_end().lines().count() == 1, "case {i}: {err}");
+    }
+    let o = run_cli(&["train", "sft", "--recipe", "/nonexistent/recipe.yaml"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/recipe.yaml"));
+}
