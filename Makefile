@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test demo bench fixtures clean-cache
+.PHONY: target-link all libtorch build build-cuda test demo bench bench-train fixtures clean-cache
 
 all: build
 
@@ -42,6 +42,10 @@ demo: build
 # Generation throughput vs HF transformers (HF side only where a dev Python with transformers exists).
 bench: libtorch target-link
 	$(CARGO) bench --locked -p ferrotune-core --bench generation
+
+# Training throughput and peak RSS vs HF PEFT (HF side only where a dev Python with peft exists).
+bench-train: libtorch target-link
+	$(CARGO) bench --locked -p ferrotune-core --bench training
 
 # Dev only: regenerates the tiny-model fixtures with HF transformers (see tests/fixtures/README.md).
 fixtures:

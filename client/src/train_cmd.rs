@@ -96,7 +96,7 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
         serde_json::to_string_pretty(&json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
             "chat_template": template.origin(), "dataset": dataset, "train_examples": train_set.len(), "eval_examples": eval_set.len()}))?,
     )?;
-    let objective = SftObjective { pad_id, chunk: r.training.loss_chunk_tokens as i64 };
+    let objective = SftObjective::new(pad_id, &r.training);
     let state = LoraState { cfg: lcfg, base_model: model_dir.display().to_string() };
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
     let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };

@@ -295,6 +295,24 @@ impl DecoderLayer {
         })
     }
 
+    fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    /// The dropout stream positions of this layer's adapters (to replay the same masks on recompute).
+    fn dropout_states(&self) -> Vec<u64> {
+        self.linears().iter().map(|l| l.lora.as_ref().map_or(0, |a| a.dropout_state.get())).collect()
+    }
+
+    fn set_dropout_states(&self, states: &[u64]) {
+        for (l, &s) in self.linears().iter().zip(states) {
+            if let Some(a) = &l.lora {
+                a.dropout_state.set(s);
+            }
+        }
+    }
+
     fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>, cache: Option<(&mut LayerKv, i64)>) -> Result<Tensor> {
         let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache)?)?;
         Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
@@ -413,6 +431,59 @@ impl CausalLm {
             c.len = total;
         }
         self.norm.forward(&h)
+    }
+
+    /// Forward and backward with per-layer recomputation (gradient checkpointing): the layers run once
+    /// without building a graph, keeping only each layer's input; `loss_backward` gets the final hidden
+    /// states (attached to a leaf) and must backpropagate its loss into them; then each layer, last to first,
+    /// is recomputed with gradients and backpropagated alone. Peak memory holds one layer's graph instead of
+    /// all of them, at the cost of one more forward pass. Adapter dropout replays the same masks. Only
+    /// adapters (not embeddings or norms) may be trainable.
+    ///
+    /// # Shapes
+    /// `input_ids`, `attention_mask`: `[b, s]`; `loss_backward` receives `[b, s, hidden]`.
+    pub fn forward_backward_checkpointed<T>(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_backward: impl FnOnce(&Tensor) -> Result<T>,
+    ) -> Result<T> {
+        let (b, s) = input_ids.size2()?;
+        let dev = self.device();
+        let (rot, attn_mask, mut h) = tch::no_grad(|| -> Result<_> {
+            let ids = input_ids.f_to_device(dev)?;
+            let mask = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Bool)).transpose()?;
+            let positions = match &mask {
+                Some(m) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?,
+                None => Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
+            };
+            let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
+            let attn_mask = self.attention_mask(mask.as_ref(), b, s, 0)?;
+            Ok((rot, attn_mask, Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?))
+        })?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let states = layer.dropout_states();
+            let out = tch::no_grad(|| layer.forward(&h, &rot, attn_mask.as_ref(), None))?;
+            inputs.push((std::mem::replace(&mut h, out), states));
+        }
+        let leaf = h.f_detach()?.f_set_requires_grad(true)?;
+        let result = loss_backward(&self.norm.forward(&leaf)?)?;
+        let mut grad = leaf.grad();
+        if !grad.defined() {
+            return Ok(result);
+        }
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let (x, states) = inputs.pop().expect("one input per layer");
+            layer.set_dropout_states(&states);
+            let x = if i > 0 { x.f_detach()?.f_set_requires_grad(true)? } else { x };
+            let out = layer.forward(&x, &rot, attn_mask.as_ref(), None)?;
+            out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+            if i > 0 {
+                grad = x.grad();
+            }
+        }
+        Ok(result)
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` tokens, in the model's kind and device.

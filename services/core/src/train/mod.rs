@@ -86,6 +86,9 @@ pub struct TrainConfig {
     pub save_total_limit: usize,
     /// Rows of logits computed at once in the loss.
     pub loss_chunk_tokens: usize,
+    /// Recompute each decoder layer during the backward pass (one layer's activations in memory at a
+    /// time instead of all of them; one extra forward pass).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -106,7 +109,8 @@ impl Default for TrainConfig {
             eval_steps: 0,
             save_steps: 0,
             save_total_limit: 2,
-            loss_chunk_tokens: 1024,
+            loss_chunk_tokens: 256,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -34,10 +34,17 @@ pub struct SftObjective {
     pub pad_id: u32,
     /// Rows of logits per chunk in the loss.
     pub chunk: i64,
+    /// Recompute each layer in the backward pass instead of keeping all activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl SftObjective {
-    fn collate(&self, model: &CausalLm, batch: &[&SftExample]) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The objective with the loop's loss chunking and checkpointing settings.
+    pub fn new(pad_id: u32, cfg: &super::TrainConfig) -> Self {
+        Self { pad_id, chunk: cfg.loss_chunk_tokens as i64, gradient_checkpointing: cfg.gradient_checkpointing }
+    }
+
+    fn collate(&self, model: &CausalLm, batch: &[&SftExample]) -> Result<(Tensor, Option<Tensor>, Tensor)> {
         let len = batch.iter().map(|e| e.input_ids.len()).max().unwrap_or(1);
         let b = batch.len();
         let mut ids = vec![self.pad_id as i64; b * len];
@@ -52,9 +59,13 @@ impl SftObjective {
         }
         let dev = model.device();
         let shape = [b as i64, len as i64];
+        // Without padding the model can use plain causal attention (libtorch's fused kernel, which never
+        // materialises the [b, heads, s, s] attention matrix); with padding it needs the explicit mask.
+        let padded = batch.iter().any(|e| e.input_ids.len() != len);
+        let mask = if padded { Some(Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(dev)?) } else { None };
         Ok((
             Tensor::f_from_slice(&ids)?.f_view(shape)?.f_to_device(dev)?,
-            Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(dev)?,
+            mask,
             Tensor::f_from_slice(&labels)?.f_view(shape)?.f_to_kind(Kind::Int64)?,
         ))
     }
@@ -69,14 +80,17 @@ impl Objective for SftObjective {
 
     fn backward(&self, model: &CausalLm, batch: &[&SftExample], scale: f64) -> Result<LossSum> {
         let (ids, mask, labels) = self.collate(model, batch)?;
-        let hidden = model.forward_hidden(&ids, Some(&mask), None)?;
+        if self.gradient_checkpointing {
+            return model.forward_backward_checkpointed(&ids, mask.as_ref(), |hidden| causal_lm_loss_backward(model, hidden, &labels, scale, self.chunk));
+        }
+        let hidden = model.forward_hidden(&ids, mask.as_ref(), None)?;
         causal_lm_loss_backward(model, &hidden, &labels, scale, self.chunk)
     }
 
     fn eval(&self, model: &CausalLm, batch: &[&SftExample]) -> Result<LossSum> {
         let _guard = tch::no_grad_guard();
         let (ids, mask, labels) = self.collate(model, batch)?;
-        let hidden = model.forward_hidden(&ids, Some(&mask), None)?;
+        let hidden = model.forward_hidden(&ids, mask.as_ref(), None)?;
         causal_lm_loss(model, &hidden, &labels, self.chunk)
     }
 }

@@ -1,0 +1,45 @@
+"""Dev-only side of the training benchmark: HF PEFT LoRA (or QLoRA via bitsandbytes, where it runs on the
+CPU) training steps on SmolLM2, same shapes as ferrotune's bench. Prints one JSON object
+{"tokens_per_s": x, "peak_rss_mb": y}. Run once per setting, in its own process, so peak RSS is per setting.
+
+Usage: python scripts/bench_hf_train.py MODEL_DIR TARGETS(qv|all) METHOD(lora|qlora) BATCH SEQ STEPS
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+
+def main():
+    model_dir, targets, method, batch, seq, steps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+    kw = {}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kw)
+    tm = ["q_proj", "v_proj"] if targets == "qv" else "all-linear"
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=tm, task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 49152, (batch, seq), generator=g)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens_per_s": batch * seq * len(times) / sum(times), "peak_rss_mb": rss}))
+
+
+if __name__ == "__main__":
+    main()
