@@ -24,3 +24,14 @@ trap 'rm -f "$sample" "$shuffled"' EXIT
 tr ' ' '\n' < "$sample" | shuf --random-source=<(yes) | tr '\n' ' ' > "$shuffled"
 echo "== the same words shuffled (a real model must find this much less likely)"
 "$ft" eval perplexity --model "$model" --text-file "$shuffled"
+
+echo
+echo "== ferrotune train sft --recipe recipes/lora-sft.yaml (LoRA, 30 steps on the pirate persona)"
+run=$(mktemp -d)
+trap 'rm -f "$sample" "$shuffled"; rm -rf "$run"' EXIT
+"$ft" train sft --recipe recipes/lora-sft.yaml --output-dir "$run/lora" --max-steps 30
+q="What is the capital of Egypt?"
+echo "== before: ferrotune generate --chat --prompt \"$q\""
+"$ft" generate --model "$model" --chat --prompt "$q" --max-new-tokens 32
+echo "== after:  ferrotune generate --adapter <run> --chat --prompt \"$q\""
+"$ft" generate --model "$model" --adapter "$run/lora" --chat --prompt "$q" --max-new-tokens 32
