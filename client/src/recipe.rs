@@ -72,6 +72,17 @@ fn qv() -> serde_yaml::Value {
     serde_yaml::Value::Sequence(vec!["q_proj".into(), "v_proj".into()])
 }
 
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// LoRA adapters on a dense base.
+    Lora,
+    /// LoRA adapters on an NF4 base.
+    Qlora,
+    /// Every weight; the output is a HF model dir.
+    Full,
+}
+
 /// Raw data to format, or a dataset directory made by `ferrotune data format`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,13 +127,14 @@ impl AdapterSpec {
         Ok(cfg)
     }
 
-    /// Whether the base is stored in NF4.
-    pub(crate) fn qlora(&self) -> Result<bool> {
+    /// The training method.
+    pub(crate) fn method(&self) -> Result<Method> {
         match self.method.as_str() {
-            "lora" => Ok(false),
-            "qlora" => Ok(true),
-            "full" | "prompt-tuning" => bail!("adapter.method `{}` is not supported yet (lora, qlora)", self.method),
-            other => bail!("adapter.method `{other}` is unknown (lora, qlora)"),
+            "lora" => Ok(Method::Lora),
+            "qlora" => Ok(Method::Qlora),
+            "full" => Ok(Method::Full),
+            "prompt-tuning" => bail!("adapter.method `prompt-tuning` is not supported yet (lora, qlora, full)"),
+            other => bail!("adapter.method `{other}` is unknown (lora, qlora, full)"),
         }
     }
 }
@@ -153,8 +165,9 @@ pub(crate) fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
     }
     let r: SftRecipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
-    r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
-    r.adapter.qlora().with_context(|| format!("{}", path.display()))?;
+    if r.adapter.method().with_context(|| format!("{}", path.display()))? != Method::Full {
+        r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
+    }
     match (&r.data.path, &r.data.dataset, &r.data.format) {
         (Some(_), None, Some(_)) | (None, Some(_), _) => {}
         (Some(_), None, None) => bail!("{}: data.format is required with data.path", path.display()),

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use ferrotune_core::train::full::FullState;
 use ferrotune_core::train::sft::{LoraState, SftObjective};
 use ferrotune_core::train::{train, Run};
 use ferrotune_core::{registry, ChatTemplate};
@@ -76,15 +77,22 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
     let mut model = ferrotune_core::load_model(&model_dir, kind, device)?;
-    let qlora = r.adapter.qlora()?;
+    let method = r.adapter.method()?;
+    let qlora = method == recipe::Method::Qlora;
     if qlora {
         let (before, after) = model.quantize_nf4()?;
         if !json_out {
             eprintln!("qlora: decoder linear weights {:.1} MB → {:.1} MB in NF4", before as f64 / 1e6, after as f64 / 1e6);
         }
     }
-    let lcfg = r.adapter.lora()?;
-    model.add_lora(&lcfg, r.training.seed)?;
+    let state: Box<dyn ferrotune_core::train::TrainableState> = if method == recipe::Method::Full {
+        FullState::prepare(&mut model)?;
+        Box::new(FullState { base_dir: model_dir.clone() })
+    } else {
+        let lcfg = r.adapter.lora()?;
+        model.add_lora(&lcfg, r.training.seed)?;
+        Box::new(LoraState { cfg: lcfg, base_model: model_dir.display().to_string() })
+    };
     let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
     let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
     // Provenance beside the adapter: the template used for the data, the resolved recipe.
@@ -97,9 +105,8 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
             "chat_template": template.origin(), "dataset": dataset, "train_examples": train_set.len(), "eval_examples": eval_set.len()}))?,
     )?;
     let objective = SftObjective::new(pad_id, &r.training);
-    let state = LoraState { cfg: lcfg, base_model: model_dir.display().to_string() };
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
-    let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+    let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: state.as_ref(), cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
     let bar = (!json_out).then(|| {
         let b = indicatif::ProgressBar::new(r.training.max_steps as u64);
         b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"));
@@ -121,7 +128,11 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
     )?;
     if let Some(b) = bar {
         b.finish();
-        println!("adapter (PEFT format) in {}", out.display());
+        if method == recipe::Method::Full {
+            println!("fine-tuned model (HF layout) in {}", out.display());
+        } else {
+            println!("adapter (PEFT format) in {}", out.display());
+        }
     } else {
         println!("{}", serde_json::to_string(&json!({"done": true, "output_dir": out, "final_loss": summary.final_loss, "final_eval_loss": summary.final_eval_loss, "step": summary.position.step}))?);
     }

@@ -15,7 +15,11 @@ fn repo(p: &str) -> PathBuf {
 
 /// Fraction of held-out questions whose greedy answer starts with "Ahoy!" (and the answers).
 fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {
-    let mut b = ModelBundle::load(&smollm2_dir(), Kind::Float, Device::Cpu).unwrap();
+    compliance_of(&smollm2_dir(), adapter)
+}
+
+fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<String>) {
+    let mut b = ModelBundle::load(model, Kind::Float, Device::Cpu).unwrap();
     if let Some(a) = adapter {
         b.attach_adapter(a).unwrap();
     }
@@ -118,4 +122,17 @@ fn smollm2_sft_bad_recipes_are_clear_errors() {
     }
     let o = run_cli(&["train", "sft", "--recipe", "/nonexistent/recipe.yaml"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/recipe.yaml"));
+}
+
+#[test]
+fn smollm2_sft_full_fine_tuning_writes_a_model_that_learned() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("full");
+    train(&out, &["--max-steps", "10", "--set", "adapter.method=full", "--set", "training.learning_rate=5e-5"]);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join(f).exists(), "{f} missing from the fine-tuned model dir");
+    }
+    let (after, texts) = compliance_of(&out, None);
+    println!("full fine-tuning (10 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
+    assert!(after >= 0.75, "full fine-tuning: {texts:?}");
 }

@@ -10,6 +10,7 @@
 //! same computation as an uninterrupted one.
 
 pub mod checkpoint;
+pub mod full;
 pub mod loss;
 pub mod optim;
 pub mod schedule;

@@ -1,0 +1,85 @@
+//! Full fine-tuning: every weight of the model is trained and the result is saved as a Hugging Face model
+//! directory (config, tokenizer and template copied from the base), loadable by transformers and by
+//! [`crate::models::load_model`]. Needs dense weights (not NF4).
+
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use super::TrainableState;
+use crate::error::{CoreError, Result};
+use crate::models::decoder::BaseWeight;
+use crate::models::CausalLm;
+use crate::weights::{save_safetensors, WeightFiles};
+
+impl CausalLm {
+    /// Every weight under its HF name (shallow handles: same storage, same autograd leaf). A tied lm_head
+    /// is listed once, as the embedding. Errors if a layer is stored in NF4.
+    pub fn named_weights(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_owned(), self.embed_tokens.shallow_clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
+        }
+        for (path, lin) in self.linears_mut() {
+            match &lin.base {
+                BaseWeight::Dense(w) => out.push((format!("{path}.weight"), w.shallow_clone())),
+                BaseWeight::Nf4 { .. } => return Err(CoreError::InvalidArgument(format!("{path} is stored in NF4: full fine-tuning needs dense weights"))),
+            }
+            if let Some(b) = &lin.bias {
+                out.push((format!("{path}.bias"), b.shallow_clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_owned(), self.norm.weight.shallow_clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_owned(), self.lm_head.shallow_clone()));
+        }
+        Ok(out)
+    }
+}
+
+/// All weights trainable; saved as a HF model dir.
+pub struct FullState {
+    /// The base model directory (config, tokenizer and template are copied from it).
+    pub base_dir: PathBuf,
+}
+
+impl FullState {
+    /// Makes every weight of `model` a trainable leaf.
+    pub fn prepare(model: &mut CausalLm) -> Result<()> {
+        for (_, t) in model.named_weights()? {
+            let _ = t.f_set_requires_grad(true)?;
+        }
+        Ok(())
+    }
+}
+
+const COPIED: &[&str] = &["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
+
+impl TrainableState for FullState {
+    fn params(&self, model: &mut CausalLm) -> Vec<(String, Tensor)> {
+        model.named_weights().unwrap_or_default()
+    }
+
+    fn save(&self, model: &mut CausalLm, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        save_safetensors(&dir.join("model.safetensors"), &model.named_weights()?)?;
+        for f in COPIED {
+            let src = self.base_dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, dir.join(f)).map_err(|e| CoreError::io(&src, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self, model: &mut CausalLm, dir: &Path) -> Result<()> {
+        let files = WeightFiles::open_files(&[dir.join("model.safetensors")])?;
+        let _guard = tch::no_grad_guard();
+        for (name, mut t) in model.named_weights()? {
+            let w = files.load(&name, &t.size(), t.kind(), t.device())?;
+            t.f_copy_(&w)?;
+        }
+        Ok(())
+    }
+}
