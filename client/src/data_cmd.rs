@@ -57,6 +57,9 @@ pub(crate) enum DataCmd {
         /// Fail on the first bad record (default: skip and count).
         #[arg(long)]
         strict: bool,
+        /// Pack several samples per row of --max-seq-len tokens (no attention across samples).
+        #[arg(long)]
+        pack: bool,
     },
     /// Show rendered samples with the trained tokens in [[double brackets]].
     Preview {
@@ -70,7 +73,7 @@ pub(crate) enum DataCmd {
 
 pub(crate) fn run(cmd: &DataCmd, json_out: bool) -> Result<()> {
     match cmd {
-        DataCmd::Format { src, out, max_seq_len, eval_fraction, seed, strict } => {
+        DataCmd::Format { src, out, max_seq_len, eval_fraction, seed, strict, pack } => {
             let opts = BuildOptions {
                 inputs: src.input.clone(),
                 format: src.format,
@@ -81,6 +84,7 @@ pub(crate) fn run(cmd: &DataCmd, json_out: bool) -> Result<()> {
                 eval_fraction: *eval_fraction,
                 seed: *seed,
                 strict: *strict,
+                pack: *pack,
             };
             let stats = build(&opts, out)?;
             if json_out {

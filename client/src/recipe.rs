@@ -105,6 +105,9 @@ pub(crate) struct DataSpec {
     /// Held-out fraction.
     #[serde(default)]
     pub eval_fraction: f64,
+    /// Pack several samples per row (no attention across samples).
+    #[serde(default)]
+    pub pack: bool,
 }
 
 fn max_len() -> usize {

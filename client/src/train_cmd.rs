@@ -62,6 +62,7 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
                     eval_fraction: r.data.eval_fraction,
                     seed: r.training.seed,
                     strict: false,
+                    pack: r.data.pack,
                 },
                 &d,
             )?;

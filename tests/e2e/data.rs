@@ -114,7 +114,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn opts(inputs: Vec<std::path::PathBuf>, format: Format) -> BuildOptions {
-    BuildOptions { inputs, format, columns: Columns::new(), model: smollm2_dir(), mask: MaskMode::Assistant, max_seq_len: 512, eval_fraction: 0.0, seed: 1, strict: false }
+    BuildOptions { inputs, format, columns: Columns::new(), model: smollm2_dir(), mask: MaskMode::Assistant, max_seq_len: 512, eval_fraction: 0.0, seed: 1, strict: false, pack: false }
 }
 
 #[test]
@@ -189,4 +189,23 @@ fn smollm2_cli_data_format_and_preview() {
     let o = run_cli(&["data", "format", "--input", bad.to_str().unwrap(), "--format", "messages", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--strict"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("bad.jsonl:1:"), "{err}");
+}
+
+#[test]
+fn smollm2_data_packing_keeps_every_trained_token() {
+    let t = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (1..=12).map(|i| format!("{{\"instruction\": \"Say {i}\", \"output\": \"{i}\"}}")).collect();
+    let input = write(t.path(), "p.jsonl", &lines.join("\n"));
+    let plain = build(&opts(vec![input.clone()], Format::Alpaca), &t.path().join("plain")).unwrap();
+    let mut o = opts(vec![input], Format::Alpaca);
+    o.pack = true;
+    o.max_seq_len = 128;
+    let packed = build(&o, &t.path().join("packed")).unwrap();
+    let rows = load_split(&t.path().join("packed"), "train").unwrap();
+    assert_eq!(packed.packed_rows, rows.len());
+    assert!(rows.len() < 12 && rows.iter().all(|r| r.input_ids.len() <= 128 && r.segment_ids.len() == r.input_ids.len()));
+    let samples: usize = rows.iter().map(|r| *r.segment_ids.last().unwrap() as usize).sum();
+    assert_eq!(samples, 12);
+    // every trained token survives except none: the first token of a sample is never trained anyway
+    assert_eq!(rows.iter().map(|r| r.trained_tokens()).sum::<usize>(), plain.trained_tokens);
 }

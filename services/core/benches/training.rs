@@ -105,7 +105,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
                     3 + ((x >> 33) % 49149) as u32
                 })
                 .collect();
-            SftExample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids }
+            SftExample::new(ids.clone(), ids.iter().map(|&i| i as i64).collect())
         })
         .collect();
     let cfg = TrainConfig { max_steps: STEPS + 1, micro_batch_size: BATCH, gradient_accumulation_steps: 1, learning_rate: 1e-4, gradient_checkpointing: gc, ..TrainConfig::default() };

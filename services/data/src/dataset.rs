@@ -2,7 +2,7 @@
 //!
 //! On-disk format (`ferrotune data format --out DIR`):
 //! - `train.jsonl`, `eval.jsonl`: one example per line, `{"input_ids": [...], "labels": [...]}` (labels −100
-//!   where not trained), or for preference data `{"chosen_input_ids", "chosen_labels", "rejected_input_ids",
+//!   where not trained; packed rows add `"segment_ids"`, the 1-based sample of each token), or for preference data `{"chosen_input_ids", "chosen_labels", "rejected_input_ids",
 //!   "rejected_labels"}`;
 //! - `stats.json`: counts (samples, tokens, trained tokens, truncated, dropped by reason, first errors);
 //! - `dataset_info.json`: how it was made (format, mask, max_seq_len, seed, model dir, template origin);
@@ -45,6 +45,8 @@ pub struct BuildOptions {
     pub seed: u64,
     /// Fail on the first bad record instead of skipping it.
     pub strict: bool,
+    /// Pack several samples into each row of up to `max_seq_len` tokens (no attention across samples).
+    pub pack: bool,
 }
 
 /// Counts reported in `stats.json`.
@@ -62,6 +64,8 @@ pub struct Stats {
     pub trained_tokens: usize,
     /// Examples cut to max_seq_len.
     pub truncated: usize,
+    /// Rows written when packing (train + eval); 0 without packing.
+    pub packed_rows: usize,
     /// Records dropped, by reason.
     pub dropped: BTreeMap<String, usize>,
     /// The first errors, `file:line: reason`.
@@ -75,8 +79,11 @@ pub struct DatasetInfo {
     pub format: Format,
     /// Mask mode.
     pub mask: MaskMode,
-    /// Truncation length.
+    /// Truncation (and packing) length.
     pub max_seq_len: usize,
+    /// Whether rows are packed.
+    #[serde(default)]
+    pub pack: bool,
     /// Shuffle seed.
     pub seed: u64,
     /// Model directory whose tokenizer and template were used.
@@ -144,8 +151,15 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     let n_eval = if opts.eval_fraction > 0.0 { n_eval.clamp(1, examples.len().saturating_sub(1)) } else { 0 };
     let (eval, train) = examples.split_at(n_eval);
     std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
-    write_split(&out.join("train.jsonl"), train)?;
-    write_split(&out.join("eval.jsonl"), eval)?;
+    if opts.pack {
+        let (tr, ev) = (pack(train, opts.max_seq_len)?, pack(eval, opts.max_seq_len)?);
+        stats.packed_rows = tr.len() + ev.len();
+        write_rows(&out.join("train.jsonl"), &tr)?;
+        write_rows(&out.join("eval.jsonl"), &ev)?;
+    } else {
+        write_split(&out.join("train.jsonl"), train)?;
+        write_split(&out.join("eval.jsonl"), eval)?;
+    }
     stats.train = train.len();
     stats.eval = eval.len();
     for t in &examples {
@@ -158,6 +172,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
         format: opts.format,
         mask: opts.mask,
         max_seq_len: opts.max_seq_len,
+        pack: opts.pack,
         seed: opts.seed,
         model: opts.model.clone(),
         chat_template: template.origin(),
@@ -194,6 +209,41 @@ fn fit(mut t: TokenizedSample, max: usize, truncated: &mut usize) -> std::result
     Ok(t)
 }
 
+/// Greedy packing in dataset order: a row takes samples while they fit in `max` tokens.
+fn pack(examples: &[TokenizedSample], max: usize) -> Result<Vec<SftExample>> {
+    let mut rows = Vec::new();
+    let mut cur: Vec<SftExample> = Vec::new();
+    let mut len = 0;
+    let flush = |cur: &mut Vec<SftExample>, rows: &mut Vec<SftExample>| {
+        if !cur.is_empty() {
+            rows.push(SftExample::pack(&cur.iter().collect::<Vec<_>>()));
+            cur.clear();
+        }
+    };
+    for t in examples {
+        let TokenizedSample::Single(s) = t else {
+            return Err(DataError::InvalidArgument("preference pairs cannot be packed".into()));
+        };
+        if len + s.input_ids.len() > max {
+            flush(&mut cur, &mut rows);
+            len = 0;
+        }
+        len += s.input_ids.len();
+        cur.push(SftExample::new(s.input_ids.clone(), s.labels.clone()));
+    }
+    flush(&mut cur, &mut rows);
+    Ok(rows)
+}
+
+fn write_rows(path: &Path, rows: &[SftExample]) -> Result<()> {
+    let mut buf = Vec::new();
+    for r in rows {
+        let line = serde_json::json!({"input_ids": r.input_ids, "labels": r.labels, "segment_ids": r.segment_ids});
+        writeln!(buf, "{line}").expect("writing to a Vec");
+    }
+    Ok(ferrotune_core::weights::write_atomically(path, &buf)?)
+}
+
 fn write_split(path: &Path, examples: &[TokenizedSample]) -> Result<()> {
     let mut buf = Vec::new();
     for t in examples {
@@ -217,6 +267,8 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
     struct Line {
         input_ids: Vec<u32>,
         labels: Vec<i64>,
+        #[serde(default)]
+        segment_ids: Vec<u32>,
     }
     text.lines()
         .enumerate()
@@ -224,10 +276,10 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
         .map(|(i, l)| {
             let bad = |reason: String| DataError::Record { file: path.clone(), line: i + 1, reason };
             let x: Line = serde_json::from_str(l).map_err(|e| bad(format!("not a tokenized SFT example: {e}")))?;
-            if x.input_ids.len() != x.labels.len() || x.input_ids.is_empty() {
-                return Err(bad(format!("{} ids but {} labels", x.input_ids.len(), x.labels.len())));
+            if x.input_ids.len() != x.labels.len() || x.input_ids.is_empty() || !(x.segment_ids.is_empty() || x.segment_ids.len() == x.input_ids.len()) {
+                return Err(bad(format!("{} ids, {} labels, {} segment ids", x.input_ids.len(), x.labels.len(), x.segment_ids.len())));
             }
-            Ok(SftExample { input_ids: x.input_ids, labels: x.labels })
+            Ok(SftExample { input_ids: x.input_ids, labels: x.labels, segment_ids: x.segment_ids })
         })
         .collect()
 }

@@ -407,21 +407,7 @@ impl CausalLm {
             }
         }
         let total = past + s;
-        let dev = self.device();
-        let ids = input_ids.f_to_device(dev)?;
-        let mask = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Bool)).transpose()?;
-        if let Some(m) = &mask {
-            if m.size() != [b, total] {
-                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, total], m.size())));
-            }
-        }
-        let positions = match (position_ids, &mask) {
-            (Some(p), _) => p.f_to_device(dev)?,
-            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?.f_narrow(1, past, s)?,
-            (None, None) => Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
-        };
-        let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
-        let attn_mask = self.attention_mask(mask.as_ref(), b, s, past)?;
+        let Prepared { ids, rot, mask: attn_mask } = self.prepare(input_ids, attention_mask, position_ids, past)?;
         let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
@@ -441,25 +427,17 @@ impl CausalLm {
     /// adapters (not embeddings or norms) may be trainable.
     ///
     /// # Shapes
-    /// `input_ids`, `attention_mask`: `[b, s]`; `loss_backward` receives `[b, s, hidden]`.
+    /// `input_ids`, `attention_mask`, `position_ids`: `[b, s]`; `loss_backward` receives `[b, s, hidden]`.
     pub fn forward_backward_checkpointed<T>(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
         loss_backward: impl FnOnce(&Tensor) -> Result<T>,
     ) -> Result<T> {
-        let (b, s) = input_ids.size2()?;
-        let dev = self.device();
         let (rot, attn_mask, mut h) = tch::no_grad(|| -> Result<_> {
-            let ids = input_ids.f_to_device(dev)?;
-            let mask = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Bool)).transpose()?;
-            let positions = match &mask {
-                Some(m) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?,
-                None => Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
-            };
-            let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
-            let attn_mask = self.attention_mask(mask.as_ref(), b, s, 0)?;
-            Ok((rot, attn_mask, Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?))
+            let p = self.prepare(input_ids, attention_mask, position_ids, 0)?;
+            Ok((p.rot, p.mask, Tensor::f_embedding(&self.embed_tokens, &p.ids, -1, false, false)?))
         })?;
         let mut inputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -513,11 +491,45 @@ impl CausalLm {
         Ok(h.f_linear::<Tensor>(&self.lm_head, None)?)
     }
 
-    /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, sliding window, or new tokens
-    /// after a cache, or `None` when plain causal attention (or, for one new token, attending to everything
-    /// cached) suffices. Every query may attend to itself, so rows of padding tokens are never empty (an
-    /// empty row would give NaN and, through the value matmul, poison real rows).
-    fn attention_mask(&self, pad: Option<&Tensor>, b: i64, s: i64, past: i64) -> Result<Option<Tensor>> {
+    /// Device ids, rotary tables and attention mask for a forward pass of `s` tokens after `past` cached ones.
+    ///
+    /// `attention_mask` holds 0 for padding and a positive value for real tokens; when values above 1 occur
+    /// it is a **segment** mask (packed sequences): tokens attend only to earlier tokens of the same segment,
+    /// and `position_ids` (restarting at 0 in every segment) must be given.
+    fn prepare(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>, past: i64) -> Result<Prepared> {
+        let (b, s) = input_ids.size2()?;
+        let total = past + s;
+        let dev = self.device();
+        let ids = input_ids.f_to_device(dev)?;
+        let raw = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Int64)).transpose()?;
+        if let Some(m) = &raw {
+            if m.size() != [b, total] {
+                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, total], m.size())));
+            }
+        }
+        let segments = match &raw {
+            Some(m) if m.f_max()?.f_int64_value(&[])? > 1 => Some(m.shallow_clone()),
+            _ => None,
+        };
+        if segments.is_some() && (past > 0 || position_ids.is_none()) {
+            return Err(CoreError::InvalidArgument("a segment (packing) mask needs explicit position_ids and no KV cache".into()));
+        }
+        let pad = raw.as_ref().map(|m| m.f_ne(0)).transpose()?;
+        let positions = match (position_ids, &pad) {
+            (Some(p), _) => p.f_to_device(dev)?,
+            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?.f_narrow(1, past, s)?,
+            (None, None) => Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
+        };
+        let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
+        let mask = self.attention_mask(pad.as_ref(), segments.as_ref(), b, s, past)?;
+        Ok(Prepared { ids, rot, mask })
+    }
+
+    /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, segments, sliding window, or new
+    /// tokens after a cache, or `None` when plain causal attention (or, for one new token, attending to
+    /// everything cached) suffices. Every query may attend to itself, so rows of padding tokens are never
+    /// empty (an empty row would give NaN and, through the value matmul, poison real rows).
+    fn attention_mask(&self, pad: Option<&Tensor>, segments: Option<&Tensor>, b: i64, s: i64, past: i64) -> Result<Option<Tensor>> {
         let total = past + s;
         let window_bites = self.cfg.sliding_window.is_some_and(|w| w < total);
         if pad.is_none() && !window_bites && (past == 0 || s == 1) {
@@ -534,9 +546,20 @@ impl CausalLm {
         if let Some(p) = pad {
             m = m.f_logical_and(&p.f_view([b, 1, 1, total])?)?;
         }
+        if let Some(seg) = segments {
+            // past == 0 here, so query i is key i: same segment on both sides.
+            m = m.f_logical_and(&seg.f_view([b, 1, s, 1])?.f_eq_tensor(&seg.f_view([b, 1, 1, total])?)?)?;
+        }
         let diag = q.f_eq_tensor(&k)?;
         Ok(Some(m.f_logical_or(&diag)?))
     }
+}
+
+/// What a forward pass needs besides the layers.
+struct Prepared {
+    ids: Tensor,
+    rot: Rotary,
+    mask: Option<Tensor>,
 }
 
 /// Keys and values of one layer for every cached position.
