@@ -38,7 +38,7 @@ impl ModelBundle {
         Ok(Self { dir: dir.to_path_buf(), model, tokenizer, template, defaults })
     }
 
-    /// Attaches a PEFT LoRA adapter. When the adapter was trained by ferrotune on an NF4 base (QLoRA,
+    /// Attaches a PEFT adapter (LoRA or prompt tuning). When the adapter was trained by ferrotune on an NF4 base (QLoRA,
     /// recorded in its `ferrotune_train.json`), the base is quantized the same way first, so inference sees
     /// the weights the adapter was trained against.
     pub fn attach_adapter(&mut self, adapter: &Path) -> Result<()> {
@@ -49,8 +49,7 @@ impl ModelBundle {
                 self.model.quantize_nf4()?;
             }
         }
-        crate::lora::load_peft(&mut self.model, adapter)?;
-        Ok(())
+        crate::prompt_tuning::load_adapter(&mut self.model, adapter)
     }
 
     /// Prompt ids of a chat, rendered with the model's template and ending with the assistant's turn

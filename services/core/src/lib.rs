@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod gguf_import;
 pub mod models;
 pub mod perplexity;
+pub mod prompt_tuning;
 pub mod registry;
 pub mod sampling;
 pub mod tokenizer;

@@ -332,6 +332,9 @@ pub struct CausalLm {
     pub norm: RmsNorm,
     /// `lm_head.weight` `[vocab, hidden]` (a view of the embedding when tied).
     pub lm_head: Tensor,
+    /// Prompt tuning: virtual token embeddings `[n, hidden]` (f32) prepended to every sequence
+    /// ([`crate::prompt_tuning`]). Outputs never include their positions.
+    pub prompt_embeddings: Option<Tensor>,
     inv_freq: Tensor,
 }
 
@@ -352,7 +355,7 @@ impl CausalLm {
             gemv_layout(vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?)?
         };
         let inv_freq = Tensor::f_from_slice(&inv_freq(&cfg))?.f_to_device(vb.device)?;
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, prompt_embeddings: None, inv_freq })
     }
 
     /// Device of the weights.
@@ -398,25 +401,23 @@ impl CausalLm {
             return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
         }
         let past = cache.as_ref().map_or(0, |c| c.len);
+        let Prepared { mut h, rot, mask: attn_mask, prefix } = self.prepare(input_ids, attention_mask, position_ids, past)?;
         if let Some(c) = &cache {
-            if c.batch != b || past + s > c.capacity {
+            if c.batch != b || past + prefix + s > c.capacity {
                 return Err(CoreError::InvalidArgument(format!(
                     "KV cache holds {} rows × {} positions ({} used); got {b} rows × {s} new tokens",
                     c.batch, c.capacity, c.len
                 )));
             }
         }
-        let total = past + s;
-        let Prepared { ids, rot, mask: attn_mask } = self.prepare(input_ids, attention_mask, position_ids, past)?;
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
             h = layer.forward(&h, &rot, attn_mask.as_ref(), kv)?;
         }
         if let Some(c) = cache {
-            c.len = total;
+            c.len = past + prefix + s;
         }
-        self.norm.forward(&h)
+        self.norm.forward(&h.f_narrow(1, prefix, s)?)
     }
 
     /// Forward and backward with per-layer recomputation (gradient checkpointing): the layers run once
@@ -435,10 +436,9 @@ impl CausalLm {
         position_ids: Option<&Tensor>,
         loss_backward: impl FnOnce(&Tensor) -> Result<T>,
     ) -> Result<T> {
-        let (rot, attn_mask, mut h) = tch::no_grad(|| -> Result<_> {
-            let p = self.prepare(input_ids, attention_mask, position_ids, 0)?;
-            Ok((p.rot, p.mask, Tensor::f_embedding(&self.embed_tokens, &p.ids, -1, false, false)?))
-        })?;
+        // Built with gradients: a prompt-tuning prefix must receive them through layer 0's input.
+        let Prepared { mut h, rot, mask: attn_mask, prefix } = self.prepare(input_ids, attention_mask, position_ids, 0)?;
+        let s = input_ids.size()[1];
         let mut inputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let states = layer.dropout_states();
@@ -446,7 +446,7 @@ impl CausalLm {
             inputs.push((std::mem::replace(&mut h, out), states));
         }
         let leaf = h.f_detach()?.f_set_requires_grad(true)?;
-        let result = loss_backward(&self.norm.forward(&leaf)?)?;
+        let result = loss_backward(&self.norm.forward(&leaf.f_narrow(1, prefix, s)?)?)?;
         let mut grad = leaf.grad();
         if !grad.defined() {
             return Ok(result);
@@ -464,8 +464,10 @@ impl CausalLm {
         Ok(result)
     }
 
-    /// An empty cache for `batch` sequences of up to `capacity` tokens, in the model's kind and device.
+    /// An empty cache for `batch` sequences of up to `capacity` tokens (plus any prompt-tuning prefix), in
+    /// the model's kind and device.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        let capacity = capacity + self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0]);
         let shape = [batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim];
         let opts = (self.kind(), self.device());
         let layers = (0..self.layers.len())
@@ -496,33 +498,50 @@ impl CausalLm {
     /// `attention_mask` holds 0 for padding and a positive value for real tokens; when values above 1 occur
     /// it is a **segment** mask (packed sequences): tokens attend only to earlier tokens of the same segment,
     /// and `position_ids` (restarting at 0 in every segment) must be given.
+    ///
+    /// With prompt tuning, the virtual tokens are prepended on a fresh pass (`past == 0`; `prefix` says
+    /// how many) and count as cached positions afterwards; the caller's masks never include them.
     fn prepare(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>, past: i64) -> Result<Prepared> {
         let (b, s) = input_ids.size2()?;
-        let total = past + s;
         let dev = self.device();
+        let n_virtual = self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0]);
+        let prefix = if past == 0 { n_virtual } else { 0 };
+        let caller_past = past - (n_virtual - prefix);
         let ids = input_ids.f_to_device(dev)?;
-        let raw = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Int64)).transpose()?;
+        let mut raw = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Int64)).transpose()?;
         if let Some(m) = &raw {
-            if m.size() != [b, total] {
-                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, total], m.size())));
+            if m.size() != [b, caller_past + s] {
+                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, caller_past + s], m.size())));
             }
         }
         let segments = match &raw {
             Some(m) if m.f_max()?.f_int64_value(&[])? > 1 => Some(m.shallow_clone()),
             _ => None,
         };
-        if segments.is_some() && (past > 0 || position_ids.is_none()) {
-            return Err(CoreError::InvalidArgument("a segment (packing) mask needs explicit position_ids and no KV cache".into()));
+        if segments.is_some() && (past > 0 || position_ids.is_none() || n_virtual > 0) {
+            return Err(CoreError::InvalidArgument("a segment (packing) mask needs explicit position_ids, no KV cache and no prompt tuning".into()));
         }
+        if n_virtual > 0 && position_ids.is_some() {
+            return Err(CoreError::InvalidArgument("explicit position_ids cannot be combined with prompt tuning".into()));
+        }
+        if n_virtual > 0 {
+            raw = raw.map(|m| Tensor::f_cat(&[Tensor::f_ones([b, n_virtual], (Kind::Int64, dev))?, m], 1)).transpose()?;
+        }
+        let (s_eff, total) = (prefix + s, past + prefix + s);
         let pad = raw.as_ref().map(|m| m.f_ne(0)).transpose()?;
         let positions = match (position_ids, &pad) {
             (Some(p), _) => p.f_to_device(dev)?,
-            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?.f_narrow(1, past, s)?,
-            (None, None) => Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s], false)?,
+            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?.f_narrow(1, past, s_eff)?,
+            (None, None) => Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s_eff], false)?,
         };
         let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
-        let mask = self.attention_mask(pad.as_ref(), segments.as_ref(), b, s, past)?;
-        Ok(Prepared { ids, rot, mask })
+        let mask = self.attention_mask(pad.as_ref(), segments.as_ref(), b, s_eff, past)?;
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+        if prefix > 0 {
+            let p = self.prompt_embeddings.as_ref().expect("n_virtual > 0").f_to_kind(h.kind())?;
+            h = Tensor::f_cat(&[p.f_unsqueeze(0)?.f_expand([b, prefix, p.size()[1]], false)?, h], 1)?;
+        }
+        Ok(Prepared { h, rot, mask, prefix })
     }
 
     /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, segments, sliding window, or new
@@ -557,9 +576,12 @@ impl CausalLm {
 
 /// What a forward pass needs besides the layers.
 struct Prepared {
-    ids: Tensor,
+    /// Input embeddings (with any prompt-tuning prefix).
+    h: Tensor,
     rot: Rotary,
     mask: Option<Tensor>,
+    /// Virtual tokens prepended in this pass.
+    prefix: i64,
 }
 
 /// Keys and values of one layer for every cached position.

@@ -166,3 +166,41 @@ fn qlora_base_is_nf4_and_adapter_merges_into_its_dequantized_weights() {
     let d = max_abs_diff(&merged, &with_adapter.detach());
     assert!(d < 1e-5, "merged into the dequantized NF4 base: {d}");
 }
+
+#[test]
+fn peft_prompt_tuning_reproduces_peft_logits_and_round_trips() {
+    use ferrotune_core::prompt_tuning::{load_adapter, save_prompt_tuning, PromptInit};
+    let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
+    load_adapter(&mut model, &lora_fixture("llama3-prompt-tuning")).unwrap();
+    let (ids, base) = reference("llama3-rope");
+    let got = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    let want = lora_reference("llama3-prompt-tuning");
+    assert_eq!(got.size(), want.size(), "outputs cover the real tokens only");
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-5, "prompt tuning vs PEFT: {d}");
+    assert!(max_abs_diff(&want, &base) > 1e-3);
+    // Left padding with the prefix: padded row equals the unpadded one.
+    let short = ids.get(1).narrow(0, 3, 9);
+    let batch = Tensor::stack(&[ids.get(0), Tensor::cat(&[Tensor::zeros([3], (Kind::Int64, Device::Cpu)), short.shallow_clone()], 0)], 0);
+    let mask = Tensor::ones([2, 12], (Kind::Int64, Device::Cpu));
+    let _ = mask.get(1).narrow(0, 0, 3).fill_(0);
+    let (padded, alone) = tch::no_grad(|| (model.forward(&batch, Some(&mask), None).unwrap(), model.forward(&short.unsqueeze(0), None, None).unwrap()));
+    assert!(max_abs_diff(&padded.get(1).narrow(0, 3, 9), &alone.get(0)) < 1e-5);
+    // KV-cached decoding with the prefix equals the full forward.
+    let mut cache = model.new_cache(2, 12).unwrap();
+    let first = tch::no_grad(|| model.forward_hidden_cached(&ids.narrow(1, 0, 6), None, None, Some(&mut cache))).unwrap();
+    let mut worst = max_abs_diff(&model.logits(&first).unwrap(), &got.narrow(1, 0, 6));
+    for p in 6..12 {
+        let h = tch::no_grad(|| model.forward_hidden_cached(&ids.narrow(1, p, 1), None, None, Some(&mut cache))).unwrap();
+        worst = worst.max(max_abs_diff(&model.logits(&h).unwrap(), &got.narrow(1, p, 1)));
+    }
+    assert!(worst < 1e-5, "cached decoding with a prefix: {worst}");
+    // Our save is PEFT's layout and reloads to the same outputs.
+    let tmp = tempfile::tempdir().unwrap();
+    save_prompt_tuning(&model, &PromptInit::Random, "tiny", tmp.path()).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((c["peft_type"].as_str(), c["num_virtual_tokens"].as_i64(), c["token_dim"].as_i64(), c["num_transformer_submodules"].as_i64()), (Some("PROMPT_TUNING"), Some(4), Some(64), Some(1)));
+    let mut again = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
+    load_adapter(&mut again, tmp.path()).unwrap();
+    assert_eq!(max_abs_diff(&tch::no_grad(|| again.forward(&ids, None, None)).unwrap(), &got), 0.0);
+}
