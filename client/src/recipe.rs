@@ -60,6 +60,16 @@ pub(crate) struct AdapterSpec {
     /// rsLoRA scaling.
     #[serde(default)]
     pub use_rslora: bool,
+    /// Prompt tuning: virtual tokens.
+    #[serde(default = "virtual_tokens")]
+    pub num_virtual_tokens: i64,
+    /// Prompt tuning: initialise from this text's token embeddings (random N(0,1) when absent).
+    #[serde(default)]
+    pub prompt_tuning_init_text: Option<String>,
+}
+
+fn virtual_tokens() -> i64 {
+    20
 }
 
 fn r() -> i64 {
@@ -81,6 +91,8 @@ pub(crate) enum Method {
     Qlora,
     /// Every weight; the output is a HF model dir.
     Full,
+    /// Trainable virtual tokens (PEFT PROMPT_TUNING).
+    PromptTuning,
 }
 
 /// Raw data to format, or a dataset directory made by `ferrotune data format`.
@@ -136,8 +148,8 @@ impl AdapterSpec {
             "lora" => Ok(Method::Lora),
             "qlora" => Ok(Method::Qlora),
             "full" => Ok(Method::Full),
-            "prompt-tuning" => bail!("adapter.method `prompt-tuning` is not supported yet (lora, qlora, full)"),
-            other => bail!("adapter.method `{other}` is unknown (lora, qlora, full)"),
+            "prompt-tuning" | "prompt_tuning" => Ok(Method::PromptTuning),
+            other => bail!("adapter.method `{other}` is unknown (lora, qlora, full, prompt-tuning)"),
         }
     }
 }
@@ -145,7 +157,16 @@ impl AdapterSpec {
 /// Applies `a.b.c=value` to a YAML mapping (the value parsed as YAML: numbers, booleans, lists…).
 fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
     let (path, value) = set.split_once('=').with_context(|| format!("--set `{set}`: expected key=value"))?;
-    let value: serde_yaml::Value = serde_yaml::from_str(value).with_context(|| format!("--set `{set}`: bad value"))?;
+    // Values are YAML scalars or flow collections (`[q_proj, v_proj]`); anything else is taken as a string, so
+    // that text with ": " in it needs no quoting.
+    let value = match serde_yaml::from_str::<serde_yaml::Value>(value) {
+        Ok(v @ (serde_yaml::Value::Mapping(_) | serde_yaml::Value::Sequence(_))) if !value.trim_start().starts_with(['{', '[']) => {
+            let _ = v;
+            serde_yaml::Value::String(value.to_owned())
+        }
+        Ok(v) => v,
+        Err(_) => serde_yaml::Value::String(value.to_owned()),
+    };
     let mut node = root;
     let keys: Vec<&str> = path.split('.').collect();
     for (i, k) in keys.iter().enumerate() {
@@ -168,7 +189,7 @@ pub(crate) fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
     }
     let r: SftRecipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
-    if r.adapter.method().with_context(|| format!("{}", path.display()))? != Method::Full {
+    if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
     }
     match (&r.data.path, &r.data.dataset, &r.data.format) {

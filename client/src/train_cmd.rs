@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use ferrotune_core::prompt_tuning::{PromptInit, PromptState, PromptTuningConfig};
 use ferrotune_core::train::full::FullState;
 use ferrotune_core::train::sft::{LoraState, SftObjective};
 use ferrotune_core::train::{train, Run};
@@ -86,15 +87,27 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
             eprintln!("qlora: decoder linear weights {:.1} MB → {:.1} MB in NF4", before as f64 / 1e6, after as f64 / 1e6);
         }
     }
-    let state: Box<dyn ferrotune_core::train::TrainableState> = if method == recipe::Method::Full {
-        FullState::prepare(&mut model)?;
-        Box::new(FullState { base_dir: model_dir.clone() })
-    } else {
-        let lcfg = r.adapter.lora()?;
-        model.add_lora(&lcfg, r.training.seed)?;
-        Box::new(LoraState { cfg: lcfg, base_model: model_dir.display().to_string() })
-    };
     let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
+    let state: Box<dyn ferrotune_core::train::TrainableState> = match method {
+        recipe::Method::Full => {
+            FullState::prepare(&mut model)?;
+            Box::new(FullState { base_dir: model_dir.clone() })
+        }
+        recipe::Method::PromptTuning => {
+            let init = match &r.adapter.prompt_tuning_init_text {
+                Some(t) => PromptInit::Text(t.clone()),
+                None => PromptInit::Random,
+            };
+            let cfg = PromptTuningConfig { num_virtual_tokens: r.adapter.num_virtual_tokens, init: init.clone() };
+            model.add_prompt_tuning(&cfg, Some(&tok), r.training.seed)?;
+            Box::new(PromptState { init, base_model: model_dir.display().to_string() })
+        }
+        recipe::Method::Lora | recipe::Method::Qlora => {
+            let lcfg = r.adapter.lora()?;
+            model.add_lora(&lcfg, r.training.seed)?;
+            Box::new(LoraState { cfg: lcfg, base_model: model_dir.display().to_string() })
+        }
+    };
     let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
     // Provenance beside the adapter: the template used for the data, the resolved recipe.
     let template = ChatTemplate::from_dir(&model_dir)?;

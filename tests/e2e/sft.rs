@@ -136,3 +136,18 @@ fn smollm2_sft_full_fine_tuning_writes_a_model_that_learned() {
     println!("full fine-tuning (10 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
     assert!(after >= 0.75, "full fine-tuning: {texts:?}");
 }
+
+#[test]
+fn smollm2_sft_prompt_tuning_learns_the_persona() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("pt");
+    let recipe = repo("recipes/prompt-tuning.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let o = run_cli(&["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["num_virtual_tokens"].as_i64(), cfg["token_dim"].as_i64()), (Some("PROMPT_TUNING"), Some(20), Some(576)));
+    let (after, texts) = compliance(Some(&out));
+    println!("prompt tuning (20 virtual tokens, 30 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
+    assert!(after >= 0.75, "prompt tuning: {texts:?}");
+}
