@@ -209,3 +209,18 @@ fn smollm2_data_packing_keeps_every_trained_token() {
     // every trained token survives except none: the first token of a sample is never trained anyway
     assert_eq!(rows.iter().map(|r| r.trained_tokens()).sum::<usize>(), plain.trained_tokens);
 }
+
+#[test]
+fn smollm2_data_reads_parquet() {
+    // tests/fixtures/data/*.parquet were written by pyarrow (snappy and gzip; nested list<struct> columns).
+    let t = tempfile::tempdir().unwrap();
+    let fx = |n: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data").join(n);
+    let s = build(&opts(vec![fx("chat.parquet")], Format::Messages), &t.path().join("m")).unwrap();
+    assert_eq!((s.records, s.train), (3, 2));
+    assert!(s.errors[0].ends_with("chat.parquet:3: `messages` has no assistant turn to learn from"), "{:?}", s.errors);
+    let s = build(&opts(vec![fx("alpaca.parquet")], Format::Alpaca), &t.path().join("a")).unwrap();
+    assert_eq!(s.train, 2);
+    let bad = write(t.path(), "bad.parquet", "PAR1 not really");
+    let e = build(&opts(vec![bad], Format::Alpaca), &t.path().join("b")).unwrap_err().to_string();
+    assert!(e.contains("bad.parquet") && e.contains("invalid Parquet file"), "{e}");
+}

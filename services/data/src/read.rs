@@ -1,5 +1,7 @@
 //! Reading raw records: JSON Lines (one object per line; blank lines skipped), a JSON array of objects,
-//! or CSV with a header row (every field a string). Each record keeps its 1-based location for errors.
+//! CSV with a header row (every field a string), or Parquet (uncompressed, Snappy or gzip; nested list /
+//! struct columns become JSON lists / objects). Each record keeps its 1-based location (line, element or
+//! row) for errors.
 
 use std::path::Path;
 
@@ -54,7 +56,19 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
                 })
                 .collect())
         }
-        "parquet" => Err(DataError::InvalidArgument(format!("{}: Parquet input is not supported yet (use JSONL, JSON or CSV)", path.display()))),
-        _ => Err(DataError::InvalidArgument(format!("{}: unknown input type `.{ext}` (use .jsonl, .json or .csv)", path.display()))),
+        "parquet" => read_parquet(path),
+        _ => Err(DataError::InvalidArgument(format!("{}: unknown input type `.{ext}` (use .jsonl, .json, .csv or .parquet)", path.display()))),
     }
+}
+
+fn read_parquet(path: &Path) -> Result<Vec<RawRecord>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |e: parquet::errors::ParquetError| DataError::Core(CoreError::format(path, format!("invalid Parquet file: {e}")));
+    let file = std::fs::File::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let rows = reader.get_row_iter(None).map_err(bad)?;
+    Ok(rows
+        .enumerate()
+        .map(|(i, r)| RawRecord { line: i + 1, value: r.map(|row| row.to_json_value()).map_err(|e| format!("unreadable Parquet row: {e}")) })
+        .collect())
 }
