@@ -126,6 +126,11 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
         b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"));
         b
     });
+    // SIGINT / SIGTERM: finish the current step, checkpoint, and exit; `--resume` continues.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
     let summary = train(
         &mut model,
         &run,
@@ -138,8 +143,20 @@ pub(crate) fn sft(a: &SftArgs, json_out: bool) -> Result<()> {
             }
             None => println!("{}", serde_json::to_string(ev).unwrap_or_default()),
         },
-        &|| false,
+        &|| stop.load(std::sync::atomic::Ordering::Relaxed),
     )?;
+    if summary.stopped {
+        if let Some(b) = &bar {
+            b.abandon();
+        }
+        let msg = format!("stopped at step {} of {}; checkpoint saved, continue with --resume", summary.position.step, r.training.max_steps);
+        if json_out {
+            println!("{}", json!({"stopped": true, "step": summary.position.step, "output_dir": out}));
+        } else {
+            eprintln!("{msg}");
+        }
+        return Ok(());
+    }
     if let Some(b) = bar {
         b.finish();
         if method == recipe::Method::Full {

@@ -151,3 +151,26 @@ fn smollm2_sft_prompt_tuning_learns_the_persona() {
     println!("prompt tuning (20 virtual tokens, 30 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
     assert!(after >= 0.75, "prompt tuning: {texts:?}");
 }
+
+#[test]
+fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("int");
+    let recipe = repo("recipes/lora-sft.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let args = ["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--max-steps", "200", "--set", "training.save_steps=1", "--set", "training.micro_batch_size=1", "--json"];
+    let mut child = Command::new(ferrotune_bin()).args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !out.join("checkpoints/step-00000001").exists() {
+        assert!(start.elapsed().as_secs() < 300 && child.try_wait().unwrap().is_none(), "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "SIGINT should end the run cleanly");
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["stopped"], true);
+    let step = last["step"].as_u64().unwrap();
+    assert!(step < 200 && out.join(format!("checkpoints/step-{step:08}")).exists(), "checkpoint of step {step}");
+}

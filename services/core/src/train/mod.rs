@@ -263,8 +263,13 @@ pub fn train<O: Objective>(
     let n = run.train.len();
     let mut order = epoch_order(n, cfg.seed, pos.epoch);
     let (mut last_loss, mut last_eval, mut stopped) = (f64::NAN, None, false);
+    let mut checkpointed = pos.step;
     while pos.step < cfg.max_steps {
         if should_stop() {
+            // Asked to stop (SIGINT/SIGTERM, job cancelled): keep the progress so `--resume` loses nothing.
+            if pos.step > checkpointed {
+                checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit)?;
+            }
             stopped = true;
             break;
         }
@@ -312,6 +317,7 @@ pub fn train<O: Objective>(
             None
         };
         let checkpoint = if last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0) {
+            checkpointed = pos.step;
             Some(checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit)?)
         } else {
             None

@@ -161,6 +161,7 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     let (mut b, _) = lora_model(0.1);
     let part = run_training(&mut b, &lcfg, &c, &data, &t.path().join("resumed"), false, Some(3));
     assert!(part.stopped && part.position.step == 3);
+    assert!(t.path().join("resumed/checkpoints/step-00000003").exists(), "stopping checkpoints the current step");
     drop(b);
     let (mut b2, _) = lora_model(0.1);
     let rest = run_training(&mut b2, &lcfg, &c, &data, &t.path().join("resumed"), true, None);
