@@ -14,6 +14,7 @@ use serde_json::{json, Value as Json};
 
 use crate::error::{CoreError, Result};
 use crate::gguf::{GgufFile, Value};
+use crate::weights::RawTensor;
 
 /// What an import produced.
 #[derive(Debug, Clone, Serialize)]
@@ -204,30 +205,10 @@ fn unpermute(w: &[f32], out: usize, inner: usize, n_heads: usize) -> Vec<f32> {
     r
 }
 
-struct F32Tensor {
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &F32Tensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(usize, Vec<String>)> {
     let heads = cfg["num_attention_heads"].as_u64().unwrap_or(1);
     let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap_or(heads);
-    let mut tensors: Vec<(String, F32Tensor)> = Vec::new();
+    let mut tensors: Vec<(String, RawTensor)> = Vec::new();
     let mut skipped = Vec::new();
     for t in &g.tensors {
         let Some((name, permute)) = hf_name(&t.name, arch, heads, kv_heads) else {
@@ -244,7 +225,7 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
             data = unpermute(&data, out_rows, inner, n as usize);
         }
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        tensors.push((name, F32Tensor { shape: t.shape.clone(), data: bytes }));
+        tensors.push((name, RawTensor { dtype: safetensors::Dtype::F32, shape: t.shape.clone(), data: bytes }));
     }
     if !tensors.iter().any(|(n, _)| n == "model.embed_tokens.weight") {
         return Err(CoreError::format(g.path(), "tensor `token_embd.weight` is missing"));

@@ -210,13 +210,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-struct Raw {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+/// Bytes of one tensor ready to serialise with the `safetensors` crate.
+pub(crate) struct RawTensor {
+    pub(crate) dtype: StDtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Vec<u8>,
 }
 
-impl safetensors::View for &Raw {
+impl safetensors::View for &RawTensor {
     fn dtype(&self) -> StDtype {
         self.dtype
     }
@@ -248,7 +249,7 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
         let n = t.numel();
         let mut data = vec![0u8; n * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut data, n)?;
-        raws.push((name.clone(), Raw { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data }));
+        raws.push((name.clone(), RawTensor { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data }));
     }
     let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     let bytes = safetensors::serialize(raws.iter().map(|(k, v)| (k.clone(), v)), Some(meta))

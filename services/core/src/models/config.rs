@@ -109,9 +109,80 @@ impl RopeFields {
     }
 }
 
+/// The config.json fields every Llama-layout family shares (HF names); each family file adds its own.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommonFields {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Residual width.
+    pub hidden_size: i64,
+    /// MLP width.
+    pub intermediate_size: i64,
+    /// Decoder layers.
+    pub num_hidden_layers: i64,
+    /// Query heads.
+    pub num_attention_heads: i64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Rope settings.
+    #[serde(flatten)]
+    pub rope: RopeFields,
+    /// lm_head shares the embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Activation (must be silu).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// What differs between families when building a [`DecoderConfig`].
+pub(crate) struct FamilyParts {
+    pub(crate) num_kv_heads: i64,
+    pub(crate) head_dim: Option<i64>,
+    pub(crate) max_position_embeddings: i64,
+    pub(crate) qkv_bias: bool,
+    pub(crate) o_bias: bool,
+    pub(crate) mlp_bias: bool,
+    pub(crate) sliding_window: Option<i64>,
+}
+
+impl CommonFields {
+    /// The shared decoder description, validated.
+    pub(crate) fn decoder(&self, path: &Path, f: FamilyParts) -> Result<DecoderConfig> {
+        check_act(&self.hidden_act, path)?;
+        let (rope_theta, rope_scaling) = self.rope.resolve(path, 10000.0)?;
+        let n = self.num_attention_heads;
+        let cfg = DecoderConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: n,
+            num_kv_heads: f.num_kv_heads,
+            head_dim: f.head_dim.unwrap_or(if n > 0 { self.hidden_size / n } else { 0 }),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: f.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: f.qkv_bias,
+            o_bias: f.o_bias,
+            mlp_bias: f.mlp_bias,
+            sliding_window: f.sliding_window,
+        };
+        validate(&cfg, path)?;
+        Ok(cfg)
+    }
+}
+
 /// Checks the shape arithmetic of a decoder config, so that bad configs fail on load with a message
 /// rather than deep inside a matmul.
-pub(crate) fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
+fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
     let bad = |msg: String| Err(CoreError::config(path, msg));
     for (name, v) in [
         ("vocab_size", cfg.vocab_size),
@@ -139,7 +210,7 @@ pub(crate) fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
 }
 
 /// `hidden_act` must be SiLU for these families.
-pub(crate) fn check_act(act: &str, path: &Path) -> Result<()> {
+fn check_act(act: &str, path: &Path) -> Result<()> {
     if act == "silu" || act == "swish" {
         Ok(())
     } else {
@@ -147,6 +218,6 @@ pub(crate) fn check_act(act: &str, path: &Path) -> Result<()> {
     }
 }
 
-pub(crate) fn default_act() -> String {
+fn default_act() -> String {
     "silu".into()
 }
