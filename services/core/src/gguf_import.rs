@@ -14,7 +14,7 @@ use serde_json::{json, Value as Json};
 
 use crate::error::{CoreError, Result};
 use crate::gguf::{GgufFile, Value};
-use crate::weights::RawTensor;
+use crate::weights::{unique_suffix, RawTensor};
 
 /// What an import produced.
 #[derive(Debug, Clone, Serialize)]
@@ -79,12 +79,6 @@ fn tmp_sibling(out_dir: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     Ok(tmp)
-}
-
-/// `pid-nanos`: distinct for concurrent imports, in this process or another.
-pub(crate) fn unique_suffix() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{}-{nanos}", std::process::id())
 }
 
 fn write_json(path: &Path, v: &Json) -> Result<()> {

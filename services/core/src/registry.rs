@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{CoreError, Result};
-use crate::gguf_import::{import_gguf, unique_suffix};
+use crate::gguf_import::import_gguf;
+use crate::weights::unique_suffix;
 
 /// A model ferrotune knows how to fetch.
 #[derive(Debug, Clone, Copy)]

@@ -193,11 +193,18 @@ impl Weights {
     }
 }
 
+/// `pid-nanos`: a suffix for temporary names that is distinct across concurrent writers, in this process or
+/// another.
+pub(crate) fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
+}
+
 /// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", crate::gguf_import::unique_suffix()));
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", unique_suffix()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

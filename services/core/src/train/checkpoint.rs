@@ -49,7 +49,7 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 pub fn save(root: &Path, model: &mut CausalLm, state: &dyn TrainableState, opt: &AdamW, pos: &Position, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
     let final_dir = root.join(format!("step-{:08}", pos.step));
-    let tmp = root.join(format!(".step-{:08}.tmp-{}", pos.step, crate::gguf_import::unique_suffix()));
+    let tmp = root.join(format!(".step-{:08}.tmp-{}", pos.step, crate::weights::unique_suffix()));
     std::fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     let mut write = || -> Result<()> {
         state.save(model, &tmp)?;
