@@ -204,3 +204,26 @@ fn peft_prompt_tuning_reproduces_peft_logits_and_round_trips() {
     load_adapter(&mut again, tmp.path()).unwrap();
     assert_eq!(max_abs_diff(&tch::no_grad(|| again.forward(&ids, None, None)).unwrap(), &got), 0.0);
 }
+
+#[test]
+fn adapter_dropout_keeps_the_right_share_and_replays_from_its_seed() {
+    use ferrotune_core::lora::Lora;
+    let n = 40_000i64;
+    let l = Lora {
+        a: Tensor::ones([1, n], (Kind::Float, Device::Cpu)),
+        b: Tensor::ones([1, 1], (Kind::Float, Device::Cpu)),
+        scaling: 1.0,
+        dropout: 0.25,
+        training: true,
+        enabled: true,
+        dropout_state: std::cell::Cell::new(42),
+    };
+    let x = Tensor::ones([1, n], (Kind::Float, Device::Cpu));
+    // Σ dropout(x) = (kept count) / 0.75, whose expectation is n.
+    let s1 = l.delta(&x).unwrap().double_value(&[0, 0]);
+    let s2 = l.delta(&x).unwrap().double_value(&[0, 0]);
+    assert!((s1 / n as f64 - 1.0).abs() < 0.02, "kept share off: {s1}");
+    assert_ne!(s1, s2, "the stream advances between calls");
+    l.dropout_state.set(42);
+    assert_eq!(l.delta(&x).unwrap().double_value(&[0, 0]), s1, "same seed, same mask");
+}
