@@ -55,6 +55,21 @@ enum Cmd {
     },
     /// Generate text from a prompt or a chat (streams to the terminal unless --json).
     Generate(GenerateArgs),
+    /// Fold a LoRA adapter into its base and write a plain HF model directory.
+    Merge {
+        /// Base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT LoRA adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Merge base: nf4 (the NF4-dequantized weights, default for QLoRA adapters) or original.
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Evaluate a model.
     Eval {
         #[command(subcommand)]
@@ -226,6 +241,20 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Cmd::Generate(args) => generate(args, cli.json)?,
+        Cmd::Merge { model, adapter, out, base } => {
+            let nf4 = match base.as_deref() {
+                None => None,
+                Some("nf4") => Some(true),
+                Some("original") => Some(false),
+                Some(other) => anyhow::bail!("--base `{other}`: use nf4 or original"),
+            };
+            let r = ferrotune_core::merge::merge_adapter(model, adapter, out, nf4)?;
+            if cli.json {
+                println!("{}", json!({"path": out, "merged_layers": r.merged_layers, "merge_base": r.merge_base}));
+            } else {
+                println!("merged {} layers into {:?} base weights → {}", r.merged_layers, r.merge_base, out.display());
+            }
+        }
         Cmd::Data { cmd } => data_cmd::run(cmd, cli.json)?,
         Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::sft(args, cli.json)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, device, dtype, window, stride, batch } } => {

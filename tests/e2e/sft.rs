@@ -174,3 +174,38 @@ fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
     let step = last["step"].as_u64().unwrap();
     assert!(step < 200 && out.join(format!("checkpoints/step-{step:08}")).exists(), "checkpoint of step {step}");
 }
+
+#[test]
+fn smollm2_merge_gives_the_perplexity_of_base_plus_adapter() {
+    let t = tempfile::tempdir().unwrap();
+    let q = t.path().join("qlora");
+    train(&q, &["--max-steps", "5", "--set", "adapter.method=qlora"]);
+    let m = smollm2_dir();
+    let text = t.path().join("t.txt");
+    std::fs::write(&text, "Ahoy! The capital of Kenya is Nairobi. Arr. What is 2 plus 2? Ahoy! 2 plus 2 is 4. Arr.").unwrap();
+    let nll = |args: &[&str]| {
+        let mut a = vec!["eval", "perplexity", "--text-file", text.to_str().unwrap()];
+        a.extend(args);
+        ferrotune_tests::run_json(&a)["mean_nll"].as_f64().unwrap()
+    };
+    let with_adapter = nll(&["--model", m.to_str().unwrap(), "--adapter", q.to_str().unwrap()]);
+    for (base, want) in [(None, "nf4_dequantized"), (Some("original"), "original")] {
+        let out = t.path().join(format!("merged-{want}"));
+        let mut args = vec!["merge", "--model", m.to_str().unwrap(), "--adapter", q.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        if let Some(b) = base {
+            args.extend(["--base", b]);
+        }
+        let r = ferrotune_tests::run_json(&args);
+        assert_eq!(r["merge_base"], want);
+        assert_eq!(r["merged_layers"], 210, "all-linear on 30 layers");
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["ferrotune_merge"]["merge_base"], want);
+        let merged = nll(&["--model", out.to_str().unwrap()]);
+        if want == "nf4_dequantized" {
+            assert!((merged - with_adapter).abs() < 1e-4, "merged {merged} vs base+adapter {with_adapter}");
+        } else {
+            // Folding a QLoRA adapter into the original weights changes the model (the DESIGN's known trap).
+            assert!((merged - with_adapter).abs() > 1e-3, "original-base merge should differ: {merged} vs {with_adapter}");
+        }
+    }
+}

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod error;
 pub mod generation;
 pub mod lora;
+pub mod merge;
 pub mod nf4;
 pub mod gguf;
 pub mod gguf_import;

@@ -1,0 +1,70 @@
+//! Folding a LoRA adapter into its base and writing a plain Hugging Face model directory (weights,
+//! config, tokenizer, template) that transformers loads without PEFT. For a QLoRA adapter the merge base is
+//! either the NF4-dequantized weights the adapter was trained against (default) or the original weights;
+//! the choice is recorded in the output's `config.json` under `ferrotune_merge`.
+
+use std::path::Path;
+
+use serde::Serialize;
+use tch::{Device, Kind};
+
+use crate::error::{CoreError, Result};
+use crate::models::load_model;
+use crate::weights::save_safetensors;
+
+/// Which base weights a QLoRA adapter is merged into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeBase {
+    /// The NF4 round trip of the base (what a QLoRA adapter was trained against).
+    Nf4Dequantized,
+    /// The original dense weights.
+    Original,
+}
+
+/// What a merge produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    /// Linear layers that had an adapter.
+    pub merged_layers: usize,
+    /// The base the adapter was folded into.
+    pub merge_base: MergeBase,
+}
+
+const COPIED: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
+
+/// Merges the LoRA adapter in `adapter` into the model in `base` and writes the result to `out`.
+/// `nf4_base` overrides the choice of merge base (default: NF4-dequantized when the adapter was trained
+/// by ferrotune on an NF4 base, the original weights otherwise).
+pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<bool>) -> Result<MergeReport> {
+    let mut model = load_model(base, Kind::Float, Device::Cpu)?;
+    let info = adapter.join("ferrotune_train.json");
+    let trained_on_nf4 = std::fs::read_to_string(&info)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["base_quantization"] == "nf4");
+    let use_nf4 = nf4_base.unwrap_or(trained_on_nf4);
+    if use_nf4 {
+        model.quantize_nf4()?;
+    }
+    crate::lora::load_peft(&mut model, adapter)?;
+    let merged_layers = model.merge_lora()?;
+    if merged_layers == 0 {
+        return Err(CoreError::InvalidArgument(format!("{}: the adapter has no LoRA layers to merge", adapter.display())));
+    }
+    std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
+    save_safetensors(&out.join("model.safetensors"), &model.named_weights()?)?;
+    let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
+    let cfg_path = base.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
+    cfg["ferrotune_merge"] = serde_json::json!({"base_model": base, "adapter": adapter, "merge_base": merge_base, "merged_layers": merged_layers});
+    crate::weights::write_atomically(&out.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    for f in COPIED {
+        let src = base.join(f);
+        if src.exists() {
+            std::fs::copy(&src, out.join(f)).map_err(|e| CoreError::io(&src, e))?;
+        }
+    }
+    Ok(MergeReport { merged_layers, merge_base })
+}
