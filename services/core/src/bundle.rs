@@ -42,12 +42,8 @@ impl ModelBundle {
     /// recorded in its `ferrotune_train.json`), the base is quantized the same way first, so inference sees
     /// the weights the adapter was trained against.
     pub fn attach_adapter(&mut self, adapter: &Path) -> Result<()> {
-        let info = adapter.join("ferrotune_train.json");
-        if let Ok(text) = std::fs::read_to_string(&info) {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::format(&info, e.to_string()))?;
-            if v["base_quantization"] == "nf4" {
-                self.model.quantize_nf4()?;
-            }
+        if crate::lora::trained_on_nf4(adapter)? {
+            self.model.quantize_nf4()?;
         }
         crate::prompt_tuning::load_adapter(&mut self.model, adapter)
     }

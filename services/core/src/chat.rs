@@ -55,7 +55,8 @@ pub struct ChatTemplate {
     specials: Vec<(&'static str, Option<String>)>,
 }
 
-fn special(cfg: &serde_json::Value, key: &str) -> Option<String> {
+/// A special token from tokenizer_config.json: a string, or transformers' AddedToken dict.
+pub(crate) fn special_token(cfg: &serde_json::Value, key: &str) -> Option<String> {
     match cfg.get(key)? {
         serde_json::Value::String(s) => Some(s.clone()),
         // transformers also writes AddedToken dicts: {"content": "<s>", "lstrip": false, ...}
@@ -92,7 +93,7 @@ impl ChatTemplate {
                 _ => (CHATML.to_owned(), TemplateOrigin::ChatmlFallback),
             }
         };
-        let specials = ["bos_token", "eos_token", "unk_token", "pad_token"].into_iter().map(|k| (k, special(&cfg, k))).collect();
+        let specials = ["bos_token", "eos_token", "unk_token", "pad_token"].into_iter().map(|k| (k, special_token(&cfg, k))).collect();
         let t = Self { source, origin, specials };
         // Compile once now so that a broken template fails at load, with its line.
         t.env()?.template_from_str(&t.source).map_err(|e| template_error(&e))?;

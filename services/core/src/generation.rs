@@ -87,14 +87,7 @@ impl ModelDefaults {
             }
         };
         let (gen, cfg, tc) = (read("generation_config.json")?, read("config.json")?, read("tokenizer_config.json")?);
-        let token = |key: &str| -> Option<u32> {
-            let t = match tc.get(key)? {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Object(o) => o.get("content")?.as_str()?.to_owned(),
-                _ => return None,
-            };
-            tok.token_to_id(&t)
-        };
+        let token = |key: &str| crate::chat::special_token(&tc, key).and_then(|t| tok.token_to_id(&t));
         let mut eos_ids = ids(&gen["eos_token_id"]);
         for extra in ids(&cfg["eos_token_id"]).into_iter().chain(token("eos_token")) {
             if !eos_ids.contains(&extra) {

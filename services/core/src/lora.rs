@@ -131,6 +131,19 @@ impl Lora {
     }
 }
 
+/// Whether the adapter in `dir` was trained by ferrotune on an NF4 base (QLoRA), as recorded in its
+/// `ferrotune_train.json`; false when that file is absent (e.g. an adapter made by PEFT).
+pub fn trained_on_nf4(dir: &Path) -> Result<bool> {
+    let info = dir.join("ferrotune_train.json");
+    match std::fs::read_to_string(&info) {
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::format(&info, e.to_string()))?;
+            Ok(v["base_quantization"] == "nf4")
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// PEFT's key prefix for a causal LM.
 const PREFIX: &str = "base_model.model.";
 

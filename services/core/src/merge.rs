@@ -31,19 +31,15 @@ pub struct MergeReport {
     pub merge_base: MergeBase,
 }
 
-const COPIED: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
-
 /// Merges the LoRA adapter in `adapter` into the model in `base` and writes the result to `out`.
 /// `nf4_base` overrides the choice of merge base (default: NF4-dequantized when the adapter was trained
 /// by ferrotune on an NF4 base, the original weights otherwise).
 pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<bool>) -> Result<MergeReport> {
     let mut model = load_model(base, Kind::Float, Device::Cpu)?;
-    let info = adapter.join("ferrotune_train.json");
-    let trained_on_nf4 = std::fs::read_to_string(&info)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["base_quantization"] == "nf4");
-    let use_nf4 = nf4_base.unwrap_or(trained_on_nf4);
+    let use_nf4 = match nf4_base {
+        Some(b) => b,
+        None => crate::lora::trained_on_nf4(adapter)?,
+    };
     if use_nf4 {
         model.quantize_nf4()?;
     }
@@ -60,11 +56,6 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<b
     let mut cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     cfg["ferrotune_merge"] = serde_json::json!({"base_model": base, "adapter": adapter, "merge_base": merge_base, "merged_layers": merged_layers});
     crate::weights::write_atomically(&out.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
-    for f in COPIED {
-        let src = base.join(f);
-        if src.exists() {
-            std::fs::copy(&src, out.join(f)).map_err(|e| CoreError::io(&src, e))?;
-        }
-    }
+    crate::weights::copy_side_files(base, out)?;
     Ok(MergeReport { merged_layers, merge_base })
 }

@@ -97,7 +97,7 @@ pub fn perplexity(model: &CausalLm, ids: &[u32], opts: PerplexityOptions) -> Res
             let first = w.first_scored as i64;
             // hidden at position p predicts token p+1; score targets first..n.
             let h = hidden.f_get(r as i64)?.f_narrow(0, first - 1, n - first)?;
-            let logits = h.f_linear::<Tensor>(&model.lm_head, None)?.f_to_kind(Kind::Float)?;
+            let logits = model.logits(&h)?;
             let target = input.f_get(r as i64)?.f_narrow(0, first, n - first)?;
             let lp = logits.f_log_softmax(-1, Kind::Float)?;
             let nll = lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_neg()?.f_sum(Kind::Double)?;

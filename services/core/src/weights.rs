@@ -193,6 +193,21 @@ impl Weights {
     }
 }
 
+/// Files of a HF model directory besides its weights and config that go wherever the model goes
+/// (tokenizer, chat template, generation defaults).
+const SIDE_FILES: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
+
+/// Copies the [`SIDE_FILES`] that exist in `base` into `out`.
+pub(crate) fn copy_side_files(base: &Path, out: &Path) -> Result<()> {
+    for f in SIDE_FILES {
+        let src = base.join(f);
+        if src.exists() {
+            std::fs::copy(&src, out.join(f)).map_err(|e| CoreError::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// `pid-nanos`: a suffix for temporary names that is distinct across concurrent writers, in this process or
 /// another.
 pub(crate) fn unique_suffix() -> String {

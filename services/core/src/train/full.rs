@@ -54,8 +54,6 @@ impl FullState {
     }
 }
 
-const COPIED: &[&str] = &["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
-
 impl TrainableState for FullState {
     fn params(&self, model: &mut CausalLm) -> Vec<(String, Tensor)> {
         model.named_weights().unwrap_or_default()
@@ -64,13 +62,11 @@ impl TrainableState for FullState {
     fn save(&self, model: &mut CausalLm, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         save_safetensors(&dir.join("model.safetensors"), &model.named_weights()?)?;
-        for f in COPIED {
-            let src = self.base_dir.join(f);
-            if src.exists() {
-                std::fs::copy(&src, dir.join(f)).map_err(|e| CoreError::io(&src, e))?;
-            }
+        let cfg = self.base_dir.join("config.json");
+        if cfg.exists() {
+            std::fs::copy(&cfg, dir.join("config.json")).map_err(|e| CoreError::io(&cfg, e))?;
         }
-        Ok(())
+        crate::weights::copy_side_files(&self.base_dir, dir)
     }
 
     fn load(&self, model: &mut CausalLm, dir: &Path) -> Result<()> {
