@@ -1,39 +1,47 @@
-//! `ferrotune data format` and `ferrotune data preview`.
+//! `ferrotune data format` and `ferrotune data preview`, through DataService.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrotune_core::generation::ModelDefaults;
-use ferrotune_core::{ChatTemplate, Tokenizer};
-use ferrotune_data::formats::{parse, Columns, Format, MaskMode};
-use ferrotune_data::read::read_records;
-use ferrotune_data::tokenize::{Renderer, Tokenized, TokenizedSample};
-use ferrotune_data::{build, BuildOptions};
+use ferrotune_proto::v1::{DataSource, FormatRequest, ModelRef, PreviewRequest};
+
+use crate::connect::{status_error, Services};
 
 /// Options shared by `format` and `preview`.
 #[derive(clap::Args)]
 pub(crate) struct Source {
-    /// Input file(s): .jsonl, .json or .csv (repeatable).
+    /// Input file(s): .jsonl, .json, .csv or .parquet (repeatable).
     #[arg(long, required = true)]
     input: Vec<PathBuf>,
     /// alpaca, messages, sharegpt, text, prompt-completion or preference.
     #[arg(long)]
-    format: Format,
+    format: String,
     /// Model directory whose tokenizer and chat template are used.
     #[arg(long)]
     model: PathBuf,
     /// What is trained: assistant (every assistant turn), completion (the last one), all.
     #[arg(long, default_value = "assistant")]
-    mask: MaskMode,
+    mask: String,
     /// Rename a field: canonical=actual, e.g. --column instruction=question (repeatable).
     #[arg(long = "column")]
     columns: Vec<String>,
 }
 
-fn columns(list: &[String]) -> Result<Columns> {
-    list.iter()
-        .map(|c| c.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())).with_context(|| format!("--column `{c}`: expected canonical=actual")))
-        .collect()
+impl Source {
+    fn message(&self) -> Result<DataSource> {
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| c.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())).with_context(|| format!("--column `{c}`: expected canonical=actual")))
+            .collect::<Result<_>>()?;
+        Ok(DataSource {
+            inputs: self.input.iter().map(|p| p.display().to_string()).collect(),
+            format: self.format.clone(),
+            model: Some(ModelRef { path: self.model.display().to_string() }),
+            mask: self.mask.clone(),
+            columns,
+        })
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -47,7 +55,7 @@ pub(crate) enum DataCmd {
         out: PathBuf,
         /// Longest sequence in tokens.
         #[arg(long, default_value_t = 1024)]
-        max_seq_len: usize,
+        max_seq_len: u32,
         /// Fraction held out for evaluation.
         #[arg(long, default_value_t = 0.0)]
         eval_fraction: f64,
@@ -67,87 +75,58 @@ pub(crate) enum DataCmd {
         src: Source,
         /// How many records.
         #[arg(long, default_value_t = 1)]
-        n: usize,
+        n: u32,
     },
 }
 
-pub(crate) fn run(cmd: &DataCmd, json_out: bool) -> Result<()> {
+pub(crate) async fn run(cmd: &DataCmd, svc: &mut Services, json_out: bool) -> Result<()> {
     match cmd {
         DataCmd::Format { src, out, max_seq_len, eval_fraction, seed, strict, pack } => {
-            let opts = BuildOptions {
-                inputs: src.input.clone(),
-                format: src.format,
-                columns: columns(&src.columns)?,
-                model: src.model.clone(),
-                mask: src.mask,
+            let req = FormatRequest {
+                source: Some(src.message()?),
+                out: out.display().to_string(),
                 max_seq_len: *max_seq_len,
                 eval_fraction: *eval_fraction,
                 seed: *seed,
                 strict: *strict,
                 pack: *pack,
             };
-            let stats = build(&opts, out)?;
+            let s = svc.data.format(req).await.map_err(status_error)?.into_inner();
             if json_out {
-                println!("{}", serde_json::to_string(&stats)?);
+                let stats = serde_json::json!({"records": s.records, "train": s.train, "eval": s.eval, "tokens": s.tokens, "trained_tokens": s.trained_tokens,
+                    "truncated": s.truncated, "packed_rows": s.packed_rows, "dropped": s.dropped, "errors": s.errors, "path": s.path});
+                println!("{stats}");
             } else {
                 println!(
                     "{} records → {} train, {} eval ({} tokens, {} trained; {} truncated, {} dropped) in {}",
-                    stats.records,
-                    stats.train,
-                    stats.eval,
-                    stats.tokens,
-                    stats.trained_tokens,
-                    stats.truncated,
-                    stats.dropped.values().sum::<usize>(),
-                    out.display()
+                    s.records,
+                    s.train,
+                    s.eval,
+                    s.tokens,
+                    s.trained_tokens,
+                    s.truncated,
+                    s.dropped.values().sum::<u64>(),
+                    s.path
                 );
-                for e in &stats.errors {
+                for e in &s.errors {
                     eprintln!("  skipped {e}");
                 }
             }
         }
         DataCmd::Preview { src, n } => {
-            let tok = Tokenizer::from_dir(&src.model)?;
-            let tmpl = ChatTemplate::from_dir(&src.model)?;
-            let eos = ModelDefaults::from_dir(&src.model, &tok)?.eos_ids;
-            let r = Renderer { tokenizer: &tok, template: &tmpl, eos_id: *eos.first().context("the model declares no EOS token")?, eos_ids: &eos, mask: src.mask };
-            let cols = columns(&src.columns)?;
-            let mut shown = 0;
-            for file in &src.input {
-                for rec in read_records(file)? {
-                    if shown == *n {
-                        return Ok(());
-                    }
-                    let t = rec.value.and_then(|v| parse(src.format, &v, &cols)).and_then(|s| r.sample(&s));
-                    match t {
-                        Ok(TokenizedSample::Single(s)) => println!("--- {}:{} ({} tokens, {} trained)\n{}", file.display(), rec.line, s.input_ids.len(), s.trained(), highlight(&tok, &s)?),
-                        Ok(TokenizedSample::Pair { chosen, rejected }) => {
-                            println!("--- {}:{} chosen\n{}\n--- rejected\n{}", file.display(), rec.line, highlight(&tok, &chosen)?, highlight(&tok, &rejected)?)
-                        }
-                        Err(e) => println!("--- {}:{}: {e}", file.display(), rec.line),
-                    }
-                    shown += 1;
+            let r = svc.data.preview(PreviewRequest { source: Some(src.message()?), n: *n }).await.map_err(status_error)?.into_inner();
+            for s in r.samples {
+                if json_out {
+                    println!("{}", serde_json::json!({"location": s.location, "text": s.text, "rejected": s.rejected, "tokens": s.tokens, "trained": s.trained, "error": s.error}));
+                } else if !s.error.is_empty() {
+                    println!("--- {}: {}", s.location, s.error);
+                } else if !s.rejected.is_empty() {
+                    println!("--- {} chosen\n{}\n--- rejected\n{}", s.location, s.text, s.rejected);
+                } else {
+                    println!("--- {} ({} tokens, {} trained)\n{}", s.location, s.tokens, s.trained, s.text);
                 }
             }
         }
     }
     Ok(())
-}
-
-/// The decoded sequence with trained runs wrapped in `[[…]]`.
-fn highlight(tok: &Tokenizer, t: &Tokenized) -> Result<String> {
-    let mut out = String::new();
-    let mut i = 0;
-    while i < t.input_ids.len() {
-        let trained = t.labels[i] >= 0;
-        let j = (i..t.input_ids.len()).find(|&j| (t.labels[j] >= 0) != trained).unwrap_or(t.input_ids.len());
-        let text = tok.decode(&t.input_ids[i..j], false)?;
-        if trained {
-            out.push_str(&format!("[[{text}]]"));
-        } else {
-            out.push_str(&text);
-        }
-        i = j;
-    }
-    Ok(out)
 }

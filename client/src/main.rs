@@ -1,16 +1,23 @@
 //! `ferrotune`: the command-line client. Every command prints a human-readable result, or with `--json`
-//! one JSON document; errors are one line on stderr and a non-zero exit.
+//! one JSON document; errors are one line on stderr and a non-zero exit. Model work goes through the
+//! services' gRPC clients: remote ones when endpoints are configured, otherwise the same services started
+//! inside this process (see `connect`). `models` and `import` manage local files directly.
 
 use std::path::PathBuf;
 
+mod connect;
 mod data_cmd;
-mod recipe;
+mod jobs_cmd;
+mod serve_cmd;
 mod train_cmd;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ferrotune_core::{gguf_import, registry, tokenizer::Tokenizer};
+use connect::{status_error, EmbeddedPolicy, Services};
+use ferrotune_core::{gguf_import, registry};
+use ferrotune_proto::v1::{prompt, Chat, ChatMessage, GenerateRequest, MergeRequest, ModelRef, PerplexityRequest, Prompt, Sampling, TokenizeRequest};
 use serde_json::json;
+use tokio_stream::StreamExt;
 
 #[derive(Parser)]
 #[command(name = "ferrotune", version, about = "Fine-tune and align causal language models")]
@@ -18,6 +25,9 @@ struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Configuration file (default: ./ferrotune.yaml when present); FERROTUNE__… variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -75,6 +85,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EvalCmd,
     },
+    /// Run services as a gRPC server (any subset on one port).
+    Serve(serve_cmd::ServeArgs),
+    /// Jobs of a running policy service: list, get, watch, cancel.
+    Jobs {
+        #[command(subcommand)]
+        cmd: jobs_cmd::JobsCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,12 +141,12 @@ struct GenerateArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// cpu, cuda or cuda:N (embedded policy service only; a remote one uses its own config).
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, bf16 or f16 (embedded policy service only).
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -169,21 +186,21 @@ enum EvalCmd {
         /// A PEFT LoRA adapter directory to apply.
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32, bf16 or f16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        /// cpu, cuda or cuda:N (embedded policy service only).
+        #[arg(long)]
+        device: Option<String>,
+        /// f32, bf16 or f16 (embedded policy service only).
+        #[arg(long)]
+        dtype: Option<String>,
         /// Longest window in tokens.
         #[arg(long, default_value_t = 1024)]
-        window: usize,
+        window: u32,
         /// Tokens a window advances (less than --window).
         #[arg(long, default_value_t = 512)]
-        stride: usize,
+        stride: u32,
         /// Windows per forward pass.
         #[arg(long, default_value_t = 4)]
-        batch: usize,
+        batch: u32,
     },
 }
 
@@ -204,6 +221,7 @@ fn run(cli: &Cli) -> Result<()> {
             } else {
                 println!("{}", path.display());
             }
+            return Ok(());
         }
         Cmd::Models { cmd: ModelsCmd::List } => {
             let rows: Vec<_> = registry::KNOWN_MODELS
@@ -220,6 +238,7 @@ fn run(cli: &Cli) -> Result<()> {
                     println!("{}\t{}\t{}", r["name"].as_str().unwrap_or(""), r["package"].as_str().unwrap_or(""), if r["cached"] == true { "cached" } else { "not pulled" });
                 }
             }
+            return Ok(());
         }
         Cmd::Import { cmd: ImportCmd::Gguf { file, out } } => {
             let report = gguf_import::import_gguf(file, out)?;
@@ -231,109 +250,161 @@ fn run(cli: &Cli) -> Result<()> {
                     println!("  skipped {s}");
                 }
             }
+            return Ok(());
         }
+        _ => {}
+    }
+    let settings = ferrotune_runtime::Settings::load(cli.config.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    let mut telemetry = settings.telemetry.clone();
+    if std::env::var_os("RUST_LOG").is_none() && !matches!(cli.cmd, Cmd::Serve(_)) {
+        telemetry.log = "warn".into();
+    }
+    rt.block_on(async {
+        let _guard = ferrotune_runtime::telemetry::init(&telemetry, "cli")?;
+        let span = tracing::info_span!("ferrotune", command = %command_name(&cli.cmd));
+        use tracing::Instrument;
+        dispatch(cli, settings).instrument(span).await
+    })
+}
+
+fn command_name(c: &Cmd) -> &'static str {
+    match c {
+        Cmd::Models { .. } => "models",
+        Cmd::Import { .. } => "import",
+        Cmd::Tokenize { .. } => "tokenize",
+        Cmd::Data { .. } => "data",
+        Cmd::Train { .. } => "train",
+        Cmd::Generate(_) => "generate",
+        Cmd::Merge { .. } => "merge",
+        Cmd::Eval { .. } => "eval",
+        Cmd::Serve(_) => "serve",
+        Cmd::Jobs { .. } => "jobs",
+    }
+}
+
+/// Refuses --device/--dtype against a remote policy service, whose device comes from its own config.
+fn embedded_policy(s: &ferrotune_runtime::Settings, device: &Option<String>, dtype: &Option<String>) -> Result<EmbeddedPolicy> {
+    if s.endpoints.policy.is_some() && (device.is_some() || dtype.is_some()) {
+        anyhow::bail!("--device/--dtype apply to the embedded policy service; the remote one at {} uses its own policy.device/dtype", s.endpoints.policy.as_deref().unwrap_or(""));
+    }
+    Ok(EmbeddedPolicy { device: device.clone(), dtype: dtype.clone() })
+}
+
+async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()> {
+    let none = EmbeddedPolicy::default();
+    match &cli.cmd {
+        Cmd::Serve(a) => return serve_cmd::serve(a, settings).await,
+        Cmd::Jobs { cmd } => return jobs_cmd::run(cmd, Services::jobs_only(&settings).await?, cli.json).await,
+        _ => {}
+    }
+    let opts = match &cli.cmd {
+        Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
+        Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
+        _ => none,
+    };
+    let mut svc = Services::connect(&settings, &opts).await?;
+    match &cli.cmd {
         Cmd::Tokenize { model, text } => {
-            let ids = Tokenizer::from_dir(model)?.encode(text)?;
+            let ids = svc.data.tokenize(TokenizeRequest { model: Some(model_ref(model)), text: text.clone() }).await.map_err(status_error)?.into_inner().ids;
             if cli.json {
                 println!("{}", json!({ "ids": ids }));
             } else {
                 println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
             }
         }
-        Cmd::Generate(args) => generate(args, cli.json)?,
+        Cmd::Generate(args) => generate(args, &mut svc, cli.json).await?,
         Cmd::Merge { model, adapter, out, base } => {
-            let nf4 = match base.as_deref() {
-                None => None,
-                Some("nf4") => Some(true),
-                Some("original") => Some(false),
-                Some(other) => anyhow::bail!("--base `{other}`: use nf4 or original"),
-            };
-            let r = ferrotune_core::merge::merge_adapter(model, adapter, out, nf4)?;
+            let req = MergeRequest { model: Some(model_ref(model)), adapter: adapter.display().to_string(), out: out.display().to_string(), base: base.clone().unwrap_or_default() };
+            let r = svc.merge.merge(req).await.map_err(status_error)?.into_inner();
             if cli.json {
-                println!("{}", json!({"path": out, "merged_layers": r.merged_layers, "merge_base": r.merge_base}));
+                println!("{}", json!({"path": r.path, "merged_layers": r.merged_layers, "merge_base": r.merge_base}));
             } else {
-                println!("merged {} layers into {:?} base weights → {}", r.merged_layers, r.merge_base, out.display());
+                println!("merged {} layers into {} base weights → {}", r.merged_layers, r.merge_base, r.path);
             }
         }
-        Cmd::Data { cmd } => data_cmd::run(cmd, cli.json)?,
-        Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::sft(args, cli.json)?,
-        Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, device, dtype, window, stride, batch } } => {
+        Cmd::Data { cmd } => data_cmd::run(cmd, &mut svc, cli.json).await?,
+        Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::sft(args, &mut svc, cli.json).await?,
+        Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, window, stride, batch, .. } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
-            let mut b = ferrotune_core::ModelBundle::load(model, ferrotune_core::parse_dtype(dtype)?, ferrotune_core::parse_device(device)?)?;
-            if let Some(ad) = adapter {
-                b.attach_adapter(ad)?;
-            }
-            let ids = b.tokenizer.encode(&text)?;
-            let opts = ferrotune_core::PerplexityOptions { window: *window, stride: *stride, batch: *batch };
-            let p = ferrotune_core::perplexity(&b.model, &ids, opts)?;
+            let req = PerplexityRequest { model: Some(model_ref(model)), adapter: path_or_empty(adapter), text, window: *window, stride: *stride, batch: *batch };
+            let p = svc.policy.perplexity(req).await.map_err(status_error)?.into_inner();
             if cli.json {
-                println!("{}", serde_json::to_string(&p)?);
+                println!("{}", json!({"tokens": p.tokens, "mean_nll": p.mean_nll, "perplexity": p.perplexity}));
             } else {
                 println!("tokens {}  mean NLL {:.6}  perplexity {:.4}", p.tokens, p.mean_nll, p.perplexity);
             }
         }
+        Cmd::Models { .. } | Cmd::Import { .. } | Cmd::Serve(_) | Cmd::Jobs { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
 
-fn generate(a: &GenerateArgs, json_out: bool) -> Result<()> {
-    use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingParams};
+fn model_ref(p: &std::path::Path) -> ModelRef {
+    ModelRef { path: p.display().to_string() }
+}
+
+fn path_or_empty(p: &Option<PathBuf>) -> String {
+    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+async fn generate(a: &GenerateArgs, svc: &mut Services, json_out: bool) -> Result<()> {
     use std::io::Write;
 
-    let mut bundle = ModelBundle::load(&a.model, ferrotune_core::parse_dtype(&a.dtype)?, ferrotune_core::parse_device(&a.device)?)?;
-    if let Some(ad) = &a.adapter {
-        bundle.attach_adapter(ad)?;
-    }
-    let (prompt_ids, template) = if let Some(f) = &a.chat_file {
+    let p = if let Some(f) = &a.chat_file {
         let messages = ferrotune_core::bundle::read_chat_file(f)?;
-        (bundle.chat_prompt(&messages)?, Some(bundle.template.origin()))
+        prompt::Kind::Chat(Chat { messages: messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect() })
     } else {
-        let prompt = a.prompt.as_deref().unwrap_or_default();
-        if prompt.is_empty() {
+        let text = a.prompt.clone().unwrap_or_default();
+        if text.is_empty() {
             anyhow::bail!("--prompt is empty");
         }
         if a.chat {
-            (bundle.chat_prompt(&[Message::new("user", prompt)])?, Some(bundle.template.origin()))
+            prompt::Kind::Chat(Chat { messages: vec![ChatMessage { role: "user".into(), content: text }] })
         } else {
-            (bundle.tokenizer.encode(prompt)?, None)
+            prompt::Kind::Text(text)
         }
     };
     let sample = a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some();
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
+    let req = GenerateRequest {
+        model: Some(model_ref(&a.model)),
+        adapter: path_or_empty(&a.adapter),
+        prompts: vec![Prompt { kind: Some(p) }],
+        max_new_tokens: u32::try_from(a.max_new_tokens).context("--max-new-tokens is too large")?,
+        sampling: Some(Sampling {
             greedy: a.greedy || !sample,
-            temperature: a.temperature.unwrap_or(1.0),
-            top_k: a.top_k,
-            top_p: a.top_p,
+            temperature: a.temperature.unwrap_or(0.0),
+            top_k: a.top_k.unwrap_or(0) as u32,
+            top_p: a.top_p.unwrap_or(0.0),
             repetition_penalty: a.repetition_penalty,
-        },
+        }),
         seed: a.seed,
-        eos_ids: bundle.defaults.eos_ids.clone(),
-        stop_strings: a.stop.clone(),
-        pad_id: bundle.defaults.pad_id,
+        stop: a.stop.clone(),
     };
     let started = std::time::Instant::now();
     let mut first_token: Option<std::time::Duration> = None;
-    let mut streamed_ids: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = svc.policy.generate_stream(req).await.map_err(status_error)?.into_inner();
+    let mut done = None;
+    let mut streamed = String::new();
     let mut stdout = std::io::stdout();
-    let out = generate(&bundle.model, &bundle.tokenizer, &[prompt_ids], &opts, &mut |events| {
-        first_token.get_or_insert_with(|| started.elapsed());
-        if json_out {
-            return;
-        }
-        streamed_ids.extend(events.iter().map(|e| e.id));
-        // Print what became decodable; a trailing U+FFFD means a multi-byte character is still incomplete.
-        if let Ok(text) = bundle.tokenizer.decode(&streamed_ids, true) {
-            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-                let _ = write!(stdout, "{}", &text[printed..]);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(status_error)?;
+        if !chunk.tokens.is_empty() {
+            first_token.get_or_insert_with(|| started.elapsed());
+            if !json_out {
+                for t in &chunk.tokens {
+                    streamed.push_str(&t.text);
+                    let _ = write!(stdout, "{}", t.text);
+                }
                 let _ = stdout.flush();
-                printed = text.len();
             }
         }
-    })?;
-    let g = out.into_iter().next().context("no output")?;
+        if let Some(d) = chunk.done {
+            done = Some(d);
+        }
+    }
+    let d = done.context("the stream ended without a result")?;
+    let g = d.completions.into_iter().next().context("no output")?;
     let secs = started.elapsed().as_secs_f64();
     let decode_secs = secs - first_token.map_or(0.0, |d| d.as_secs_f64());
     let tokens_per_s = if g.ids.len() > 1 && decode_secs > 0.0 { (g.ids.len() - 1) as f64 / decode_secs } else { g.ids.len() as f64 / secs };
@@ -342,16 +413,16 @@ fn generate(a: &GenerateArgs, json_out: bool) -> Result<()> {
             "{}",
             json!({"text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens, "new_tokens": g.ids.len(),
                    "tokens_per_s": tokens_per_s, "finish_reason": g.finish_reason, "logprobs": g.logprobs,
-                   "chat_template": template})
+                   "chat_template": if d.chat_template.is_empty() { serde_json::Value::Null } else { json!(d.chat_template) }})
         );
     } else {
         // The streamed text may run past a stop string; the final text is cut before it.
-        if printed > g.text.len() {
+        if streamed.len() > g.text.len() {
             println!("\n[stopped at a stop string; final text: {:?}]", g.text);
         } else {
             println!();
         }
-        eprintln!("[{} prompt tokens, {} new, {:.1} tokens/s, {:?}]", g.prompt_tokens, g.ids.len(), tokens_per_s, g.finish_reason);
+        eprintln!("[{} prompt tokens, {} new, {:.1} tokens/s, {}]", g.prompt_tokens, g.ids.len(), tokens_per_s, g.finish_reason);
     }
     Ok(())
 }

@@ -4,5 +4,6 @@
 mod cli_errors;
 mod data;
 mod generation;
+mod services;
 mod sft;
 mod smollm2;

@@ -49,3 +49,66 @@ pub fn hf_reference() -> serde_json::Value {
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
+
+/// A `ferrotune serve` child process on an ephemeral loopback port; killed (SIGKILL) when dropped.
+pub struct Server {
+    /// The child.
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `ferrotune serve --services SERVICES --listen 127.0.0.1:0 --artifact-root ROOT` with extra
+    /// environment (`FERROTUNE__…`) and waits for its "listening on" line.
+    pub fn start(services: &str, root: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_on(services, root, env, "127.0.0.1:0")
+    }
+
+    /// Like [`Server::start`] on a given address (to restart a server on the same port).
+    pub fn start_on(services: &str, root: &Path, env: &[(&str, &str)], listen: &str) -> Self {
+        use std::io::BufRead;
+        let mut cmd = Command::new(ferrotune_bin());
+        cmd.args(["serve", "--services", services, "--listen", listen, "--artifact-root", root.to_str().unwrap()])
+            .current_dir(root)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ferrotune serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let addr = line.strip_prefix("listening on ").and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+        Self { url: format!("http://{addr}"), child }
+    }
+
+    /// The `host:port` part.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `ferrotune ARGS` in `dir` with extra environment.
+pub fn run_cli_env(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(ferrotune_bin());
+    cmd.args(args).current_dir(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run ferrotune")
+}

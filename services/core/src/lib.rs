@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod chat;
 pub mod error;
 pub mod generation;
+pub mod logprobs;
 pub mod lora;
 pub mod merge;
 pub mod nf4;

@@ -5,7 +5,9 @@
 
 pub mod dataset;
 pub mod formats;
+pub mod preview;
 pub mod read;
+pub mod service;
 pub mod tokenize;
 
 use std::path::PathBuf;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// A whole SFT recipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct SftRecipe {
+pub struct SftRecipe {
     /// A known model name (pulled if needed) or a model directory.
     pub model: String,
     /// The adapter to train.
@@ -42,7 +42,7 @@ fn f32() -> String {
 /// Adapter method and settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct AdapterSpec {
+pub struct AdapterSpec {
     /// `lora` or `qlora` (NF4 base).
     pub method: String,
     /// LoRA rank.
@@ -84,7 +84,7 @@ fn qv() -> serde_yaml::Value {
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Method {
+pub enum Method {
     /// LoRA adapters on a dense base.
     Lora,
     /// LoRA adapters on an NF4 base.
@@ -98,7 +98,7 @@ pub(crate) enum Method {
 /// Raw data to format, or a dataset directory made by `ferrotune data format`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct DataSpec {
+pub struct DataSpec {
     /// Raw input file (formatted into `OUTPUT_DIR/dataset`).
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -128,7 +128,7 @@ fn max_len() -> usize {
 
 impl AdapterSpec {
     /// The LoRA config, validated.
-    pub(crate) fn lora(&self) -> Result<LoraConfig> {
+    pub fn lora(&self) -> Result<LoraConfig> {
         let targets = match &self.target_modules {
             serde_yaml::Value::String(s) if s == "all-linear" => Targets::AllLinear,
             serde_yaml::Value::String(s) => Targets::Names(vec![s.clone()]),
@@ -143,7 +143,7 @@ impl AdapterSpec {
     }
 
     /// The training method.
-    pub(crate) fn method(&self) -> Result<Method> {
+    pub fn method(&self) -> Result<Method> {
         match self.method.as_str() {
             "lora" => Ok(Method::Lora),
             "qlora" => Ok(Method::Qlora),
@@ -181,9 +181,14 @@ fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
 }
 
 /// Reads a recipe file and applies `--set` overrides (and `--output-dir`, `--max-steps`).
-pub(crate) fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
+pub fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let mut v: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("{}: invalid YAML", path.display()))?;
+    parse(&text, path, sets)
+}
+
+/// Parses recipe text (`path` names it in errors), applies overrides and validates.
+pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
+    let mut v: serde_yaml::Value = serde_yaml::from_str(text).with_context(|| format!("{}: invalid YAML", path.display()))?;
     for s in sets {
         apply_set(&mut v, s)?;
     }
@@ -198,4 +203,25 @@ pub(crate) fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
         _ => bail!("{}: set exactly one of data.path (raw records) and data.dataset (a formatted dataset dir)", path.display()),
     }
     Ok(r)
+}
+
+impl SftRecipe {
+    /// Resolves the recipe's paths under the artifact root (a model given by a known name is left for the
+    /// registry); the device is the service's.
+    pub fn resolve_paths(&mut self, root: &ferrotune_runtime::ArtifactRoot, device: &str) -> Result<(), tonic::Status> {
+        let known = ferrotune_core::registry::KNOWN_MODELS.iter().any(|m| m.name == self.model);
+        if !known {
+            self.model = root.resolve("model", &self.model)?.display().to_string();
+        }
+        let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+        if let Some(p) = &self.data.path {
+            self.data.path = Some(root.resolve("data.path", &s(p))?);
+        }
+        if let Some(p) = &self.data.dataset {
+            self.data.dataset = Some(root.resolve("data.dataset", &s(p))?);
+        }
+        self.output_dir = root.resolve("output_dir", &s(&self.output_dir))?;
+        self.device = device.to_owned();
+        Ok(())
+    }
 }

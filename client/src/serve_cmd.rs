@@ -1,0 +1,49 @@
+//! `ferrotune serve`: hosts any subset of the services on one port, with paths confined to the configured
+//! artifact root, until SIGINT / SIGTERM (then drains: health NOT_SERVING, running jobs checkpoint).
+
+use anyhow::{Context, Result};
+use ferrotune_runtime::server::{termination, Hosting};
+use ferrotune_runtime::{ArtifactRoot, Settings};
+
+/// Arguments of `serve`.
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Comma-separated services to host (default: `services` from the config: data,policy,merge).
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<String>,
+    /// Address to listen on (default: `listen` from the config); port 0 picks a free one.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Artifact root (default: `artifact_root` from the config).
+    #[arg(long)]
+    artifact_root: Option<std::path::PathBuf>,
+}
+
+pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
+    if !a.services.is_empty() {
+        s.services = a.services.clone();
+    }
+    if let Some(l) = &a.listen {
+        s.listen = l.clone();
+    }
+    if let Some(r) = &a.artifact_root {
+        s.artifact_root = r.clone();
+    }
+    s.validate()?;
+    let root = ArtifactRoot::confined(&s.artifact_root)?;
+    let listener = tokio::net::TcpListener::bind(&s.listen).await.with_context(|| format!("listen {}", s.listen))?;
+    let addr = listener.local_addr()?;
+    let services = s.services.clone();
+    let mut h = Hosting::new(s, root);
+    for name in &services {
+        match name.as_str() {
+            "data" => ferrotune_data::service::host(&mut h),
+            "policy" => ferrotune_policy::host(&mut h)?,
+            "merge" => ferrotune_merge::host(&mut h),
+            other => anyhow::bail!("unknown service `{other}`"),
+        }
+    }
+    // One line on stdout that scripts (and the tests) read the port from.
+    println!("listening on {addr} ({}) root {}", services.join(","), h.root.root().display());
+    h.serve(listener, termination()).await
+}

@@ -1,0 +1,37 @@
+//! PolicyService: owns the policy model(s) on the service's device; runs SFT jobs (LoRA, QLoRA, prompt
+//! tuning, full fine-tuning), generation (batched and streaming) and log-probs with the adapter on or off.
+
+pub mod models;
+pub mod recipe;
+pub mod service;
+pub mod sft_job;
+
+use std::sync::Arc;
+
+use ferrotune_proto::v1::policy_service_server::PolicyServiceServer;
+use ferrotune_runtime::server::Hosting;
+use ferrotune_runtime::worker::Worker;
+
+/// Adds PolicyService (and its jobs) to a server being assembled.
+pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
+    let cfg = h.settings.policy.clone();
+    let device = ferrotune_core::parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("policy.device: {e}"))?;
+    let kind = ferrotune_core::parse_dtype(&cfg.dtype).map_err(|e| anyhow::anyhow!("policy.dtype: {e}"))?;
+    let worker = Worker::spawn("ferrotune-policy", move || models::Models::new(device, kind, cfg.max_loaded_models))?;
+    let jobs = h.jobs()?;
+    jobs.register("sft", Arc::new(sft_job::SftRunner));
+    let svc = service::Policy { root: h.root.clone(), worker, jobs, device: h.settings.policy.device.clone() };
+    if let Some(m) = h.settings.policy.preload.clone() {
+        let dir = svc.model_dir(Some(&ferrotune_proto::v1::ModelRef { path: m.clone() })).map_err(|e| anyhow::anyhow!("policy.preload `{m}`: {}", e.message()))?;
+        let w = svc.worker.clone();
+        h.when_ready(async move {
+            w.call(move |models| models.get(&dir, None).map(|_| ())).await.map_err(|e| anyhow::anyhow!("policy.preload: {}", e.message()))?;
+            tracing::info!("policy model loaded");
+            Ok(())
+        });
+    }
+    let server = PolicyServiceServer::new(svc).max_decoding_message_size(h.max_message());
+    h.routes.add_service(h.authed(server));
+    h.hosted("ferrotune.v1.PolicyService");
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! The PolicyService handlers. Requests are validated here (INVALID_ARGUMENT naming the field); model
+//! work runs on the service's worker thread; SFT runs as a job.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use ferrotune_core::{generate, GenerateOptions, Message, SamplingParams};
+use ferrotune_proto::v1::policy_service_server::PolicyService;
+use ferrotune_proto::v1::{
+    prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest, ListAdaptersResponse, LogProbsRequest, LogProbsResponse,
+    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartJobResponse, StartSftRequest, StreamedToken,
+};
+use ferrotune_runtime::jobs::{JobManager, JobState};
+use ferrotune_runtime::worker::Worker;
+use ferrotune_runtime::{invalid, ArtifactRoot, StatusExt};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::models::Models;
+
+/// Most prompts in one Generate call.
+pub const MAX_PROMPTS: usize = 64;
+/// Most new tokens per prompt.
+pub const MAX_NEW_TOKENS: u32 = 4096;
+/// Most sequences in one LogProbs call.
+pub const MAX_SEQUENCES: usize = 256;
+
+/// The policy service.
+#[derive(Clone)]
+pub struct Policy {
+    /// Path confinement.
+    pub root: ArtifactRoot,
+    /// The models' thread.
+    pub worker: Worker<Models>,
+    /// SFT jobs.
+    pub jobs: JobManager,
+    /// The service's device (recipes run there).
+    pub device: String,
+}
+
+impl Policy {
+    /// A model reference: a known model name (from the registry) or a directory under the root.
+    pub fn model_dir(&self, m: Option<&ferrotune_proto::v1::ModelRef>) -> Result<PathBuf, Status> {
+        let p = m.map(|m| m.path.as_str()).unwrap_or("");
+        if ferrotune_core::registry::KNOWN_MODELS.iter().any(|k| k.name == p) {
+            let dir = ferrotune_core::registry::model_dir(p);
+            if !dir.join("config.json").is_file() {
+                return Err(Status::failed_precondition(format!("model: `{p}` is not pulled on this service (ferrotune models pull {p})")));
+            }
+            return Ok(dir);
+        }
+        self.root.resolve("model.path", p)
+    }
+}
+
+fn sampling(r: &GenerateRequest) -> SamplingParams {
+    let s = r.sampling.clone().unwrap_or_default();
+    let sample = !s.greedy && (s.temperature > 0.0 || s.top_k > 0 || s.top_p > 0.0);
+    SamplingParams {
+        greedy: !sample,
+        temperature: if s.temperature == 0.0 { 1.0 } else { s.temperature },
+        top_k: (s.top_k > 0).then_some(s.top_k as usize),
+        top_p: (s.top_p > 0.0).then_some(s.top_p),
+        repetition_penalty: if s.repetition_penalty == 0.0 { 1.0 } else { s.repetition_penalty },
+    }
+}
+
+/// Checks a Generate request and returns its options (EOS and pad ids are filled in on the worker).
+fn check_generate(r: &GenerateRequest) -> Result<GenerateOptions, Status> {
+    if r.prompts.is_empty() || r.prompts.len() > MAX_PROMPTS {
+        return Err(invalid("prompts", format!("{} prompts; send 1 to {MAX_PROMPTS}", r.prompts.len())));
+    }
+    for (i, p) in r.prompts.iter().enumerate() {
+        match &p.kind {
+            None => return Err(invalid(&format!("prompts[{i}]"), "empty: set text, ids or chat")),
+            Some(prompt::Kind::Text(t)) if t.is_empty() => return Err(invalid(&format!("prompts[{i}].text"), "empty")),
+            Some(prompt::Kind::Ids(ids)) if ids.ids.is_empty() => return Err(invalid(&format!("prompts[{i}].ids"), "empty")),
+            Some(prompt::Kind::Chat(c)) if c.messages.is_empty() => return Err(invalid(&format!("prompts[{i}].chat"), "no messages")),
+            _ => {}
+        }
+    }
+    if r.max_new_tokens > MAX_NEW_TOKENS {
+        return Err(invalid("max_new_tokens", format!("{} is more than {MAX_NEW_TOKENS}", r.max_new_tokens)));
+    }
+    let sampling = sampling(r);
+    sampling.validate().map_err(|e| invalid("sampling", e))?;
+    Ok(GenerateOptions {
+        max_new_tokens: if r.max_new_tokens == 0 { 128 } else { r.max_new_tokens as usize },
+        sampling,
+        seed: r.seed,
+        eos_ids: vec![],
+        stop_strings: r.stop.clone(),
+        pad_id: 0,
+    })
+}
+
+/// Prompt ids on the worker.
+fn prompt_ids(b: &ferrotune_core::ModelBundle, r: &GenerateRequest) -> Result<(Vec<Vec<u32>>, bool), Status> {
+    let mut chat = false;
+    let mut out = vec![];
+    for (i, p) in r.prompts.iter().enumerate() {
+        let ids = match p.kind.as_ref().expect("checked") {
+            prompt::Kind::Text(t) => b.tokenizer.encode(t).status()?,
+            prompt::Kind::Ids(ids) => {
+                if let Some(&t) = ids.ids.iter().find(|&&t| t as i64 >= b.model.cfg.vocab_size) {
+                    return Err(invalid(&format!("prompts[{i}].ids"), format!("token id {t} is outside the vocabulary ({})", b.model.cfg.vocab_size)));
+                }
+                ids.ids.clone()
+            }
+            prompt::Kind::Chat(c) => {
+                chat = true;
+                let msgs: Vec<Message> = c.messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
+                b.chat_prompt(&msgs).status()?
+            }
+        };
+        out.push(ids);
+    }
+    Ok((out, chat))
+}
+
+fn origin_name(b: &ferrotune_core::ModelBundle) -> String {
+    serde_json::to_value(b.template.origin()).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn completions(g: Vec<ferrotune_core::Generated>, prompts: &[Vec<u32>]) -> Vec<Completion> {
+    g.into_iter()
+        .zip(prompts)
+        .map(|(g, p)| Completion {
+            ids: g.ids,
+            text: g.text,
+            logprobs: g.logprobs,
+            finish_reason: serde_json::to_value(g.finish_reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            prompt_tokens: g.prompt_tokens as u32,
+            prompt_ids: p.clone(),
+        })
+        .collect()
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyService for Policy {
+    async fn start_sft(&self, req: Request<StartSftRequest>) -> Result<Response<StartJobResponse>, Status> {
+        let r = req.into_inner();
+        if r.recipe_yaml.trim().is_empty() {
+            return Err(invalid("recipe_yaml", "empty"));
+        }
+        let mut recipe = crate::recipe::parse(&r.recipe_yaml, Path::new("recipe"), &r.overrides).status()?;
+        recipe.resolve_paths(&self.root, &self.device)?;
+        if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
+            return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
+        }
+        for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset)] {
+            if let Some(p) = p {
+                if !p.exists() {
+                    return Err(Status::not_found(format!("{field}: {} not found", p.display())));
+                }
+            }
+        }
+        let out = recipe.output_dir.clone();
+        let active = self.jobs.list(&[JobState::Queued, JobState::Running], 1000).status()?;
+        if let Some(j) = active.iter().find(|j| Path::new(&j.output_dir) == out) {
+            return Err(Status::failed_precondition(format!("output_dir: job {} is already writing to {}", j.id, out.display())));
+        }
+        let spec = serde_json::json!({"recipe": recipe, "resume": r.resume});
+        let job = self.jobs.submit("sft", spec, out).status()?;
+        tracing::info!(job = %job.id, "sft job queued");
+        Ok(Response::new(StartJobResponse { job: Some(job) }))
+    }
+
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+        let r = req.into_inner();
+        let mut opts = check_generate(&r)?;
+        let model = self.model_dir(r.model.as_ref())?;
+        let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
+        let resp = self
+            .worker
+            .call(move |m| {
+                let b = m.get(&model, adapter.as_deref())?;
+                let (prompts, chat) = prompt_ids(b, &r)?;
+                opts.eos_ids = b.defaults.eos_ids.clone();
+                opts.pad_id = b.defaults.pad_id;
+                let g = generate(&b.model, &b.tokenizer, &prompts, &opts, &mut |_| {}).status()?;
+                let tmpl = if chat { origin_name(b) } else { String::new() };
+                Ok(GenerateResponse { completions: completions(g, &prompts), chat_template: tmpl })
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    type GenerateStreamStream = ChunkStream;
+
+    async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let r = req.into_inner();
+        let mut opts = check_generate(&r)?;
+        let model = self.model_dir(r.model.as_ref())?;
+        let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateChunk, Status>>(256);
+        self.worker.submit(move |m| {
+            let run = || -> Result<GenerateResponse, Status> {
+                let b = m.get(&model, adapter.as_deref())?;
+                let (prompts, chat) = prompt_ids(b, &r)?;
+                opts.eos_ids = b.defaults.eos_ids.clone();
+                opts.pad_id = b.defaults.pad_id;
+                let mut rows: Vec<(Vec<u32>, usize)> = vec![(vec![], 0); prompts.len()];
+                let tok = &b.tokenizer;
+                let g = generate(&b.model, tok, &prompts, &opts, &mut |step| {
+                    let tokens = step
+                        .iter()
+                        .map(|t| {
+                            let (ids, printed) = &mut rows[t.row];
+                            ids.push(t.id);
+                            let mut text = String::new();
+                            // A trailing U+FFFD means a multi-byte character is still incomplete.
+                            if let Ok(all) = tok.decode(ids, true) {
+                                if !all.ends_with('\u{FFFD}') && all.len() > *printed && all.is_char_boundary(*printed) {
+                                    text = all[*printed..].to_owned();
+                                    *printed = all.len();
+                                }
+                            }
+                            StreamedToken { row: t.row as u32, id: t.id, text }
+                        })
+                        .collect();
+                    let _ = tx.blocking_send(Ok(GenerateChunk { tokens, done: None }));
+                })
+                .status()?;
+                let tmpl = if chat { origin_name(b) } else { String::new() };
+                Ok(GenerateResponse { completions: completions(g, &prompts), chat_template: tmpl })
+            };
+            let last = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| Err(Status::internal("internal error (panic) in generation")));
+            let _ = tx.blocking_send(last.map(|done| GenerateChunk { tokens: vec![], done: Some(done) }));
+        })?;
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn log_probs(&self, req: Request<LogProbsRequest>) -> Result<Response<LogProbsResponse>, Status> {
+        let r = req.into_inner();
+        if r.sequences.is_empty() || r.sequences.len() > MAX_SEQUENCES {
+            return Err(invalid("sequences", format!("{} sequences; send 1 to {MAX_SEQUENCES}", r.sequences.len())));
+        }
+        if r.disable_adapter && r.adapter.is_empty() {
+            return Err(invalid("disable_adapter", "set without an adapter"));
+        }
+        let model = self.model_dir(r.model.as_ref())?;
+        let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = r.sequences.into_iter().map(|s| (s.prompt_ids, s.completion_ids)).collect();
+        let disable = r.disable_adapter;
+        let lps = self
+            .worker
+            .call(move |m| {
+                let b = m.get(&model, adapter.as_deref())?;
+                let prompt = if disable { b.model.prompt_embeddings.take() } else { None };
+                if disable {
+                    b.model.set_adapters_enabled(false);
+                }
+                let out = ferrotune_core::logprobs::completion_logprobs(&b.model, &pairs, 8);
+                if disable {
+                    b.model.set_adapters_enabled(true);
+                    b.model.prompt_embeddings = prompt;
+                }
+                out.status()
+            })
+            .await?;
+        let sequences = lps.into_iter().map(|l| SequenceLogProbs { sum: l.iter().map(|&x| x as f64).sum(), logprobs: l }).collect();
+        Ok(Response::new(LogProbsResponse { sequences }))
+    }
+
+    async fn perplexity(&self, req: Request<PerplexityRequest>) -> Result<Response<PerplexityResult>, Status> {
+        let r = req.into_inner();
+        if r.text.is_empty() {
+            return Err(invalid("text", "empty"));
+        }
+        let or = |v: u32, d: usize| if v == 0 { d } else { v as usize };
+        let opts = ferrotune_core::PerplexityOptions { window: or(r.window, 1024), stride: or(r.stride, 512), batch: or(r.batch, 4) };
+        let model = self.model_dir(r.model.as_ref())?;
+        let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
+        let p = self
+            .worker
+            .call(move |m| {
+                let b = m.get(&model, adapter.as_deref())?;
+                let ids = b.tokenizer.encode(&r.text).status()?;
+                ferrotune_core::perplexity(&b.model, &ids, opts).status()
+            })
+            .await?;
+        Ok(Response::new(PerplexityResult { tokens: p.tokens as u64, mean_nll: p.mean_nll, perplexity: p.perplexity }))
+    }
+
+    async fn list_adapters(&self, req: Request<ListAdaptersRequest>) -> Result<Response<ListAdaptersResponse>, Status> {
+        let dir = self.root.resolve("dir", &req.into_inner().dir)?;
+        if !dir.is_dir() {
+            return Err(Status::not_found(format!("dir: {} is not a directory", dir.display())));
+        }
+        let mut found = vec![];
+        let mut stack = vec![(dir, 0usize)];
+        while let Some((d, depth)) = stack.pop() {
+            let cfg = d.join("adapter_config.json");
+            if cfg.is_file() {
+                let v: serde_json::Value = std::fs::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+                found.push(AdapterInfo {
+                    path: d.display().to_string(),
+                    peft_type: v["peft_type"].as_str().unwrap_or("").to_owned(),
+                    base_model: v["base_model_name_or_path"].as_str().unwrap_or("").to_owned(),
+                    r: v["r"].as_u64().unwrap_or(0) as u32,
+                    nf4_base: ferrotune_core::lora::trained_on_nf4(&d).unwrap_or(false),
+                });
+            }
+            if depth < 2 {
+                if let Ok(rd) = std::fs::read_dir(&d) {
+                    stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).map(|p| (p, depth + 1)));
+                }
+            }
+        }
+        found.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Response::new(ListAdaptersResponse { adapters: found }))
+    }
+}

@@ -1,0 +1,139 @@
+//! The SFT job: formats the data (unless the recipe names a formatted dataset), loads the base (NF4 for
+//! QLoRA), adds the adapter, runs the training loop, and reports every step as a job event. The adapter
+//! lands in the output dir in PEFT format with checkpoints, metrics, a loss plot, the chat template and the
+//! resolved recipe beside it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ferrotune_core::prompt_tuning::{PromptInit, PromptState, PromptTuningConfig};
+use ferrotune_core::train::full::FullState;
+use ferrotune_core::train::sft::{LoraState, SftObjective};
+use ferrotune_core::train::{train, Run, StepEvent};
+use ferrotune_core::{registry, ChatTemplate};
+use ferrotune_data::{build, load_split, BuildOptions};
+use ferrotune_runtime::jobs::{Artifact, JobContext, JobOutcome, JobRunner, Progress};
+use serde_json::json;
+
+use crate::recipe::{Method, SftRecipe};
+
+/// Runs `sft` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
+pub struct SftRunner;
+
+/// The Progress of a step event.
+pub fn progress_of(ev: &StepEvent) -> Progress {
+    Progress {
+        step: ev.step as u64,
+        total: ev.total as u64,
+        loss: ev.loss,
+        eval_loss: ev.eval_loss,
+        lr: ev.lr,
+        grad_norm: ev.grad_norm,
+        tokens_per_s: ev.tokens_per_s,
+        trained_tokens: ev.trained_tokens as u64,
+        epoch: ev.epoch,
+        eta_s: 0.0,
+        checkpoint: ev.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        metrics: Default::default(),
+    }
+}
+
+impl JobRunner for SftRunner {
+    fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
+        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
+        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        run_sft(&r, resume, ctx)
+    }
+}
+
+fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
+    let out = r.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+    let model_dir = if Path::new(&r.model).is_dir() { PathBuf::from(&r.model) } else { registry::pull(&r.model)? };
+    let dataset = match (&r.data.dataset, &r.data.path) {
+        (Some(d), _) => d.clone(),
+        (None, Some(p)) => {
+            let d = out.join("dataset");
+            let stats = build(
+                &BuildOptions {
+                    inputs: vec![p.clone()],
+                    format: r.data.format.context("data.format")?,
+                    columns: Default::default(),
+                    model: model_dir.clone(),
+                    mask: r.data.mask,
+                    max_seq_len: r.data.max_seq_len,
+                    eval_fraction: r.data.eval_fraction,
+                    seed: r.training.seed,
+                    strict: false,
+                    pack: r.data.pack,
+                },
+                &d,
+            )?;
+            ctx.log(format!("data: {} train / {} eval examples, {} trained tokens ({} skipped)", stats.train, stats.eval, stats.trained_tokens, stats.dropped.values().sum::<usize>()));
+            d
+        }
+        (None, None) => anyhow::bail!("recipe: set data.path or data.dataset"),
+    };
+    let train_set = load_split(&dataset, "train")?;
+    let eval_set = if dataset.join("eval.jsonl").exists() { load_split(&dataset, "eval")? } else { vec![] };
+    let kind = ferrotune_core::parse_dtype(&r.dtype)?;
+    let device = ferrotune_core::parse_device(&r.device)?;
+    let mut model = ferrotune_core::load_model(&model_dir, kind, device)?;
+    let method = r.adapter.method()?;
+    let qlora = method == Method::Qlora;
+    if qlora {
+        let (before, after) = model.quantize_nf4()?;
+        ctx.log(format!("qlora: decoder linear weights {:.1} MB → {:.1} MB in NF4", before as f64 / 1e6, after as f64 / 1e6));
+    }
+    let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
+    let state: Box<dyn ferrotune_core::train::TrainableState> = match method {
+        Method::Full => {
+            FullState::prepare(&mut model)?;
+            Box::new(FullState { base_dir: model_dir.clone() })
+        }
+        Method::PromptTuning => {
+            let init = match &r.adapter.prompt_tuning_init_text {
+                Some(t) => PromptInit::Text(t.clone()),
+                None => PromptInit::Random,
+            };
+            let cfg = PromptTuningConfig { num_virtual_tokens: r.adapter.num_virtual_tokens, init: init.clone() };
+            model.add_prompt_tuning(&cfg, Some(&tok), r.training.seed)?;
+            Box::new(PromptState { init, base_model: model_dir.display().to_string() })
+        }
+        Method::Lora | Method::Qlora => {
+            let lcfg = r.adapter.lora()?;
+            model.add_lora(&lcfg, r.training.seed)?;
+            Box::new(LoraState { cfg: lcfg, base_model: model_dir.display().to_string() })
+        }
+    };
+    let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
+    // Provenance beside the adapter: the template used for the data, the resolved recipe.
+    let template = ChatTemplate::from_dir(&model_dir)?;
+    std::fs::write(out.join("chat_template.jinja"), template.source()).context("writing chat_template.jinja")?;
+    std::fs::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;
+    std::fs::write(
+        out.join("ferrotune_train.json"),
+        serde_json::to_string_pretty(&json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
+            "chat_template": template.origin(), "dataset": dataset, "train_examples": train_set.len(), "eval_examples": eval_set.len()}))?,
+    )?;
+    let objective = SftObjective::new(pad_id, &r.training);
+    let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
+    let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: state.as_ref(), cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+    let summary = train(&mut model, &run, resume, &mut |ev| ctx.progress(progress_of(ev)), &|| ctx.should_stop())?;
+    if summary.stopped {
+        ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+        return Ok(JobOutcome::Stopped);
+    }
+    let metrics = out.join("metrics.jsonl");
+    let plot = out.join("loss.svg");
+    if let Err(e) = ferrotune_runtime::plot::loss_curve(&metrics, &plot, &format!("SFT ({})", r.adapter.method)) {
+        ctx.log(format!("loss plot not written: {e:#}"));
+    }
+    let kind = if method == Method::Full { "model" } else { "adapter" };
+    let art = |k: &str, p: &Path| Artifact { kind: k.into(), path: p.display().to_string() };
+    let mut artifacts = vec![art(kind, &out), art("metrics", &metrics), art("dataset", &dataset)];
+    if plot.exists() {
+        artifacts.push(art("plot", &plot));
+    }
+    Ok(JobOutcome::Finished(artifacts))
+}

@@ -1,0 +1,350 @@
+//! The job manager: queues jobs, runs them one at a time on a dedicated thread (training saturates the
+//! device), records every event in the store and fans it out to watchers, and on shutdown asks the
+//! running job to checkpoint so that the next start resumes it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrotune_proto::v1::{job_event::Body, Artifact, Job, JobEvent, JobState, Progress, StateChange};
+use tokio::sync::broadcast;
+
+use super::store::{StoredJob, Store};
+use super::{is_terminal, now_ms};
+
+/// Runs jobs of one kind.
+pub trait JobRunner: Send + Sync {
+    /// Runs the job to its end or until `ctx.should_stop()`; blocking. With `ctx.resume`, continues from the
+    /// newest checkpoint in the output directory (or starts over when there is none).
+    fn run(&self, ctx: &JobContext) -> anyhow::Result<JobOutcome>;
+}
+
+/// How a run ended.
+pub enum JobOutcome {
+    /// Done; these are its outputs.
+    Finished(Vec<Artifact>),
+    /// Stopped on request after checkpointing.
+    Stopped,
+}
+
+/// What a runner sees of its job.
+pub struct JobContext {
+    /// Job id.
+    pub id: String,
+    /// The spec given at submission.
+    pub spec: serde_json::Value,
+    /// The output directory.
+    pub output_dir: PathBuf,
+    /// Continue from the newest checkpoint.
+    pub resume: bool,
+    stop: Arc<AtomicBool>,
+    inner: Arc<Inner>,
+    started: Instant,
+    first_step: Mutex<Option<u64>>,
+}
+
+impl JobContext {
+    /// Reports an optimizer step (the ETA is filled in from the pace of this run).
+    pub fn progress(&self, mut p: Progress) {
+        let first = *self.first_step.lock().expect("lock").get_or_insert(p.step.saturating_sub(1));
+        let done = p.step.saturating_sub(first);
+        if done > 0 && p.total >= p.step {
+            p.eta_s = self.started.elapsed().as_secs_f64() / done as f64 * (p.total - p.step) as f64;
+        }
+        self.inner.emit(&self.id, Body::Progress(p));
+    }
+    /// A log line.
+    pub fn log(&self, line: impl Into<String>) {
+        self.inner.emit(&self.id, Body::Log(line.into()));
+    }
+    /// True once the job was cancelled or the service is shutting down: checkpoint and return.
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+    /// The flag behind [`Self::should_stop`].
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+}
+
+struct Live {
+    stop: Arc<AtomicBool>,
+    cancelled: bool,
+    resume: bool,
+    seq: u64,
+    tx: broadcast::Sender<JobEvent>,
+}
+
+struct Inner {
+    store: Mutex<Store>,
+    runners: Mutex<HashMap<String, Arc<dyn JobRunner>>>,
+    live: Mutex<HashMap<String, Live>>,
+    queue: Mutex<Option<std::sync::mpsc::Sender<String>>>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    shutting_down: AtomicBool,
+}
+
+/// Shared handle to the job manager.
+#[derive(Clone)]
+pub struct JobManager(Arc<Inner>);
+
+fn db_err(e: rusqlite::Error) -> anyhow::Error {
+    anyhow::anyhow!("job store: {e}")
+}
+
+impl Inner {
+    /// Records and broadcasts an event.
+    fn emit(&self, id: &str, body: Body) -> JobEvent {
+        let mut live = self.live.lock().expect("lock");
+        let store = self.store.lock().expect("lock");
+        let seq = match live.get_mut(id) {
+            Some(l) => {
+                l.seq += 1;
+                l.seq
+            }
+            None => store.last_seq(id).unwrap_or(0) + 1,
+        };
+        let ev = JobEvent { job_id: id.to_owned(), seq, time_ms: now_ms(), replayed: false, body: Some(body) };
+        if let Err(e) = store.append(&ev) {
+            tracing::error!(job = id, "job store: {e}");
+        }
+        if let Some(l) = live.get(id) {
+            let _ = l.tx.send(ev.clone());
+        }
+        ev
+    }
+
+    fn set_state(&self, id: &str, state: JobState, error: String, artifacts: Vec<Artifact>, resumes: Option<u32>) {
+        let mut job = match self.store.lock().expect("lock").get(id) {
+            Ok(Some(j)) => j.job,
+            _ => return,
+        };
+        job.state = state as i32;
+        job.error = error;
+        if !artifacts.is_empty() {
+            job.artifacts = artifacts;
+        }
+        if let Some(r) = resumes {
+            job.resumes = r;
+        }
+        job.updated_ms = now_ms();
+        self.emit(id, Body::State(StateChange { state: state as i32, job: Some(job) }));
+    }
+
+    fn run_one(self: &Arc<Self>, id: String) {
+        let stored = match self.store.lock().expect("lock").get(&id) {
+            Ok(Some(j)) => j,
+            _ => return,
+        };
+        let (stop, resume) = {
+            let live = self.live.lock().expect("lock");
+            match live.get(&id) {
+                Some(l) => (l.stop.clone(), l.resume),
+                None => return,
+            }
+        };
+        if is_terminal(stored.job.state()) || stop.load(Ordering::Relaxed) && self.shutting_down.load(Ordering::Relaxed) {
+            self.live.lock().expect("lock").remove(&id);
+            return;
+        }
+        let resumes = stored.job.resumes + u32::from(resume);
+        self.set_state(&id, JobState::Running, String::new(), vec![], Some(resumes));
+        let runner = self.runners.lock().expect("lock").get(&stored.job.kind).cloned();
+        let Some(runner) = runner else {
+            self.set_state(&id, JobState::Failed, format!("this service cannot run `{}` jobs", stored.job.kind), vec![], None);
+            self.live.lock().expect("lock").remove(&id);
+            return;
+        };
+        let ctx = JobContext {
+            id: id.clone(),
+            spec: stored.spec,
+            output_dir: PathBuf::from(&stored.job.output_dir),
+            resume,
+            stop: stop.clone(),
+            inner: self.clone(),
+            started: Instant::now(),
+            first_step: Mutex::new(None),
+        };
+        if resume {
+            ctx.log("resuming from the newest checkpoint");
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&ctx)));
+        let cancelled = self.live.lock().expect("lock").get(&id).is_some_and(|l| l.cancelled);
+        let (state, error, artifacts) = match result {
+            Ok(Ok(JobOutcome::Finished(a))) => (JobState::Succeeded, String::new(), a),
+            Ok(Ok(JobOutcome::Stopped)) if cancelled => (JobState::Cancelled, String::new(), vec![]),
+            Ok(Ok(JobOutcome::Stopped)) => (JobState::Interrupted, String::new(), vec![]),
+            Ok(Err(e)) => (JobState::Failed, format!("{e:#}").replace('\n', " "), vec![]),
+            Err(p) => {
+                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                (JobState::Failed, format!("internal error (panic): {msg}"), vec![])
+            }
+        };
+        self.set_state(&id, state, error, artifacts, None);
+        self.live.lock().expect("lock").remove(&id);
+    }
+}
+
+impl JobManager {
+    /// A manager over `store`; register runners, then [`Self::resume_pending`].
+    pub fn start(store: Store) -> anyhow::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let inner = Arc::new(Inner {
+            store: Mutex::new(store),
+            runners: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Some(tx)),
+            worker: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = std::thread::Builder::new()
+            .name("ferrotune-jobs".into())
+            .spawn(move || {
+                while let Ok(id) = rx.recv() {
+                    let Some(inner) = weak.upgrade() else { break };
+                    if inner.shutting_down.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    inner.run_one(id);
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting the job thread: {e}"))?;
+        *inner.worker.lock().expect("lock") = Some(handle);
+        Ok(Self(inner))
+    }
+
+    /// Runs jobs of `kind` with `runner`.
+    pub fn register(&self, kind: &str, runner: Arc<dyn JobRunner>) {
+        self.0.runners.lock().expect("lock").insert(kind.to_owned(), runner);
+    }
+
+    /// Queues again the jobs that were queued, running or interrupted when the service last stopped (and
+    /// that a registered runner can run), oldest first; they resume from their newest checkpoint.
+    pub fn resume_pending(&self) -> anyhow::Result<usize> {
+        let pending = self.0.store.lock().expect("lock").list(&[JobState::Queued, JobState::Running, JobState::Interrupted], usize::MAX).map_err(db_err)?;
+        let mut n = 0;
+        for j in pending.into_iter().rev() {
+            if self.runs(&j.job.kind) && !self.0.live.lock().expect("lock").contains_key(&j.job.id) {
+                tracing::info!(job = %j.job.id, "resuming job after restart");
+                self.enqueue(&j.job.id, true)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn enqueue(&self, id: &str, resume: bool) -> anyhow::Result<()> {
+        let seq = self.0.store.lock().expect("lock").last_seq(id).map_err(db_err)?;
+        let (tx, _) = broadcast::channel(1024);
+        self.0.live.lock().expect("lock").insert(id.to_owned(), Live { stop: Arc::new(AtomicBool::new(false)), cancelled: false, resume, seq, tx });
+        let q = self.0.queue.lock().expect("lock");
+        q.as_ref().context_send()?.send(id.to_owned()).map_err(|_| anyhow::anyhow!("the service is shutting down"))?;
+        Ok(())
+    }
+
+    /// Whether this service runs jobs of `kind`.
+    pub fn runs(&self, kind: &str) -> bool {
+        self.0.runners.lock().expect("lock").contains_key(kind)
+    }
+
+    /// Queues a new job and returns it (QUEUED).
+    pub fn submit(&self, kind: &str, spec: serde_json::Value, output_dir: PathBuf) -> anyhow::Result<Job> {
+        if self.0.shutting_down.load(Ordering::Relaxed) {
+            anyhow::bail!("the service is shutting down");
+        }
+        let now = now_ms();
+        let id = format!("{kind}-{now:x}-{:04x}", (std::process::id() as u64 ^ now as u64 ^ COUNTER.fetch_add(1, Ordering::Relaxed) * 0x9E37) & 0xffff);
+        let job = Job {
+            id: id.clone(),
+            kind: kind.to_owned(),
+            state: JobState::Queued as i32,
+            created_ms: now,
+            updated_ms: now,
+            output_dir: output_dir.display().to_string(),
+            ..Default::default()
+        };
+        self.0.store.lock().expect("lock").insert(&job, &spec).map_err(db_err)?;
+        self.0.emit(&id, Body::State(StateChange { state: JobState::Queued as i32, job: Some(job.clone()) }));
+        self.enqueue(&id, false)?;
+        Ok(job)
+    }
+
+    /// One job.
+    pub fn get(&self, id: &str) -> anyhow::Result<Option<Job>> {
+        Ok(self.0.store.lock().expect("lock").get(id).map_err(db_err)?.map(|j: StoredJob| j.job))
+    }
+
+    /// Jobs, newest first.
+    pub fn list(&self, states: &[JobState], limit: usize) -> anyhow::Result<Vec<Job>> {
+        Ok(self.0.store.lock().expect("lock").list(states, limit).map_err(db_err)?.into_iter().map(|j| j.job).collect())
+    }
+
+    /// Asks a job to stop; returns it as it stands.
+    pub fn cancel(&self, id: &str) -> anyhow::Result<Option<Job>> {
+        let Some(job) = self.get(id)? else { return Ok(None) };
+        if is_terminal(job.state()) {
+            return Ok(Some(job));
+        }
+        let live = {
+            let mut live = self.0.live.lock().expect("lock");
+            match live.get_mut(id) {
+                Some(l) => {
+                    l.cancelled = true;
+                    l.stop.store(true, Ordering::Relaxed);
+                    true
+                }
+                None => false,
+            }
+        };
+        // Not started yet (queued, or interrupted and not resumed here): cancelled right away.
+        if !live || job.state() == JobState::Queued {
+            self.0.set_state(id, JobState::Cancelled, String::new(), vec![], None);
+        }
+        self.get(id)
+    }
+
+    /// Events after `after_seq` (stored), and a receiver of later ones when the job is live here. The
+    /// receiver is taken before the read, so nothing falls between them (duplicates are dropped by seq).
+    pub fn watch(&self, id: &str, after_seq: u64) -> anyhow::Result<(Vec<JobEvent>, Option<broadcast::Receiver<JobEvent>>)> {
+        let rx = self.0.live.lock().expect("lock").get(id).map(|l| l.tx.subscribe());
+        let past = self.0.store.lock().expect("lock").events_after(id, after_seq).map_err(db_err)?;
+        Ok((past, rx))
+    }
+
+    /// Stops accepting jobs, asks the running one to checkpoint and waits up to `grace` for it. Jobs not
+    /// finished stay QUEUED / INTERRUPTED in the store and resume on the next start.
+    pub fn shutdown(&self, grace: Duration) {
+        self.0.shutting_down.store(true, Ordering::Relaxed);
+        for l in self.0.live.lock().expect("lock").values() {
+            l.stop.store(true, Ordering::Relaxed);
+        }
+        self.0.queue.lock().expect("lock").take();
+        let handle = self.0.worker.lock().expect("lock").take();
+        if let Some(h) = handle {
+            let deadline = Instant::now() + grace;
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                tracing::warn!("a job did not stop within {grace:?}; it resumes from its last checkpoint on the next start");
+            }
+        }
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+trait SendContext<T> {
+    fn context_send(self) -> anyhow::Result<T>;
+}
+
+impl<T> SendContext<T> for Option<T> {
+    fn context_send(self) -> anyhow::Result<T> {
+        self.ok_or_else(|| anyhow::anyhow!("the service is shutting down"))
+    }
+}

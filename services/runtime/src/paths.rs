@@ -1,0 +1,113 @@
+//! Artifact paths. Every path a request names is resolved under the configured artifact root; `..` or an
+//! absolute path (or a symlink) leading outside it is refused with PERMISSION_DENIED. The CLI's embedded
+//! mode uses an unconfined root at its working directory: the user's own files, in the user's own process.
+
+use std::path::{Component, Path, PathBuf};
+
+use tonic::Status;
+
+/// Where artifacts live.
+#[derive(Debug, Clone)]
+pub struct ArtifactRoot {
+    root: PathBuf,
+    confined: bool,
+}
+
+impl ArtifactRoot {
+    /// A confined root (created if missing).
+    pub fn confined(root: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| anyhow::anyhow!("artifact root {}: {e}", root.display()))?;
+        let root = root.canonicalize().map_err(|e| anyhow::anyhow!("artifact root {}: {e}", root.display()))?;
+        Ok(Self { root, confined: true })
+    }
+
+    /// Relative paths resolve under `root`; any absolute path is accepted.
+    pub fn unconfined(root: &Path) -> anyhow::Result<Self> {
+        let root = root.canonicalize().map_err(|e| anyhow::anyhow!("{}: {e}", root.display()))?;
+        Ok(Self { root, confined: false })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Resolves `p` (named `field` in errors) to an absolute path inside the root.
+    pub fn resolve(&self, field: &str, p: &str) -> Result<PathBuf, Status> {
+        if p.is_empty() {
+            return Err(Status::invalid_argument(format!("{field}: a path is required")));
+        }
+        if p.contains('\0') {
+            return Err(Status::invalid_argument(format!("{field}: path contains a NUL byte")));
+        }
+        let joined = self.root.join(p);
+        let mut norm = PathBuf::new();
+        for c in joined.components() {
+            match c {
+                Component::ParentDir => {
+                    if !norm.pop() {
+                        return Err(Status::permission_denied(format!("{field}: `{p}` leaves the artifact root")));
+                    }
+                }
+                Component::CurDir => {}
+                other => norm.push(other.as_os_str()),
+            }
+        }
+        if !self.confined {
+            return Ok(norm);
+        }
+        if !norm.starts_with(&self.root) {
+            return Err(Status::permission_denied(format!("{field}: `{p}` is outside the artifact root")));
+        }
+        // A symlink inside the root may still point outside it: check the deepest existing ancestor.
+        let mut existing = norm.as_path();
+        while !existing.exists() {
+            match existing.parent() {
+                Some(parent) => existing = parent,
+                None => break,
+            }
+        }
+        if let Ok(real) = existing.canonicalize() {
+            if !real.starts_with(&self.root) {
+                return Err(Status::permission_denied(format!("{field}: `{p}` resolves outside the artifact root")));
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Like [`Self::resolve`] for an optional field (empty = absent).
+    pub fn resolve_opt(&self, field: &str, p: &str) -> Result<Option<PathBuf>, Status> {
+        if p.is_empty() {
+            Ok(None)
+        } else {
+            self.resolve(field, p).map(Some)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn confinement() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = ArtifactRoot::confined(dir.path()).unwrap();
+        let r = root.root().to_path_buf();
+        assert_eq!(root.resolve("f", "a/b").unwrap(), r.join("a/b"));
+        assert_eq!(root.resolve("f", "a/../b/./c").unwrap(), r.join("b/c"));
+        assert_eq!(root.resolve("f", r.join("x").to_str().unwrap()).unwrap(), r.join("x"));
+        for bad in ["../x", "a/../../x", "/etc/passwd"] {
+            let e = root.resolve("model.path", bad).unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{bad}");
+            assert!(e.message().starts_with("model.path:"), "{}", e.message());
+        }
+        assert_eq!(root.resolve("f", "").unwrap_err().code(), Code::InvalidArgument);
+        std::os::unix::fs::symlink("/tmp", r.join("escape")).unwrap();
+        assert_eq!(root.resolve("f", "escape/x").unwrap_err().code(), Code::PermissionDenied);
+        let open = ArtifactRoot::unconfined(dir.path()).unwrap();
+        assert_eq!(open.resolve("f", "/etc/passwd").unwrap(), PathBuf::from("/etc/passwd"));
+        assert_eq!(open.resolve("f", "x").unwrap(), r.join("x"));
+    }
+}

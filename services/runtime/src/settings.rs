@@ -1,0 +1,212 @@
+//! Layered configuration with the `config` crate: embedded defaults → a YAML file (`ferrotune.yaml` in
+//! the working directory, or `--config PATH`) → `FERROTUNE__…` environment variables (double underscore
+//! between levels, e.g. `FERROTUNE__POLICY__DEVICE=cuda:0`, `FERROTUNE__ENDPOINTS__POLICY=http://h:50051`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded defaults (also the documented reference of every key).
+pub const DEFAULTS: &str = include_str!("defaults.yaml");
+
+/// Everything a service or the CLI reads from configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address `ferrotune serve` listens on (port 0 = any free port).
+    pub listen: String,
+    /// Every path in a request is resolved under, and confined to, this directory.
+    pub artifact_root: PathBuf,
+    /// Services `ferrotune serve` hosts when `--services` is not given.
+    pub services: Vec<String>,
+    /// Where the CLI finds remote services; a service without an endpoint runs embedded.
+    pub endpoints: Endpoints,
+    /// Bearer-token authentication.
+    pub auth: Auth,
+    /// TLS for servers (cert + key) and clients (ca).
+    pub tls: Tls,
+    /// Logs and traces.
+    pub telemetry: Telemetry,
+    /// Request limits.
+    pub limits: Limits,
+    /// The job store.
+    pub jobs: Jobs,
+    /// The policy service's device and models.
+    pub policy: Policy,
+}
+
+/// Remote endpoints (`http://host:port` or `https://…`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoints {
+    /// DataService.
+    pub data: Option<String>,
+    /// PolicyService.
+    pub policy: Option<String>,
+    /// MergeService.
+    pub merge: Option<String>,
+}
+
+/// Authentication.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// When set, every call (health excepted) needs `authorization: Bearer <token>`; the CLI sends it.
+    pub token: Option<String>,
+}
+
+/// TLS (rustls).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Server certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA certificate the CLI trusts for https endpoints (PEM).
+    pub ca: Option<PathBuf>,
+}
+
+/// Telemetry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// OTLP/gRPC collector, e.g. http://127.0.0.1:4317; traces are exported only when set.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans.
+    pub service_name: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ferrotune=debug`.
+    pub log: String,
+}
+
+/// Limits applied by every server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request message in bytes.
+    pub max_message_bytes: usize,
+    /// Unary calls (and stream set-up) taking longer are cut with DEADLINE_EXCEEDED.
+    pub request_timeout_s: u64,
+    /// Requests in flight per connection; more wait.
+    pub concurrency: usize,
+}
+
+/// Job store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jobs {
+    /// SQLite file (default `<artifact_root>/.ferrotune/jobs.sqlite`).
+    pub db: Option<PathBuf>,
+    /// Resume jobs that were running when the service last stopped.
+    pub resume_on_start: bool,
+}
+
+/// Policy service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Weights dtype for generation and log-probs: f32, bf16 or f16.
+    pub dtype: String,
+    /// Loaded (model, adapter) pairs kept in memory.
+    pub max_loaded_models: usize,
+    /// A model (known name or path under the artifact root) loaded at start; health is NOT_SERVING until
+    /// it is.
+    pub preload: Option<String>,
+}
+
+impl Settings {
+    /// Defaults, then `file` (or `./ferrotune.yaml` when it exists), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut b = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Yaml));
+        match file {
+            Some(f) => {
+                if !f.is_file() {
+                    anyhow::bail!("config file {} not found", f.display());
+                }
+                b = b.add_source(config::File::from(f).format(config::FileFormat::Yaml));
+            }
+            None if Path::new("ferrotune.yaml").is_file() => {
+                b = b.add_source(config::File::with_name("ferrotune.yaml").format(config::FileFormat::Yaml));
+            }
+            None => {}
+        }
+        let env = config::Environment::with_prefix("FERROTUNE").prefix_separator("__").separator("__").list_separator(",").with_list_parse_key("services").try_parsing(true);
+        let cfg = b.add_source(env).build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        let s: Settings = cfg.try_deserialize().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Rejects values no service can run with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.limits.max_message_bytes < 1024 {
+            anyhow::bail!("configuration: limits.max_message_bytes must be at least 1024");
+        }
+        if self.limits.concurrency == 0 || self.limits.request_timeout_s == 0 {
+            anyhow::bail!("configuration: limits.concurrency and limits.request_timeout_s must be positive");
+        }
+        if self.policy.max_loaded_models == 0 {
+            anyhow::bail!("configuration: policy.max_loaded_models must be positive");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            anyhow::bail!("configuration: tls.cert and tls.key go together");
+        }
+        for s in &self.services {
+            if !KNOWN_SERVICES.contains(&s.as_str()) {
+                anyhow::bail!("configuration: unknown service `{s}` (known: {})", KNOWN_SERVICES.join(", "));
+            }
+        }
+        Ok(())
+    }
+
+    /// The job database path.
+    pub fn jobs_db(&self, root: &Path) -> PathBuf {
+        self.jobs.db.clone().unwrap_or_else(|| root.join(".ferrotune").join("jobs.sqlite"))
+    }
+}
+
+/// Services a server can host.
+pub const KNOWN_SERVICES: &[&str] = &["data", "policy", "merge"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_env_overrides_them() {
+        let d = Settings::load(None).unwrap();
+        assert_eq!(d.policy.device, "cpu");
+        assert!(d.endpoints.policy.is_none());
+        // Env layering is process-global; set variables unique to this test.
+        // SAFETY: this test is the only one touching these variables.
+        unsafe {
+            std::env::set_var("FERROTUNE__POLICY__MAX_LOADED_MODELS", "5");
+            std::env::set_var("FERROTUNE__ENDPOINTS__MERGE", "http://10.0.0.1:7000");
+        }
+        let s = Settings::load(None).unwrap();
+        unsafe {
+            std::env::remove_var("FERROTUNE__POLICY__MAX_LOADED_MODELS");
+            std::env::remove_var("FERROTUNE__ENDPOINTS__MERGE");
+        }
+        assert_eq!(s.policy.max_loaded_models, 5);
+        assert_eq!(s.endpoints.merge.as_deref(), Some("http://10.0.0.1:7000"));
+    }
+
+    #[test]
+    fn file_layer_and_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "policy:\n  device: cuda:1\nservices: [policy]\n").unwrap();
+        let s = Settings::load(Some(&f)).unwrap();
+        assert_eq!(s.policy.device, "cuda:1");
+        assert_eq!(s.policy.dtype, "f32", "untouched keys keep their defaults");
+        assert_eq!(s.services, vec!["policy"]);
+        std::fs::write(&f, "services: [policy, rewrd]\n").unwrap();
+        assert!(Settings::load(Some(&f)).unwrap_err().to_string().contains("unknown service `rewrd`"));
+        std::fs::write(&f, "polcy: {}\n").unwrap();
+        assert!(Settings::load(Some(&f)).unwrap_err().to_string().contains("polcy"));
+        assert!(Settings::load(Some(&dir.path().join("missing.yaml"))).is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! Domain errors → gRPC status. One exhaustive match over the core's error type; anyhow chains are
+//! searched for it. The message is the whole error chain on one line (file, tensor, line and reason).
+
+use ferrotune_core::CoreError;
+use tonic::{Code, Status};
+
+/// The status for a core error.
+pub fn core_status(e: &CoreError) -> Status {
+    let code = match e {
+        CoreError::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => Code::NotFound,
+            std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+            _ => Code::Internal,
+        },
+        CoreError::Format { .. } | CoreError::Config { .. } | CoreError::Weight { .. } => Code::InvalidArgument,
+        CoreError::InvalidArgument(_) | CoreError::Tokenizer(_) => Code::InvalidArgument,
+        CoreError::Torch(t) => {
+            if t.to_string().contains("out of memory") {
+                Code::ResourceExhausted
+            } else {
+                Code::Internal
+            }
+        }
+    };
+    Status::new(code, one_line(&e.to_string()))
+}
+
+/// INVALID_ARGUMENT naming the field.
+pub fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {msg}"))
+}
+
+fn one_line(s: &str) -> String {
+    s.replace('\n', " ")
+}
+
+/// Converts handler errors to a status.
+pub trait StatusExt<T> {
+    /// Maps the error.
+    fn status(self) -> Result<T, Status>;
+}
+
+impl<T> StatusExt<T> for Result<T, CoreError> {
+    fn status(self) -> Result<T, Status> {
+        self.map_err(|e| core_status(&e))
+    }
+}
+
+impl<T> StatusExt<T> for anyhow::Result<T> {
+    fn status(self) -> Result<T, Status> {
+        self.map_err(|e| anyhow_status(&e))
+    }
+}
+
+/// The status for an anyhow chain: a `Status` or `CoreError` inside decides the code (the message keeps
+/// the whole chain); anything else is the caller's input (recipes, options) → INVALID_ARGUMENT.
+pub fn anyhow_status(e: &anyhow::Error) -> Status {
+    let msg = one_line(&format!("{e:#}"));
+    for cause in e.chain() {
+        if let Some(s) = cause.downcast_ref::<Status>() {
+            return Status::new(s.code(), msg);
+        }
+        if let Some(c) = cause.downcast_ref::<CoreError>() {
+            return Status::new(core_status(c).code(), msg);
+        }
+    }
+    Status::invalid_argument(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        let nf = CoreError::io("/x/config.json", std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(core_status(&nf).code(), Code::NotFound);
+        assert!(core_status(&nf).message().contains("/x/config.json"));
+        assert_eq!(core_status(&CoreError::format("f", "bad")).code(), Code::InvalidArgument);
+        assert_eq!(core_status(&CoreError::InvalidArgument("x".into())).code(), Code::InvalidArgument);
+        let chained = anyhow::Error::new(CoreError::config("c.json", "no hidden_size")).context("loading the model");
+        let s = anyhow_status(&chained);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "loading the model: c.json: no hidden_size");
+        let st = anyhow::Error::new(Status::not_found("job x")).context("watch");
+        assert_eq!(anyhow_status(&st).code(), Code::NotFound);
+    }
+}

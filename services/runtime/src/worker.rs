@@ -1,0 +1,56 @@
+//! A thread that owns a service's libtorch state. tch tensors are `Send` but not `Sync`, and libtorch calls
+//! block: async handlers send closures here and await the reply, so the tokio runtime never blocks and
+//! the state is touched by one thread only.
+
+use tonic::Status;
+
+type Task<S> = Box<dyn FnOnce(&mut S) + Send>;
+
+/// Handle to the worker thread.
+pub struct Worker<S> {
+    tx: std::sync::mpsc::Sender<Task<S>>,
+}
+
+impl<S> Clone for Worker<S> {
+    fn clone(&self) -> Self {
+        Self { tx: self.tx.clone() }
+    }
+}
+
+impl<S: 'static> Worker<S> {
+    /// Starts the thread; `init` builds the state on it.
+    pub fn spawn(name: &str, init: impl FnOnce() -> S + Send + 'static) -> anyhow::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Task<S>>();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let mut state = init();
+                while let Ok(task) = rx.recv() {
+                    task(&mut state);
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting worker {name}: {e}"))?;
+        Ok(Self { tx })
+    }
+
+    /// Runs `f` on the worker thread and returns its result. A panic in `f` becomes INTERNAL (the worker
+    /// keeps running).
+    pub async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut S) -> Result<R, Status> + Send + 'static) -> Result<R, Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task: Task<S> = Box::new(move |s: &mut S| {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
+            let r = r.unwrap_or_else(|p| {
+                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                Err(Status::internal(format!("internal error (panic): {msg}")))
+            });
+            let _ = tx.send(r);
+        });
+        self.tx.send(task).map_err(|_| Status::unavailable("the worker has stopped"))?;
+        rx.await.map_err(|_| Status::internal("the worker dropped the request"))?
+    }
+
+    /// Queues `f` without waiting (streaming handlers report through their own channel).
+    pub fn submit(&self, f: impl FnOnce(&mut S) + Send + 'static) -> Result<(), Status> {
+        self.tx.send(Box::new(f)).map_err(|_| Status::unavailable("the worker has stopped"))
+    }
+}
