@@ -94,7 +94,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     // Paths outside the artifact root are refused by the servers.
     let o = run_cli_env(&root, &env, &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "../escape", "--json"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("leaves the artifact root") && err.contains("PermissionDenied"), "{err}");
+    assert!(!o.status.success() && err.contains("`../escape` is outside the artifact root") && err.contains("PermissionDenied"), "{err}");
     let o = run_cli_env(&root, &env, &["data", "format", "--input", "/etc/passwd", "--format", "text", "--model", "smollm2-135m-instruct", "--out", "x"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("outside the artifact root"));
 }

@@ -48,6 +48,12 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<b
     if merged_layers == 0 {
         return Err(CoreError::InvalidArgument(format!("{}: the adapter has no LoRA layers to merge", adapter.display())));
     }
+    // Layers the adapter did not target keep the weights it was trained against: dequantized NF4 too.
+    for (_, lin) in model.linears_mut() {
+        if matches!(lin.base, crate::models::decoder::BaseWeight::Nf4 { .. }) {
+            lin.base = crate::models::decoder::BaseWeight::Dense(lin.dense_weight()?);
+        }
+    }
     std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
     save_safetensors(&out.join("model.safetensors"), &model.named_weights()?)?;
     let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
