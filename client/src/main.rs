@@ -261,7 +261,8 @@ fn run(cli: &Cli) -> Result<()> {
         telemetry.log = "warn".into();
     }
     rt.block_on(async {
-        let _guard = ferrotune_runtime::telemetry::init(&telemetry, "cli")?;
+        let name = if matches!(cli.cmd, Cmd::Serve(_)) { "serve" } else { "cli" };
+        let _guard = ferrotune_runtime::telemetry::init(&telemetry, name)?;
         let span = tracing::info_span!("ferrotune", command = %command_name(&cli.cmd));
         use tracing::Instrument;
         dispatch(cli, settings).instrument(span).await

@@ -7,3 +7,4 @@ mod generation;
 mod services;
 mod sft;
 mod smollm2;
+mod telemetry;

@@ -7,6 +7,7 @@ use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::settings::Telemetry;
@@ -31,7 +32,8 @@ pub fn init(t: &Telemetry, service_name: &str) -> anyhow::Result<TelemetryGuard>
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| t.log.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| anyhow::anyhow!("telemetry.log `{filter}`: {e}"))?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    // Each layer filters for itself: a quiet terminal (the CLI logs warnings only) still exports its spans.
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter);
     let (otel, provider) = match &t.otlp_endpoint {
         Some(ep) => {
             use opentelemetry_otlp::WithExportConfig;
@@ -47,12 +49,13 @@ pub fn init(t: &Telemetry, service_name: &str) -> anyhow::Result<TelemetryGuard>
                 .build();
             let tracer = provider.tracer("ferrotune");
             opentelemetry::global::set_tracer_provider(provider.clone());
-            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+            let spans = tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
+            (Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans)), Some(provider))
         }
         None => (None, None),
     };
     // Already initialised (embedded servers inside the CLI, tests): keep the first subscriber.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
     Ok(TelemetryGuard { provider })
 }
 
