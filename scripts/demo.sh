@@ -20,7 +20,7 @@ trap cleanup EXIT
 cp recipes/data/pirate-train.jsonl recipes/lora-sft.yaml "$root/"
 echo
 echo "== ferrotune serve --services data,policy,merge --listen 127.0.0.1:0 --artifact-root $root"
-coproc SERVER { exec "$ft" serve --services data,policy,merge --listen 127.0.0.1:0 --artifact-root "$root"; }
+coproc SERVER { FERROTUNE__TELEMETRY__LOG=warn exec "$ft" serve --services data,policy,merge --listen 127.0.0.1:0 --artifact-root "$root"; }
 server_pid=$SERVER_PID
 read -r line <&"${SERVER[0]}"
 echo "$line"

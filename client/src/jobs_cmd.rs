@@ -119,7 +119,7 @@ pub(crate) async fn follow(c: &mut Client, id: &str, json_out: bool, cancel_on: 
                     if !cancelled && flag.load(std::sync::atomic::Ordering::Relaxed) {
                         cancelled = true;
                         c.cancel_job(CancelJobRequest { id: id.to_owned() }).await.map_err(status_error)?;
-                        if let Some(b) = &bar { b.println("stopping: the job checkpoints first"); }
+                        if let Some(b) = &bar { b.suspend(|| eprintln!("stopping: the job checkpoints first")); }
                     }
                 }
                 continue;
@@ -138,7 +138,7 @@ pub(crate) async fn follow(c: &mut Client, id: &str, json_out: bool, cancel_on: 
                 None => println!("{}", progress_json(&p)),
             },
             Some(Body::Log(l)) => match &bar {
-                Some(b) => b.println(l),
+                Some(b) => b.suspend(|| eprintln!("{l}")),
                 None => println!("{}", json!({"log": l})),
             },
             Some(Body::State(s)) => {
