@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use connect::{status_error, EmbeddedPolicy, Services};
 use ferrotune_core::{gguf_import, registry};
-use ferrotune_proto::v1::{prompt, Chat, ChatMessage, GenerateRequest, MergeRequest, ModelRef, PerplexityRequest, Prompt, Sampling, TokenizeRequest};
+use ferrotune_proto::v1::{prompt, Chat, ChatMessage, CombineRequest, GenerateRequest, MergeRequest, WeightedAdapter, ModelRef, PerplexityRequest, Prompt, Sampling, TokenizeRequest};
 use serde_json::json;
 use tokio_stream::StreamExt;
 
@@ -79,6 +79,24 @@ enum Cmd {
         /// Merge base: nf4 (the NF4-dequantized weights, default for QLoRA adapters) or original.
         #[arg(long)]
         base: Option<String>,
+        /// Largest safetensors shard in bytes (default 5 GB, as transformers); more shards get an index.
+        #[arg(long)]
+        max_shard_bytes: Option<u64>,
+    },
+    /// Combine LoRA adapters of one base into one (PEFT add_weighted_adapter: linear, cat, ties).
+    Combine {
+        /// An adapter and its weight, DIR=WEIGHT (repeatable), e.g. --adapter runs/a=0.7 --adapter runs/b=0.3.
+        #[arg(long = "adapter", required = true)]
+        adapters: Vec<String>,
+        /// linear (same rank), cat (ranks concatenated, exact) or ties (same rank, with --density).
+        #[arg(long, default_value = "linear")]
+        combination: String,
+        /// ties: fraction of entries kept per matrix, in (0, 1].
+        #[arg(long, default_value_t = 1.0)]
+        density: f64,
+        /// Output adapter directory.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Evaluate a model.
     Eval {
@@ -278,6 +296,7 @@ fn command_name(c: &Cmd) -> &'static str {
         Cmd::Train { .. } => "train",
         Cmd::Generate(_) => "generate",
         Cmd::Merge { .. } => "merge",
+        Cmd::Combine { .. } => "combine",
         Cmd::Eval { .. } => "eval",
         Cmd::Serve(_) => "serve",
         Cmd::Jobs { .. } => "jobs",
@@ -315,13 +334,34 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
             }
         }
         Cmd::Generate(args) => generate(args, &mut svc, cli.json).await?,
-        Cmd::Merge { model, adapter, out, base } => {
-            let req = MergeRequest { model: Some(model_ref(model)), adapter: adapter.display().to_string(), out: out.display().to_string(), base: base.clone().unwrap_or_default() };
+        Cmd::Merge { model, adapter, out, base, max_shard_bytes } => {
+            let req = MergeRequest {
+                model: Some(model_ref(model)),
+                adapter: adapter.display().to_string(),
+                out: out.display().to_string(),
+                base: base.clone().unwrap_or_default(),
+                max_shard_bytes: max_shard_bytes.unwrap_or(0),
+            };
             let r = svc.merge.merge(req).await.map_err(status_error)?.into_inner();
             if cli.json {
-                println!("{}", json!({"path": r.path, "merged_layers": r.merged_layers, "merge_base": r.merge_base}));
+                println!("{}", json!({"path": r.path, "merged_layers": r.merged_layers, "merge_base": r.merge_base, "shards": r.shards}));
             } else {
-                println!("merged {} layers into {} base weights → {}", r.merged_layers, r.merge_base, r.path);
+                println!("merged {} layers into {} base weights → {} ({} safetensors file(s))", r.merged_layers, r.merge_base, r.path, r.shards);
+            }
+        }
+        Cmd::Combine { adapters, combination, density, out } => {
+            let mut list = vec![];
+            for a in adapters {
+                let (p, w) = a.rsplit_once('=').with_context(|| format!("--adapter `{a}`: expected DIR=WEIGHT"))?;
+                let w: f64 = w.parse().with_context(|| format!("--adapter `{a}`: weight `{w}` is not a number"))?;
+                list.push(WeightedAdapter { path: p.to_owned(), weight: w });
+            }
+            let req = CombineRequest { adapters: list, combination: combination.clone(), density: *density, out: out.display().to_string() };
+            let r = svc.merge.combine(req).await.map_err(status_error)?.into_inner();
+            if cli.json {
+                println!("{}", json!({"path": r.path, "r": r.r}));
+            } else {
+                println!("combined adapter (r = {}) → {}", r.r, r.path);
             }
         }
         Cmd::Data { cmd } => data_cmd::run(cmd, &mut svc, cli.json).await?,

@@ -82,8 +82,13 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     let g = last_json(&ok(&run_cli_env(&root, &env, &["generate", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--chat", "--prompt", "Hi", "--max-new-tokens", "8", "--json"])));
     assert!(g["new_tokens"].as_u64().unwrap() > 0);
     // Merge service: merged model's perplexity equals base + adapter's.
-    let m = last_json(&ok(&run_cli_env(&root, &env, &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "merged", "--json"])));
+    let m = last_json(&ok(&run_cli_env(&root, &env, &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "merged", "--max-shard-bytes", "200000000", "--json"])));
     assert_eq!(m["merge_base"], "nf4_dequantized");
+    // SmolLM2 in f32 is ~540 MB: three shards and the index transformers reads.
+    assert_eq!(m["shards"], 3);
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("merged/model.safetensors.index.json")).unwrap()).unwrap();
+    assert_eq!(index["weight_map"]["model.norm.weight"], "model-00003-of-00003.safetensors");
+    assert!(!root.join("merged/model.safetensors").exists());
     std::fs::write(root.join("t.txt"), "The quick brown fox jumps over the lazy dog. Pirates say ahoy to every sailor they meet.").unwrap();
     let merged_dir = root.join("merged");
     let a = last_json(&ok(&run_cli_env(&root, &env, &["eval", "perplexity", "--model", merged_dir.to_str().unwrap(), "--text-file", "t.txt", "--json"])));
@@ -262,4 +267,27 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
     });
     let status = server.terminate();
     assert!(status.success(), "graceful shutdown: {status:?}");
+}
+
+#[test]
+fn combine_adapters_through_the_cli() {
+    let fx = |n: &str| ferrotune_tests::fixture(&format!("tiny-lora/combine/{n}")).display().to_string();
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("cat");
+    let (a, b, c) = (format!("{}=0.7", fx("a")), format!("{}=-0.4", fx("b")), format!("{}=1", fx("c")));
+    let v = last_json(&ok(&run_cli_env(t.path(), &[], &["combine", "--adapter", &a, "--adapter", &b, "--combination", "cat", "--out", out.to_str().unwrap(), "--json"])));
+    assert_eq!(v["r"], 8);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_i64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(8.0)));
+    let fails = |args: &[&str], needle: &str| {
+        let o = run_cli_env(t.path(), &[], args);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(needle) && e.trim_end().lines().count() == 1, "{args:?}: {e}");
+    };
+    let o = t.path().join("x").display().to_string();
+    fails(&["combine", "--adapter", &a, "--adapter", &c, "--out", &o], "one rank");
+    fails(&["combine", "--adapter", &a, "--adapter", &b, "--combination", "ties", "--density", "0", "--out", &o], "density: 0 is not in (0, 1]");
+    fails(&["combine", "--adapter", &a, "--combination", "average", "--out", &o], "unknown combination `average`");
+    fails(&["combine", "--adapter", "no-weight", "--out", &o], "expected DIR=WEIGHT");
+    fails(&["combine", "--adapter", "/nonexistent=1", "--out", &o], "/nonexistent is not an adapter directory");
 }

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod chat;
+pub mod combine;
 pub mod error;
 pub mod generation;
 pub mod logprobs;

@@ -76,7 +76,7 @@ impl LoraConfig {
     }
 }
 
-fn scaling(alpha: f64, r: i64, rslora: bool) -> f64 {
+pub(crate) fn scaling(alpha: f64, r: i64, rslora: bool) -> f64 {
     if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
 }
 
@@ -273,7 +273,7 @@ impl CausalLm {
 
 /// The override for module `path` in a PEFT `rank_pattern`/`alpha_pattern` (keys are module names or
 /// suffixes, as for `target_modules`).
-fn pattern_value<T: Copy>(m: &BTreeMap<String, T>, path: &str) -> Option<T> {
+pub(crate) fn pattern_value<T: Copy>(m: &BTreeMap<String, T>, path: &str) -> Option<T> {
     m.iter().find(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}"))).map(|(_, v)| *v)
 }
 

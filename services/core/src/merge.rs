@@ -10,7 +10,6 @@ use tch::{Device, Kind};
 
 use crate::error::{CoreError, Result};
 use crate::models::load_model;
-use crate::weights::save_safetensors;
 
 /// Which base weights a QLoRA adapter is merged into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,12 +28,22 @@ pub struct MergeReport {
     pub merged_layers: usize,
     /// The base the adapter was folded into.
     pub merge_base: MergeBase,
+    /// Safetensors files written.
+    pub shards: usize,
 }
 
 /// Merges the LoRA adapter in `adapter` into the model in `base` and writes the result to `out`.
 /// `nf4_base` overrides the choice of merge base (default: NF4-dequantized when the adapter was trained
 /// by ferrotune on an NF4 base, the original weights otherwise).
 pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<bool>) -> Result<MergeReport> {
+    merge_adapter_sharded(base, adapter, out, nf4_base, DEFAULT_MAX_SHARD_BYTES)
+}
+
+/// transformers' default `max_shard_size` (5 GB).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// [`merge_adapter`] with the weights split into shards of at most `max_shard_bytes` (plus the index).
+pub fn merge_adapter_sharded(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<bool>, max_shard_bytes: u64) -> Result<MergeReport> {
     let mut model = load_model(base, Kind::Float, Device::Cpu)?;
     let use_nf4 = match nf4_base {
         Some(b) => b,
@@ -55,7 +64,7 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<b
         }
     }
     std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
-    save_safetensors(&out.join("model.safetensors"), &model.named_weights()?)?;
+    let shards = crate::weights::save_sharded(out, &model.named_weights()?, max_shard_bytes)?;
     let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
     let cfg_path = base.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
@@ -63,5 +72,5 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<b
     cfg["ferrotune_merge"] = serde_json::json!({"base_model": base, "adapter": adapter, "merge_base": merge_base, "merged_layers": merged_layers});
     crate::weights::write_atomically(&out.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
     crate::weights::copy_side_files(base, out)?;
-    Ok(MergeReport { merged_layers, merge_base })
+    Ok(MergeReport { merged_layers, merge_base, shards })
 }

@@ -278,3 +278,52 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
         .map_err(|e| CoreError::format(path, format!("cannot serialize safetensors: {e}")))?;
     write_atomically(path, &bytes)
 }
+
+/// Saves a model's tensors into `dir` like transformers' `save_pretrained`: one `model.safetensors`, or,
+/// when they exceed `max_shard_bytes`, `model-0000i-of-0000N.safetensors` shards filled in order plus
+/// `model.safetensors.index.json` (`metadata.total_size`, `weight_map`). Returns the number of files.
+pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u64) -> Result<usize> {
+    if max_shard_bytes == 0 {
+        return Err(CoreError::InvalidArgument("max_shard_bytes must be positive".into()));
+    }
+    let size = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut current = 0u64;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let s = size(t);
+        // A tensor larger than the limit gets a shard of its own, as in transformers.
+        if current > 0 && current + s > max_shard_bytes {
+            shards.push(vec![]);
+            current = 0;
+        }
+        shards.last_mut().expect("one shard").push(i);
+        current += s;
+    }
+    // Replacing a model dir: stale shards of an earlier save would confuse loaders.
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".safetensors") || n == "model.safetensors.index.json" {
+                std::fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
+            }
+        }
+    }
+    if shards.len() == 1 {
+        save_safetensors(&dir.join("model.safetensors"), tensors)?;
+        return Ok(1);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (k, idx) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+        let part: Vec<(String, Tensor)> = idx.iter().map(|&i| (tensors[i].0.clone(), tensors[i].1.shallow_clone())).collect();
+        save_safetensors(&dir.join(&file), &part)?;
+        for (name, _) in &part {
+            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    write_atomically(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
+    Ok(n)
+}

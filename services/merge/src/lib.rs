@@ -1,8 +1,9 @@
 //! MergeService: folds a LoRA adapter into its base (the original or the NF4-dequantized weights, the
-//! choice recorded in the output's config.json) and writes a plain Hugging Face model directory.
+//! choice recorded in the output's config.json) and writes a plain Hugging Face model directory (sharded
+//! when asked); combines LoRA adapters (linear, cat, TIES) like PEFT's `add_weighted_adapter`.
 
 use ferrotune_proto::v1::merge_service_server::{MergeService, MergeServiceServer};
-use ferrotune_proto::v1::{MergeRequest, MergeResponse};
+use ferrotune_proto::v1::{CombineRequest, CombineResponse, MergeRequest, MergeResponse};
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
 use tonic::{Request, Response, Status};
@@ -49,11 +50,50 @@ impl MergeService for Merge {
             other => return Err(invalid("base", format!("`{other}`: use nf4 or original"))),
         };
         let (o, a, m) = (out.clone(), adapter.clone(), model.clone());
-        let report = tokio::task::spawn_blocking(move || ferrotune_core::merge::merge_adapter(&m, &a, &o, nf4))
+        let shard = if r.max_shard_bytes == 0 { ferrotune_core::merge::DEFAULT_MAX_SHARD_BYTES } else { r.max_shard_bytes };
+        if shard < 1 << 20 {
+            return Err(invalid("max_shard_bytes", format!("{shard} is less than 1 MiB")));
+        }
+        let report = tokio::task::spawn_blocking(move || ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard))
             .await
             .map_err(|e| Status::internal(format!("internal error: {e}")))?
             .map_err(|e| core_status(&e))?;
         let merge_base = serde_json::to_value(report.merge_base).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        Ok(Response::new(MergeResponse { path: out.display().to_string(), merged_layers: report.merged_layers as u32, merge_base }))
+        Ok(Response::new(MergeResponse { path: out.display().to_string(), merged_layers: report.merged_layers as u32, merge_base, shards: report.shards as u32 }))
+    }
+
+    async fn combine(&self, req: Request<CombineRequest>) -> Result<Response<CombineResponse>, Status> {
+        let r = req.into_inner();
+        if r.adapters.is_empty() {
+            return Err(invalid("adapters", "at least one adapter is required"));
+        }
+        let mut adapters = vec![];
+        for (i, a) in r.adapters.iter().enumerate() {
+            let p = self.root.resolve(&format!("adapters[{i}].path"), &a.path)?;
+            if !p.join("adapter_config.json").is_file() {
+                return Err(Status::not_found(format!("adapters[{i}].path: {} is not an adapter directory (no adapter_config.json)", p.display())));
+            }
+            if !a.weight.is_finite() {
+                return Err(invalid(&format!("adapters[{i}].weight"), format!("{} is not finite", a.weight)));
+            }
+            adapters.push((p, a.weight));
+        }
+        let mut how: ferrotune_core::combine::Combination = r.combination.parse().map_err(|e| invalid("combination", e))?;
+        if let ferrotune_core::combine::Combination::Ties(_) = how {
+            if !(r.density > 0.0 && r.density <= 1.0) {
+                return Err(invalid("density", format!("{} is not in (0, 1]", r.density)));
+            }
+            how = ferrotune_core::combine::Combination::Ties(r.density);
+        }
+        let out = self.root.resolve("out", &r.out)?;
+        if adapters.iter().any(|(p, _)| *p == out) {
+            return Err(invalid("out", "must differ from the input adapters"));
+        }
+        let o = out.clone();
+        let rank = tokio::task::spawn_blocking(move || ferrotune_core::combine::combine(&adapters, how, &o))
+            .await
+            .map_err(|e| Status::internal(format!("internal error: {e}")))?
+            .map_err(|e| core_status(&e))?;
+        Ok(Response::new(CombineResponse { path: out.display().to_string(), r: rank as u32 }))
     }
 }

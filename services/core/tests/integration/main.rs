@@ -3,6 +3,7 @@
 //! clear errors on bad files.
 
 mod bad_inputs;
+mod combine;
 mod common;
 mod gguf_roundtrip;
 mod kv_cache;
