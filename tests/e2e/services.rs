@@ -291,3 +291,26 @@ fn combine_adapters_through_the_cli() {
     fails(&["combine", "--adapter", "no-weight", "--out", &o], "expected DIR=WEIGHT");
     fails(&["combine", "--adapter", "/nonexistent=1", "--out", &o], "/nonexistent is not an adapter directory");
 }
+
+#[test]
+fn smollm2_services_over_tls() {
+    smollm2_dir();
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().canonicalize().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    std::fs::write(root.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(root.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = (root.join("cert.pem").display().to_string(), root.join("key.pem").display().to_string());
+    let server = Server::start("data", &root, &[("FERROTUNE__TLS__CERT", &cert), ("FERROTUNE__TLS__KEY", &key)]);
+    let https = format!("https://{}", server.addr());
+    let tokenize = ["tokenize", "--model", "smollm2-135m-instruct", "--text", "hi", "--json"];
+    // Trusting the server's certificate: works.
+    let o = run_cli_env(&root, &[("FERROTUNE__ENDPOINTS__DATA", &https), ("FERROTUNE__TLS__CA", &cert)], &tokenize);
+    assert!(last_json(&ok(&o))["ids"].as_array().is_some_and(|a| !a.is_empty()));
+    // Without the CA the certificate is not trusted; plaintext cannot talk to a TLS server.
+    let o = run_cli_env(&root, &[("FERROTUNE__ENDPOINTS__DATA", &https)], &tokenize);
+    assert!(!o.status.success(), "an untrusted certificate must be refused");
+    let o = run_cli_env(&root, &[("FERROTUNE__ENDPOINTS__DATA", &server.url)], &tokenize);
+    assert!(!o.status.success(), "plaintext against TLS must fail");
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim_end().lines().count(), 1);
+}
