@@ -321,6 +321,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
     let opts = match &cli.cmd {
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
+        Cmd::Train { cmd: TrainCmd::Sft(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
         _ => none,
     };
     let mut svc = Services::connect(&settings, &opts).await?;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use ferrotune_proto::v1::StartSftRequest;
 use serde_json::json;
 
-use crate::connect::{status_error, Services};
+use crate::connect::{status_error, EmbeddedPolicy, Services};
 use crate::jobs_cmd::{finish_message, follow};
 
 /// Arguments of `train sft`.
@@ -32,7 +32,8 @@ pub(crate) struct SftArgs {
     resume: bool,
 }
 
-pub(crate) async fn sft(a: &SftArgs, svc: &mut Services, json_out: bool) -> Result<()> {
+/// The recipe text, the overrides (with --output-dir / --max-steps), and the validated recipe.
+fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_policy::recipe::SftRecipe)> {
     let mut sets = a.sets.clone();
     if let Some(d) = &a.output_dir {
         sets.push(format!("output_dir={}", d.display()));
@@ -41,7 +42,17 @@ pub(crate) async fn sft(a: &SftArgs, svc: &mut Services, json_out: bool) -> Resu
         sets.push(format!("training.max_steps={n}"));
     }
     let text = std::fs::read_to_string(&a.recipe).with_context(|| format!("{}", a.recipe.display()))?;
-    ferrotune_policy::recipe::parse(&text, &a.recipe, &sets)?;
+    let r = ferrotune_policy::recipe::parse(&text, &a.recipe, &sets)?;
+    Ok((text, sets, r))
+}
+
+/// The embedded policy service runs on the recipe's device (a remote one uses its own).
+pub(crate) fn embedded_policy(a: &SftArgs) -> Result<EmbeddedPolicy> {
+    Ok(EmbeddedPolicy { device: Some(load(a)?.2.device), dtype: None })
+}
+
+pub(crate) async fn sft(a: &SftArgs, svc: &mut Services, json_out: bool) -> Result<()> {
+    let (text, sets, _) = load(a)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if svc.policy_embedded {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -81,6 +81,24 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     // Generation with the adapter on the policy server.
     let g = last_json(&ok(&run_cli_env(&root, &env, &["generate", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--chat", "--prompt", "Hi", "--max-new-tokens", "8", "--json"])));
     assert!(g["new_tokens"].as_u64().unwrap() > 0);
+    // ListAdapters finds it; LogProbs with the adapter disabled is the reference (restored afterwards).
+    let purl = policy.url.clone();
+    rt().block_on(async move {
+        let mut p = PolicyServiceClient::connect(purl).await.unwrap();
+        let list = p.list_adapters(ferrotune_proto::v1::ListAdaptersRequest { dir: "runs".into() }).await.unwrap().into_inner().adapters;
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!((list[0].peft_type.as_str(), list[0].r, list[0].nf4_base), ("LORA", 8, true));
+        let m = Some(ModelRef { path: "smollm2-135m-instruct".into() });
+        let seq = ScoredSequence { prompt_ids: vec![1, 9690, 198], completion_ids: vec![19556, 28, 905] };
+        let call = |disable: bool| {
+            let req = LogProbsRequest { model: m.clone(), adapter: "runs/q".into(), disable_adapter: disable, sequences: vec![seq.clone()] };
+            let mut p = p.clone();
+            async move { p.log_probs(req).await.unwrap().into_inner().sequences[0].sum }
+        };
+        let (on, off, on_again, off_again) = (call(false).await, call(true).await, call(false).await, call(true).await);
+        assert!((on - off).abs() > 1e-4, "the adapter must matter: {on} vs {off}");
+        assert_eq!((on, off), (on_again, off_again), "disabling is undone after the call");
+    });
     // Merge service: merged model's perplexity equals base + adapter's.
     let m = last_json(&ok(&run_cli_env(&root, &env, &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "merged", "--max-shard-bytes", "200000000", "--json"])));
     assert_eq!(m["merge_base"], "nf4_dequantized");

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod full;
 pub mod loss;
 pub mod optim;
+pub mod scaler;
 pub mod schedule;
 pub mod sft;
 
@@ -90,6 +91,8 @@ pub struct TrainConfig {
     /// Recompute each decoder layer during the backward pass (one layer's activations in memory at a
     /// time instead of all of them; one extra forward pass).
     pub gradient_checkpointing: bool,
+    /// f16 compute: the initial dynamic loss scale (a power of two; GradScaler's 65536).
+    pub init_loss_scale: f64,
 }
 
 impl Default for TrainConfig {
@@ -112,6 +115,7 @@ impl Default for TrainConfig {
             save_total_limit: 2,
             loss_chunk_tokens: 256,
             gradient_checkpointing: false,
+            init_loss_scale: 65536.0,
         }
     }
 }
@@ -141,6 +145,10 @@ impl TrainConfig {
         if self.loss_chunk_tokens == 0 {
             return bad("loss_chunk_tokens must be at least 1".into());
         }
+        let l = self.init_loss_scale.log2();
+        if !(self.init_loss_scale >= 1.0 && l.fract() == 0.0 && l <= 120.0) {
+            return bad(format!("init_loss_scale must be a power of two in [1, 2^120], got {}", self.init_loss_scale));
+        }
         Ok(())
     }
 }
@@ -158,6 +166,9 @@ pub struct Position {
     pub micro_batches: u64,
     /// Trained units (tokens) so far.
     pub units: u64,
+    /// f16 compute: log2 of the dynamic loss scale and good steps since it last changed ([`scaler`]).
+    #[serde(default)]
+    pub loss_scale: Option<(i32, u64)>,
 }
 
 /// Progress after an optimizer step (for progress bars, metrics files and job events).
@@ -183,6 +194,12 @@ pub struct StepEvent {
     pub epoch: f64,
     /// A checkpoint written at this step, if any.
     pub checkpoint: Option<PathBuf>,
+    /// f16 compute: the loss scale used by this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// f16 compute: the step's gradients overflowed and the update was skipped.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// The data order of `epoch`: a permutation of `0..n` from the run seed.
@@ -291,7 +308,10 @@ pub fn train<O: Objective>(
         }
         let units: usize = micro.iter().flatten().map(|e| run.objective.units(e)).sum();
         let tokens: usize = micro.iter().flatten().map(|e| (run.tokens_of)(e)).sum();
-        let scale = 1.0 / units.max(1) as f64;
+        // f16 compute: dynamic loss scaling (see `scaler`).
+        let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| pos.loss_scale.map_or(scaler::LossScale { log2: cfg.init_loss_scale.log2() as i32, good_steps: 0 }, |(log2, good_steps)| scaler::LossScale { log2, good_steps }));
+        let amp = loss_scale.map_or(1.0, |s| s.scale());
+        let scale = amp / units.max(1) as f64;
         opt.zero_grad()?;
         let mut sum = 0.0;
         for mb in &micro {
@@ -299,9 +319,22 @@ pub fn train<O: Objective>(
             pos.micro_batches += 1;
             sum += run.objective.backward(model, mb, scale)?.nll;
         }
+        if amp != 1.0 {
+            opt.scale_grads(1.0 / amp)?;
+        }
         let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm)?;
         let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, pos.step, cfg.warmup_steps, cfg.max_steps);
-        opt.step(lr)?;
+        let skipped = match &mut loss_scale {
+            Some(s) => {
+                let step = s.update(grad_norm.is_finite());
+                pos.loss_scale = Some((s.log2, s.good_steps));
+                !step
+            }
+            None => false,
+        };
+        if !skipped {
+            opt.step(lr)?;
+        }
         pos.step += 1;
         pos.units += units as u64;
         last_loss = sum / units.max(1) as f64;
@@ -333,6 +366,8 @@ pub fn train<O: Objective>(
             trained_tokens: units,
             epoch: pos.epoch as f64 + pos.cursor as f64 / n as f64,
             checkpoint,
+            loss_scale: (amp != 1.0).then_some(amp),
+            skipped,
         };
         metrics.write(&ev)?;
         on_step(&ev);

@@ -73,6 +73,18 @@ impl AdamW {
         Ok(())
     }
 
+    /// Multiplies every gradient by `f` (unscaling after a scaled loss).
+    pub fn scale_grads(&mut self, f: f64) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for p in &self.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.f_mul_scalar_(f)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Global L2 norm of the gradients; when above `max_norm` (> 0), gradients are scaled down to it
     /// (`torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {

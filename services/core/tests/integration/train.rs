@@ -354,3 +354,33 @@ fn prompt_tuning_trains_only_the_virtual_tokens() {
     let files = ferrotune_core::weights::WeightFiles::open_files(&[t.path().join("adapter_model.safetensors")]).unwrap();
     assert_eq!(files.names().collect::<Vec<_>>(), vec!["prompt_embeddings"]);
 }
+
+#[test]
+fn f16_compute_scales_the_loss_and_skips_overflowing_steps() {
+    let data = examples(4, 4);
+    let t = tempfile::tempdir().unwrap();
+    let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Half, Device::Cpu).unwrap();
+    let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    m.add_lora(&lcfg, 7).unwrap();
+    let mut c = cfg(40, 4, 1);
+    c.learning_rate = 5e-2;
+    c.lr_scheduler = ferrotune_core::train::schedule::ScheduleKind::Constant;
+    // Far above what f16 gradients can hold: the first steps overflow, are skipped, and the scale halves.
+    c.init_loss_scale = 2f64.powi(40);
+    let events = std::cell::RefCell::new(vec![]);
+    let obj = SftObjective { pad_id: 0, chunk: 64, gradient_checkpointing: false };
+    let state = LoraState { cfg: lcfg.clone(), base_model: "tiny".into() };
+    let tokens_of = |e: &SftExample| e.input_ids.len();
+    let run = Run { objective: &obj, train: &data, eval: &[], state: &state, cfg: &c, output_dir: t.path(), tokens_of: &tokens_of };
+    train(&mut m, &run, false, &mut |ev| events.borrow_mut().push((ev.loss_scale.unwrap(), ev.skipped, ev.loss)), &|| false).unwrap();
+    let ev = events.into_inner();
+    assert!(ev[0].1, "2^40 must overflow f16 gradients");
+    assert_eq!(ev[0].0, 2f64.powi(40));
+    let first_ok = ev.iter().position(|e| !e.1).expect("the scale backs off until gradients are finite");
+    for w in ev[..=first_ok].windows(2) {
+        assert_eq!(w[1].0, w[0].0 / 2.0, "each skipped step halves the scale");
+    }
+    assert!(ev[first_ok..].iter().all(|e| !e.1 && e.0 == ev[first_ok].0), "no overflow once the scale fits: {ev:?}");
+    let (start, end) = (ev[first_ok].2, ev.last().unwrap().2);
+    assert!(end < start - 0.2, "f16 training learns: loss {start} → {end}");
+}
