@@ -34,7 +34,7 @@ pub fn progress_of(ev: &StepEvent) -> Progress {
         epoch: ev.epoch,
         eta_s: 0.0,
         checkpoint: ev.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        metrics: Default::default(),
+        metrics: ev.metrics.clone().into_iter().collect(),
     }
 }
 

@@ -10,6 +10,7 @@
 //! same computation as an uninterrupted one.
 
 pub mod checkpoint;
+pub mod dpo;
 pub mod full;
 pub mod loss;
 pub mod optim;
@@ -40,6 +41,11 @@ pub trait Objective {
     fn backward(&self, model: &CausalLm, batch: &[&Self::Example], scale: f64) -> Result<LossSum>;
     /// Loss without gradients.
     fn eval(&self, model: &CausalLm, batch: &[&Self::Example]) -> Result<LossSum>;
+    /// Objective-specific metrics averaged since the last call (e.g. DPO's rewards/accuracies; eval ones
+    /// prefixed `eval_`), reported with each step.
+    fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        Default::default()
+    }
 }
 
 /// What the run trains and how it is saved: LoRA adapters, a reward head, full weights…
@@ -200,6 +206,9 @@ pub struct StepEvent {
     /// f16 compute: the step's gradients overflowed and the update was skipped.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// Objective-specific metrics of this step ([`Objective::take_metrics`]).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 /// The data order of `epoch`: a permutation of `0..n` from the run seed.
@@ -368,6 +377,7 @@ pub fn train<O: Objective>(
             checkpoint,
             loss_scale: (amp != 1.0).then_some(amp),
             skipped,
+            metrics: run.objective.take_metrics(),
         };
         metrics.write(&ev)?;
         on_step(&ev);

@@ -51,13 +51,13 @@ impl SftExample {
 }
 
 /// A collated micro-batch (right-padded).
-struct Collated {
-    ids: Tensor,
+pub(crate) struct Collated {
+    pub(crate) ids: Tensor,
     /// Padding / segment mask (`None` when neither is needed).
-    mask: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
     /// Positions restarting per segment (packed rows only).
-    positions: Option<Tensor>,
-    labels: Tensor,
+    pub(crate) positions: Option<Tensor>,
+    pub(crate) labels: Tensor,
 }
 
 /// The SFT objective.
@@ -76,7 +76,7 @@ impl SftObjective {
         Self { pad_id, chunk: cfg.loss_chunk_tokens as i64, gradient_checkpointing: cfg.gradient_checkpointing }
     }
 
-    fn collate(&self, model: &CausalLm, batch: &[&SftExample]) -> Result<Collated> {
+    pub(crate) fn collate(&self, model: &CausalLm, batch: &[&SftExample]) -> Result<Collated> {
         let len = batch.iter().map(|e| e.input_ids.len()).max().unwrap_or(1);
         let b = batch.len();
         let mut ids = vec![self.pad_id as i64; b * len];
