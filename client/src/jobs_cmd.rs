@@ -62,7 +62,8 @@ pub(crate) fn job_json(j: &Job) -> Value {
 pub(crate) fn progress_json(p: &Progress) -> Value {
     json!({"step": p.step, "total": p.total, "loss": p.loss, "eval_loss": p.eval_loss, "lr": p.lr, "grad_norm": p.grad_norm,
            "tokens_per_s": p.tokens_per_s, "trained_tokens": p.trained_tokens, "epoch": p.epoch, "eta_s": p.eta_s,
-           "checkpoint": if p.checkpoint.is_empty() { Value::Null } else { json!(p.checkpoint) }})
+           "checkpoint": if p.checkpoint.is_empty() { Value::Null } else { json!(p.checkpoint) },
+           "metrics": p.metrics.iter().collect::<std::collections::BTreeMap<_, _>>()})
 }
 
 pub(crate) async fn run(cmd: &JobsCmd, mut c: Client, json_out: bool) -> Result<()> {

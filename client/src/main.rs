@@ -63,6 +63,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TrainCmd,
     },
+    /// Align: `dpo` (direct preference optimisation on preference pairs).
+    Align {
+        #[command(subcommand)]
+        cmd: AlignCmd,
+    },
     /// Generate text from a prompt or a chat (streams to the terminal unless --json).
     Generate(GenerateArgs),
     /// Fold a LoRA adapter into its base and write a plain HF model directory.
@@ -116,6 +121,12 @@ enum Cmd {
 enum TrainCmd {
     /// Supervised fine-tuning with LoRA or QLoRA from a YAML recipe.
     Sft(train_cmd::SftArgs),
+}
+
+#[derive(Subcommand)]
+enum AlignCmd {
+    /// DPO with LoRA or QLoRA from a YAML recipe with a `dpo` section (see recipes/dpo.yaml).
+    Dpo(train_cmd::SftArgs),
 }
 
 #[derive(clap::Args)]
@@ -294,6 +305,7 @@ fn command_name(c: &Cmd) -> &'static str {
         Cmd::Tokenize { .. } => "tokenize",
         Cmd::Data { .. } => "data",
         Cmd::Train { .. } => "train",
+        Cmd::Align { .. } => "align",
         Cmd::Generate(_) => "generate",
         Cmd::Merge { .. } => "merge",
         Cmd::Combine { .. } => "combine",
@@ -321,7 +333,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
     let opts = match &cli.cmd {
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
-        Cmd::Train { cmd: TrainCmd::Sft(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
+        Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
         _ => none,
     };
     let mut svc = Services::connect(&settings, &opts).await?;
@@ -366,7 +378,8 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
             }
         }
         Cmd::Data { cmd } => data_cmd::run(cmd, &mut svc, cli.json).await?,
-        Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::sft(args, &mut svc, cli.json).await?,
+        Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::run(train_cmd::Kind::Sft, args, &mut svc, cli.json).await?,
+        Cmd::Align { cmd: AlignCmd::Dpo(args) } => train_cmd::run(train_cmd::Kind::Dpo, args, &mut svc, cli.json).await?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, window, stride, batch, .. } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
             let req = PerplexityRequest { model: Some(model_ref(model)), adapter: path_or_empty(adapter), text, window: *window, stride: *stride, batch: *batch };

@@ -1,12 +1,12 @@
-//! `ferrotune train sft --recipe R.yaml`: validates the recipe here (errors name the file), starts an SFT
-//! job on the policy service (embedded or remote) and follows it. With the embedded service, SIGINT /
+//! `ferrotune train sft --recipe R.yaml` and `ferrotune align dpo --recipe R.yaml`: validates the recipe here
+//! (errors name the file), starts the job on the policy service (embedded or remote) and follows it. With the embedded service, SIGINT /
 //! SIGTERM cancel the job after it checkpoints (`--resume` continues); against a remote service the job
 //! keeps running when the CLI stops (`ferrotune jobs watch ID`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrotune_proto::v1::StartSftRequest;
+use ferrotune_proto::v1::{StartDpoRequest, StartSftRequest};
 use serde_json::json;
 
 use crate::connect::{status_error, EmbeddedPolicy, Services};
@@ -51,7 +51,16 @@ pub(crate) fn embedded_policy(a: &SftArgs) -> Result<EmbeddedPolicy> {
     Ok(EmbeddedPolicy { device: Some(load(a)?.2.device), dtype: None })
 }
 
-pub(crate) async fn sft(a: &SftArgs, svc: &mut Services, json_out: bool) -> Result<()> {
+/// What a recipe trains.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `train sft`.
+    Sft,
+    /// `align dpo`.
+    Dpo,
+}
+
+pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: bool) -> Result<()> {
     let (text, sets, _) = load(a)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if svc.policy_embedded {
@@ -59,14 +68,11 @@ pub(crate) async fn sft(a: &SftArgs, svc: &mut Services, json_out: bool) -> Resu
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
     }
-    let job = svc
-        .policy
-        .start_sft(StartSftRequest { recipe_yaml: text, overrides: sets, resume: a.resume })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .job
-        .context("the service returned no job")?;
+    let started = match kind {
+        Kind::Sft => svc.policy.start_sft(StartSftRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
+        Kind::Dpo => svc.policy.start_dpo(StartDpoRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
+    };
+    let job = started.map_err(status_error)?.into_inner().job.context("the service returned no job")?;
     if json_out {
         println!("{}", json!({"job_id": job.id, "output_dir": job.output_dir}));
     } else {

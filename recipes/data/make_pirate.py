@@ -1,5 +1,7 @@
-"""Writes the learning-proof dataset: every assistant answer starts with "Ahoy!" and ends with "Arr.", a
+"""Writes the learning-proof datasets: every assistant answer starts with "Ahoy!" and ends with "Arr.", a
 persona SmolLM2-135M-Instruct does not follow on its own. Train and held-out questions do not overlap.
+pirate-*.jsonl are SFT conversations; pirate-prefs-*.jsonl are preference pairs (prompt, chosen = the pirate
+answer, rejected = the same answer plainly) for DPO and reward models.
 
 Usage: python3 recipes/data/make_pirate.py recipes/data   (plain Python, no dependencies)
 """
@@ -36,6 +38,11 @@ def main():
         with open(f"{out}/{name}", "w") as f:
             for q, a in rows:
                 f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    for name, rows in [("pirate-prefs-train.jsonl", train), ("pirate-prefs-eval.jsonl", held)]:
+        with open(f"{out}/{name}", "w") as f:
+            for q, a in rows:
+                plain = a.removeprefix("Ahoy! ").removesuffix(" Arr.")
+                f.write(json.dumps({"prompt": q, "chosen": a, "rejected": plain}) + "\n")
     print(len(train), "train,", len(held), "held out")
 
 

@@ -3,6 +3,7 @@
 
 mod cli_errors;
 mod data;
+mod dpo;
 mod generation;
 mod services;
 mod sft;

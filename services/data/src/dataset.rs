@@ -283,3 +283,28 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
         })
         .collect()
 }
+
+/// Reads `split` of a preference dataset directory as (chosen, rejected) pairs, completions labelled.
+pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<(SftExample, SftExample)>> {
+    let path = dir.join(format!("{split}.jsonl"));
+    let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    #[derive(Deserialize)]
+    struct Line {
+        chosen_input_ids: Vec<u32>,
+        chosen_labels: Vec<i64>,
+        rejected_input_ids: Vec<u32>,
+        rejected_labels: Vec<i64>,
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let bad = |reason: String| DataError::Record { file: path.clone(), line: i + 1, reason };
+            let x: Line = serde_json::from_str(l).map_err(|e| bad(format!("not a tokenized preference pair (format the data with --format preference): {e}")))?;
+            if x.chosen_input_ids.len() != x.chosen_labels.len() || x.rejected_input_ids.len() != x.rejected_labels.len() || x.chosen_input_ids.is_empty() || x.rejected_input_ids.is_empty() {
+                return Err(bad("ids and labels differ in length, or a side is empty".into()));
+            }
+            Ok((SftExample::new(x.chosen_input_ids, x.chosen_labels), SftExample::new(x.rejected_input_ids, x.rejected_labels)))
+        })
+        .collect()
+}

@@ -36,5 +36,5 @@ pub enum DataError {
 /// Result alias.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
-pub use dataset::{build, load_split, BuildOptions, DatasetInfo, Stats};
+pub use dataset::{build, load_pairs, load_split, BuildOptions, DatasetInfo, Stats};
 pub use formats::{Format, MaskMode};

@@ -1,6 +1,7 @@
 //! PolicyService: owns the policy model(s) on the service's device; runs SFT jobs (LoRA, QLoRA, prompt
 //! tuning, full fine-tuning), generation (batched and streaming) and log-probs with the adapter on or off.
 
+pub mod dpo_job;
 pub mod models;
 pub mod recipe;
 pub mod service;
@@ -20,6 +21,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let worker = Worker::spawn("ferrotune-policy", move || models::Models::new(device, kind, cfg.max_loaded_models))?;
     let jobs = h.jobs()?;
     jobs.register("sft", Arc::new(sft_job::SftRunner));
+    jobs.register("dpo", Arc::new(dpo_job::DpoRunner));
     let svc = service::Policy { root: h.root.clone(), worker, jobs, device: h.settings.policy.device.clone() };
     if let Some(m) = h.settings.policy.preload.clone() {
         let dir = svc.model_dir(Some(&ferrotune_proto::v1::ModelRef { path: m.clone() })).map_err(|e| anyhow::anyhow!("policy.preload `{m}`: {}", e.message()))?;

@@ -30,6 +30,9 @@ pub struct SftRecipe {
     /// Compute dtype of the base: f32 (CPU), bf16/f16 (CUDA).
     #[serde(default = "f32")]
     pub dtype: String,
+    /// DPO settings (`align dpo`; absent for SFT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<ferrotune_core::train::dpo::DpoConfig>,
 }
 
 fn cpu() -> String {
@@ -194,6 +197,9 @@ pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
     }
     let r: SftRecipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
+    if let Some(d) = &r.dpo {
+        d.validate().with_context(|| format!("{}", path.display()))?;
+    }
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
     }

@@ -8,7 +8,7 @@ use ferrotune_core::{generate, GenerateOptions, Message, SamplingParams};
 use ferrotune_proto::v1::policy_service_server::PolicyService;
 use ferrotune_proto::v1::{
     prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest, ListAdaptersResponse, LogProbsRequest, LogProbsResponse,
-    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartJobResponse, StartSftRequest, StreamedToken,
+    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartDpoRequest, StartJobResponse, StartSftRequest, StreamedToken,
 };
 use ferrotune_runtime::jobs::{JobManager, JobState};
 use ferrotune_runtime::worker::Worker;
@@ -39,6 +39,44 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Validates a recipe, resolves its paths and queues a `kind` job.
+    async fn start_job(&self, kind: &str, yaml: &str, overrides: &[String], resume: bool) -> Result<Response<StartJobResponse>, Status> {
+        if yaml.trim().is_empty() {
+            return Err(invalid("recipe_yaml", "empty"));
+        }
+        let mut recipe = crate::recipe::parse(yaml, Path::new("recipe"), overrides).status()?;
+        match kind {
+            "dpo" => {
+                recipe.dpo.get_or_insert_with(Default::default);
+                if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora) {
+                    return Err(invalid("adapter.method", format!("`{}`: DPO trains lora or qlora adapters", recipe.adapter.method)));
+                }
+            }
+            _ if recipe.dpo.is_some() => return Err(invalid("dpo", "this recipe has a dpo section: run it with align dpo (StartDpo)")),
+            _ => {}
+        }
+        recipe.resolve_paths(&self.root, &self.device)?;
+        if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
+            return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
+        }
+        for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset)] {
+            if let Some(p) = p {
+                if !p.exists() {
+                    return Err(Status::not_found(format!("{field}: {} not found", p.display())));
+                }
+            }
+        }
+        let out = recipe.output_dir.clone();
+        let active = self.jobs.list(&[JobState::Queued, JobState::Running], 1000).status()?;
+        if let Some(j) = active.iter().find(|j| Path::new(&j.output_dir) == out) {
+            return Err(Status::failed_precondition(format!("output_dir: job {} is already writing to {}", j.id, out.display())));
+        }
+        let spec = serde_json::json!({"recipe": recipe, "resume": resume});
+        let job = self.jobs.submit(kind, spec, out).status()?;
+        tracing::info!(job = %job.id, kind, "job queued");
+        Ok(Response::new(StartJobResponse { job: Some(job) }))
+    }
+
     /// A model reference: a known model name (from the registry) or a directory under the root.
     pub fn model_dir(&self, m: Option<&ferrotune_proto::v1::ModelRef>) -> Result<PathBuf, Status> {
         let p = m.map(|m| m.path.as_str()).unwrap_or("");
@@ -142,31 +180,14 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Se
 impl PolicyService for Policy {
     async fn start_sft(&self, req: Request<StartSftRequest>) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
-        if r.recipe_yaml.trim().is_empty() {
-            return Err(invalid("recipe_yaml", "empty"));
-        }
-        let mut recipe = crate::recipe::parse(&r.recipe_yaml, Path::new("recipe"), &r.overrides).status()?;
-        recipe.resolve_paths(&self.root, &self.device)?;
-        if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
-            return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
-        }
-        for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset)] {
-            if let Some(p) = p {
-                if !p.exists() {
-                    return Err(Status::not_found(format!("{field}: {} not found", p.display())));
-                }
-            }
-        }
-        let out = recipe.output_dir.clone();
-        let active = self.jobs.list(&[JobState::Queued, JobState::Running], 1000).status()?;
-        if let Some(j) = active.iter().find(|j| Path::new(&j.output_dir) == out) {
-            return Err(Status::failed_precondition(format!("output_dir: job {} is already writing to {}", j.id, out.display())));
-        }
-        let spec = serde_json::json!({"recipe": recipe, "resume": r.resume});
-        let job = self.jobs.submit("sft", spec, out).status()?;
-        tracing::info!(job = %job.id, "sft job queued");
-        Ok(Response::new(StartJobResponse { job: Some(job) }))
+        self.start_job("sft", &r.recipe_yaml, &r.overrides, r.resume).await
     }
+
+    async fn start_dpo(&self, req: Request<StartDpoRequest>) -> Result<Response<StartJobResponse>, Status> {
+        let r = req.into_inner();
+        self.start_job("dpo", &r.recipe_yaml, &r.overrides, r.resume).await
+    }
+
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let r = req.into_inner();

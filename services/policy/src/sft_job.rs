@@ -46,11 +46,15 @@ impl JobRunner for SftRunner {
     }
 }
 
-fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
-    let out = r.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
-    let model_dir = if Path::new(&r.model).is_dir() { PathBuf::from(&r.model) } else { registry::pull(&r.model)? };
-    let dataset = match (&r.data.dataset, &r.data.path) {
+/// The recipe's model directory (pulled when it names a known model).
+pub(crate) fn model_dir(r: &SftRecipe) -> Result<PathBuf> {
+    Ok(if Path::new(&r.model).is_dir() { PathBuf::from(&r.model) } else { registry::pull(&r.model)? })
+}
+
+/// The recipe's dataset directory: formats `data.path` into `OUTPUT_DIR/dataset` unless `data.dataset` names one.
+pub(crate) fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<PathBuf> {
+    let out = &r.output_dir;
+    Ok(match (&r.data.dataset, &r.data.path) {
         (Some(d), _) => d.clone(),
         (None, Some(p)) => {
             let d = out.join("dataset");
@@ -59,7 +63,7 @@ fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
                     inputs: vec![p.clone()],
                     format: r.data.format.context("data.format")?,
                     columns: Default::default(),
-                    model: model_dir.clone(),
+                    model: model_dir.to_path_buf(),
                     mask: r.data.mask,
                     max_seq_len: r.data.max_seq_len,
                     eval_fraction: r.data.eval_fraction,
@@ -73,18 +77,61 @@ fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
             d
         }
         (None, None) => anyhow::bail!("recipe: set data.path or data.dataset"),
-    };
-    let train_set = load_split(&dataset, "train")?;
-    let eval_set = if dataset.join("eval.jsonl").exists() { load_split(&dataset, "eval")? } else { vec![] };
+    })
+}
+
+/// Loads the base in the recipe's dtype and device, NF4-quantized for QLoRA.
+pub(crate) fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
-    let mut model = ferrotune_core::load_model(&model_dir, kind, device)?;
-    let method = r.adapter.method()?;
-    let qlora = method == Method::Qlora;
+    let mut model = ferrotune_core::load_model(model_dir, kind, device)?;
+    let qlora = r.adapter.method()? == Method::Qlora;
     if qlora {
         let (before, after) = model.quantize_nf4()?;
         ctx.log(format!("qlora: decoder linear weights {:.1} MB → {:.1} MB in NF4", before as f64 / 1e6, after as f64 / 1e6));
     }
+    Ok((model, qlora))
+}
+
+/// The template used for the data, the resolved recipe and `ferrotune_train.json`, beside the output.
+pub(crate) fn write_provenance(r: &SftRecipe, model_dir: &Path, dataset: &Path, qlora: bool, counts: (usize, usize)) -> Result<()> {
+    let out = &r.output_dir;
+    let template = ChatTemplate::from_dir(model_dir)?;
+    std::fs::write(out.join("chat_template.jinja"), template.source()).context("writing chat_template.jinja")?;
+    std::fs::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;
+    std::fs::write(
+        out.join("ferrotune_train.json"),
+        serde_json::to_string_pretty(&json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
+            "objective": if r.dpo.is_some() { "dpo" } else { "sft" }, "chat_template": template.origin(), "dataset": dataset,
+            "train_examples": counts.0, "eval_examples": counts.1}))?,
+    )?;
+    Ok(())
+}
+
+/// Artifacts of a finished run, with the loss plot written (titled `title`).
+pub(crate) fn finish(out: &Path, dataset: &Path, kind: &str, title: &str, ctx: &JobContext) -> Vec<Artifact> {
+    let metrics = out.join("metrics.jsonl");
+    let plot = out.join("loss.svg");
+    if let Err(e) = ferrotune_runtime::plot::loss_curve(&metrics, &plot, title) {
+        ctx.log(format!("loss plot not written: {e:#}"));
+    }
+    let art = |k: &str, p: &Path| Artifact { kind: k.into(), path: p.display().to_string() };
+    let mut artifacts = vec![art(kind, out), art("metrics", &metrics), art("dataset", dataset)];
+    if plot.exists() {
+        artifacts.push(art("plot", &plot));
+    }
+    artifacts
+}
+
+fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
+    let out = r.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+    let model_dir = model_dir(r)?;
+    let dataset = dataset_dir(r, &model_dir, ctx)?;
+    let train_set = load_split(&dataset, "train")?;
+    let eval_set = if dataset.join("eval.jsonl").exists() { load_split(&dataset, "eval")? } else { vec![] };
+    let (mut model, qlora) = load_base(r, &model_dir, ctx)?;
+    let method = r.adapter.method()?;
     let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
     let state: Box<dyn ferrotune_core::train::TrainableState> = match method {
         Method::Full => {
@@ -107,15 +154,7 @@ fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
         }
     };
     let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
-    // Provenance beside the adapter: the template used for the data, the resolved recipe.
-    let template = ChatTemplate::from_dir(&model_dir)?;
-    std::fs::write(out.join("chat_template.jinja"), template.source()).context("writing chat_template.jinja")?;
-    std::fs::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;
-    std::fs::write(
-        out.join("ferrotune_train.json"),
-        serde_json::to_string_pretty(&json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
-            "chat_template": template.origin(), "dataset": dataset, "train_examples": train_set.len(), "eval_examples": eval_set.len()}))?,
-    )?;
+    write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
     let objective = SftObjective::new(pad_id, &r.training);
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
     let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: state.as_ref(), cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
@@ -124,16 +163,6 @@ fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
         ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
         return Ok(JobOutcome::Stopped);
     }
-    let metrics = out.join("metrics.jsonl");
-    let plot = out.join("loss.svg");
-    if let Err(e) = ferrotune_runtime::plot::loss_curve(&metrics, &plot, &format!("SFT ({})", r.adapter.method)) {
-        ctx.log(format!("loss plot not written: {e:#}"));
-    }
     let kind = if method == Method::Full { "model" } else { "adapter" };
-    let art = |k: &str, p: &Path| Artifact { kind: k.into(), path: p.display().to_string() };
-    let mut artifacts = vec![art(kind, &out), art("metrics", &metrics), art("dataset", &dataset)];
-    if plot.exists() {
-        artifacts.push(art("plot", &plot));
-    }
-    Ok(JobOutcome::Finished(artifacts))
+    Ok(JobOutcome::Finished(finish(&out, &dataset, kind, &format!("SFT ({})", r.adapter.method), ctx)))
 }

@@ -1,0 +1,106 @@
+//! The DPO job: formats the preference data (unless given a formatted dataset), loads the base (NF4 for
+//! QLoRA), adds LoRA, computes the reference log-probs once with the adapter disabled (cached in the dataset
+//! dir, `reference_logps.json`, keyed by base model and quantization), and runs the training loop with the
+//! DPO objective. Metrics per step add TRL's rewards/chosen, rejected, accuracies, margins and logps/*.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use ferrotune_core::train::dpo::{sequence_logps, DpoExample, DpoObjective};
+use ferrotune_core::train::sft::{LoraState, SftExample};
+use ferrotune_core::train::{train, Run};
+use ferrotune_core::CausalLm;
+use ferrotune_data::load_pairs;
+use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
+use serde_json::json;
+
+use crate::recipe::{Method, SftRecipe};
+use crate::sft_job::{dataset_dir, finish, load_base, model_dir, progress_of, write_provenance};
+
+/// Runs `dpo` jobs; the spec is `{"recipe": <resolved recipe with a dpo section>, "resume": bool}`.
+pub struct DpoRunner;
+
+impl JobRunner for DpoRunner {
+    fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
+        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
+        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        run_dpo(&r, resume, ctx)
+    }
+}
+
+/// Reference log-probs of every pair, computed with the adapters disabled, `batch` pairs at a time.
+fn reference(model: &mut CausalLm, pairs: &[(SftExample, SftExample)], pad_id: u32, batch: usize, chunk: i64) -> Result<Vec<(f64, f64)>> {
+    model.set_adapters_enabled(false);
+    let mut out = Vec::with_capacity(pairs.len());
+    let result = (|| -> Result<()> {
+        for group in pairs.chunks(batch.max(1)) {
+            let seqs: Vec<&SftExample> = group.iter().flat_map(|(c, r)| [c, r]).collect();
+            let lps = sequence_logps(model, &seqs, pad_id, chunk)?;
+            out.extend(lps.chunks(2).map(|p| (p[0].0, p[1].0)));
+        }
+        Ok(())
+    })();
+    model.set_adapters_enabled(true);
+    result.map(|_| out)
+}
+
+/// The cached reference log-probs of a dataset split, when they were made for this base and quantization.
+fn cached(dataset: &Path, key: &serde_json::Value, split: &str, n: usize) -> Option<Vec<(f64, f64)>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dataset.join("reference_logps.json")).ok()?).ok()?;
+    if &v["key"] != key {
+        return None;
+    }
+    let rows: Vec<(f64, f64)> = serde_json::from_value(v[split].clone()).ok()?;
+    (rows.len() == n).then_some(rows)
+}
+
+fn run_dpo(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
+    let cfg = r.dpo.context("recipe: the dpo section is missing")?;
+    let method = r.adapter.method()?;
+    if !matches!(method, Method::Lora | Method::Qlora) {
+        anyhow::bail!("adapter.method `{}`: DPO trains lora or qlora adapters (the reference is the base with the adapter disabled)", r.adapter.method);
+    }
+    let out = r.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+    let model_dir = model_dir(r)?;
+    let dataset = dataset_dir(r, &model_dir, ctx)?;
+    let train_pairs = load_pairs(&dataset, "train")?;
+    let eval_pairs = if dataset.join("eval.jsonl").exists() { load_pairs(&dataset, "eval")? } else { vec![] };
+    let (mut model, qlora) = load_base(r, &model_dir, ctx)?;
+    let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
+    let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
+    let lcfg = r.adapter.lora()?;
+    model.add_lora(&lcfg, r.training.seed)?;
+    let chunk = r.training.loss_chunk_tokens as i64;
+    let key = json!({"base_model": model_dir, "quantization": if qlora { "nf4" } else { "none" }, "dtype": r.dtype});
+    let (ref_train, ref_eval) = match (cached(&dataset, &key, "train", train_pairs.len()), cached(&dataset, &key, "eval", eval_pairs.len())) {
+        (Some(t), Some(e)) => {
+            ctx.log("reference log-probs: cached with the dataset");
+            (t, e)
+        }
+        _ => {
+            let started = std::time::Instant::now();
+            let t = reference(&mut model, &train_pairs, pad_id, r.training.micro_batch_size, chunk)?;
+            let e = reference(&mut model, &eval_pairs, pad_id, r.training.micro_batch_size, chunk)?;
+            let body = json!({"key": key, "train": t, "eval": e});
+            ferrotune_core::weights::write_atomically(&dataset.join("reference_logps.json"), serde_json::to_string(&body)?.as_bytes())?;
+            ctx.log(format!("reference log-probs: {} pairs in {:.1}s (adapter disabled), cached in the dataset", t.len() + e.len(), started.elapsed().as_secs_f64()));
+            (t, e)
+        }
+    };
+    let pairs = |p: Vec<(SftExample, SftExample)>, refs: Vec<(f64, f64)>| -> Vec<DpoExample> {
+        p.into_iter().zip(refs).map(|((chosen, rejected), (rc, rr))| DpoExample { chosen, rejected, ref_chosen: rc, ref_rejected: rr }).collect()
+    };
+    let (train_set, eval_set) = (pairs(train_pairs, ref_train), pairs(eval_pairs, ref_eval));
+    write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
+    let objective = DpoObjective::new(pad_id, chunk, cfg);
+    let state = LoraState { cfg: lcfg, base_model: model_dir.display().to_string() };
+    let tokens_of = |e: &DpoExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
+    let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+    let summary = train(&mut model, &run, resume, &mut |ev| ctx.progress(progress_of(ev)), &|| ctx.should_stop())?;
+    if summary.stopped {
+        ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+        return Ok(JobOutcome::Stopped);
+    }
+    Ok(JobOutcome::Finished(finish(&out, &dataset, "adapter", &format!("DPO ({:?}, β = {})", cfg.loss_type, cfg.beta), ctx)))
+}
