@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
+    // The directory too, so that a new .proto file triggers a rebuild.
+    println!("cargo:rerun-if-changed=ferrotune/v1");
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

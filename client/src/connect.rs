@@ -9,6 +9,7 @@ use ferrotune_proto::v1::data_service_client::DataServiceClient;
 use ferrotune_proto::v1::job_service_client::JobServiceClient;
 use ferrotune_proto::v1::merge_service_client::MergeServiceClient;
 use ferrotune_proto::v1::policy_service_client::PolicyServiceClient;
+use ferrotune_proto::v1::reward_service_client::RewardServiceClient;
 use ferrotune_runtime::auth::ClientAuth;
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::{ArtifactRoot, Settings};
@@ -30,8 +31,14 @@ pub(crate) struct Services {
     pub jobs: JobServiceClient<Ch>,
     /// MergeService.
     pub merge: MergeServiceClient<Ch>,
+    /// RewardService (the first configured replica, or embedded).
+    pub reward: RewardServiceClient<Ch>,
+    /// JobService where the reward service runs (reward-model jobs).
+    pub reward_jobs: JobServiceClient<Ch>,
     /// Whether the policy service (and its jobs) runs in this process.
     pub policy_embedded: bool,
+    /// Whether the reward service runs in this process.
+    pub reward_embedded: bool,
     _embedded: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -79,6 +86,9 @@ impl Services {
         if e.merge.is_none() {
             embedded.push("merge");
         }
+        if e.reward.is_empty() {
+            embedded.push("reward");
+        }
         let (local, stop) = if embedded.is_empty() {
             (None, None)
         } else {
@@ -90,12 +100,16 @@ impl Services {
         let data = channel(&pick(&e.data), s).await?;
         let policy = channel(&pick(&e.policy), s).await?;
         let merge = channel(&pick(&e.merge), s).await?;
+        let reward = channel(&pick(&e.reward.first().cloned()), s).await?;
         Ok(Self {
             data: DataServiceClient::with_interceptor(data, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             jobs: JobServiceClient::with_interceptor(policy.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             policy: PolicyServiceClient::with_interceptor(policy, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
-            merge: MergeServiceClient::with_interceptor(merge, auth).max_decoding_message_size(MAX_RESPONSE),
+            merge: MergeServiceClient::with_interceptor(merge, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
+            reward_jobs: JobServiceClient::with_interceptor(reward.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
+            reward: RewardServiceClient::with_interceptor(reward, auth).max_decoding_message_size(MAX_RESPONSE),
             policy_embedded: e.policy.is_none(),
+            reward_embedded: e.reward.is_empty(),
             _embedded: stop,
         })
     }
@@ -123,6 +137,7 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
     cfg.tls = Default::default();
     if let Some(d) = &p.device {
         cfg.policy.device = d.clone();
+        cfg.reward.device = d.clone();
     }
     if let Some(d) = &p.dtype {
         cfg.policy.dtype = d.clone();
@@ -133,6 +148,7 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
             "data" => ferrotune_data::service::host(&mut h),
             "policy" => ferrotune_policy::host(&mut h)?,
             "merge" => ferrotune_merge::host(&mut h),
+            "reward" => ferrotune_reward::host(&mut h)?,
             _ => unreachable!(),
         }
     }

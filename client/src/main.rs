@@ -58,7 +58,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: data_cmd::DataCmd,
     },
-    /// Train: `sft` (LoRA / QLoRA supervised fine-tuning).
+    /// Train: `sft` (supervised fine-tuning) or `reward` (a reward model).
     Train {
         #[command(subcommand)]
         cmd: TrainCmd,
@@ -121,6 +121,8 @@ enum Cmd {
 enum TrainCmd {
     /// Supervised fine-tuning with LoRA or QLoRA from a YAML recipe.
     Sft(train_cmd::SftArgs),
+    /// A reward model (LoRA/QLoRA + score head, Bradley–Terry) from a recipe on preference data.
+    Reward(train_cmd::SftArgs),
 }
 
 #[derive(Subcommand)]
@@ -334,6 +336,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
         Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
+        Cmd::Train { cmd: TrainCmd::Reward(a) } if settings.endpoints.reward.is_empty() => train_cmd::embedded_policy(a)?,
         _ => none,
     };
     let mut svc = Services::connect(&settings, &opts).await?;
@@ -380,6 +383,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         Cmd::Data { cmd } => data_cmd::run(cmd, &mut svc, cli.json).await?,
         Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::run(train_cmd::Kind::Sft, args, &mut svc, cli.json).await?,
         Cmd::Align { cmd: AlignCmd::Dpo(args) } => train_cmd::run(train_cmd::Kind::Dpo, args, &mut svc, cli.json).await?,
+        Cmd::Train { cmd: TrainCmd::Reward(args) } => train_cmd::run(train_cmd::Kind::Reward, args, &mut svc, cli.json).await?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, window, stride, batch, .. } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
             let req = PerplexityRequest { model: Some(model_ref(model)), adapter: path_or_empty(adapter), text, window: *window, stride: *stride, batch: *batch };

@@ -40,6 +40,7 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
             "data" => ferrotune_data::service::host(&mut h),
             "policy" => ferrotune_policy::host(&mut h)?,
             "merge" => ferrotune_merge::host(&mut h),
+            "reward" => ferrotune_reward::host(&mut h)?,
             other => anyhow::bail!("unknown service `{other}`"),
         }
     }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrotune_proto::v1::{StartDpoRequest, StartSftRequest};
+use ferrotune_proto::v1::{StartDpoRequest, StartRewardTrainingRequest, StartSftRequest};
 use serde_json::json;
 
 use crate::connect::{status_error, EmbeddedPolicy, Services};
@@ -58,12 +58,15 @@ pub(crate) enum Kind {
     Sft,
     /// `align dpo`.
     Dpo,
+    /// `train reward` (on the reward service).
+    Reward,
 }
 
 pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: bool) -> Result<()> {
     let (text, sets, _) = load(a)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if svc.policy_embedded {
+    let embedded = if kind == Kind::Reward { svc.reward_embedded } else { svc.policy_embedded };
+    if embedded {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
@@ -71,6 +74,7 @@ pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: b
     let started = match kind {
         Kind::Sft => svc.policy.start_sft(StartSftRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
         Kind::Dpo => svc.policy.start_dpo(StartDpoRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
+        Kind::Reward => svc.reward.start_reward_training(StartRewardTrainingRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
     };
     let job = started.map_err(status_error)?.into_inner().job.context("the service returned no job")?;
     if json_out {
@@ -78,7 +82,8 @@ pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: b
     } else {
         eprintln!("job {} → {}", job.id, job.output_dir);
     }
-    let cancel = svc.policy_embedded.then_some(stop);
-    let j = follow(&mut svc.jobs, &job.id, json_out, cancel).await?;
+    let cancel = embedded.then_some(stop);
+    let jobs = if kind == Kind::Reward { &mut svc.reward_jobs } else { &mut svc.jobs };
+    let j = follow(jobs, &job.id, json_out, cancel).await?;
     finish_message(&j, json_out)
 }

@@ -5,6 +5,7 @@ mod cli_errors;
 mod data;
 mod dpo;
 mod generation;
+mod reward;
 mod services;
 mod sft;
 mod smollm2;

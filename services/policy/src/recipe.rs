@@ -33,6 +33,9 @@ pub struct SftRecipe {
     /// DPO settings (`align dpo`; absent for SFT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<ferrotune_core::train::dpo::DpoConfig>,
+    /// Reward-model settings (`train reward`; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<ferrotune_core::train::reward::RewardConfig>,
 }
 
 fn cpu() -> String {
@@ -199,6 +202,9 @@ pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
     if let Some(d) = &r.dpo {
         d.validate().with_context(|| format!("{}", path.display()))?;
+    }
+    if let Some(rw) = &r.reward {
+        rw.validate().with_context(|| format!("{}", path.display()))?;
     }
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;

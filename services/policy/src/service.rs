@@ -41,39 +41,7 @@ pub struct Policy {
 impl Policy {
     /// Validates a recipe, resolves its paths and queues a `kind` job.
     async fn start_job(&self, kind: &str, yaml: &str, overrides: &[String], resume: bool) -> Result<Response<StartJobResponse>, Status> {
-        if yaml.trim().is_empty() {
-            return Err(invalid("recipe_yaml", "empty"));
-        }
-        let mut recipe = crate::recipe::parse(yaml, Path::new("recipe"), overrides).status()?;
-        match kind {
-            "dpo" => {
-                recipe.dpo.get_or_insert_with(Default::default);
-                if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora) {
-                    return Err(invalid("adapter.method", format!("`{}`: DPO trains lora or qlora adapters", recipe.adapter.method)));
-                }
-            }
-            _ if recipe.dpo.is_some() => return Err(invalid("dpo", "this recipe has a dpo section: run it with align dpo (StartDpo)")),
-            _ => {}
-        }
-        recipe.resolve_paths(&self.root, &self.device)?;
-        if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
-            return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
-        }
-        for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset)] {
-            if let Some(p) = p {
-                if !p.exists() {
-                    return Err(Status::not_found(format!("{field}: {} not found", p.display())));
-                }
-            }
-        }
-        let out = recipe.output_dir.clone();
-        let active = self.jobs.list(&[JobState::Queued, JobState::Running], 1000).status()?;
-        if let Some(j) = active.iter().find(|j| Path::new(&j.output_dir) == out) {
-            return Err(Status::failed_precondition(format!("output_dir: job {} is already writing to {}", j.id, out.display())));
-        }
-        let spec = serde_json::json!({"recipe": recipe, "resume": resume});
-        let job = self.jobs.submit(kind, spec, out).status()?;
-        tracing::info!(job = %job.id, kind, "job queued");
+        let job = queue_recipe_job(kind, yaml, overrides, resume, &self.root, &self.device, &self.jobs)?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
     }
 
@@ -335,3 +303,48 @@ impl PolicyService for Policy {
         Ok(Response::new(ListAdaptersResponse { adapters: found }))
     }
 }
+
+/// Validates a recipe for a `kind` job (`sft`, `dpo`, `reward`), resolves its paths under `root`, runs it on
+/// `device`, and queues it in `jobs`.
+pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bool, root: &ArtifactRoot, device: &str, jobs: &JobManager) -> Result<ferrotune_proto::v1::Job, Status> {
+    if yaml.trim().is_empty() {
+        return Err(invalid("recipe_yaml", "empty"));
+    }
+    let mut recipe = crate::recipe::parse(yaml, Path::new("recipe"), overrides).status()?;
+    match kind {
+        "dpo" | "reward" => {
+            if kind == "dpo" {
+                recipe.dpo.get_or_insert_with(Default::default);
+            } else {
+                recipe.reward.get_or_insert_with(Default::default);
+            }
+            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora) {
+                return Err(invalid("adapter.method", format!("`{}`: {kind} trains lora or qlora adapters", recipe.adapter.method)));
+            }
+        }
+        _ if recipe.dpo.is_some() => return Err(invalid("dpo", "this recipe has a dpo section: run it with align dpo (StartDpo)")),
+        _ if recipe.reward.is_some() => return Err(invalid("reward", "this recipe has a reward section: run it with train reward (RewardService)")),
+        _ => {}
+    }
+    recipe.resolve_paths(root, device)?;
+    if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
+        return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
+    }
+    for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset)] {
+        if let Some(p) = p {
+            if !p.exists() {
+                return Err(Status::not_found(format!("{field}: {} not found", p.display())));
+            }
+        }
+    }
+    let out = recipe.output_dir.clone();
+    let active = jobs.list(&[JobState::Queued, JobState::Running], 1000).status()?;
+    if let Some(j) = active.iter().find(|j| Path::new(&j.output_dir) == out) {
+        return Err(Status::failed_precondition(format!("output_dir: job {} is already writing to {}", j.id, out.display())));
+    }
+    let spec = serde_json::json!({"recipe": recipe, "resume": resume});
+    let job = jobs.submit(kind, spec, out).status()?;
+    tracing::info!(job = %job.id, kind, "job queued");
+    Ok(job)
+}
+

@@ -47,12 +47,12 @@ impl JobRunner for SftRunner {
 }
 
 /// The recipe's model directory (pulled when it names a known model).
-pub(crate) fn model_dir(r: &SftRecipe) -> Result<PathBuf> {
+pub fn model_dir(r: &SftRecipe) -> Result<PathBuf> {
     Ok(if Path::new(&r.model).is_dir() { PathBuf::from(&r.model) } else { registry::pull(&r.model)? })
 }
 
 /// The recipe's dataset directory: formats `data.path` into `OUTPUT_DIR/dataset` unless `data.dataset` names one.
-pub(crate) fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<PathBuf> {
+pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<PathBuf> {
     let out = &r.output_dir;
     Ok(match (&r.data.dataset, &r.data.path) {
         (Some(d), _) => d.clone(),
@@ -81,7 +81,7 @@ pub(crate) fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> 
 }
 
 /// Loads the base in the recipe's dtype and device, NF4-quantized for QLoRA.
-pub(crate) fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
+pub fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
     let mut model = ferrotune_core::load_model(model_dir, kind, device)?;
@@ -94,7 +94,7 @@ pub(crate) fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Re
 }
 
 /// The template used for the data, the resolved recipe and `ferrotune_train.json`, beside the output.
-pub(crate) fn write_provenance(r: &SftRecipe, model_dir: &Path, dataset: &Path, qlora: bool, counts: (usize, usize)) -> Result<()> {
+pub fn write_provenance(r: &SftRecipe, model_dir: &Path, dataset: &Path, qlora: bool, counts: (usize, usize)) -> Result<()> {
     let out = &r.output_dir;
     let template = ChatTemplate::from_dir(model_dir)?;
     std::fs::write(out.join("chat_template.jinja"), template.source()).context("writing chat_template.jinja")?;
@@ -102,14 +102,14 @@ pub(crate) fn write_provenance(r: &SftRecipe, model_dir: &Path, dataset: &Path, 
     std::fs::write(
         out.join("ferrotune_train.json"),
         serde_json::to_string_pretty(&json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
-            "objective": if r.dpo.is_some() { "dpo" } else { "sft" }, "chat_template": template.origin(), "dataset": dataset,
+            "objective": if r.dpo.is_some() { "dpo" } else if r.reward.is_some() { "reward" } else { "sft" }, "chat_template": template.origin(), "dataset": dataset,
             "train_examples": counts.0, "eval_examples": counts.1}))?,
     )?;
     Ok(())
 }
 
 /// Artifacts of a finished run, with the loss plot written (titled `title`).
-pub(crate) fn finish(out: &Path, dataset: &Path, kind: &str, title: &str, ctx: &JobContext) -> Vec<Artifact> {
+pub fn finish(out: &Path, dataset: &Path, kind: &str, title: &str, ctx: &JobContext) -> Vec<Artifact> {
     let metrics = out.join("metrics.jsonl");
     let plot = out.join("loss.svg");
     if let Err(e) = ferrotune_runtime::plot::loss_curve(&metrics, &plot, title) {

@@ -33,6 +33,24 @@ pub struct Settings {
     pub jobs: Jobs,
     /// The policy service's device and models.
     pub policy: Policy,
+    /// The reward service's device, models and batching.
+    pub reward: RewardSettings,
+}
+
+/// Reward service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSettings {
+    /// `cpu`, `cuda` or `cuda:N` (reward training jobs run here too).
+    pub device: String,
+    /// Weights dtype for scoring: f32, bf16 or f16.
+    pub dtype: String,
+    /// Loaded reward models kept in memory.
+    pub max_loaded_models: usize,
+    /// Dynamic batching: most items scored together (1 = off).
+    pub max_batch_size: usize,
+    /// Dynamic batching: longest wait for more calls after the first, in milliseconds.
+    pub max_wait_ms: u64,
 }
 
 /// Remote endpoints (`http://host:port` or `https://…`).
@@ -45,6 +63,9 @@ pub struct Endpoints {
     pub policy: Option<String>,
     /// MergeService.
     pub merge: Option<String>,
+    /// RewardService replicas (the first is used by `train reward`; alignment balances over all).
+    #[serde(default)]
+    pub reward: Vec<String>,
 }
 
 /// Authentication.
@@ -132,7 +153,7 @@ impl Settings {
             }
             None => {}
         }
-        let env = config::Environment::with_prefix("FERROTUNE").prefix_separator("__").separator("__").list_separator(",").with_list_parse_key("services").try_parsing(true);
+        let env = config::Environment::with_prefix("FERROTUNE").prefix_separator("__").separator("__").list_separator(",").with_list_parse_key("services").with_list_parse_key("endpoints.reward").try_parsing(true);
         let cfg = b.add_source(env).build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         let s: Settings = cfg.try_deserialize().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         s.validate()?;
@@ -146,6 +167,9 @@ impl Settings {
         }
         if self.limits.concurrency == 0 || self.limits.request_timeout_s == 0 {
             anyhow::bail!("configuration: limits.concurrency and limits.request_timeout_s must be positive");
+        }
+        if self.reward.max_loaded_models == 0 || self.reward.max_batch_size == 0 {
+            anyhow::bail!("configuration: reward.max_loaded_models and reward.max_batch_size must be positive");
         }
         if self.policy.max_loaded_models == 0 {
             anyhow::bail!("configuration: policy.max_loaded_models must be positive");
@@ -168,7 +192,7 @@ impl Settings {
 }
 
 /// Services a server can host.
-pub const KNOWN_SERVICES: &[&str] = &["data", "policy", "merge"];
+pub const KNOWN_SERVICES: &[&str] = &["data", "policy", "merge", "reward"];
 
 #[cfg(test)]
 mod tests {

@@ -335,6 +335,8 @@ pub struct CausalLm {
     /// Prompt tuning: virtual token embeddings `[n, hidden]` (f32) prepended to every sequence
     /// ([`crate::prompt_tuning`]). Outputs never include their positions.
     pub prompt_embeddings: Option<Tensor>,
+    /// Sequence-score head `score.weight` `[1, hidden]` (f32) of a reward model ([`crate::train::reward`]).
+    pub score: Option<Tensor>,
     inv_freq: Tensor,
 }
 
@@ -355,7 +357,7 @@ impl CausalLm {
             gemv_layout(vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?)?
         };
         let inv_freq = Tensor::f_from_slice(&inv_freq(&cfg))?.f_to_device(vb.device)?;
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, prompt_embeddings: None, inv_freq })
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, prompt_embeddings: None, score: None, inv_freq })
     }
 
     /// Device of the weights.

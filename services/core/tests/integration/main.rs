@@ -10,5 +10,6 @@ mod gguf_roundtrip;
 mod kv_cache;
 mod lora;
 mod nf4;
+mod reward;
 mod tiny_models;
 mod train;

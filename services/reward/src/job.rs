@@ -1,0 +1,48 @@
+//! The reward-model job: preference data → base (NF4 for QLoRA) + LoRA + a fresh score head → the training
+//! loop with the Bradley–Terry objective → a PEFT SEQ_CLS adapter with the head. Eval metrics report the
+//! held-out pairwise accuracy (`eval_rewards/accuracies`).
+
+use anyhow::{Context, Result};
+use ferrotune_core::train::reward::{RewardExample, RewardObjective, RewardState};
+use ferrotune_core::train::{train, Run};
+use ferrotune_data::load_pairs;
+use ferrotune_policy::recipe::SftRecipe;
+use ferrotune_policy::sft_job::{dataset_dir, finish, load_base, model_dir, progress_of, write_provenance};
+use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
+
+/// Runs `reward` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
+pub struct RewardRunner;
+
+impl JobRunner for RewardRunner {
+    fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
+        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
+        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        let cfg = r.reward.unwrap_or_default();
+        let out = r.output_dir.clone();
+        std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+        let model_dir = model_dir(&r)?;
+        let dataset = dataset_dir(&r, &model_dir, ctx)?;
+        let pairs = |split: &str| -> Result<Vec<RewardExample>> {
+            Ok(load_pairs(&dataset, split)?.into_iter().map(|(chosen, rejected)| RewardExample { chosen, rejected }).collect())
+        };
+        let train_set = pairs("train")?;
+        let eval_set = if dataset.join("eval.jsonl").exists() { pairs("eval")? } else { vec![] };
+        let (mut model, qlora) = load_base(&r, &model_dir, ctx)?;
+        let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
+        let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
+        let lcfg = r.adapter.lora()?;
+        model.add_lora(&lcfg, r.training.seed)?;
+        model.add_score_head(r.training.seed)?;
+        write_provenance(&r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
+        let objective = RewardObjective::new(pad_id, cfg);
+        let state = RewardState { cfg: lcfg, base_model: model_dir.display().to_string() };
+        let tokens_of = |e: &RewardExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
+        let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+        let summary = train(&mut model, &run, resume, &mut |ev| ctx.progress(progress_of(ev)), &|| ctx.should_stop())?;
+        if summary.stopped {
+            ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+            return Ok(JobOutcome::Stopped);
+        }
+        Ok(JobOutcome::Finished(finish(&out, &dataset, "reward_model", "reward model (Bradley–Terry)", ctx)))
+    }
+}

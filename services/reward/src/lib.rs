@@ -1,0 +1,28 @@
+//! RewardService: reward-model training jobs (Bradley–Terry on the shared training loop) and scoring, with
+//! concurrent Score calls gathered into batches on the service's own device.
+
+pub mod job;
+pub mod scorer;
+pub mod service;
+
+use std::sync::Arc;
+
+use ferrotune_proto::v1::reward_service_server::RewardServiceServer;
+use ferrotune_runtime::server::Hosting;
+use ferrotune_runtime::worker::Worker;
+
+/// Adds RewardService (and its jobs) to a server being assembled.
+pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
+    let cfg = h.settings.reward.clone();
+    let device = ferrotune_core::parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("reward.device: {e}"))?;
+    let kind = ferrotune_core::parse_dtype(&cfg.dtype).map_err(|e| anyhow::anyhow!("reward.dtype: {e}"))?;
+    let max = cfg.max_loaded_models;
+    let worker = Worker::spawn("ferrotune-reward", move || scorer::Scorers::new(device, kind, max))?;
+    let jobs = h.jobs()?;
+    jobs.register("reward", Arc::new(job::RewardRunner));
+    let svc = service::Reward::new(h.root.clone(), worker, jobs, cfg);
+    let server = RewardServiceServer::new(svc).max_decoding_message_size(h.max_message());
+    h.routes.add_service(h.authed(server));
+    h.hosted("ferrotune.v1.RewardService");
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Scoring on the service's worker thread: loaded reward models (base + SEQ_CLS adapter + head, the base
+//! NF4-quantized when the adapter was trained on one), items rendered exactly as the training data was
+//! (the data library's preference rendering: prompt as the user turn, response as the assistant turn with
+//! its end-of-turn token), scored at each sequence's last token in one batch.
+
+use std::path::{Path, PathBuf};
+
+use ferrotune_core::train::reward::{load_reward_model, score_sequences};
+use ferrotune_core::train::sft::SftExample;
+use ferrotune_core::{Message, ModelBundle};
+use ferrotune_data::formats::{MaskMode, Sample};
+use ferrotune_data::tokenize::{Renderer, TokenizedSample};
+use ferrotune_runtime::StatusExt;
+use tch::{Device, Kind};
+use tonic::Status;
+
+/// Loaded reward models, least recently used dropped first.
+pub struct Scorers {
+    device: Device,
+    kind: Kind,
+    max: usize,
+    entries: Vec<((PathBuf, PathBuf), ModelBundle)>,
+}
+
+impl Scorers {
+    /// None loaded yet.
+    pub fn new(device: Device, kind: Kind, max: usize) -> Self {
+        Self { device, kind, max: max.max(1), entries: vec![] }
+    }
+
+    fn get(&mut self, base: &Path, adapter: &Path) -> Result<&mut ModelBundle, Status> {
+        let key = (base.to_path_buf(), adapter.to_path_buf());
+        if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {
+            let e = self.entries.remove(i);
+            self.entries.push(e);
+        } else {
+            if !adapter.join("adapter_config.json").is_file() {
+                return Err(Status::not_found(format!("model.learned.adapter: {} is not an adapter directory (no adapter_config.json)", adapter.display())));
+            }
+            while self.entries.len() >= self.max {
+                self.entries.remove(0);
+            }
+            let mut b = ModelBundle::load(base, self.kind, self.device).status()?;
+            if ferrotune_core::lora::trained_on_nf4(adapter).status()? {
+                b.model.quantize_nf4().status()?;
+            }
+            load_reward_model(&mut b.model, adapter).status()?;
+            self.entries.push((key, b));
+        }
+        Ok(&mut self.entries.last_mut().expect("just pushed").1)
+    }
+
+    /// Scores of (prompt, response) items under the reward model `base` + `adapter`.
+    pub fn score(&mut self, base: &Path, adapter: &Path, items: &[(String, String)]) -> Result<Vec<f32>, Status> {
+        let b = self.get(base, adapter)?;
+        let eos_id = *b.defaults.eos_ids.first().ok_or_else(|| Status::failed_precondition("the base model declares no EOS token"))?;
+        let r = Renderer { tokenizer: &b.tokenizer, template: &b.template, eos_id, eos_ids: &b.defaults.eos_ids, mask: MaskMode::Assistant };
+        let max = b.model.cfg.max_position_embeddings as usize;
+        let mut seqs = Vec::with_capacity(items.len());
+        for (i, (prompt, response)) in items.iter().enumerate() {
+            let reply = vec![Message::new("assistant", response)];
+            let sample = Sample::Preference { prompt: vec![Message::new("user", prompt)], chosen: reply.clone(), rejected: reply };
+            let ids = match r.sample(&sample).map_err(|e| Status::invalid_argument(format!("items[{i}]: {e}")))? {
+                TokenizedSample::Pair { chosen, .. } => chosen.input_ids,
+                TokenizedSample::Single(s) => s.input_ids,
+            };
+            if ids.len() > max {
+                return Err(Status::invalid_argument(format!("items[{i}]: {} tokens exceed the model's {max} positions", ids.len())));
+            }
+            let n = ids.len();
+            seqs.push(SftExample::new(ids, vec![-100; n]));
+        }
+        let refs: Vec<&SftExample> = seqs.iter().collect();
+        let pad = b.defaults.pad_id;
+        let scores = tch::no_grad(|| score_sequences(&b.model, &refs, pad)).status()?;
+        Vec::<f32>::try_from(&scores.f_to_device(Device::Cpu).map_err(|e| Status::internal(e.to_string()))?).map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+/// A rule reward: `regex:`, `exact:`, `prefix:` or `length`.
+pub fn rule_score(rule: &str, response: &str) -> Result<f32, Status> {
+    if rule == "length" {
+        return Ok(response.chars().count() as f32);
+    }
+    if let Some(t) = rule.strip_prefix("exact:") {
+        return Ok(f32::from(u8::from(response.trim() == t)));
+    }
+    if let Some(t) = rule.strip_prefix("prefix:") {
+        return Ok(f32::from(u8::from(response.trim_start().starts_with(t))));
+    }
+    if let Some(p) = rule.strip_prefix("regex:") {
+        return simple_match(p, response).map(|m| f32::from(u8::from(m)));
+    }
+    Err(Status::invalid_argument(format!("model.rule `{rule}`: use regex:PATTERN, exact:TEXT, prefix:TEXT or length")))
+}
+
+/// A small regular-expression subset (literal text, `^`, `$`, `.`, `*` after a character or `.`), enough for
+/// format checks without another dependency.
+fn simple_match(pattern: &str, text: &str) -> Result<bool, Status> {
+    fn here(p: &[char], t: &[char]) -> bool {
+        match p {
+            [] => true,
+            ['$'] => t.is_empty(),
+            [c, '*', rest @ ..] => {
+                let mut i = 0;
+                loop {
+                    if here(rest, &t[i..]) {
+                        return true;
+                    }
+                    if i < t.len() && (*c == '.' || t[i] == *c) {
+                        i += 1;
+                    } else {
+                        return false;
+                    }
+                }
+            }
+            [c, rest @ ..] => !t.is_empty() && (*c == '.' || t[0] == *c) && here(rest, &t[1..]),
+        }
+    }
+    if pattern.is_empty() {
+        return Err(Status::invalid_argument("model.rule: empty regex"));
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    if p[0] == '^' {
+        return Ok(here(&p[1..], &t));
+    }
+    Ok((0..=t.len()).any(|i| here(&p, &t[i..])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        assert_eq!(rule_score("length", "héllo").unwrap(), 5.0);
+        assert_eq!(rule_score("exact:42", " 42 ").unwrap(), 1.0);
+        assert_eq!(rule_score("exact:42", "43").unwrap(), 0.0);
+        assert_eq!(rule_score("prefix:Ahoy!", "Ahoy! Cairo.").unwrap(), 1.0);
+        assert_eq!(rule_score("regex:^Ahoy!.*Arr.$", "Ahoy! It is Cairo. Arr.").unwrap(), 1.0);
+        assert_eq!(rule_score("regex:^Ahoy!.*Arr.$", "It is Cairo. Arr.").unwrap(), 0.0);
+        assert_eq!(rule_score("regex:Cai*ro", "in Cairo").unwrap(), 1.0);
+        assert_eq!(rule_score("regex:x$", "xy").unwrap(), 0.0);
+        assert!(rule_score("regex:", "x").is_err());
+        assert!(rule_score("vibes", "x").is_err());
+    }
+}

@@ -1,0 +1,143 @@
+//! The RewardService handlers and the dynamic batcher.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferrotune_proto::v1::reward_service_server::RewardService;
+use ferrotune_proto::v1::{reward_model_ref, ScoreRequest, ScoreResponse, StartJobResponse, StartRewardTrainingRequest};
+use ferrotune_runtime::jobs::JobManager;
+use ferrotune_runtime::settings::RewardSettings;
+use ferrotune_runtime::worker::Worker;
+use ferrotune_runtime::{invalid, ArtifactRoot};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::scorer::{rule_score, Scorers};
+
+/// Most items in one Score call.
+pub const MAX_ITEMS: usize = 256;
+
+type Key = (PathBuf, PathBuf);
+type Reply = oneshot::Sender<Result<(Vec<f32>, u32), Status>>;
+
+struct Pending {
+    key: Key,
+    items: Vec<(String, String)>,
+    reply: Reply,
+}
+
+/// The reward service.
+#[derive(Clone)]
+pub struct Reward {
+    root: ArtifactRoot,
+    worker: Worker<Scorers>,
+    jobs: JobManager,
+    cfg: RewardSettings,
+    batcher: Option<mpsc::Sender<Pending>>,
+}
+
+impl Reward {
+    /// The service; with `cfg.max_batch_size > 1`, a batcher task gathers concurrent calls.
+    pub fn new(root: ArtifactRoot, worker: Worker<Scorers>, jobs: JobManager, cfg: RewardSettings) -> Self {
+        let batcher = (cfg.max_batch_size > 1).then(|| {
+            let (tx, rx) = mpsc::channel(1024);
+            tokio::spawn(batch_loop(rx, worker.clone(), cfg.max_batch_size, Duration::from_millis(cfg.max_wait_ms)));
+            tx
+        });
+        Self { root, worker, jobs, cfg, batcher }
+    }
+
+    fn base_dir(&self, p: &str) -> Result<PathBuf, Status> {
+        if ferrotune_core::registry::KNOWN_MODELS.iter().any(|k| k.name == p) {
+            let dir = ferrotune_core::registry::model_dir(p);
+            if !dir.join("config.json").is_file() {
+                return Err(Status::failed_precondition(format!("model.learned.base: `{p}` is not pulled on this service")));
+            }
+            return Ok(dir);
+        }
+        let dir = self.root.resolve("model.learned.base.path", p)?;
+        if !dir.join("config.json").is_file() {
+            return Err(Status::not_found(format!("model.learned.base.path: {} is not a model directory (no config.json)", dir.display())));
+        }
+        Ok(dir)
+    }
+}
+
+/// Gathers pending calls for up to `max_wait` or `max_items`, scores each model's items in one batch on
+/// the worker, and answers every caller with its slice.
+async fn batch_loop(mut rx: mpsc::Receiver<Pending>, worker: Worker<Scorers>, max_items: usize, max_wait: Duration) {
+    while let Some(first) = rx.recv().await {
+        let mut n = first.items.len();
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while n < max_items {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => {
+                    n += p.items.len();
+                    batch.push(p);
+                }
+                _ => break,
+            }
+        }
+        while !batch.is_empty() {
+            let key = batch[0].key.clone();
+            let (same, rest): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.key == key);
+            batch = rest;
+            let items: Vec<(String, String)> = same.iter().flat_map(|p| p.items.iter().cloned()).collect();
+            let total = items.len() as u32;
+            let (base, adapter) = key.clone();
+            let result = worker.call(move |s| s.score(&base, &adapter, &items)).await;
+            let mut at = 0;
+            for p in same {
+                let k = p.items.len();
+                let r = match &result {
+                    Ok(scores) => Ok((scores[at..at + k].to_vec(), total)),
+                    Err(e) => Err(Status::new(e.code(), e.message().to_owned())),
+                };
+                at += k;
+                let _ = p.reply.send(r);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RewardService for Reward {
+    async fn start_reward_training(&self, req: Request<StartRewardTrainingRequest>) -> Result<Response<StartJobResponse>, Status> {
+        let r = req.into_inner();
+        let job = ferrotune_policy::service::queue_recipe_job("reward", &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.cfg.device, &self.jobs)?;
+        Ok(Response::new(StartJobResponse { job: Some(job) }))
+    }
+
+    async fn score(&self, req: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
+        let r = req.into_inner();
+        if r.items.is_empty() || r.items.len() > MAX_ITEMS {
+            return Err(invalid("items", format!("{} items; send 1 to {MAX_ITEMS}", r.items.len())));
+        }
+        let kind = r.model.and_then(|m| m.kind).ok_or_else(|| invalid("model", "set learned or rule"))?;
+        let items: Vec<(String, String)> = r.items.into_iter().map(|i| (i.prompt, i.response)).collect();
+        match kind {
+            reward_model_ref::Kind::Rule(rule) => {
+                let scores = items.iter().map(|(_, resp)| rule_score(&rule, resp)).collect::<Result<Vec<_>, _>>()?;
+                let n = scores.len() as u32;
+                Ok(Response::new(ScoreResponse { scores, batch_size: n }))
+            }
+            reward_model_ref::Kind::Learned(l) => {
+                let base = self.base_dir(l.base.as_ref().map(|b| b.path.as_str()).unwrap_or(""))?;
+                let adapter = self.root.resolve("model.learned.adapter", &l.adapter)?;
+                let (scores, batch_size) = match &self.batcher {
+                    Some(tx) => {
+                        let (reply, rx) = oneshot::channel();
+                        tx.send(Pending { key: (base, adapter), items, reply }).await.map_err(|_| Status::unavailable("the batcher has stopped"))?;
+                        rx.await.map_err(|_| Status::internal("the batcher dropped the request"))??
+                    }
+                    None => {
+                        let n = items.len() as u32;
+                        (self.worker.call(move |s| s.score(&base, &adapter, &items)).await?, n)
+                    }
+                };
+                Ok(Response::new(ScoreResponse { scores, batch_size }))
+            }
+        }
+    }
+}
