@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test demo bench bench-train fixtures clean-cache
+.PHONY: target-link all libtorch build build-cuda test demo bench bench-train bench-score fixtures clean-cache
 
 all: build
 
@@ -46,6 +46,10 @@ bench: libtorch target-link
 # Training throughput and peak RSS vs HF PEFT (HF side only where a dev Python with peft exists).
 bench-train: libtorch target-link
 	$(CARGO) bench --locked -p ferrotune-core --bench training
+
+# Reward scoring over gRPC: throughput and p50/p99 latency at 1, 8, 32 clients, dynamic batching off and on.
+bench-score: libtorch target-link
+	$(CARGO) bench --locked -p ferrotune-reward --bench scoring
 
 # Dev only: regenerates the tiny-model fixtures with HF transformers (see tests/fixtures/README.md).
 fixtures:
