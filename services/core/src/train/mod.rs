@@ -14,6 +14,7 @@ pub mod dpo;
 pub mod full;
 pub mod loss;
 pub mod optim;
+pub mod ppo;
 pub mod reward;
 pub mod scaler;
 pub mod schedule;
