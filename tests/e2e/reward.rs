@@ -62,3 +62,36 @@ fn smollm2_reward_model_ranks_held_out_pairs_and_batches_concurrent_calls() {
         assert_eq!(c.score(ScoreRequest { model: Some(missing), items }).await.unwrap_err().code(), Code::NotFound);
     });
 }
+
+#[test]
+fn reward_pool_balances_over_replicas_and_fails_over() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().canonicalize().unwrap();
+    let a = Server::start("reward", &root, &[]);
+    let b = Server::start("reward", &root, &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let _in_runtime = rt.enter();
+    let pool = ferrotune_reward::pool::RewardPool::new(&[a.url.clone(), b.url.clone()], ferrotune_runtime::auth::ClientAuth::default()).unwrap();
+    let req = || ScoreRequest {
+        model: Some(RewardModelRef { kind: Some(reward_model_ref::Kind::Rule("length".into())) }),
+        items: vec![ScoreItem { prompt: "q".into(), response: "four".into() }],
+    };
+    let mut before = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let r = rt.block_on(pool.score(req())).unwrap();
+        assert_eq!(r.scores, vec![4.0]);
+        before.insert(r.replica);
+    }
+    assert_eq!(before.len(), 2, "calls should spread over both replicas: {before:?}");
+    drop(a); // SIGKILL one replica
+    let mut after = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let r = rt.block_on(pool.score(req())).expect("the pool fails over to the live replica");
+        after.insert(r.replica);
+    }
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(before.contains(after.iter().next().unwrap()));
+    drop(b);
+    let e = rt.block_on(pool.score(req())).unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}

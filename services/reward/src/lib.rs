@@ -2,6 +2,7 @@
 //! concurrent Score calls gathered into batches on the service's own device.
 
 pub mod job;
+pub mod pool;
 pub mod scorer;
 pub mod service;
 

@@ -14,6 +14,12 @@ use tonic::{Request, Response, Status};
 
 use crate::scorer::{rule_score, Scorers};
 
+/// This process as a replica: host name and process id.
+fn replica() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
 /// Most items in one Score call.
 pub const MAX_ITEMS: usize = 256;
 
@@ -120,7 +126,7 @@ impl RewardService for Reward {
             reward_model_ref::Kind::Rule(rule) => {
                 let scores = items.iter().map(|(_, resp)| rule_score(&rule, resp)).collect::<Result<Vec<_>, _>>()?;
                 let n = scores.len() as u32;
-                Ok(Response::new(ScoreResponse { scores, batch_size: n }))
+                Ok(Response::new(ScoreResponse { scores, batch_size: n, replica: replica() }))
             }
             reward_model_ref::Kind::Learned(l) => {
                 let base = self.base_dir(l.base.as_ref().map(|b| b.path.as_str()).unwrap_or(""))?;
@@ -136,7 +142,7 @@ impl RewardService for Reward {
                         (self.worker.call(move |s| s.score(&base, &adapter, &items)).await?, n)
                     }
                 };
-                Ok(Response::new(ScoreResponse { scores, batch_size }))
+                Ok(Response::new(ScoreResponse { scores, batch_size, replica: replica() }))
             }
         }
     }
