@@ -208,14 +208,17 @@ mod tests {
         unsafe {
             std::env::set_var("FERROTUNE__POLICY__MAX_LOADED_MODELS", "5");
             std::env::set_var("FERROTUNE__ENDPOINTS__MERGE", "http://10.0.0.1:7000");
+            std::env::set_var("FERROTUNE__ENDPOINTS__REWARD", "http://a:1,http://b:2");
         }
         let s = Settings::load(None).unwrap();
         unsafe {
             std::env::remove_var("FERROTUNE__POLICY__MAX_LOADED_MODELS");
             std::env::remove_var("FERROTUNE__ENDPOINTS__MERGE");
+            std::env::remove_var("FERROTUNE__ENDPOINTS__REWARD");
         }
         assert_eq!(s.policy.max_loaded_models, 5);
         assert_eq!(s.endpoints.merge.as_deref(), Some("http://10.0.0.1:7000"));
+        assert_eq!(s.endpoints.reward, vec!["http://a:1", "http://b:2"], "a comma-separated list of replicas");
     }
 
     #[test]
