@@ -42,6 +42,11 @@ pub fn ferrotune_home() -> PathBuf {
     home.join(".cache").join("ferrotune")
 }
 
+/// Whether `name` is a model `pull` knows.
+pub fn is_known(name: &str) -> bool {
+    KNOWN_MODELS.iter().any(|m| m.name == name)
+}
+
 /// Where a pulled model lives.
 pub fn model_dir(name: &str) -> PathBuf {
     ferrotune_home().join("models").join(name)

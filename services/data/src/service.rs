@@ -44,11 +44,7 @@ struct Source {
 
 impl Data {
     fn model(&self, m: Option<&ferrotune_proto::v1::ModelRef>) -> Result<PathBuf, Status> {
-        let p = m.map(|m| m.path.as_str()).unwrap_or("");
-        if ferrotune_core::registry::KNOWN_MODELS.iter().any(|k| k.name == p) {
-            return Ok(ferrotune_core::registry::model_dir(p));
-        }
-        let dir = self.root.resolve("model.path", p)?;
+        let dir = self.root.model("model.path", m.map(|m| m.path.as_str()).unwrap_or(""))?;
         if !dir.join("tokenizer.json").is_file() {
             return Err(Status::not_found(format!("model.path: {} not found", dir.join("tokenizer.json").display())));
         }

@@ -26,12 +26,7 @@ pub fn host(h: &mut Hosting) {
 impl MergeService for Merge {
     async fn merge(&self, req: Request<MergeRequest>) -> Result<Response<MergeResponse>, Status> {
         let r = req.into_inner();
-        let name = r.model.as_ref().map(|m| m.path.as_str()).unwrap_or("");
-        let model = if ferrotune_core::registry::KNOWN_MODELS.iter().any(|k| k.name == name) {
-            ferrotune_core::registry::model_dir(name)
-        } else {
-            self.root.resolve("model.path", name)?
-        };
+        let model = self.root.model("model.path", r.model.as_ref().map(|m| m.path.as_str()).unwrap_or(""))?;
         let adapter = self.root.resolve("adapter", &r.adapter)?;
         let out = self.root.resolve("out", &r.out)?;
         if !model.join("config.json").is_file() {

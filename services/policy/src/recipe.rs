@@ -221,8 +221,7 @@ impl SftRecipe {
     /// Resolves the recipe's paths under the artifact root (a model given by a known name is left for the
     /// registry); the device is the service's.
     pub fn resolve_paths(&mut self, root: &ferrotune_runtime::ArtifactRoot, device: &str) -> Result<(), tonic::Status> {
-        let known = ferrotune_core::registry::KNOWN_MODELS.iter().any(|m| m.name == self.model);
-        if !known {
+        if !ferrotune_core::registry::is_known(&self.model) {
             self.model = root.resolve("model", &self.model)?.display().to_string();
         }
         let s = |p: &PathBuf| p.to_string_lossy().into_owned();

@@ -47,15 +47,7 @@ impl Policy {
 
     /// A model reference: a known model name (from the registry) or a directory under the root.
     pub fn model_dir(&self, m: Option<&ferrotune_proto::v1::ModelRef>) -> Result<PathBuf, Status> {
-        let p = m.map(|m| m.path.as_str()).unwrap_or("");
-        if ferrotune_core::registry::KNOWN_MODELS.iter().any(|k| k.name == p) {
-            let dir = ferrotune_core::registry::model_dir(p);
-            if !dir.join("config.json").is_file() {
-                return Err(Status::failed_precondition(format!("model: `{p}` is not pulled on this service (ferrotune models pull {p})")));
-            }
-            return Ok(dir);
-        }
-        self.root.resolve("model.path", p)
+        self.root.model("model.path", m.map(|m| m.path.as_str()).unwrap_or(""))
     }
 }
 

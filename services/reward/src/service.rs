@@ -54,14 +54,7 @@ impl Reward {
     }
 
     fn base_dir(&self, p: &str) -> Result<PathBuf, Status> {
-        if ferrotune_core::registry::KNOWN_MODELS.iter().any(|k| k.name == p) {
-            let dir = ferrotune_core::registry::model_dir(p);
-            if !dir.join("config.json").is_file() {
-                return Err(Status::failed_precondition(format!("model.learned.base: `{p}` is not pulled on this service")));
-            }
-            return Ok(dir);
-        }
-        let dir = self.root.resolve("model.learned.base.path", p)?;
+        let dir = self.root.model("model.learned.base.path", p)?;
         if !dir.join("config.json").is_file() {
             return Err(Status::not_found(format!("model.learned.base.path: {} is not a model directory (no config.json)", dir.display())));
         }

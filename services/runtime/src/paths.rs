@@ -75,6 +75,19 @@ impl ArtifactRoot {
         Ok(norm)
     }
 
+    /// A model reference: a known model name (the service's pulled copy; FAILED_PRECONDITION when it is not
+    /// pulled there) or a directory resolved like [`Self::resolve`].
+    pub fn model(&self, field: &str, p: &str) -> Result<PathBuf, Status> {
+        if ferrotune_core::registry::is_known(p) {
+            let dir = ferrotune_core::registry::model_dir(p);
+            if !dir.join("config.json").is_file() {
+                return Err(Status::failed_precondition(format!("{field}: `{p}` is not pulled on this service (ferrotune models pull {p})")));
+            }
+            return Ok(dir);
+        }
+        self.resolve(field, p)
+    }
+
     /// Like [`Self::resolve`] for an optional field (empty = absent).
     pub fn resolve_opt(&self, field: &str, p: &str) -> Result<Option<PathBuf>, Status> {
         if p.is_empty() {
