@@ -9,7 +9,6 @@
 //! scalar, so a second chunked pass backpropagates Σ coef_seq · log p(token) into the detached final hidden
 //! states, whose gradient then goes through the network once.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +16,7 @@ use tch::{Kind, Tensor};
 
 use super::loss::{LossSum, IGNORE_INDEX};
 use super::sft::{SftExample, SftObjective};
-use super::Objective;
+use super::{MetricSums, Objective};
 use crate::error::{CoreError, Result};
 use crate::models::CausalLm;
 
@@ -168,28 +167,32 @@ fn token_logps(model: &CausalLm, rows: &Tensor, target: &Tensor) -> Result<Tenso
 /// gradients. The reference pass of DPO (call it with the adapter disabled).
 pub fn sequence_logps(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk: i64) -> Result<Vec<(f64, usize)>> {
     let _guard = tch::no_grad_guard();
+    Ok(scored_pass(model, seqs, pad_id, chunk)?.1)
+}
+
+/// The scored rows of `seqs`' final hidden states (with the graph when gradients are on: rows, their target
+/// tokens, the sequence of each) and each sequence's summed log-prob and token count (computed without
+/// gradients, `chunk` rows of logits at a time).
+fn scored_pass(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk: i64) -> Result<((Tensor, Tensor, Tensor), Vec<(f64, usize)>)> {
     let collate = SftObjective { pad_id, chunk, gradient_checkpointing: false };
     let c = collate.collate(model, seqs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
     let (rows, target, seq) = scored_rows(&hidden, &c.labels)?;
-    let sums = per_sequence(model, &rows, &target, &seq, seqs.len() as i64, chunk)?;
-    let counts = Tensor::f_zeros([seqs.len() as i64], (Kind::Int64, seq.device()))?.f_index_add(0, &seq, &Tensor::f_ones_like(&seq)?)?;
-    let sums = Vec::<f64>::try_from(&sums.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?;
-    let counts = Vec::<i64>::try_from(&counts.f_to_device(tch::Device::Cpu)?)?;
-    Ok(sums.into_iter().zip(counts.into_iter().map(|c| c as usize)).collect())
-}
-
-fn per_sequence(model: &CausalLm, rows: &Tensor, target: &Tensor, seq: &Tensor, n_seq: i64, chunk: i64) -> Result<Tensor> {
-    let n = rows.size()[0];
-    let mut sums = Tensor::f_zeros([n_seq], (Kind::Float, rows.device()))?;
+    let _guard = tch::no_grad_guard();
+    let detached = rows.f_detach()?;
+    let n = detached.size()[0];
+    let mut sums = Tensor::f_zeros([seqs.len() as i64], (Kind::Float, rows.device()))?;
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let lp = token_logps(model, &rows.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
+        let lp = token_logps(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
         sums = sums.f_index_add(0, &seq.f_narrow(0, start, len)?, &lp)?;
         start += len;
     }
-    Ok(sums)
+    let counts = Tensor::f_zeros([seqs.len() as i64], (Kind::Int64, seq.device()))?.f_index_add(0, &seq, &Tensor::f_ones_like(&seq)?)?;
+    let sums = Vec::<f64>::try_from(&sums.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?;
+    let counts = Vec::<i64>::try_from(&counts.f_to_device(tch::Device::Cpu)?)?;
+    Ok(((rows, target, seq), sums.into_iter().zip(counts.into_iter().map(|c| c as usize)).collect()))
 }
 
 /// The DPO objective (one unit per pair).
@@ -200,64 +203,44 @@ pub struct DpoObjective {
     pub chunk: i64,
     /// Loss and β.
     pub cfg: DpoConfig,
-    metrics: RefCell<BTreeMap<String, (f64, usize)>>,
+    metrics: MetricSums,
 }
 
 impl DpoObjective {
     /// The objective.
     pub fn new(pad_id: u32, chunk: i64, cfg: DpoConfig) -> Self {
-        Self { pad_id, chunk, cfg, metrics: RefCell::default() }
+        Self { pad_id, chunk, cfg, metrics: MetricSums::default() }
     }
 
-    /// Policy log-probs of the batch's chosen and rejected sequences (no gradients) and the pair losses.
-    fn losses(&self, model: &CausalLm, batch: &[&DpoExample], prefix: &str) -> Result<(Vec<PairLoss>, super::sft::Collated, Tensor, Tensor, Tensor)> {
+    /// Policy log-probs of the batch's chosen and rejected sequences (no gradients), the pair losses, and the
+    /// scored rows for the gradient pass.
+    fn losses(&self, model: &CausalLm, batch: &[&DpoExample], prefix: &str) -> Result<(Vec<PairLoss>, Tensor, Tensor, Tensor)> {
         let seqs: Vec<&SftExample> = batch.iter().map(|e| &e.chosen).chain(batch.iter().map(|e| &e.rejected)).collect();
-        let collate = SftObjective { pad_id: self.pad_id, chunk: self.chunk, gradient_checkpointing: false };
-        let c = collate.collate(model, &seqs)?;
-        let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
-        let (rows, target, seq) = scored_rows(&hidden, &c.labels)?;
-        let sums = {
-            let _guard = tch::no_grad_guard();
-            per_sequence(model, &rows.f_detach()?, &target, &seq, seqs.len() as i64, self.chunk)?
-        };
-        let counts = Tensor::f_zeros([seqs.len() as i64], (Kind::Int64, seq.device()))?.f_index_add(0, &seq, &Tensor::f_ones_like(&seq)?)?;
-        let sums = Vec::<f64>::try_from(&sums.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?;
-        let counts = Vec::<i64>::try_from(&counts.f_to_device(tch::Device::Cpu)?)?;
+        let ((rows, target, seq), lps) = scored_pass(model, &seqs, self.pad_id, self.chunk)?;
         let b = batch.len();
         let out = batch
             .iter()
             .enumerate()
             .map(|(i, e)| {
                 let p = PairLogps {
-                    chosen: sums[i],
-                    rejected: sums[b + i],
+                    chosen: lps[i].0,
+                    rejected: lps[b + i].0,
                     ref_chosen: e.ref_chosen,
                     ref_rejected: e.ref_rejected,
-                    chosen_tokens: counts[i] as usize,
-                    rejected_tokens: counts[b + i] as usize,
+                    chosen_tokens: lps[i].1,
+                    rejected_tokens: lps[b + i].1,
                 };
                 (pair_loss(&p, &self.cfg), p)
             })
             .collect::<Vec<_>>();
         self.record(prefix, &out);
-        Ok((out.into_iter().map(|(l, _)| l).collect(), c, rows, target, seq))
+        Ok((out.into_iter().map(|(l, _)| l).collect(), rows, target, seq))
     }
 
     fn record(&self, prefix: &str, pairs: &[(PairLoss, PairLogps)]) {
-        let mut m = self.metrics.borrow_mut();
         for (l, p) in pairs {
-            for (k, v) in [
-                ("rewards/chosen", l.reward_chosen),
-                ("rewards/rejected", l.reward_rejected),
-                ("rewards/accuracies", f64::from(u8::from(l.reward_chosen > l.reward_rejected))),
-                ("rewards/margins", l.reward_chosen - l.reward_rejected),
-                ("logps/chosen", p.chosen),
-                ("logps/rejected", p.rejected),
-            ] {
-                let e = m.entry(format!("{prefix}{k}")).or_insert((0.0, 0));
-                e.0 += v;
-                e.1 += 1;
-            }
+            self.metrics.add_rewards(prefix, l.reward_chosen, l.reward_rejected);
+            self.metrics.add(prefix, &[("logps/chosen", p.chosen), ("logps/rejected", p.rejected)]);
         }
     }
 }
@@ -270,7 +253,7 @@ impl Objective for DpoObjective {
     }
 
     fn backward(&self, model: &CausalLm, batch: &[&DpoExample], scale: f64) -> Result<LossSum> {
-        let (losses, _c, rows, target, seq) = self.losses(model, batch, "")?;
+        let (losses, rows, target, seq) = self.losses(model, batch, "")?;
         let b = batch.len();
         let mut coef = vec![0f32; 2 * b];
         for (i, l) in losses.iter().enumerate() {
@@ -300,6 +283,6 @@ impl Objective for DpoObjective {
     }
 
     fn take_metrics(&self) -> BTreeMap<String, f64> {
-        std::mem::take(&mut *self.metrics.borrow_mut()).into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect()
+        self.metrics.take()
     }
 }

@@ -50,6 +50,33 @@ pub trait Objective {
     }
 }
 
+/// Running means of named per-example metrics, for [`Objective::take_metrics`]. Objectives record during
+/// `backward` / `eval` (through `&self`, hence the cell) and the loop takes the means once per step.
+#[derive(Debug, Default)]
+pub struct MetricSums(std::cell::RefCell<std::collections::BTreeMap<String, (f64, usize)>>);
+
+impl MetricSums {
+    /// Adds one example's values, each named `{prefix}{name}`.
+    pub fn add(&self, prefix: &str, values: &[(&str, f64)]) {
+        let mut m = self.0.borrow_mut();
+        for (k, v) in values {
+            let e = m.entry(format!("{prefix}{k}")).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+
+    /// TRL's pairwise metrics of one pair's rewards: rewards/chosen, rejected, accuracies, margins.
+    pub fn add_rewards(&self, prefix: &str, chosen: f64, rejected: f64) {
+        self.add(prefix, &[("rewards/chosen", chosen), ("rewards/rejected", rejected), ("rewards/accuracies", f64::from(u8::from(chosen > rejected))), ("rewards/margins", chosen - rejected)]);
+    }
+
+    /// The means since the last call (and a fresh start).
+    pub fn take(&self) -> std::collections::BTreeMap<String, f64> {
+        std::mem::take(&mut *self.0.borrow_mut()).into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect()
+    }
+}
+
 /// What the run trains and how it is saved: LoRA adapters, a reward head, full weights…
 pub trait TrainableState {
     /// The leaf tensors to optimise, by name.

@@ -5,7 +5,6 @@
 //! (r_chosen + r_rejected)²` when set. Saved PEFT-style as `SEQ_CLS` with `modules_to_save: ["score"]` and
 //! the head as `base_model.model.score.weight`.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -14,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use super::loss::LossSum;
 use super::sft::{SftExample, SftObjective};
-use super::{Objective, TrainableState};
+use super::{MetricSums, Objective, TrainableState};
 use crate::error::{CoreError, Result};
 use crate::lora::{load_peft, save_peft, LoraConfig};
 use crate::models::CausalLm;
@@ -96,13 +95,13 @@ pub struct RewardObjective {
     pub pad_id: u32,
     /// Margin and centering.
     pub cfg: RewardConfig,
-    metrics: RefCell<BTreeMap<String, (f64, usize)>>,
+    metrics: MetricSums,
 }
 
 impl RewardObjective {
     /// The objective.
     pub fn new(pad_id: u32, cfg: RewardConfig) -> Self {
-        Self { pad_id, cfg, metrics: RefCell::default() }
+        Self { pad_id, cfg, metrics: MetricSums::default() }
     }
 
     /// Per-pair losses `[b]` (with gradients when enabled), recording metrics under `prefix`.
@@ -116,13 +115,8 @@ impl RewardObjective {
             loss = loss.f_add(&rc.f_add(&rr)?.f_square()?.f_mul_scalar(self.cfg.center_rewards_coefficient)?)?;
         }
         let (c, j) = (Vec::<f32>::try_from(&rc.f_detach()?.f_to_device(tch::Device::Cpu)?)?, Vec::<f32>::try_from(&rr.f_detach()?.f_to_device(tch::Device::Cpu)?)?);
-        let mut m = self.metrics.borrow_mut();
         for (x, y) in c.iter().zip(&j) {
-            for (k, v) in [("rewards/chosen", *x as f64), ("rewards/rejected", *y as f64), ("rewards/accuracies", f64::from(u8::from(x > y))), ("rewards/margins", (x - y) as f64)] {
-                let e = m.entry(format!("{prefix}{k}")).or_insert((0.0, 0));
-                e.0 += v;
-                e.1 += 1;
-            }
+            self.metrics.add_rewards(prefix, *x as f64, *y as f64);
         }
         Ok(loss)
     }
@@ -150,7 +144,7 @@ impl Objective for RewardObjective {
     }
 
     fn take_metrics(&self) -> BTreeMap<String, f64> {
-        std::mem::take(&mut *self.metrics.borrow_mut()).into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect()
+        self.metrics.take()
     }
 }
 
