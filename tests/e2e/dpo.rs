@@ -6,11 +6,8 @@ use std::path::Path;
 use ferrotune_core::train::dpo::sequence_logps;
 use ferrotune_core::train::sft::SftExample;
 use ferrotune_data::{build, load_pairs, BuildOptions};
-use ferrotune_tests::{run_cli, smollm2_dir};
+use ferrotune_tests::{repo, run_cli, smollm2_dir};
 
-fn repo(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
 
 /// Share of held-out pairs where log π(chosen) > log π(rejected), and the mean margin.
 fn preference(model: &Path, adapter: Option<&Path>, pairs: &[(SftExample, SftExample)]) -> (f64, f64) {

@@ -2,16 +2,12 @@
 //! real reward server (`ferrotune serve --services reward`): held-out pairwise accuracy, concurrent Score
 //! calls gathered into one batch, rule rewards, bad requests.
 
-use std::path::Path;
 
 use ferrotune_proto::v1::reward_service_client::RewardServiceClient;
 use ferrotune_proto::v1::{reward_model_ref, LearnedReward, ModelRef, RewardModelRef, ScoreItem, ScoreRequest};
-use ferrotune_tests::{run_cli, smollm2_dir, Server};
+use ferrotune_tests::{repo, run_cli, smollm2_dir, Server};
 use tonic::Code;
 
-fn repo(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
 
 #[test]
 fn smollm2_reward_model_ranks_held_out_pairs_and_batches_concurrent_calls() {

@@ -11,15 +11,12 @@ use ferrotune_proto::v1::policy_service_client::PolicyServiceClient;
 use ferrotune_proto::v1::{
     prompt, GenerateRequest, GetJobRequest, LogProbsRequest, ModelRef, Prompt, ScoredSequence, StartSftRequest, TokenizeRequest,
 };
-use ferrotune_tests::{run_cli_env, smollm2_dir, Server};
+use ferrotune_tests::{repo, run_cli_env, smollm2_dir, Server};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-fn repo(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()

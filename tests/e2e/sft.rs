@@ -2,16 +2,13 @@
 //! model does not follow, learned with LoRA and with QLoRA, measured on held-out questions), and a run
 //! killed with SIGKILL then resumed, which must end with the same adapter as an uninterrupted run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingParams};
-use ferrotune_tests::{ferrotune_bin, run_cli, smollm2_dir};
+use ferrotune_tests::{ferrotune_bin, repo, run_cli, smollm2_dir};
 use tch::{Device, Kind};
 
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
 
 /// Fraction of held-out questions whose greedy answer starts with "Ahoy!" (and the answers).
 fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {

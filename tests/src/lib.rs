@@ -45,6 +45,11 @@ pub fn hf_reference() -> serde_json::Value {
     serde_json::from_str(&text).expect("reference JSON")
 }
 
+/// A path in the repository (e.g. `recipes/lora-sft.yaml`).
+pub fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
 /// A file under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use ferrotune_proto::v1::data_service_server::{DataService, DataServiceServer};
 use ferrotune_proto::v1::{DataSource, DatasetStats, FormatRequest, GetStatsRequest, PreviewRequest, PreviewResponse, PreviewSample, TokenIds, TokenizeRequest};
 use ferrotune_runtime::server::Hosting;
+use ferrotune_runtime::worker::blocking;
 use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
 use tonic::{Request, Response, Status};
 
@@ -83,10 +84,6 @@ fn stats_msg(s: Stats, path: &std::path::Path) -> DatasetStats {
         errors: s.errors,
         path: path.display().to_string(),
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("internal error: {e}")))?
 }
 
 #[tonic::async_trait]

@@ -5,6 +5,7 @@
 use ferrotune_proto::v1::merge_service_server::{MergeService, MergeServiceServer};
 use ferrotune_proto::v1::{CombineRequest, CombineResponse, MergeRequest, MergeResponse};
 use ferrotune_runtime::server::Hosting;
+use ferrotune_runtime::worker::blocking;
 use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
 use tonic::{Request, Response, Status};
 
@@ -49,10 +50,7 @@ impl MergeService for Merge {
         if shard < 1 << 20 {
             return Err(invalid("max_shard_bytes", format!("{shard} is less than 1 MiB")));
         }
-        let report = tokio::task::spawn_blocking(move || ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard))
-            .await
-            .map_err(|e| Status::internal(format!("internal error: {e}")))?
-            .map_err(|e| core_status(&e))?;
+        let report = blocking(move || ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard).map_err(|e| core_status(&e))).await?;
         let merge_base = serde_json::to_value(report.merge_base).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         Ok(Response::new(MergeResponse { path: out.display().to_string(), merged_layers: report.merged_layers as u32, merge_base, shards: report.shards as u32 }))
     }
@@ -85,10 +83,7 @@ impl MergeService for Merge {
             return Err(invalid("out", "must differ from the input adapters"));
         }
         let o = out.clone();
-        let rank = tokio::task::spawn_blocking(move || ferrotune_core::combine::combine(&adapters, how, &o))
-            .await
-            .map_err(|e| Status::internal(format!("internal error: {e}")))?
-            .map_err(|e| core_status(&e))?;
+        let rank = blocking(move || ferrotune_core::combine::combine(&adapters, how, &o).map_err(|e| core_status(&e))).await?;
         Ok(Response::new(CombineResponse { path: out.display().to_string(), r: rank as u32 }))
     }
 }

@@ -6,6 +6,16 @@ use tonic::Status;
 
 type Task<S> = Box<dyn FnOnce(&mut S) + Send>;
 
+/// The message of a caught panic (`panic!` payloads are a `String` or a `&str`).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+/// Runs blocking work (file I/O, a merge) on tokio's blocking pool; a panic there becomes INTERNAL.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("internal error: {e}")))?
+}
+
 /// Handle to the worker thread.
 pub struct Worker<S> {
     tx: std::sync::mpsc::Sender<Task<S>>,
@@ -39,10 +49,7 @@ impl<S: 'static> Worker<S> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task: Task<S> = Box::new(move |s: &mut S| {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
-            let r = r.unwrap_or_else(|p| {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-                Err(Status::internal(format!("internal error (panic): {msg}")))
-            });
+            let r = r.unwrap_or_else(|p| Err(Status::internal(format!("internal error (panic): {}", panic_message(p.as_ref())))));
             let _ = tx.send(r);
         });
         self.tx.send(task).map_err(|_| Status::unavailable("the worker has stopped"))?;

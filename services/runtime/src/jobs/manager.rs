@@ -177,10 +177,7 @@ impl Inner {
             Ok(Ok(JobOutcome::Stopped)) if cancelled => (JobState::Cancelled, String::new(), vec![]),
             Ok(Ok(JobOutcome::Stopped)) => (JobState::Interrupted, String::new(), vec![]),
             Ok(Err(e)) => (JobState::Failed, format!("{e:#}").replace('\n', " "), vec![]),
-            Err(p) => {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-                (JobState::Failed, format!("internal error (panic): {msg}"), vec![])
-            }
+            Err(p) => (JobState::Failed, format!("internal error (panic): {}", crate::worker::panic_message(p.as_ref())), vec![]),
         };
         self.set_state(&id, state, error, artifacts, None);
         self.live.lock().expect("lock").remove(&id);
