@@ -149,7 +149,7 @@ pub struct DpoExample {
 }
 
 /// Rows of `hidden` that predict a labelled token, those tokens, and the batch row each belongs to.
-fn scored_rows(hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub(super) fn scored_rows(hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, s, h) = hidden.size3()?;
     let pred = hidden.f_narrow(1, 0, s - 1)?.f_reshape([-1, h])?;
     let target = labels.f_narrow(1, 1, s - 1)?.f_reshape([-1])?.f_to_device(hidden.device())?;

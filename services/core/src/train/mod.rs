@@ -15,6 +15,7 @@ pub mod full;
 pub mod loss;
 pub mod optim;
 pub mod ppo;
+pub mod ppo_objective;
 pub mod reward;
 pub mod scaler;
 pub mod schedule;
@@ -48,6 +49,27 @@ pub trait Objective {
     fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
         Default::default()
     }
+    /// Called once per optimizer step with the step's micro-batches, before any backward pass (PPO samples
+    /// its rollouts here, with the adapters as trained so far). Returns the step's updates: each a list of
+    /// micro-batch indices whose accumulated gradients make one optimizer update. The default is one update
+    /// over all of them; PPO returns `ppo_epochs × num_mini_batches` updates over the same rollouts.
+    fn prepare(&self, _model: &mut CausalLm, micro: &[Vec<&Self::Example>], _step: usize) -> Result<Vec<Vec<usize>>> {
+        Ok(vec![(0..micro.len()).collect()])
+    }
+    /// Units of micro-batch `index` of the current step (the normaliser); by default Σ [`Objective::units`].
+    fn micro_units(&self, _index: usize, batch: &[&Self::Example]) -> usize {
+        batch.iter().map(|e| self.units(e)).sum()
+    }
+    /// Backward of micro-batch `index` of the current step; by default [`Objective::backward`].
+    fn backward_micro(&self, model: &CausalLm, _index: usize, batch: &[&Self::Example], scale: f64) -> Result<LossSum> {
+        self.backward(model, batch, scale)
+    }
+    /// A number the objective carries from step to step (PPO's adaptive KL coefficient), kept in checkpoints.
+    fn carried(&self) -> Option<f64> {
+        None
+    }
+    /// Restores [`Objective::carried`] on resume.
+    fn restore_carried(&self, _value: f64) {}
 }
 
 /// Running means of named per-example metrics, for [`Objective::take_metrics`]. Objectives record during
@@ -189,7 +211,7 @@ impl TrainConfig {
 }
 
 /// Where the loop resumes: optimizer steps done and the data position.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Position {
     /// Optimizer steps completed.
     pub step: usize,
@@ -204,6 +226,9 @@ pub struct Position {
     /// f16 compute: log2 of the dynamic loss scale and good steps since it last changed ([`scaler`]).
     #[serde(default)]
     pub loss_scale: Option<(i32, u64)>,
+    /// What the objective carries across steps ([`Objective::carried`]).
+    #[serde(default)]
+    pub carried: Option<f64>,
 }
 
 /// Progress after an optimizer step (for progress bars, metrics files and job events).
@@ -311,6 +336,9 @@ pub fn train<O: Objective>(
     }
     if let Some(dir) = &resume_from {
         pos = checkpoint::load(dir, &mut opt)?;
+        if let Some(v) = pos.carried {
+            run.objective.restore_carried(v);
+        }
     }
     let metrics_path = run.output_dir.join("metrics.jsonl");
     let mut metrics = checkpoint::MetricsLog::open(&metrics_path, pos.step)?;
@@ -344,37 +372,44 @@ pub fn train<O: Objective>(
             }
             micro.push(mb);
         }
-        let units: usize = micro.iter().flatten().map(|e| run.objective.units(e)).sum();
         let tokens: usize = micro.iter().flatten().map(|e| (run.tokens_of)(e)).sum();
-        // f16 compute: dynamic loss scaling (see `scaler`).
-        let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| pos.loss_scale.map_or(scaler::LossScale { log2: cfg.init_loss_scale.log2() as i32, good_steps: 0 }, |(log2, good_steps)| scaler::LossScale { log2, good_steps }));
-        let amp = loss_scale.map_or(1.0, |s| s.scale());
-        let scale = amp / units.max(1) as f64;
-        opt.zero_grad()?;
-        let mut sum = 0.0;
-        for mb in &micro {
-            model.set_dropout_seed(cfg.seed ^ pos.micro_batches.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            pos.micro_batches += 1;
-            sum += run.objective.backward(model, mb, scale)?.nll;
-        }
-        if amp != 1.0 {
-            opt.scale_grads(1.0 / amp)?;
-        }
-        let grad_norm = opt.clip_grad_norm(cfg.max_grad_norm)?;
+        let updates = run.objective.prepare(model, &micro, pos.step)?;
+        model.set_training(true);
         let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, pos.step, cfg.warmup_steps, cfg.max_steps);
-        let skipped = match &mut loss_scale {
-            Some(s) => {
-                let step = s.update(grad_norm.is_finite());
-                pos.loss_scale = Some((s.log2, s.good_steps));
-                !step
+        let (mut sum, mut units, mut grad_norm, mut skipped, mut amp) = (0.0, 0usize, 0.0, false, 1.0);
+        for group in &updates {
+            // f16 compute: dynamic loss scaling (see `scaler`).
+            let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| pos.loss_scale.map_or(scaler::LossScale { log2: cfg.init_loss_scale.log2() as i32, good_steps: 0 }, |(log2, good_steps)| scaler::LossScale { log2, good_steps }));
+            amp = loss_scale.map_or(1.0, |s| s.scale());
+            let group_units: usize = group.iter().map(|&i| run.objective.micro_units(i, &micro[i])).sum();
+            let scale = amp / group_units.max(1) as f64;
+            opt.zero_grad()?;
+            for &i in group {
+                model.set_dropout_seed(cfg.seed ^ pos.micro_batches.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                pos.micro_batches += 1;
+                sum += run.objective.backward_micro(model, i, &micro[i], scale)?.nll;
             }
-            None => false,
-        };
-        if !skipped {
-            opt.step(lr)?;
+            units += group_units;
+            if amp != 1.0 {
+                opt.scale_grads(1.0 / amp)?;
+            }
+            grad_norm = opt.clip_grad_norm(cfg.max_grad_norm)?;
+            skipped = match &mut loss_scale {
+                Some(s) => {
+                    let step = s.update(grad_norm.is_finite());
+                    pos.loss_scale = Some((s.log2, s.good_steps));
+                    !step
+                }
+                None => false,
+            };
+            if !skipped {
+                opt.step(lr)?;
+            }
         }
+        pos.carried = run.objective.carried();
         pos.step += 1;
         pos.units += units as u64;
+        // Each update's loss is a mean over its units; a step with several updates (PPO) reports their mean.
         last_loss = sum / units.max(1) as f64;
         if !last_loss.is_finite() {
             return Err(CoreError::InvalidArgument(format!("loss became {last_loss} at step {}; lower the learning rate", pos.step)));

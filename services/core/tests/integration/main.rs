@@ -10,6 +10,7 @@ mod gguf_roundtrip;
 mod kv_cache;
 mod lora;
 mod nf4;
+mod ppo;
 mod reward;
 mod tiny_models;
 mod train;
