@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ferrotune_proto::v1::alignment_service_client::AlignmentServiceClient;
 use ferrotune_proto::v1::data_service_client::DataServiceClient;
 use ferrotune_proto::v1::job_service_client::JobServiceClient;
 use ferrotune_proto::v1::merge_service_client::MergeServiceClient;
@@ -27,6 +28,8 @@ pub(crate) struct Services {
     pub data: DataServiceClient<Ch>,
     /// PolicyService.
     pub policy: PolicyServiceClient<Ch>,
+    /// AlignmentService (hosted with the policy service).
+    pub align: AlignmentServiceClient<Ch>,
     /// JobService (where the policy service runs).
     pub jobs: JobServiceClient<Ch>,
     /// MergeService.
@@ -104,6 +107,7 @@ impl Services {
         Ok(Self {
             data: DataServiceClient::with_interceptor(data, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             jobs: JobServiceClient::with_interceptor(policy.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
+            align: AlignmentServiceClient::with_interceptor(policy.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             policy: PolicyServiceClient::with_interceptor(policy, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             merge: MergeServiceClient::with_interceptor(merge, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             reward_jobs: JobServiceClient::with_interceptor(reward.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
@@ -142,6 +146,12 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
     if let Some(d) = &p.dtype {
         cfg.policy.dtype = d.clone();
     }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port for the embedded services")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    if services.contains(&"reward") {
+        // The embedded policy's PPO jobs score on the embedded reward service.
+        cfg.endpoints.reward = vec![url.clone()];
+    }
     let mut h = Hosting::new(cfg, root);
     for name in services {
         match *name {
@@ -152,8 +162,6 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
             _ => unreachable!(),
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port for the embedded services")?;
-    let url = format!("http://{}", listener.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _keep = jobs_dir;

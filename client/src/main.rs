@@ -129,6 +129,9 @@ enum TrainCmd {
 enum AlignCmd {
     /// DPO with LoRA or QLoRA from a YAML recipe with a `dpo` section (see recipes/dpo.yaml).
     Dpo(train_cmd::SftArgs),
+    /// RLHF with PPO from a recipe with a `ppo` section (see recipes/ppo.yaml): rollouts from the policy,
+    /// scores from the reward service(s), LoRA + value head updates.
+    Ppo(train_cmd::SftArgs),
 }
 
 #[derive(clap::Args)]
@@ -335,7 +338,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
     let opts = match &cli.cmd {
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
-        Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
+        Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) | AlignCmd::Ppo(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
         Cmd::Train { cmd: TrainCmd::Reward(a) } if settings.endpoints.reward.is_empty() => train_cmd::embedded_policy(a)?,
         _ => none,
     };
@@ -383,6 +386,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         Cmd::Data { cmd } => data_cmd::run(cmd, &mut svc, cli.json).await?,
         Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::run(train_cmd::Kind::Sft, args, &mut svc, cli.json).await?,
         Cmd::Align { cmd: AlignCmd::Dpo(args) } => train_cmd::run(train_cmd::Kind::Dpo, args, &mut svc, cli.json).await?,
+        Cmd::Align { cmd: AlignCmd::Ppo(args) } => train_cmd::run(train_cmd::Kind::Ppo, args, &mut svc, cli.json).await?,
         Cmd::Train { cmd: TrainCmd::Reward(args) } => train_cmd::run(train_cmd::Kind::Reward, args, &mut svc, cli.json).await?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, window, stride, batch, .. } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;

@@ -1,4 +1,4 @@
-//! `ferrotune train sft --recipe R.yaml` and `ferrotune align dpo --recipe R.yaml`: validates the recipe here
+//! `ferrotune train sft|reward --recipe R.yaml` and `ferrotune align dpo|ppo --recipe R.yaml`: validates the recipe here
 //! (errors name the file), starts the job on the policy service (embedded or remote) and follows it. With the embedded service, SIGINT /
 //! SIGTERM cancel the job after it checkpoints (`--resume` continues); against a remote service the job
 //! keeps running when the CLI stops (`ferrotune jobs watch ID`).
@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrotune_proto::v1::{StartDpoRequest, StartRewardTrainingRequest, StartSftRequest};
+use ferrotune_proto::v1::{StartAlignmentRequest, StartRewardTrainingRequest, StartSftRequest};
 use serde_json::json;
 
 use crate::connect::{status_error, EmbeddedPolicy, Services};
@@ -58,6 +58,8 @@ pub(crate) enum Kind {
     Sft,
     /// `align dpo`.
     Dpo,
+    /// `align ppo`.
+    Ppo,
     /// `train reward` (on the reward service).
     Reward,
 }
@@ -73,7 +75,8 @@ pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: b
     }
     let started = match kind {
         Kind::Sft => svc.policy.start_sft(StartSftRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
-        Kind::Dpo => svc.policy.start_dpo(StartDpoRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
+        Kind::Dpo => svc.align.start_dpo(StartAlignmentRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
+        Kind::Ppo => svc.align.start_ppo(StartAlignmentRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
         Kind::Reward => svc.reward.start_reward_training(StartRewardTrainingRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
     };
     let job = started.map_err(status_error)?.into_inner().job.context("the service returned no job")?;

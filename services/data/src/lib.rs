@@ -6,6 +6,7 @@
 pub mod dataset;
 pub mod formats;
 pub mod preview;
+pub mod prompts;
 pub mod read;
 pub mod service;
 pub mod tokenize;

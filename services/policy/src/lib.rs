@@ -1,14 +1,18 @@
 //! PolicyService: owns the policy model(s) on the service's device; runs SFT jobs (LoRA, QLoRA, prompt
 //! tuning, full fine-tuning), generation (batched and streaming) and log-probs with the adapter on or off.
+//! AlignmentService (DPO and PPO jobs) is hosted beside it: both train the policy on the same device.
 
+pub mod align_service;
 pub mod dpo_job;
 pub mod models;
+pub mod ppo_job;
 pub mod recipe;
 pub mod service;
 pub mod sft_job;
 
 use std::sync::Arc;
 
+use ferrotune_proto::v1::alignment_service_server::AlignmentServiceServer;
 use ferrotune_proto::v1::policy_service_server::PolicyServiceServer;
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::worker::Worker;
@@ -22,6 +26,9 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let jobs = h.jobs()?;
     jobs.register("sft", Arc::new(sft_job::SftRunner));
     jobs.register("dpo", Arc::new(dpo_job::DpoRunner));
+    let endpoints = h.settings.endpoints.reward.clone();
+    jobs.register("ppo", Arc::new(ppo_job::PpoRunner { endpoints: endpoints.clone(), token: h.settings.auth.token.clone() }));
+    let align = align_service::Alignment { root: h.root.clone(), jobs: jobs.clone(), device: h.settings.policy.device.clone(), has_reward: !endpoints.is_empty() };
     let svc = service::Policy { root: h.root.clone(), worker, jobs, device: h.settings.policy.device.clone() };
     if let Some(m) = h.settings.policy.preload.clone() {
         let dir = svc.model_dir(Some(&ferrotune_proto::v1::ModelRef { path: m.clone() })).map_err(|e| anyhow::anyhow!("policy.preload `{m}`: {}", e.message()))?;
@@ -35,5 +42,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let server = PolicyServiceServer::new(svc).max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(server));
     h.hosted("ferrotune.v1.PolicyService");
+    h.routes.add_service(h.authed(AlignmentServiceServer::new(align).max_decoding_message_size(h.max_message())));
+    h.hosted("ferrotune.v1.AlignmentService");
     Ok(())
 }

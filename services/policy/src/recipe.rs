@@ -36,6 +36,9 @@ pub struct SftRecipe {
     /// Reward-model settings (`train reward`; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<ferrotune_core::train::reward::RewardConfig>,
+    /// PPO settings (`align ppo`; absent otherwise). `data.path` is then a prompt file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppo: Option<ferrotune_core::train::ppo_objective::PpoConfig>,
 }
 
 fn cpu() -> String {
@@ -123,6 +126,9 @@ pub struct DataSpec {
     /// Held-out fraction.
     #[serde(default)]
     pub eval_fraction: f64,
+    /// PPO: held-out prompts (evaluated before training, every `eval_steps` and at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_path: Option<PathBuf>,
     /// Pack several samples per row (no attention across samples).
     #[serde(default)]
     pub pack: bool,
@@ -209,6 +215,19 @@ pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
     }
+    if let Some(p) = &r.ppo {
+        p.validate().with_context(|| format!("{}", path.display()))?;
+        if r.data.path.is_none() || r.data.dataset.is_some() {
+            bail!("{}: PPO reads prompts from data.path (a JSONL file with `prompt` or `messages`), not data.dataset", path.display());
+        }
+        if [r.dpo.is_some(), r.reward.is_some()].contains(&true) {
+            bail!("{}: a recipe has at most one of the ppo, dpo and reward sections", path.display());
+        }
+        return Ok(r);
+    }
+    if r.data.eval_path.is_some() {
+        bail!("{}: data.eval_path is for PPO prompt files (use data.eval_fraction to hold out formatted records)", path.display());
+    }
     match (&r.data.path, &r.data.dataset, &r.data.format) {
         (Some(_), None, Some(_)) | (None, Some(_), _) => {}
         (Some(_), None, None) => bail!("{}: data.format is required with data.path", path.display()),
@@ -230,6 +249,9 @@ impl SftRecipe {
         }
         if let Some(p) = &self.data.dataset {
             self.data.dataset = Some(root.resolve("data.dataset", &s(p))?);
+        }
+        if let Some(p) = &self.data.eval_path {
+            self.data.eval_path = Some(root.resolve("data.eval_path", &s(p))?);
         }
         self.output_dir = root.resolve("output_dir", &s(&self.output_dir))?;
         self.device = device.to_owned();

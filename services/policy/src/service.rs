@@ -8,7 +8,7 @@ use ferrotune_core::{generate, GenerateOptions, Message, SamplingParams};
 use ferrotune_proto::v1::policy_service_server::PolicyService;
 use ferrotune_proto::v1::{
     prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest, ListAdaptersResponse, LogProbsRequest, LogProbsResponse,
-    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartDpoRequest, StartJobResponse, StartSftRequest, StreamedToken,
+    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartJobResponse, StartSftRequest, StreamedToken,
 };
 use ferrotune_runtime::jobs::{JobManager, JobState};
 use ferrotune_runtime::worker::Worker;
@@ -141,11 +141,6 @@ impl PolicyService for Policy {
     async fn start_sft(&self, req: Request<StartSftRequest>) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
         self.start_job("sft", &r.recipe_yaml, &r.overrides, r.resume).await
-    }
-
-    async fn start_dpo(&self, req: Request<StartDpoRequest>) -> Result<Response<StartJobResponse>, Status> {
-        let r = req.into_inner();
-        self.start_job("dpo", &r.recipe_yaml, &r.overrides, r.resume).await
     }
 
 
@@ -304,6 +299,15 @@ pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bo
     }
     let mut recipe = crate::recipe::parse(yaml, Path::new("recipe"), overrides).status()?;
     match kind {
+        "ppo" => {
+            if recipe.ppo.is_none() {
+                return Err(invalid("ppo", "missing: a PPO recipe needs a ppo section with its reward (ppo.reward.rule, or ppo.reward.model and ppo.reward.adapter)"));
+            }
+            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora) {
+                return Err(invalid("adapter.method", format!("`{}`: ppo trains lora or qlora adapters", recipe.adapter.method)));
+            }
+        }
+        _ if recipe.ppo.is_some() => return Err(invalid("ppo", "this recipe has a ppo section: run it with align ppo (AlignmentService.StartPpo)")),
         "dpo" | "reward" => {
             if kind == "dpo" {
                 recipe.dpo.get_or_insert_with(Default::default);
@@ -314,7 +318,7 @@ pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bo
                 return Err(invalid("adapter.method", format!("`{}`: {kind} trains lora or qlora adapters", recipe.adapter.method)));
             }
         }
-        _ if recipe.dpo.is_some() => return Err(invalid("dpo", "this recipe has a dpo section: run it with align dpo (StartDpo)")),
+        _ if recipe.dpo.is_some() => return Err(invalid("dpo", "this recipe has a dpo section: run it with align dpo (AlignmentService.StartDpo)")),
         _ if recipe.reward.is_some() => return Err(invalid("reward", "this recipe has a reward section: run it with train reward (RewardService)")),
         _ => {}
     }
@@ -322,7 +326,7 @@ pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bo
     if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
         return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
     }
-    for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset)] {
+    for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset), ("data.eval_path", &recipe.data.eval_path)] {
         if let Some(p) = p {
             if !p.exists() {
                 return Err(Status::not_found(format!("{field}: {} not found", p.display())));

@@ -94,28 +94,42 @@ pub fn rule_score(rule: &str, response: &str) -> Result<f32, Status> {
     Err(Status::invalid_argument(format!("model.rule `{rule}`: use regex:PATTERN, exact:TEXT, prefix:TEXT or length")))
 }
 
-/// A small regular-expression subset (literal text, `^`, `$`, `.`, `*` after a character or `.`), enough for
-/// format checks without another dependency.
+/// A small regular-expression subset (literal text, `^`, `$`, `.`, `*` after a character or `.`, `\` making
+/// the next character literal), enough for format checks without another dependency.
 fn simple_match(pattern: &str, text: &str) -> Result<bool, Status> {
-    fn here(p: &[char], t: &[char]) -> bool {
+    /// One pattern atom at the start of `p`: what it matches (`None` = any character) and its length.
+    fn atom(p: &[char]) -> (Option<char>, usize) {
         match p {
-            [] => true,
-            ['$'] => t.is_empty(),
-            [c, '*', rest @ ..] => {
-                let mut i = 0;
-                loop {
-                    if here(rest, &t[i..]) {
-                        return true;
-                    }
-                    if i < t.len() && (*c == '.' || t[i] == *c) {
-                        i += 1;
-                    } else {
-                        return false;
-                    }
+            ['\\', c, ..] => (Some(*c), 2),
+            ['.', ..] => (None, 1),
+            [c, ..] => (Some(*c), 1),
+            [] => unreachable!("atoms of a non-empty pattern"),
+        }
+    }
+    fn here(p: &[char], t: &[char]) -> bool {
+        if p.is_empty() {
+            return true;
+        }
+        if p == ['$'] {
+            return t.is_empty();
+        }
+        let (a, n) = atom(p);
+        let fits = |c: char| a.is_none_or(|x| x == c);
+        if p.get(n) == Some(&'*') {
+            let rest = &p[n + 1..];
+            let mut i = 0;
+            loop {
+                if here(rest, &t[i..]) {
+                    return true;
+                }
+                if i < t.len() && fits(t[i]) {
+                    i += 1;
+                } else {
+                    return false;
                 }
             }
-            [c, rest @ ..] => !t.is_empty() && (*c == '.' || t[0] == *c) && here(rest, &t[1..]),
         }
+        !t.is_empty() && fits(t[0]) && here(&p[n..], &t[1..])
     }
     if pattern.is_empty() {
         return Err(Status::invalid_argument("model.rule: empty regex"));
@@ -142,6 +156,10 @@ mod tests {
         assert_eq!(rule_score("regex:^Ahoy!.*Arr.$", "It is Cairo. Arr.").unwrap(), 0.0);
         assert_eq!(rule_score("regex:Cai*ro", "in Cairo").unwrap(), 1.0);
         assert_eq!(rule_score("regex:x$", "xy").unwrap(), 0.0);
+        assert_eq!(rule_score("regex:^The .* is .*\\.$", "The capital is Rome.").unwrap(), 1.0);
+        assert_eq!(rule_score("regex:^The .* is .*\\.$", "The capital is Rome!").unwrap(), 0.0);
+        assert_eq!(rule_score("regex:a\\*", "a*").unwrap(), 1.0);
+        assert_eq!(rule_score("regex:a\\*", "aa").unwrap(), 0.0);
         assert!(rule_score("regex:", "x").is_err());
         assert!(rule_score("vibes", "x").is_err());
     }

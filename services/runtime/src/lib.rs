@@ -6,6 +6,7 @@ pub mod auth;
 pub mod jobs;
 pub mod paths;
 pub mod plot;
+pub mod reward_pool;
 pub mod server;
 pub mod settings;
 pub mod status;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferrotune_proto::v1::reward_service_client::RewardServiceClient;
 use ferrotune_proto::v1::{ScoreRequest, ScoreResponse};
-use ferrotune_runtime::auth::ClientAuth;
+use crate::auth::ClientAuth;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
