@@ -5,6 +5,7 @@ mod cli_errors;
 mod data;
 mod dpo;
 mod generation;
+mod ppo;
 mod reward;
 mod services;
 mod sft;
