@@ -42,3 +42,20 @@ fn absurd_perplexity_options_are_rejected() {
     // The tiny fixture has no tokenizer: the error must say so, naming the file.
     fails_with(&["eval", "perplexity", "--model", model.to_str().unwrap(), "--text-file", t.to_str().unwrap()], &["tokenizer.json"]);
 }
+
+#[test]
+fn bad_ppo_recipes_and_prompt_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = ferrotune_tests::repo("recipes/ppo.yaml");
+    let r = recipe.to_str().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.reward.rule=null"], &["ppo.reward: set either `rule` or both `model` and `adapter`"]);
+    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.cliprange=2"], &["ppo.cliprange must be in (0, 1)"]);
+    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.kl_estimator=k9"], &["ppo.yaml", "unknown variant `k9`, expected `k1` or `k3`"]);
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"What is the capital of Peru?\"}\n{\"question\": \"no prompt here\"}\n").unwrap();
+    let data = format!("data.path={}", prompts.display());
+    ferrotune_tests::smollm2_dir();
+    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", &data, "--set", "data.eval_path=null", "--json"], &["prompts.jsonl:2: missing field `prompt` (or `messages`)"]);
+}
