@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrotune_proto::v1::{StartAlignmentRequest, StartRewardTrainingRequest, StartSftRequest};
+use ferrotune_proto::v1::StartRecipeJobRequest;
 use serde_json::json;
 
 use crate::connect::{status_error, EmbeddedPolicy, Services};
@@ -73,11 +73,12 @@ pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: b
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
     }
+    let req = StartRecipeJobRequest { recipe_yaml: text, overrides: sets, resume: a.resume };
     let started = match kind {
-        Kind::Sft => svc.policy.start_sft(StartSftRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
-        Kind::Dpo => svc.align.start_dpo(StartAlignmentRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
-        Kind::Ppo => svc.align.start_ppo(StartAlignmentRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
-        Kind::Reward => svc.reward.start_reward_training(StartRewardTrainingRequest { recipe_yaml: text, overrides: sets, resume: a.resume }).await,
+        Kind::Sft => svc.policy.start_sft(req).await,
+        Kind::Dpo => svc.align.start_dpo(req).await,
+        Kind::Ppo => svc.align.start_ppo(req).await,
+        Kind::Reward => svc.reward.start_reward_training(req).await,
     };
     let job = started.map_err(status_error)?.into_inner().job.context("the service returned no job")?;
     if json_out {

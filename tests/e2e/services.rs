@@ -9,7 +9,7 @@ use ferrotune_proto::v1::data_service_client::DataServiceClient;
 use ferrotune_proto::v1::job_service_client::JobServiceClient;
 use ferrotune_proto::v1::policy_service_client::PolicyServiceClient;
 use ferrotune_proto::v1::{
-    prompt, GenerateRequest, GetJobRequest, LogProbsRequest, ModelRef, Prompt, ScoredSequence, StartSftRequest, TokenizeRequest,
+    prompt, GenerateRequest, GetJobRequest, LogProbsRequest, ModelRef, Prompt, ScoredSequence, StartRecipeJobRequest, TokenizeRequest,
 };
 use ferrotune_tests::{repo, run_cli_env, smollm2_dir, Server};
 use tonic::Code;
@@ -182,7 +182,7 @@ fn smollm2_services_cancel_a_running_job() {
     let text = std::fs::read_to_string(&r).unwrap();
     let id = rt().block_on(async {
         let mut p = PolicyServiceClient::connect(policy.url.clone()).await.unwrap();
-        p.start_sft(StartSftRequest { recipe_yaml: text, overrides: vec![], resume: false }).await.unwrap().into_inner().job.unwrap().id
+        p.start_sft(StartRecipeJobRequest { recipe_yaml: text, overrides: vec![], resume: false }).await.unwrap().into_inner().job.unwrap().id
     });
     wait_job(&root, &env, &id, |j| j["step"].as_u64().unwrap_or(0) >= 1);
     ok(&run_cli_env(&root, &env, &["jobs", "cancel", &id]));
@@ -254,7 +254,7 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
         let seq = ScoredSequence { prompt_ids: vec![], completion_ids: vec![5] };
         let e = policy.log_probs(LogProbsRequest { model: m.clone(), sequences: vec![seq], ..Default::default() }).await.unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("sequences[0]"), "{e:?}");
-        let e = policy.start_sft(StartSftRequest { recipe_yaml: "model: [unclosed".into(), ..Default::default() }).await.unwrap_err();
+        let e = policy.start_sft(StartRecipeJobRequest { recipe_yaml: "model: [unclosed".into(), ..Default::default() }).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         let mut jobs = JobServiceClient::with_interceptor(ch.clone(), bearer("s3cret"));
         assert_eq!(jobs.get_job(GetJobRequest { id: "nope".into() }).await.unwrap_err().code(), Code::NotFound);

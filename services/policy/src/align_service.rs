@@ -2,7 +2,7 @@
 //! the policy's device). PPO needs reward replicas (`endpoints.reward`), checked when the job is started.
 
 use ferrotune_proto::v1::alignment_service_server::AlignmentService;
-use ferrotune_proto::v1::{StartAlignmentRequest, StartJobResponse};
+use ferrotune_proto::v1::{StartRecipeJobRequest, StartJobResponse};
 use ferrotune_runtime::jobs::JobManager;
 use ferrotune_runtime::ArtifactRoot;
 use tonic::{Request, Response, Status};
@@ -22,7 +22,7 @@ pub struct Alignment {
 }
 
 impl Alignment {
-    fn start(&self, kind: &str, r: StartAlignmentRequest) -> Result<Response<StartJobResponse>, Status> {
+    fn start(&self, kind: &str, r: StartRecipeJobRequest) -> Result<Response<StartJobResponse>, Status> {
         let job = queue_recipe_job(kind, &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.device, &self.jobs)?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
     }
@@ -30,11 +30,11 @@ impl Alignment {
 
 #[tonic::async_trait]
 impl AlignmentService for Alignment {
-    async fn start_dpo(&self, req: Request<StartAlignmentRequest>) -> Result<Response<StartJobResponse>, Status> {
+    async fn start_dpo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
         self.start("dpo", req.into_inner())
     }
 
-    async fn start_ppo(&self, req: Request<StartAlignmentRequest>) -> Result<Response<StartJobResponse>, Status> {
+    async fn start_ppo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
         if !self.has_reward {
             return Err(Status::failed_precondition(
                 "PPO scores rollouts on reward services, and none is configured: set endpoints.reward (or FERROTUNE__ENDPOINTS__REWARD=http://HOST:PORT,…), or host reward in this server (serve --services policy,reward)",

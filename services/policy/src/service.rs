@@ -8,7 +8,7 @@ use ferrotune_core::{generate, GenerateOptions, Message, SamplingParams};
 use ferrotune_proto::v1::policy_service_server::PolicyService;
 use ferrotune_proto::v1::{
     prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest, ListAdaptersResponse, LogProbsRequest, LogProbsResponse,
-    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartJobResponse, StartSftRequest, StreamedToken,
+    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartJobResponse, StartRecipeJobRequest, StreamedToken,
 };
 use ferrotune_runtime::jobs::{JobManager, JobState};
 use ferrotune_runtime::worker::Worker;
@@ -138,7 +138,7 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Se
 
 #[tonic::async_trait]
 impl PolicyService for Policy {
-    async fn start_sft(&self, req: Request<StartSftRequest>) -> Result<Response<StartJobResponse>, Status> {
+    async fn start_sft(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
         self.start_job("sft", &r.recipe_yaml, &r.overrides, r.resume).await
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferrotune_proto::v1::reward_service_server::RewardService;
-use ferrotune_proto::v1::{reward_model_ref, ScoreRequest, ScoreResponse, StartJobResponse, StartRewardTrainingRequest};
+use ferrotune_proto::v1::{reward_model_ref, ScoreRequest, ScoreResponse, StartJobResponse, StartRecipeJobRequest};
 use ferrotune_runtime::jobs::JobManager;
 use ferrotune_runtime::settings::RewardSettings;
 use ferrotune_runtime::worker::Worker;
@@ -102,7 +102,7 @@ async fn batch_loop(mut rx: mpsc::Receiver<Pending>, worker: Worker<Scorers>, ma
 
 #[tonic::async_trait]
 impl RewardService for Reward {
-    async fn start_reward_training(&self, req: Request<StartRewardTrainingRequest>) -> Result<Response<StartJobResponse>, Status> {
+    async fn start_reward_training(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
         let job = ferrotune_policy::service::queue_recipe_job("reward", &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.cfg.device, &self.jobs)?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
