@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ferrotune_core::ModelBundle;
+use ferrotune_runtime::lru::Lru;
 use ferrotune_runtime::StatusExt;
 use tch::{Device, Kind};
 use tonic::Status;
@@ -14,23 +15,20 @@ type Key = (PathBuf, Option<PathBuf>);
 pub struct Models {
     device: Device,
     kind: Kind,
-    max: usize,
-    entries: Vec<(Key, ModelBundle)>,
+    cache: Lru<Key, ModelBundle>,
 }
 
 impl Models {
     /// Empty; models load on `device` in `kind`, at most `max` kept.
     pub fn new(device: Device, kind: Kind, max: usize) -> Self {
-        Self { device, kind, max: max.max(1), entries: vec![] }
+        Self { device, kind, cache: Lru::new(max) }
     }
 
     /// The bundle for `model` + `adapter`, loading it when needed.
     pub fn get(&mut self, model: &Path, adapter: Option<&Path>) -> Result<&mut ModelBundle, Status> {
         let key: Key = (model.to_path_buf(), adapter.map(Path::to_path_buf));
-        if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {
-            let e = self.entries.remove(i);
-            self.entries.push(e);
-        } else {
+        if !self.cache.touch(&key) {
+            // Checked before anything is evicted to make room.
             if !model.join("config.json").is_file() {
                 return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", model.display())));
             }
@@ -39,16 +37,15 @@ impl Models {
                     return Err(Status::not_found(format!("adapter: {} is not an adapter directory (no adapter_config.json)", a.display())));
                 }
             }
-            // Make room first: two models need not fit at once.
-            while self.entries.len() >= self.max {
-                self.entries.remove(0);
-            }
-            let mut b = ModelBundle::load(model, self.kind, self.device).status()?;
+        }
+        let (device, kind) = (self.device, self.kind);
+        // Room is made before loading: two models need not fit at once.
+        self.cache.get_or_load(key, || {
+            let mut b = ModelBundle::load(model, kind, device).status()?;
             if let Some(a) = adapter {
                 b.attach_adapter(a).status()?;
             }
-            self.entries.push((key, b));
-        }
-        Ok(&mut self.entries.last_mut().expect("just pushed").1)
+            Ok(b)
+        })
     }
 }

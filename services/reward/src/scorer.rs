@@ -10,6 +10,7 @@ use ferrotune_core::train::sft::SftExample;
 use ferrotune_core::{Message, ModelBundle};
 use ferrotune_data::formats::{MaskMode, Sample};
 use ferrotune_data::tokenize::{Renderer, TokenizedSample};
+use ferrotune_runtime::lru::Lru;
 use ferrotune_runtime::StatusExt;
 use tch::{Device, Kind};
 use tonic::Status;
@@ -18,36 +19,29 @@ use tonic::Status;
 pub struct Scorers {
     device: Device,
     kind: Kind,
-    max: usize,
-    entries: Vec<((PathBuf, PathBuf), ModelBundle)>,
+    cache: Lru<(PathBuf, PathBuf), ModelBundle>,
 }
 
 impl Scorers {
     /// None loaded yet.
     pub fn new(device: Device, kind: Kind, max: usize) -> Self {
-        Self { device, kind, max: max.max(1), entries: vec![] }
+        Self { device, kind, cache: Lru::new(max) }
     }
 
     fn get(&mut self, base: &Path, adapter: &Path) -> Result<&mut ModelBundle, Status> {
         let key = (base.to_path_buf(), adapter.to_path_buf());
-        if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {
-            let e = self.entries.remove(i);
-            self.entries.push(e);
-        } else {
-            if !adapter.join("adapter_config.json").is_file() {
-                return Err(Status::not_found(format!("model.learned.adapter: {} is not an adapter directory (no adapter_config.json)", adapter.display())));
-            }
-            while self.entries.len() >= self.max {
-                self.entries.remove(0);
-            }
-            let mut b = ModelBundle::load(base, self.kind, self.device).status()?;
+        if !self.cache.touch(&key) && !adapter.join("adapter_config.json").is_file() {
+            return Err(Status::not_found(format!("model.learned.adapter: {} is not an adapter directory (no adapter_config.json)", adapter.display())));
+        }
+        let (device, kind) = (self.device, self.kind);
+        self.cache.get_or_load(key, || {
+            let mut b = ModelBundle::load(base, kind, device).status()?;
             if ferrotune_core::lora::trained_on_nf4(adapter).status()? {
                 b.model.quantize_nf4().status()?;
             }
             load_reward_model(&mut b.model, adapter).status()?;
-            self.entries.push((key, b));
-        }
-        Ok(&mut self.entries.last_mut().expect("just pushed").1)
+            Ok(b)
+        })
     }
 
     /// Scores of (prompt, response) items under the reward model `base` + `adapter`.

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod jobs;
+pub mod lru;
 pub mod paths;
 pub mod plot;
 pub mod reward_pool;
