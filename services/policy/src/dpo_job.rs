@@ -8,22 +8,21 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use ferrotune_core::train::dpo::{sequence_logps, DpoExample, DpoObjective};
 use ferrotune_core::train::sft::{LoraState, SftExample};
-use ferrotune_core::train::{train, Run};
+use ferrotune_core::train::Run;
 use ferrotune_core::CausalLm;
 use ferrotune_data::load_pairs;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use serde_json::json;
 
 use crate::recipe::{Method, SftRecipe};
-use crate::sft_job::{dataset_dir, finish, load_base, model_dir, progress_of, write_provenance};
+use crate::sft_job::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 
 /// Runs `dpo` jobs; the spec is `{"recipe": <resolved recipe with a dpo section>, "resume": bool}`.
 pub struct DpoRunner;
 
 impl JobRunner for DpoRunner {
     fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
-        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
-        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        let (r, resume) = job_recipe(ctx)?;
         run_dpo(&r, resume, ctx)
     }
 }
@@ -97,9 +96,7 @@ fn run_dpo(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
     let state = LoraState { cfg: lcfg, base_model: model_dir.display().to_string() };
     let tokens_of = |e: &DpoExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
     let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
-    let summary = train(&mut model, &run, resume, &mut |ev| ctx.progress(progress_of(ev)), &|| ctx.should_stop())?;
-    if summary.stopped {
-        ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+    if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
         return Ok(JobOutcome::Stopped);
     }
     Ok(JobOutcome::Finished(finish(&out, &dataset, "adapter", &format!("DPO ({:?}, β = {})", cfg.loss_type, cfg.beta), ctx)))

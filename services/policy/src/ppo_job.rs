@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use ferrotune_core::train::ppo_objective::{PolicyValueState, PpoObjective, PpoPrompt, RewardSource};
-use ferrotune_core::train::{evaluate, train, Objective, Run};
+use ferrotune_core::train::{evaluate, Objective, Run};
 use ferrotune_core::{ChatTemplate, CoreError, ModelDefaults, Tokenizer};
 use ferrotune_data::prompts::load_prompts;
 use ferrotune_proto::v1::reward_model_ref::Kind as RewardKind;
@@ -20,7 +20,7 @@ use ferrotune_runtime::reward_pool::RewardPool;
 use serde_json::json;
 
 use crate::recipe::{Method, SftRecipe};
-use crate::sft_job::{finish, load_base, model_dir, progress_of, write_provenance};
+use crate::sft_job::{finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 
 /// Runs `ppo` jobs; the spec is `{"recipe": <resolved recipe with a ppo section>, "resume": bool}`.
 pub struct PpoRunner {
@@ -32,8 +32,7 @@ pub struct PpoRunner {
 
 impl JobRunner for PpoRunner {
     fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
-        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
-        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        let (r, resume) = job_recipe(ctx)?;
         self.run_ppo(&r, resume, ctx)
     }
 }
@@ -116,16 +115,14 @@ impl PpoRunner {
         let tokens_of = |p: &PpoPrompt| p.ids.len();
         let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
         let mut after = None;
-        let summary = train(&mut model, &run, resume, &mut |ev| {
+        let finished = train_job(&mut model, &run, resume, ctx, &mut |ev| {
             let used: Vec<String> = std::mem::take(&mut *replicas.lock().expect("replica set")).into_iter().collect();
             ctx.log(format!("step {}: scores from {}", ev.step, used.join(", ")));
             if ev.eval_loss.is_some() {
                 after = Some(mean_metrics(&ev.metrics));
             }
-            ctx.progress(progress_of(ev));
-        }, &|| ctx.should_stop())?;
-        if summary.stopped {
-            ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+        })?;
+        if finished.is_none() {
             return Ok(JobOutcome::Stopped);
         }
         if let Some(b) = before {

@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use ferrotune_core::prompt_tuning::{PromptInit, PromptState, PromptTuningConfig};
 use ferrotune_core::train::full::FullState;
 use ferrotune_core::train::sft::{LoraState, SftObjective};
-use ferrotune_core::train::{train, Run, StepEvent};
+use ferrotune_core::train::{train, Objective, Run, StepEvent, TrainSummary};
+use ferrotune_core::CausalLm;
 use ferrotune_core::{registry, ChatTemplate};
 use ferrotune_data::{build, load_split, BuildOptions};
 use ferrotune_runtime::jobs::{Artifact, JobContext, JobOutcome, JobRunner, Progress};
@@ -38,10 +39,30 @@ pub fn progress_of(ev: &StepEvent) -> Progress {
     }
 }
 
+/// A recipe job's spec `{"recipe": <resolved recipe>, "resume": bool}`: the recipe, and whether to continue
+/// from the newest checkpoint (asked for, or the job itself is being resumed after a restart).
+pub fn job_recipe(ctx: &JobContext) -> Result<(SftRecipe, bool)> {
+    let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
+    Ok((r, ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false)))
+}
+
+/// Runs the training loop as a job: every step reported as a job event (after `on_step`), stopping when the
+/// job is cancelled or the server drains. `None` when it stopped early (its checkpoint saved, and logged).
+pub fn train_job<O: Objective>(model: &mut CausalLm, run: &Run<'_, O>, resume: bool, ctx: &JobContext, on_step: &mut dyn FnMut(&StepEvent)) -> Result<Option<TrainSummary>> {
+    let summary = train(model, run, resume, &mut |ev| {
+        on_step(ev);
+        ctx.progress(progress_of(ev));
+    }, &|| ctx.should_stop())?;
+    if summary.stopped {
+        ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, run.cfg.max_steps));
+        return Ok(None);
+    }
+    Ok(Some(summary))
+}
+
 impl JobRunner for SftRunner {
     fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
-        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
-        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        let (r, resume) = job_recipe(ctx)?;
         run_sft(&r, resume, ctx)
     }
 }
@@ -158,9 +179,7 @@ fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
     let objective = SftObjective::new(pad_id, &r.training);
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
     let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: state.as_ref(), cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
-    let summary = train(&mut model, &run, resume, &mut |ev| ctx.progress(progress_of(ev)), &|| ctx.should_stop())?;
-    if summary.stopped {
-        ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+    if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
         return Ok(JobOutcome::Stopped);
     }
     let kind = if method == Method::Full { "model" } else { "adapter" };

@@ -4,10 +4,9 @@
 
 use anyhow::{Context, Result};
 use ferrotune_core::train::reward::{RewardExample, RewardObjective, RewardState};
-use ferrotune_core::train::{train, Run};
+use ferrotune_core::train::Run;
 use ferrotune_data::load_pairs;
-use ferrotune_policy::recipe::SftRecipe;
-use ferrotune_policy::sft_job::{dataset_dir, finish, load_base, model_dir, progress_of, write_provenance};
+use ferrotune_policy::sft_job::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
 /// Runs `reward` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
@@ -15,8 +14,7 @@ pub struct RewardRunner;
 
 impl JobRunner for RewardRunner {
     fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
-        let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
-        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        let (r, resume) = job_recipe(ctx)?;
         let cfg = r.reward.unwrap_or_default();
         let out = r.output_dir.clone();
         std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
@@ -38,9 +36,7 @@ impl JobRunner for RewardRunner {
         let state = RewardState { cfg: lcfg, base_model: model_dir.display().to_string() };
         let tokens_of = |e: &RewardExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
         let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
-        let summary = train(&mut model, &run, resume, &mut |ev| ctx.progress(progress_of(ev)), &|| ctx.should_stop())?;
-        if summary.stopped {
-            ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, r.training.max_steps));
+        if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
             return Ok(JobOutcome::Stopped);
         }
         Ok(JobOutcome::Finished(finish(&out, &dataset, "reward_model", "reward model (Bradley–Terry)", ctx)))
