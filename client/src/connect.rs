@@ -148,10 +148,9 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port for the embedded services")?;
     let url = format!("http://{}", listener.local_addr()?);
-    if services.contains(&"reward") {
-        // The embedded policy's PPO jobs score on the embedded reward service.
-        cfg.endpoints.reward = vec![url.clone()];
-    }
+    // The embedded policy's PPO jobs score on the embedded reward service (reward is embedded only when no
+    // replicas are configured).
+    cfg.score_on_self(services.contains(&"reward"), url.clone());
     let mut h = Hosting::new(cfg, root);
     for name in services {
         match *name {

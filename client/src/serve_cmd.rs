@@ -34,10 +34,7 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&s.listen).await.with_context(|| format!("listen {}", s.listen))?;
     let addr = listener.local_addr()?;
     let services = s.services.clone();
-    // A policy hosted with reward scores its PPO rollouts here unless other replicas are configured.
-    if services.iter().any(|x| x == "reward") && s.endpoints.reward.is_empty() && s.tls.cert.is_none() {
-        s.endpoints.reward = vec![format!("http://127.0.0.1:{}", addr.port())];
-    }
+    s.score_on_self(services.iter().any(|x| x == "reward"), format!("http://127.0.0.1:{}", addr.port()));
     let mut h = Hosting::new(s, root);
     for name in &services {
         match name.as_str() {

@@ -160,6 +160,14 @@ impl Settings {
         Ok(s)
     }
 
+    /// A server that hosts reward (`hosts_reward`) at `url` scores its own policy's PPO rollouts when no reward
+    /// replicas are configured (plaintext only: the reward pool does not speak TLS).
+    pub fn score_on_self(&mut self, hosts_reward: bool, url: String) {
+        if hosts_reward && self.endpoints.reward.is_empty() && self.tls.cert.is_none() {
+            self.endpoints.reward = vec![url];
+        }
+    }
+
     /// Rejects values no service can run with.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.limits.max_message_bytes < 1024 {
