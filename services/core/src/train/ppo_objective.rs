@@ -203,17 +203,28 @@ pub fn rollout_seed(seed: u64, step: usize) -> u64 {
 /// Scores (prompt text, response text) pairs.
 pub type Scorer<'a> = dyn Fn(&[(String, String)]) -> Result<Vec<f64>> + 'a;
 
+/// Which teacher-forced pass over rollouts: what it computes besides the log-probs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The policy when sampling: values and entropies (for metrics), no gradients.
+    Rollout,
+    /// The reference (adapters disabled): log-probs only.
+    Reference,
+    /// An update: values, with gradients.
+    Update,
+}
+
 /// Per-token log-probs (logits / temperature), entropies and values of `seqs`' labelled tokens, flat in
-/// sequence order; values need the value head.
+/// sequence order, as the [`Pass`] asks; values need the value head.
 struct TokenStats {
     logp: Tensor,
-    entropy: Tensor,
+    entropy: Option<Tensor>,
     values: Option<Tensor>,
     /// Tokens of each sequence.
     counts: Vec<usize>,
 }
 
-fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: f64, with_values: bool) -> Result<TokenStats> {
+fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: f64, pass: Pass) -> Result<TokenStats> {
     let refs: Vec<&SftExample> = seqs.iter().collect();
     let c = SftObjective { pad_id, chunk: 1, gradient_checkpointing: false }.collate(model, &refs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
@@ -221,8 +232,8 @@ fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: 
     let logits = model.logits(&rows)?.f_to_kind(Kind::Float)?.f_div_scalar(temperature)?;
     let lp = logits.f_log_softmax(-1, Kind::Float)?;
     let logp = lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
-    let entropy = lp.f_exp()?.f_mul(&lp)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_neg()?;
-    let values = if with_values {
+    let entropy = if pass == Pass::Rollout { Some(lp.f_exp()?.f_mul(&lp)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_neg()?) } else { None };
+    let values = if pass != Pass::Reference {
         let head = model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the policy has no value head".into()))?;
         Some(rows.f_to_kind(Kind::Float)?.f_linear::<Tensor>(head, None)?.f_squeeze_dim(1)?)
     } else {
@@ -313,14 +324,14 @@ impl<'a> PpoObjective<'a> {
         model.set_training(false);
         let mut rs = self.sample(model, prompts, rollout_seed(self.seed, step))?;
         let seqs: Vec<SftExample> = rs.iter().map(Rollout::example).collect();
-        let pol = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, true)?;
+        let pol = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, Pass::Rollout)?;
         model.set_adapters_enabled(false);
-        let reference = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, false);
+        let reference = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, Pass::Reference);
         model.set_adapters_enabled(true);
         let reference = reference?;
         let (logp, ref_logp) = (split(&to_vec(&pol.logp)?, &pol.counts), split(&to_vec(&reference.logp)?, &pol.counts));
         let values = split(&to_vec(pol.values.as_ref().expect("asked for values"))?, &pol.counts);
-        let entropy = split(&to_vec(&pol.entropy)?, &pol.counts);
+        let entropy = split(&to_vec(pol.entropy.as_ref().expect("rollout pass"))?, &pol.counts);
         let beta = self.kl_coef.get();
         let mut rewards = Vec::with_capacity(rs.len());
         let mut kl_sums = Vec::with_capacity(rs.len());
@@ -373,7 +384,7 @@ impl<'a> PpoObjective<'a> {
     /// token count, with gradients; records the update metrics.
     fn update_loss(&self, model: &CausalLm, rs: &[Rollout]) -> Result<(Tensor, usize)> {
         let seqs: Vec<SftExample> = rs.iter().map(Rollout::example).collect();
-        let st = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, true)?;
+        let st = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, Pass::Update)?;
         let dev = st.logp.device();
         let flat = |f: &dyn Fn(&Rollout) -> &Vec<f64>| -> Result<Tensor> {
             let v: Vec<f32> = rs.iter().flat_map(|r| f(r).iter().map(|&x| x as f32)).collect();
