@@ -1,17 +1,139 @@
 #!/usr/bin/env bash
-# GPU smoke check, for a session that has a CUDA machine (never run by `make test`; CI has no GPU).
-# Builds with libtorch_cuda linked, then runs generation and a short QLoRA SFT on cuda:0 in bf16 and prints
-# what it measured. Usage (repo root, on the GPU host): bash scripts/gpu_check.sh
-set -euo pipefail
+# GPU check, for a session that has a CUDA machine (never run by `make test`; CI has no GPU). Each section
+# prints its result and the script goes on after a failure; the summary at the end says which failed.
+#
+# On a GPU host with this repo's toolchain: `bash scripts/gpu_check.sh` (builds with `make build-cuda`, uses
+# SmolLM2 from the registry).
+# On a bare GPU host that has a CUDA PyTorch 2.11 but no cargo and no network (the lent device machine):
+#   FERROTUNE_BIN=.gpu/ferrotune FERROTUNE_BENCH_BIN=.gpu/training FERROTUNE_TEMPLATE=.gpu/tpl bash scripts/gpu_check.sh
+# runs binaries built here (for CPU) against that PyTorch's libtorch with libtorch_cuda preloaded (the same
+# libtorch version, so the same ABI), on a random-weight model shaped like SmolLM2 (config and tokenizer from
+# FERROTUNE_TEMPLATE; scripts/make_random_model.py, which also gives HF's loss as the reference).
+#
+# Checks: forward loss on cuda:0 (f32, bf16) against HF transformers on the same GPU and against ferrotune on
+# the CPU; generation on cuda:0; LoRA SFT losses on cuda:0 f32 against the CPU; LoRA and QLoRA SFT in bf16
+# on cuda:0; kill-and-resume on cuda:0 against an uninterrupted run; the training benchmark against HF PEFT
+# on the same GPU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-make build-cuda
-ft=target/release/ferrotune
-model=$("$ft" models pull smollm2-135m-instruct)
-echo "== generate on cuda:0 (bf16)"
-"$ft" generate --model "$model" --device cuda:0 --dtype bf16 --chat --prompt "What is the capital of France?" --json
-echo "== QLoRA SFT on cuda:0 (bf16 compute, f32 adapters and optimizer), 20 steps"
-out=$(mktemp -d)
-"$ft" train sft --recipe recipes/lora-sft.yaml --output-dir "$out/q" --max-steps 20 \
-  --set adapter.method=qlora --set device=cuda:0 --set dtype=bf16 --json | tail -3
-echo "== the adapter on cuda:0"
-"$ft" generate --model "$model" --adapter "$out/q" --device cuda:0 --dtype bf16 --chat --prompt "What is the capital of Egypt?" --json
+OUT=${OUT:-$(mktemp -d)}
+py=${PYTHON:-python3}
+fails=()
+section() { echo; echo "== $*"; }
+fail() { echo "FAILED: $*"; fails+=("$*"); }
+
+nvidia-smi -L || true
+if [ -n "${FERROTUNE_BIN:-}" ]; then
+  tl=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+  export LD_LIBRARY_PATH="$tl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "libtorch from $tl ($("$py" -c 'import torch; print(torch.__version__)'))"
+  # Only ferrotune's processes get libtorch_cuda preloaded (the bench keeps it off nvidia-smi).
+  ft=$(mktemp -d)/ferrotune
+  printf '#!/bin/sh\nLD_PRELOAD=%s exec %s "$@"\n' "$tl/libtorch_cuda.so" "$(realpath "$FERROTUNE_BIN")" >"$ft"
+  chmod +x "$ft"
+else
+  make build-cuda || exit 1
+  ft=target/release/ferrotune
+fi
+work=$(mktemp -d)
+head -c 1500 README.md >"$work/text.txt"
+
+if [ -n "${FERROTUNE_TEMPLATE:-}" ]; then
+  section "random SmolLM2-shaped model (HF reference losses on cuda:0)"
+  model=$work/model
+  ref=$("$py" scripts/make_random_model.py "$FERROTUNE_TEMPLATE" "$model" "$work/text.txt" cuda:0 2>"$work/model.log" | tail -1)
+  echo "$ref"
+  [ -n "$ref" ] || { fail "random model"; tail -n 5 "$work/model.log"; }
+else
+  model=$("$ft" models pull smollm2-135m-instruct)
+  ref=$("$py" - "$model" "$work/text.txt" <<'EOF' 2>/dev/null | tail -1
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).to("cuda:0").eval()
+ids = AutoTokenizer.from_pretrained(sys.argv[1])(open(sys.argv[2]).read(), return_tensors="pt").input_ids.to("cuda:0")
+with torch.no_grad():
+    print(json.dumps({"hf_nll_f32": m(ids, labels=ids).loss.item(), "hf_nll_bf16": m.to(torch.bfloat16)(ids, labels=ids).loss.float().item()}))
+EOF
+)
+  echo "$ref"
+fi
+num() { "$py" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+close() { "$py" -c "import sys; a,b,t=map(float,sys.argv[1:4]); sys.exit(0 if abs(a-b)<=t else 1)" "$1" "$2" "$3"; }
+
+section "forward loss: ferrotune cpu f32 / cuda:0 f32 / cuda:0 bf16 against HF"
+cpu=$("$ft" eval perplexity --model "$model" --text-file "$work/text.txt" --device cpu --json) && echo "cpu f32:   $cpu"
+g32=$("$ft" eval perplexity --model "$model" --text-file "$work/text.txt" --device cuda:0 --dtype f32 --json) && echo "cuda f32:  $g32"
+g16=$("$ft" eval perplexity --model "$model" --text-file "$work/text.txt" --device cuda:0 --dtype bf16 --json) && echo "cuda bf16: $g16"
+if [ -n "$ref" ] && [ -n "${g32:-}" ] && [ -n "${g16:-}" ] && [ -n "${cpu:-}" ]; then
+  close "$(num "$g32" mean_nll)" "$(num "$ref" hf_nll_f32)" 1e-3 && echo "cuda f32 = HF f32 (±1e-3)" || fail "cuda f32 NLL differs from HF"
+  close "$(num "$g32" mean_nll)" "$(num "$cpu" mean_nll)" 1e-3 && echo "cuda f32 = cpu f32 (±1e-3)" || fail "cuda f32 NLL differs from cpu"
+  close "$(num "$g16" mean_nll)" "$(num "$ref" hf_nll_bf16)" 5e-2 && echo "cuda bf16 = HF bf16 (±5e-2)" || fail "cuda bf16 NLL differs from HF bf16"
+else
+  fail "forward loss"
+fi
+
+section "generate on cuda:0 (bf16)"
+"$ft" generate --model "$model" --device cuda:0 --dtype bf16 --chat --prompt "What is the capital of France?" --max-new-tokens 16 --json || fail "generate"
+
+sft() { # name, extra args...
+  local name=$1; shift
+  "$ft" train sft --recipe recipes/lora-sft.yaml --output-dir "$work/$name" --set "model=$model" "$@" --json >"$work/$name.log" 2>&1
+}
+losses() { "$py" -c "import json,sys; print(' '.join('%.5f' % json.loads(l)['loss'] for l in open(sys.argv[1]) if '\"loss\"' in l and 'eval_loss' not in l))" "$1/metrics.jsonl"; }
+
+section "LoRA SFT losses, 4 steps, no dropout: cpu f32 vs cuda:0 f32"
+if sft cpu4 --max-steps 4 --set adapter.lora_dropout=0 --set device=cpu && sft gpu4 --max-steps 4 --set adapter.lora_dropout=0 --set device=cuda:0; then
+  a=$(losses "$work/cpu4"); b=$(losses "$work/gpu4"); echo "cpu:  $a"; echo "cuda: $b"
+  "$py" -c "import sys; a=list(map(float,sys.argv[1].split())); b=list(map(float,sys.argv[2].split())); d=max(abs(x-y) for x,y in zip(a,b)); print('max |Δloss| = %.2e' % d); sys.exit(0 if len(a)==len(b)==4 and d<2e-3 else 1)" "$a" "$b" || fail "cuda f32 SFT losses differ from cpu"
+else
+  fail "SFT cpu/cuda f32"; tail -n 3 "$work/cpu4.log" "$work/gpu4.log"
+fi
+
+for m in lora qlora; do
+  section "$m SFT on cuda:0, bf16 base, f32 adapters and optimizer, 20 steps"
+  if sft "${m}16" --max-steps 20 --set adapter.method=$m --set device=cuda:0 --set dtype=bf16; then
+    echo "losses: $(losses "$work/${m}16")"
+    tail -1 "$work/${m}16/metrics.jsonl"
+    "$ft" generate --model "$model" --adapter "$work/${m}16" --device cuda:0 --dtype bf16 --chat --prompt "What is the capital of Egypt?" --max-new-tokens 8 --json >/dev/null && echo "adapter loads and generates on cuda:0" || fail "$m adapter generate"
+  else
+    fail "$m SFT bf16"; tail -n 5 "$work/${m}16.log"
+  fi
+done
+
+section "kill -9 at step 5 and resume on cuda:0 (LoRA, dropout 0.05, bf16), against 10 steps straight"
+common=(--max-steps 10 --set device=cuda:0 --set dtype=bf16 --set training.save_steps=5)
+if sft straight "${common[@]}"; then
+  "$ft" train sft --recipe recipes/lora-sft.yaml --output-dir "$work/killed" --set "model=$model" "${common[@]}" --json >"$work/killed.log" 2>&1 &
+  pid=$!
+  while kill -0 $pid 2>/dev/null && [ ! -d "$work/killed/checkpoints/step-00000005" ]; do sleep 0.01; done
+  kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+  if [ -d "$work/killed/checkpoints/step-00000010" ]; then
+    echo "inconclusive: the run finished before it was killed"
+  elif sft killed "${common[@]}" --resume; then
+    "$py" - "$work/straight" "$work/killed" <<'EOF' || fail "resumed adapter differs"
+import sys
+from safetensors.torch import load_file
+a, b = (load_file(d + "/adapter_model.safetensors") for d in sys.argv[1:3])
+d = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+print("resumed vs straight: %d tensors, max |Δ| = %.3e%s" % (len(a), d, " (bit-identical)" if d == 0 else ""))
+sys.exit(0 if d < 1e-4 else 1)
+EOF
+  else
+    fail "resume"; tail -n 5 "$work/killed.log"
+  fi
+else
+  fail "straight run"; tail -n 5 "$work/straight.log"
+fi
+
+section "training benchmark on cuda:0 (bf16), ferrotune vs HF PEFT on the same GPU"
+if [ -n "${FERROTUNE_BENCH_BIN:-}" ]; then
+  FERROTUNE_BENCH_DEVICE=cuda:0 FERROTUNE_BENCH_DTYPE=bf16 FERROTUNE_BENCH_STEPS=${FERROTUNE_BENCH_STEPS:-20} FERROTUNE_BENCH_MODEL=$model \
+    FERROTUNE_DEV_PYTHON=$(command -v "$py") FERROTUNE_BENCH_HF_SCRIPT=scripts/bench_hf_train.py LD_PRELOAD="$tl/libtorch_cuda.so" \
+    "$FERROTUNE_BENCH_BIN" --bench || fail "benchmark"
+else
+  FERROTUNE_BENCH_DEVICE=cuda:0 FERROTUNE_BENCH_DTYPE=bf16 FERROTUNE_BENCH_STEPS=${FERROTUNE_BENCH_STEPS:-20} FERROTUNE_BENCH_MODEL=$model \
+    FERROTUNE_DEV_PYTHON=$(command -v "$py") FERROTUNE_CUDA=1 make bench-train || fail "benchmark"
+fi
+
+echo
+if [ ${#fails[@]} -eq 0 ]; then echo "GPU CHECK: all sections passed"; else printf 'GPU CHECK: FAILED: %s\n' "${fails[@]}"; exit 1; fi

@@ -7,6 +7,12 @@
 //! `~/.cache/ferrotune-dev/venv/bin/python`); skipped with a message otherwise.
 //!
 //! Run: `make bench-train` (or `cargo bench -p ferrotune-core --bench training`).
+//!
+//! On a GPU host (see `scripts/gpu_check.sh`): `FERROTUNE_BENCH_DEVICE=cuda:0 FERROTUNE_BENCH_DTYPE=bf16`
+//! (base in bf16, adapters and optimizer in f32 on both sides), `FERROTUNE_BENCH_STEPS` timed steps, and
+//! `FERROTUNE_BENCH_MODEL=DIR` for a model directory other than the registry's SmolLM2. Memory is then the peak
+//! GPU memory of each process as `nvidia-smi` reports it (allocator cache and CUDA context included, alike for
+//! both sides).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,10 +21,10 @@ use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::registry;
 use ferrotune_core::train::sft::{LoraState, SftExample, SftObjective};
 use ferrotune_core::train::{train, Run, TrainConfig};
-use tch::{Device, Kind};
 
 const BATCH: usize = 4;
 const SEQ: usize = 256;
+/// Timed steps (after one warm-up), unless `FERROTUNE_BENCH_STEPS` says otherwise.
 const STEPS: usize = 3;
 /// (name, targets, method, gradient checkpointing); HF runs without checkpointing (PEFT's default).
 const SETTINGS: [(&str, &str, &str, bool); 5] = [
@@ -34,20 +40,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], &args[i + 2], args[i + 3] == "1");
     }
-    let dir = registry::pull(registry::DEFAULT_MODEL)?;
+    let dir = match env("MODEL") {
+        Some(d) => PathBuf::from(d),
+        None => registry::pull(registry::DEFAULT_MODEL)?,
+    };
+    let (device, dtype, steps) = (env("DEVICE").unwrap_or("cpu".into()), env("DTYPE").unwrap_or("f32".into()), steps());
+    let gpu = device != "cpu";
     let exe = std::env::current_exe()?;
     let python = std::env::var_os("FERROTUNE_DEV_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrotune-dev/venv/bin/python")
     });
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf_train.py");
+    let script = env("HF_SCRIPT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf_train.py"));
     let run = |cmd: &mut Command| -> Result<(f64, f64), String> {
-        let out = cmd.output().map_err(|e| e.to_string())?;
+        let (out, gpu_mb) = run_measured(cmd, gpu).map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").to_owned());
         }
         let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_owned();
         let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))?;
-        Ok((v["tokens_per_s"].as_f64().unwrap_or(f64::NAN), v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)))
+        let mem = if gpu { gpu_mb } else { v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN) };
+        Ok((v["tokens_per_s"].as_f64().unwrap_or(f64::NAN), mem))
     };
     let mut rows = Vec::new();
     let mut lora_hf_rss = None;
@@ -59,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let hf = if python.exists() {
-            run(Command::new(&python).arg(&script).arg(&dir).args([targets, method, &BATCH.to_string(), &SEQ.to_string(), &STEPS.to_string()]))
+            run(Command::new(&python).arg(&script).arg(&dir).args([targets, method, &BATCH.to_string(), &SEQ.to_string(), &steps.to_string(), &device, &dtype]))
         } else {
             Err(format!("no Python with transformers + peft at {}", python.display()))
         };
@@ -69,8 +81,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         hf_cache.push(((targets, method), hf.clone()));
         rows.push((name, ours, hf));
     }
-    println!("\ntraining benchmark: SmolLM2-135M-Instruct, f32, CPU ({} threads), r=8, batch {BATCH} × {SEQ} tokens, {STEPS} timed steps", tch::get_num_threads());
-    println!("| setting | ferrotune tokens/s | ferrotune peak RSS MB | HF PEFT tokens/s | HF PEFT peak RSS MB | speed ratio | memory ratio |");
+    let place = if gpu { device.clone() } else { format!("CPU ({} threads)", tch::get_num_threads()) };
+    println!("\ntraining benchmark: {}, {dtype}, {place}, r=8, batch {BATCH} × {SEQ} tokens, {steps} timed steps", dir.display());
+    let mem = if gpu { "peak GPU MB" } else { "peak RSS MB" };
+    println!("| setting | ferrotune tokens/s | ferrotune {mem} | HF PEFT tokens/s | HF PEFT {mem} | speed ratio | memory ratio |");
     println!("|:--|--:|--:|--:|--:|--:|--:|");
     for (name, (t, m), hf) in &rows {
         match hf {
@@ -80,7 +94,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(hf_lora) = lora_hf_rss {
         for (name, (_, q), _) in rows.iter().filter(|r| r.0.starts_with("QLoRA")) {
-            println!("\n{name}: peak RSS / HF PEFT LoRA all-linear peak RSS = {:.2}×", q / hf_lora);
+            println!("\n{name}: peak memory / HF PEFT LoRA all-linear peak memory = {:.2}×", q / hf_lora);
         }
     }
     Ok(())
@@ -88,8 +102,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// One setting in this process; prints {"tokens_per_s", "peak_rss_mb"}.
 fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let dir = registry::model_dir(registry::DEFAULT_MODEL);
-    let mut model = ferrotune_core::load_model(&dir, Kind::Float, Device::Cpu)?;
+    let dir = env("MODEL").map(PathBuf::from).unwrap_or_else(|| registry::model_dir(registry::DEFAULT_MODEL));
+    let device = ferrotune_core::parse_device(&env("DEVICE").unwrap_or("cpu".into()))?;
+    let kind = ferrotune_core::parse_dtype(&env("DTYPE").unwrap_or("f32".into()))?;
+    let steps = steps();
+    let mut model = ferrotune_core::load_model(&dir, kind, device)?;
     if method == "qlora" {
         model.quantize_nf4()?;
     }
@@ -108,7 +125,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
             SftExample::new(ids.clone(), ids.iter().map(|&i| i as i64).collect())
         })
         .collect();
-    let cfg = TrainConfig { max_steps: STEPS + 1, micro_batch_size: BATCH, gradient_accumulation_steps: 1, learning_rate: 1e-4, gradient_checkpointing: gc, ..TrainConfig::default() };
+    let cfg = TrainConfig { max_steps: steps + 1, micro_batch_size: BATCH, gradient_accumulation_steps: 1, learning_rate: 1e-4, gradient_checkpointing: gc, ..TrainConfig::default() };
     let obj = SftObjective::new(0, &cfg);
     let state = LoraState { cfg: lcfg, base_model: dir.display().to_string() };
     let tmp = std::env::temp_dir().join(format!("ferrotune-bench-train-{}", std::process::id()));
@@ -122,4 +139,51 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
     let hwm_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(f64::NAN);
     println!("{}", serde_json::json!({"tokens_per_s": (BATCH * SEQ * rates.len()) as f64 / secs, "peak_rss_mb": hwm_kb / 1024.0}));
     Ok(())
+}
+
+/// `FERROTUNE_BENCH_<name>`.
+fn env(name: &str) -> Option<String> {
+    std::env::var(format!("FERROTUNE_BENCH_{name}")).ok().filter(|v| !v.is_empty())
+}
+
+fn steps() -> usize {
+    env("STEPS").and_then(|s| s.parse().ok()).unwrap_or(STEPS)
+}
+
+/// Runs `cmd` to the end; with `gpu`, also samples `nvidia-smi` every 50 ms for the child's GPU memory and
+/// returns the peak in MB (NaN when nvidia-smi does not report the process).
+fn run_measured(cmd: &mut Command, gpu: bool) -> std::io::Result<(std::process::Output, f64)> {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id().to_string();
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut so, &mut b).map(|_| b)
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut se, &mut b).map(|_| b)
+    });
+    let mut peak = f64::NAN;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if gpu {
+            let q = Command::new("nvidia-smi").env_remove("LD_PRELOAD").args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]).output();
+            for line in q.iter().flat_map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>()) {
+                let mut f = line.split(',').map(str::trim);
+                if f.next() == Some(pid.as_str()) {
+                    if let Some(mb) = f.next().and_then(|v| v.parse::<f64>().ok()) {
+                        peak = if peak.is_nan() { mb } else { peak.max(mb) };
+                    }
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let stdout = out_t.join().expect("reader thread")?;
+    let stderr = err_t.join().expect("reader thread")?;
+    Ok((std::process::Output { status, stdout, stderr }, peak))
 }

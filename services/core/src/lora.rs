@@ -111,19 +111,30 @@ impl Lora {
         if self.training && self.dropout > 0.0 {
             let keep = 1.0 - self.dropout;
             let mut rng = Rng(self.dropout_state.get());
-            let n = h.numel();
-            // A boolean "dropped" mask: masked_fill keeps 1 byte per element for the backward pass where a
-            // float mask multiplied in would keep 4.
-            // Four 16-bit draws per 64-bit step of the stream (a 1/65536 grid for the keep probability).
-            let threshold = (keep * 65536.0).round() as u64;
-            let mut dropped: Vec<bool> = Vec::with_capacity(n + 3);
-            while dropped.len() < n {
-                let r = rng.next_u64();
-                dropped.extend((0..4).map(|k| (r >> (16 * k)) & 0xFFFF >= threshold));
-            }
-            dropped.truncate(n);
-            self.dropout_state.set(rng.0);
-            let dropped = Tensor::f_from_slice(&dropped)?.f_view(h.size().as_slice())?.f_to_device(h.device())?;
+            let dropped = if h.device().is_cuda() {
+                // On a GPU the mask is drawn there, from a seed taken off this adapter's stream: a host-side
+                // mask would cost more per step than the step itself. Still exact on resume (the stream is
+                // checkpointed); libtorch's CUDA generator is process-global, so two jobs training on GPUs of
+                // one process at once may swap masks (still valid dropout, no longer reproducible).
+                let seed = rng.next_u64();
+                self.dropout_state.set(rng.0);
+                tch::Cuda::manual_seed_all(seed);
+                h.f_rand_like()?.f_ge(keep)?
+            } else {
+                let n = h.numel();
+                // A boolean "dropped" mask: masked_fill keeps 1 byte per element for the backward pass where a
+                // float mask multiplied in would keep 4.
+                // Four 16-bit draws per 64-bit step of the stream (a 1/65536 grid for the keep probability).
+                let threshold = (keep * 65536.0).round() as u64;
+                let mut dropped: Vec<bool> = Vec::with_capacity(n + 3);
+                while dropped.len() < n {
+                    let r = rng.next_u64();
+                    dropped.extend((0..4).map(|k| (r >> (16 * k)) & 0xFFFF >= threshold));
+                }
+                dropped.truncate(n);
+                self.dropout_state.set(rng.0);
+                Tensor::f_from_slice(&dropped)?.f_view(h.size().as_slice())?
+            };
             h = h.f_masked_fill(&dropped, 0.0)?.f_mul_scalar(1.0 / keep)?;
         }
         let y = h.f_linear::<Tensor>(&self.a, None)?.f_linear::<Tensor>(&self.b, None)?;
