@@ -4,7 +4,7 @@ weights), and HF transformers' next-token loss on a text file as the reference f
 Usage: python scripts/make_random_model.py TEMPLATE_DIR OUT_DIR TEXT_FILE DEVICE
 TEMPLATE_DIR holds config.json and the tokenizer files; the weights are drawn with seed 0 and std 0.1 (the
 default 0.02 gives near-uniform logits, which would hide a wrong forward pass). Prints one JSON object with
-HF's mean NLL of TEXT_FILE in f32 and bf16 on DEVICE.
+HF's mean NLL of TEXT_FILE in f32 and bf16 (loaded as bf16) on DEVICE.
 """
 import json
 import shutil
@@ -30,7 +30,9 @@ def main():
     model = model.to(device).eval()
     with torch.no_grad():
         res["hf_nll_f32"] = model(ids, labels=ids).loss.item()
-        res["hf_nll_bf16"] = model.to(torch.bfloat16)(ids, labels=ids).loss.float().item()
+        # Loaded in bf16 (not cast after loading, which would also round RoPE's inverse frequencies to bf16).
+        m16 = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device).eval()
+        res["hf_nll_bf16"] = m16(ids, labels=ids).loss.float().item()
     print(json.dumps(res))
 
 
