@@ -82,6 +82,15 @@ impl Linear {
             BaseWeight::Nf4 { q, kind } => x.f_linear(&q.dequantize(*kind)?, self.bias.as_ref())?,
         };
         match &self.lora {
+            // Same kind (f32 training): the adapter's output is added inside one GEMM, `y + u Bᵀ`, instead
+            // of being written out, then read again by the add.
+            Some(l) if l.enabled && x.kind() == l.b.kind() => {
+                let u = l.down(x)?;
+                let shape = y.size();
+                let out = *shape.last().unwrap_or(&0);
+                let r = l.b.size()[1];
+                Ok(y.f_view([-1, out])?.f_addmm(&u.f_view([-1, r])?, &l.b.f_tr()?)?.f_view(shape.as_slice())?)
+            }
             Some(l) if l.enabled => Ok(y.f_add(&l.delta(x)?)?),
             _ => Ok(y),
         }
