@@ -42,6 +42,23 @@ fn chunk_nll(model: &CausalLm, rows: &Tensor, target: &Tensor) -> Result<Tensor>
     Ok(lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_neg()?.f_sum(Kind::Float)?)
 }
 
+/// A frozen head's chunk: Σ NLL and its gradient with respect to the rows, written out rather than taped:
+/// with p = softmax(rows Wᵀ), d(scale · Σ NLL)/d rows = scale · (p − onehot(target)) W. One `[len, vocab]`
+/// buffer, overwritten in place (logits → p → gradient of the logits), where autograd keeps the logits, the
+/// log-probabilities and two full-vocabulary gradients.
+fn chunk_nll_grad(model: &CausalLm, rows: &Tensor, target: &Tensor, scale: f64) -> Result<(f64, Tensor)> {
+    let _guard = tch::no_grad_guard();
+    let mut logits = model.logits(rows)?;
+    let lse = logits.f_logsumexp([1], true)?;
+    let at = target.f_unsqueeze(1)?;
+    let nll = lse.f_sub(&logits.f_gather(1, &at, false)?)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    let _ = logits.f_sub_(&lse)?.f_exp_()?;
+    let minus_one = Tensor::f_full([rows.size()[0], 1], -1.0, (Kind::Float, logits.device()))?;
+    let _ = logits.f_scatter_add_(1, &at, &minus_one)?.f_mul_scalar_(scale)?;
+    let head = &model.lm_head;
+    Ok((nll, logits.f_to_kind(head.kind())?.f_mm(head)?))
+}
+
 /// Loss without gradients (evaluation).
 pub fn causal_lm_loss(model: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk: i64) -> Result<LossSum> {
     let _guard = tch::no_grad_guard();
@@ -65,17 +82,30 @@ pub fn causal_lm_loss_backward(model: &CausalLm, hidden: &Tensor, labels: &Tenso
     if n == 0 {
         return Ok(LossSum::default());
     }
-    let detached = rows.f_detach()?.f_set_requires_grad(true)?;
     let mut nll = 0.0;
     let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let l = chunk_nll(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
-        nll += l.f_double_value(&[])?;
-        l.f_mul_scalar(scale)?.f_backward()?;
-        start += len;
-    }
-    let grad = detached.grad();
+    let grad = if model.lm_head.requires_grad() {
+        // Full fine-tuning trains the head too: autograd carries each chunk's gradient into it.
+        let detached = rows.f_detach()?.f_set_requires_grad(true)?;
+        while start < n {
+            let len = chunk.min(n - start);
+            let l = chunk_nll(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
+            nll += l.f_double_value(&[])?;
+            l.f_mul_scalar(scale)?.f_backward()?;
+            start += len;
+        }
+        detached.grad()
+    } else {
+        let mut grads = Vec::new();
+        while start < n {
+            let len = chunk.min(n - start);
+            let (l, g) = chunk_nll_grad(model, &rows.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?, scale)?;
+            nll += l;
+            grads.push(g);
+            start += len;
+        }
+        Tensor::f_cat(&grads, 0)?
+    };
     // d(scale·loss)/d(network) = Σ rows · grad, backpropagated once through the decoder.
     rows.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
     Ok(LossSum { nll, tokens: n as usize })
