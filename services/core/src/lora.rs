@@ -122,7 +122,7 @@ impl Lora {
         if self.training && self.dropout > 0.0 {
             let keep = 1.0 - self.dropout;
             let mut rng = Rng(self.dropout_state.get());
-            let kept = if h.device().is_cuda() {
+            let dropped = if h.device().is_cuda() {
                 // On a GPU the mask is drawn there, from a seed taken off this adapter's stream: a host-side
                 // mask would cost more per step than the step itself. Still exact on resume (the stream is
                 // checkpointed); libtorch's CUDA generator is process-global, so two jobs training on GPUs of
@@ -130,16 +130,15 @@ impl Lora {
                 let seed = rng.next_u64();
                 self.dropout_state.set(rng.0);
                 tch::Cuda::manual_seed_all(seed);
-                h.f_rand_like()?.f_lt(keep)?
+                h.f_rand_like()?.f_ge(keep)?
             } else {
-                // A one-byte "kept" mask (1 = kept), multiplied in: autograd keeps 1 byte per element for the
-                // backward pass where a float mask would keep 4, and libtorch's multiply by a u8 tensor is
-                // about 8x faster than masked_fill with a bool one on the CPU.
+                // A boolean "dropped" mask: masked_fill keeps 1 byte per element for the backward pass where a
+                // float mask multiplied in would keep 4.
                 let n = h.numel();
                 let words = n.div_ceil(4);
-                let mask = Tensor::f_empty([4 * words as i64], (Kind::Uint8, tch::Device::Cpu))?;
-                // SAFETY: `mask` is a fresh contiguous CPU u8 tensor of 4·words elements that nothing else
-                // references while this slice lives; every byte is written below.
+                let mask = Tensor::f_empty([4 * words as i64], (Kind::Bool, tch::Device::Cpu))?;
+                // SAFETY: `mask` is a fresh contiguous CPU bool tensor of 4·words elements that nothing else
+                // references while this slice lives; every byte is written as 0 or 1 below.
                 let bytes = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u8, 4 * words) };
                 fill_dropout_mask(bytes, rng.0, keep, tch::get_num_threads().max(1) as usize);
                 // The stream advanced by one step per 4 elements (SplitMix64 is a counter: step i is
@@ -147,7 +146,7 @@ impl Lora {
                 self.dropout_state.set(rng.0.wrapping_add((words as u64).wrapping_mul(SPLITMIX_GAMMA)));
                 mask.f_narrow(0, 0, n as i64)?.f_view(h.size().as_slice())?.f_to_device(h.device())?
             };
-            h = h.f_mul(&kept)?;
+            h = h.f_masked_fill(&dropped, 0.0)?;
             scale /= keep;
         }
         Ok(h.f_linear::<Tensor>(&self.a, None)?.f_mul_scalar(scale)?)
@@ -157,9 +156,9 @@ impl Lora {
 /// SplitMix64's increment ([`Rng::next_u64`] adds it once per draw).
 const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// Writes the dropout mask (1 = kept, 0 = dropped) for the stream at `state` into `out` (a multiple of 4
-/// bytes): draw `i` of the stream gives bytes `4i..4i+4`, one 16-bit field each, kept when the field is
-/// below `keep·65536` (a 1/65536 grid for the keep probability). Large masks are filled by `threads` threads,
+/// Writes the dropout mask (1 = dropped) for the stream at `state` into `out` (a multiple of 4 bytes): draw
+/// `i` of the stream gives bytes `4i..4i+4`, one 16-bit field each, dropped when the field is at least
+/// `keep·65536` (a 1/65536 grid for the keep probability). Large masks are filled by `threads` threads,
 /// each from its own offset in the stream, with the same result as one thread.
 fn fill_dropout_mask(out: &mut [u8], state: u64, keep: f64, threads: usize) {
     let threshold = (keep * 65536.0).round() as u64;
@@ -168,7 +167,7 @@ fn fill_dropout_mask(out: &mut [u8], state: u64, keep: f64, threads: usize) {
         for w in chunk.chunks_exact_mut(4) {
             let r = rng.next_u64();
             for (k, b) in w.iter_mut().enumerate() {
-                *b = u8::from((r >> (16 * k)) & 0xFFFF < threshold);
+                *b = u8::from((r >> (16 * k)) & 0xFFFF >= threshold);
             }
         }
     };
@@ -495,7 +494,7 @@ mod tests {
         let mut out = Vec::new();
         while out.len() < len {
             let r = rng.next_u64();
-            out.extend((0..4).map(|k| u8::from((r >> (16 * k)) & 0xFFFF < threshold)));
+            out.extend((0..4).map(|k| u8::from((r >> (16 * k)) & 0xFFFF >= threshold)));
         }
         out
     }
@@ -509,7 +508,7 @@ mod tests {
             fill_dropout_mask(&mut got, 42, 0.95, threads);
             assert!(got == want, "{threads} threads");
         }
-        let dropped = want.iter().filter(|&&b| b == 0).count() as f64 / len as f64;
+        let dropped = want.iter().filter(|&&b| b == 1).count() as f64 / len as f64;
         assert!((dropped - 0.05).abs() < 0.002, "dropped fraction {dropped}");
     }
 }
