@@ -10,7 +10,8 @@
 //!
 //! On a GPU host (see `scripts/gpu_check.sh`): `FERROTUNE_BENCH_DEVICE=cuda:0 FERROTUNE_BENCH_DTYPE=bf16`
 //! (base in bf16, adapters and optimizer in f32 on both sides), `FERROTUNE_BENCH_STEPS` timed steps, and
-//! `FERROTUNE_BENCH_MODEL=DIR` for a model directory other than the registry's SmolLM2. Memory is then the peak
+//! `FERROTUNE_BENCH_MODEL=DIR` for a model directory other than the registry's SmolLM2;
+//! `FERROTUNE_BENCH_DROPOUT` (default 0.05) for ferrotune's side. Memory is then the peak
 //! GPU memory of each process as `nvidia-smi` reports it (allocator cache and CUDA context included, alike for
 //! both sides).
 
@@ -111,7 +112,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
         model.quantize_nf4()?;
     }
     let t = if targets == "qv" { Targets::Names(vec!["q_proj".into(), "v_proj".into()]) } else { Targets::AllLinear };
-    let lcfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: t, use_rslora: false };
+    let lcfg = LoraConfig { r: 8, alpha: 16.0, dropout: env("DROPOUT").and_then(|d| d.parse().ok()).unwrap_or(0.05), targets: t, use_rslora: false };
     model.add_lora(&lcfg, 0)?;
     let mut x = 12345u64;
     let examples: Vec<SftExample> = (0..BATCH)
