@@ -2,6 +2,7 @@
 //! safetensors (single or sharded, memory-mapped) and from llama.cpp GGUF files, HF tokenizers, and
 //! chat templates, generation and perplexity evaluation. Services and the CLI build on this crate; it knows nothing of gRPC.
 
+mod alloc;
 pub mod bundle;
 pub mod chat;
 pub mod combine;
