@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(d) => PathBuf::from(d),
         None => registry::pull(registry::DEFAULT_MODEL)?,
     };
-    let (device, dtype, steps) = (env("DEVICE").unwrap_or("cpu".into()), env("DTYPE").unwrap_or("f32".into()), steps());
+    let (device, dtype, steps) = (device(), dtype(), steps());
     let gpu = device != "cpu";
     let exe = std::env::current_exe()?;
     let python = std::env::var_os("FERROTUNE_DEV_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
@@ -104,8 +104,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// One setting in this process; prints {"tokens_per_s", "peak_rss_mb"}.
 fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error::Error>> {
     let dir = env("MODEL").map(PathBuf::from).unwrap_or_else(|| registry::model_dir(registry::DEFAULT_MODEL));
-    let device = ferrotune_core::parse_device(&env("DEVICE").unwrap_or("cpu".into()))?;
-    let kind = ferrotune_core::parse_dtype(&env("DTYPE").unwrap_or("f32".into()))?;
+    let device = ferrotune_core::parse_device(&device())?;
+    let kind = ferrotune_core::parse_dtype(&dtype())?;
     let steps = steps();
     let mut model = ferrotune_core::load_model(&dir, kind, device)?;
     if method == "qlora" {
@@ -145,6 +145,14 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
 /// `FERROTUNE_BENCH_<name>`.
 fn env(name: &str) -> Option<String> {
     std::env::var(format!("FERROTUNE_BENCH_{name}")).ok().filter(|v| !v.is_empty())
+}
+
+fn device() -> String {
+    env("DEVICE").unwrap_or_else(|| "cpu".into())
+}
+
+fn dtype() -> String {
+    env("DTYPE").unwrap_or_else(|| "f32".into())
 }
 
 fn steps() -> usize {

@@ -1,7 +1,8 @@
 //! The causal-LM loss over trained tokens, computed so that full-vocabulary f32 logits never exist for a
-//! whole batch: the trained positions' hidden states are detached, logits + log-softmax run `chunk` rows at a
-//! time with each chunk's backward done at once, and the accumulated gradient of the hidden states is then
-//! sent back through the network in one pass. Peak memory for the head is one chunk of logits.
+//! whole batch: logits + log-softmax run `chunk` rows of the trained positions' hidden states at a time, each
+//! chunk's gradient with respect to those rows is taken at once (written out for a frozen head, by autograd
+//! when the head trains), and the gradient of the hidden states is then sent back through the network in one
+//! pass. Peak memory for the head is one chunk of logits.
 
 use tch::{Kind, Tensor};
 
@@ -82,29 +83,32 @@ pub fn causal_lm_loss_backward(model: &CausalLm, hidden: &Tensor, labels: &Tenso
     if n == 0 {
         return Ok(LossSum::default());
     }
+    // Full fine-tuning trains the head too: autograd then carries each chunk's gradient into it (and into
+    // the detached rows); a frozen head's chunks have their row gradients written out.
+    let detached = if model.lm_head.requires_grad() { Some(rows.f_detach()?.f_set_requires_grad(true)?) } else { None };
+    let mut grads = Vec::new();
     let mut nll = 0.0;
     let mut start = 0;
-    let grad = if model.lm_head.requires_grad() {
-        // Full fine-tuning trains the head too: autograd carries each chunk's gradient into it.
-        let detached = rows.f_detach()?.f_set_requires_grad(true)?;
-        while start < n {
-            let len = chunk.min(n - start);
-            let l = chunk_nll(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
-            nll += l.f_double_value(&[])?;
-            l.f_mul_scalar(scale)?.f_backward()?;
-            start += len;
+    while start < n {
+        let len = chunk.min(n - start);
+        let t = target.f_narrow(0, start, len)?;
+        match &detached {
+            Some(d) => {
+                let l = chunk_nll(model, &d.f_narrow(0, start, len)?, &t)?;
+                nll += l.f_double_value(&[])?;
+                l.f_mul_scalar(scale)?.f_backward()?;
+            }
+            None => {
+                let (l, g) = chunk_nll_grad(model, &rows.f_narrow(0, start, len)?, &t, scale)?;
+                nll += l;
+                grads.push(g);
+            }
         }
-        detached.grad()
-    } else {
-        let mut grads = Vec::new();
-        while start < n {
-            let len = chunk.min(n - start);
-            let (l, g) = chunk_nll_grad(model, &rows.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?, scale)?;
-            nll += l;
-            grads.push(g);
-            start += len;
-        }
-        Tensor::f_cat(&grads, 0)?
+        start += len;
+    }
+    let grad = match detached {
+        Some(d) => d.grad(),
+        None => Tensor::f_cat(&grads, 0)?,
     };
     // d(scale·loss)/d(network) = Σ rows · grad, backpropagated once through the decoder.
     rows.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
