@@ -5,7 +5,8 @@
 // With FERROTUNE_CUDA=1 at build time, libtorch_cuda is linked with --no-as-needed: otherwise the linker drops
 // it as unused and `tch::Cuda::is_available()` is false even on a GPU host.
 
-fn main() {
+#[allow(dead_code)]
+fn rpath() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=FERROTUNE_CUDA");
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {

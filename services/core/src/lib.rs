@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod chat;
 pub mod combine;
 pub mod error;
+pub mod frozen_linear;
 pub mod generation;
 pub mod logprobs;
 pub mod lora;

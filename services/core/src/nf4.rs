@@ -122,6 +122,11 @@ fn quantize_blockwise_lut(x: &[f32], block: usize, code: &[f32; 256]) -> (Vec<u8
     (q, absmax)
 }
 
+/// The code values of every byte, high nibble first: `[NF4_CODE[b >> 4], NF4_CODE[b & 15]]` for b in 0..256.
+fn byte_pairs() -> Vec<f32> {
+    (0..256usize).flat_map(|b| [NF4_CODE[b >> 4], NF4_CODE[b & 15]]).collect()
+}
+
 /// A frozen weight in NF4 with double-quantized statistics.
 #[derive(Debug)]
 pub struct Nf4Weight {
@@ -135,7 +140,8 @@ pub struct Nf4Weight {
     pub absmax2: Tensor,
     /// Mean of the absmax values, added back after dequantization.
     pub offset: f32,
-    code: Tensor,
+    /// `[256, 2]`: the two code values a packed byte stands for (high nibble first).
+    pairs: Tensor,
     code2: Tensor,
 }
 
@@ -163,7 +169,7 @@ impl Nf4Weight {
             qabsmax: Tensor::f_from_slice(&qabsmax)?.f_to_device(dev)?,
             absmax2: Tensor::f_from_slice(&absmax2)?.f_to_device(dev)?,
             offset,
-            code: Tensor::f_from_slice(&NF4_CODE)?.f_to_device(dev)?,
+            pairs: Tensor::f_from_slice(&byte_pairs())?.f_view([256, 2])?.f_to_device(dev)?,
             code2: Tensor::f_from_slice(&map)?.f_to_device(dev)?,
         })
     }
@@ -177,15 +183,25 @@ impl Nf4Weight {
         let pad = (blocks + BLOCK2 as i64 - 1) / BLOCK2 as i64 * BLOCK2 as i64 - blocks;
         let a = a.f_constant_pad_nd([0, pad])?.f_view([-1, BLOCK2 as i64])?.f_mul(&self.absmax2.f_unsqueeze(1)?)?;
         let absmax = a.f_view([-1])?.f_narrow(0, 0, blocks)?.f_add_scalar(self.offset as f64)?;
-        // codes: high nibble first
-        let p = self.packed.f_to_kind(Kind::Int64)?;
-        let hi = p.f_bitwise_right_shift_tensor_scalar(4)?;
-        let lo = p.f_bitwise_and(0xF)?;
-        let idx = Tensor::f_stack(&[hi, lo], 1)?.f_view([-1])?.f_narrow(0, 0, n)?;
-        let vals = self.code.f_index_select(0, &idx)?;
+        // Each packed byte looks up its two code values at once (i32 indices: half the bytes of i64).
+        let vals = self.pairs.f_index_select(0, &self.packed.f_to_kind(Kind::Int)?)?.f_view([-1])?.f_narrow(0, 0, n)?;
         let pad = blocks * BLOCK as i64 - n;
-        let w = vals.f_constant_pad_nd([0, pad])?.f_view([blocks, BLOCK as i64])?.f_mul(&absmax.f_unsqueeze(1)?)?;
+        let vals = if pad > 0 { vals.f_constant_pad_nd([0, pad])? } else { vals };
+        let w = vals.f_view([blocks, BLOCK as i64])?.f_mul(&absmax.f_unsqueeze(1)?)?;
         Ok(w.f_view([-1])?.f_narrow(0, 0, n)?.f_view([self.shape[0], self.shape[1]])?.f_to_kind(kind)?)
+    }
+
+    /// Another handle on the same codes (no copy).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            shape: self.shape,
+            packed: self.packed.shallow_clone(),
+            qabsmax: self.qabsmax.shallow_clone(),
+            absmax2: self.absmax2.shallow_clone(),
+            offset: self.offset,
+            pairs: self.pairs.shallow_clone(),
+            code2: self.code2.shallow_clone(),
+        }
     }
 
     /// Bytes held (codes + statistics), for memory reports.

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::{DecoderConfig, RopeScaling};
 use crate::error::{CoreError, Result};
 use crate::lora::Lora;
+use crate::frozen_linear::frozen_linear;
 use crate::nf4::Nf4Weight;
 use crate::weights::Weights;
 
@@ -79,6 +80,20 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.base {
             BaseWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            BaseWeight::Nf4 { q, kind } if x.requires_grad() => {
+                // Training: the dequantized weight is not kept for the backward pass but dequantized again.
+                let shape = x.size();
+                let (inp, out) = (*shape.last().unwrap_or(&0), q.shape[0]);
+                let (q2, kind) = (q.shallow_clone(), *kind);
+                let y = frozen_linear(&x.f_reshape([-1, inp])?, &q.dequantize(kind)?, move || q2.dequantize(kind))?;
+                let mut dims = shape.clone();
+                *dims.last_mut().unwrap_or(&mut 0) = out;
+                let y = y.f_view(dims.as_slice())?;
+                match &self.bias {
+                    Some(b) => y.f_add(b)?,
+                    None => y,
+                }
+            }
             BaseWeight::Nf4 { q, kind } => x.f_linear(&q.dequantize(*kind)?, self.bias.as_ref())?,
         };
         match &self.lora {

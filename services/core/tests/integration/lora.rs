@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ferrotune_core::lora::{load_peft, save_peft, LoraConfig, Targets};
 use ferrotune_core::load_model;
+use ferrotune_core::models::decoder::BaseWeight;
 use tch::{Device, Kind, Tensor};
 
 use crate::common::{max_abs_diff, reference, tiny_dir};
@@ -159,7 +160,28 @@ fn qlora_base_is_nf4_and_adapter_merges_into_its_dequantized_weights() {
     for (_, lin) in model.linears_mut() {
         let l = lin.lora.as_ref().unwrap();
         assert!(l.a.grad().defined() && l.b.grad().defined(), "QLoRA trains the adapters");
-        assert!(matches!(lin.base, ferrotune_core::models::decoder::BaseWeight::Nf4 { .. }));
+        assert!(matches!(lin.base, BaseWeight::Nf4 { .. }));
+    }
+    // The NF4 base's backward pass dequantizes again instead of keeping the dense weight; the adapters'
+    // gradients equal those over the same dequantized weights held densely (autograd's own linear).
+    let mut dense = load_model(&tiny_dir("qwen2-bias"), Kind::Float, Device::Cpu).unwrap();
+    dense.quantize_nf4().unwrap();
+    for (_, lin) in dense.linears_mut() {
+        lin.base = BaseWeight::Dense(lin.dense_weight().unwrap());
+    }
+    dense.add_lora(&cfg, 1).unwrap();
+    tch::no_grad(|| {
+        for ((_, mut d), (_, q)) in dense.lora_tensors().into_iter().zip(model.lora_tensors()) {
+            d.copy_(&q);
+        }
+    });
+    let dense_out = dense.forward(&ids, None, None).unwrap();
+    assert!(max_abs_diff(&dense_out, &with_adapter) < 1e-6);
+    dense_out.mean(Kind::Float).backward();
+    for ((name, d), (_, q)) in dense.lora_tensors().into_iter().zip(model.lora_tensors()) {
+        let (dg, qg) = (d.grad(), q.grad());
+        let diff = max_abs_diff(&dg, &qg);
+        assert!(diff <= 1e-6 * (1.0 + dg.abs().max().double_value(&[])), "{name}: gradient differs by {diff}");
     }
     model.merge_lora().unwrap();
     let merged = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
