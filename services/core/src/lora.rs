@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::models::decoder::Linear;
@@ -237,7 +237,7 @@ impl CausalLm {
             let bound = 1.0 / (in_dim as f64).sqrt();
             let init: Vec<f32> = (0..cfg.r * in_dim).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
             let a = Tensor::f_from_slice(&init)?.f_view([cfg.r, in_dim])?.f_to_device(dev)?.f_set_requires_grad(true)?;
-            let b = Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?.f_set_requires_grad(true)?;
+            let b = b_layout(Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?)?.f_set_requires_grad(true)?;
             lin.lora = Some(Lora { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, training: false, enabled: true, dropout_state: Default::default() });
             n += 1;
         }
@@ -471,7 +471,7 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         let alpha = pattern_value(&cfg.alpha_pattern, &path).unwrap_or(cfg.lora_alpha);
         let (out_dim, in_dim) = lin.dims();
         let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
-        let b = files.load(&kb, &[out_dim, r], Kind::Float, dev)?.f_set_requires_grad(true)?;
+        let b = b_layout(files.load(&kb, &[out_dim, r], Kind::Float, dev)?)?.f_set_requires_grad(true)?;
         lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true, dropout_state: Default::default() });
         used += 2;
     }
@@ -481,6 +481,19 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         return Err(CoreError::format(&wpath, format!("{lora_keys} LoRA tensors, {used} match this model's layers (e.g. unmatched: {unknown:?})")));
     }
     Ok(cfg)
+}
+
+/// B `[out, r]` stored column-major on the CPU (values and logical shape unchanged; `Bᵀ` is then a
+/// contiguous `[r, out]`): MKL's skinny products of training all run faster that way — the forward
+/// `y + u Bᵀ`, the input gradient `g B` and B's gradient, which autograd then computes as `uᵀ g` (`[r, n] ×
+/// [n, out]`) instead of `gᵀ u` (`[out, n] × [n, r]`, 2.4× slower for out = 1536, n = 1024, r = 8 on 2 cores).
+/// Serialisation goes through `.contiguous()` ([`crate::weights::save_safetensors`]).
+fn b_layout(b: Tensor) -> Result<Tensor> {
+    if b.device() == Device::Cpu {
+        Ok(b.f_tr()?.f_contiguous()?.f_tr()?)
+    } else {
+        Ok(b)
+    }
 }
 
 #[cfg(test)]

@@ -45,19 +45,24 @@ fn chunk_nll(model: &CausalLm, rows: &Tensor, target: &Tensor) -> Result<Tensor>
 
 /// A frozen head's chunk: Σ NLL and its gradient with respect to the rows, written out rather than taped:
 /// with p = softmax(rows Wᵀ), d(scale · Σ NLL)/d rows = scale · (p − onehot(target)) W. One `[len, vocab]`
-/// buffer, overwritten in place (logits → p → gradient of the logits), where autograd keeps the logits, the
-/// log-probabilities and two full-vocabulary gradients.
+/// f32 buffer, overwritten in place (logits → exp(logits − max) → gradient of the logits), where autograd
+/// keeps the logits, the log-probabilities and two full-vocabulary gradients. NLL = log Σ exp(z − max) + max
+/// − z[target], from the same pass.
 fn chunk_nll_grad(model: &CausalLm, rows: &Tensor, target: &Tensor, scale: f64) -> Result<(f64, Tensor)> {
     let _guard = tch::no_grad_guard();
-    let mut logits = model.logits(rows)?;
-    let lse = logits.f_logsumexp([1], true)?;
+    let mut z = model.logits(rows)?.f_to_kind(Kind::Float)?;
     let at = target.f_unsqueeze(1)?;
-    let nll = lse.f_sub(&logits.f_gather(1, &at, false)?)?.f_sum(Kind::Double)?.f_double_value(&[])?;
-    let _ = logits.f_sub_(&lse)?.f_exp_()?;
-    let minus_one = Tensor::f_full([rows.size()[0], 1], -1.0, (Kind::Float, logits.device()))?;
-    let _ = logits.f_scatter_add_(1, &at, &minus_one)?.f_mul_scalar_(scale)?;
+    let picked = z.f_gather(1, &at, false)?;
+    let max = z.f_amax([1], true)?;
+    let _ = z.f_sub_(&max)?.f_exp_()?;
+    let sum = z.f_sum_dim_intlist(&[1i64][..], true, Kind::Float)?;
+    let nll = sum.f_log()?.f_add(&max)?.f_sub(&picked)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    // scale · p = exp(z − max) · (scale / Σ), then − scale at the targets.
+    let _ = z.f_mul_(&sum.f_reciprocal()?.f_mul_scalar(scale)?)?;
+    let minus = Tensor::f_full([rows.size()[0], 1], -scale, (Kind::Float, z.device()))?;
+    let _ = z.f_scatter_add_(1, &at, &minus)?;
     let head = &model.lm_head;
-    Ok((nll, logits.f_to_kind(head.kind())?.f_mm(head)?))
+    Ok((nll, z.f_to_kind(head.kind())?.f_mm(head)?))
 }
 
 /// Loss without gradients (evaluation).
