@@ -1,11 +1,11 @@
 //! Embeds an rpath to libtorch in this crate's test binaries (see scripts/rpath_build.rs) and compiles the
-//! C++ autograd node in csrc/ against the same libtorch's headers (`<torch>/lib` → `<torch>/include`), with
+//! C++ autograd nodes in csrc/ against the same libtorch's headers (`<torch>/lib` → `<torch>/include`), with
 //! the C++ ABI flag torch-sys uses (`LIBTORCH_CXX11_ABI`, default 1, as PyTorch's wheels are built).
 include!("../../scripts/rpath_build.rs");
 
 fn main() {
     rpath();
-    println!("cargo:rerun-if-changed=csrc/frozen_linear.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     let root = std::path::Path::new(&lib).parent().expect("libtorch's lib dir has a parent").to_path_buf();
@@ -20,5 +20,6 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/frozen_linear.cpp")
+        .file("csrc/dropout.cpp")
         .compile("ferrotune_csrc");
 }

@@ -23,9 +23,12 @@ typedef at::Tensor* (*ft_weight_fn)(void* state);
 typedef void (*ft_drop_fn)(void* state);
 }
 
-namespace {
+// This thread's last failure of any ft_* function (csrc/dropout.cpp reports through it too).
+static thread_local std::string last_error;
 
-thread_local std::string last_error;
+void ft_set_last_error(const char* msg) { last_error = msg; }
+
+namespace {
 
 struct FrozenLinearBackward : public torch::autograd::Node {
   std::shared_ptr<void> state;
@@ -72,7 +75,7 @@ extern "C" at::Tensor* ft_frozen_linear(at::Tensor* x, at::Tensor* w, void* stat
     }
     return new at::Tensor(std::move(y));
   } catch (const std::exception& e) {
-    last_error = e.what();
+    ft_set_last_error(e.what());
     return nullptr;
   }
 }

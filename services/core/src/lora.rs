@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
+use crate::kernels::dropout::zero_where;
 use crate::models::decoder::Linear;
 use crate::models::CausalLm;
 use crate::sampling::Rng;
@@ -146,7 +147,7 @@ impl Lora {
                 self.dropout_state.set(rng.0.wrapping_add((words as u64).wrapping_mul(SPLITMIX_GAMMA)));
                 mask.f_narrow(0, 0, n as i64)?.f_view(h.size().as_slice())?.f_to_device(h.device())?
             };
-            h = h.f_masked_fill(&dropped, 0.0)?;
+            h = zero_where(&h, &dropped)?;
             scale /= keep;
         }
         Ok(h.f_linear::<Tensor>(&self.a, None)?.f_mul_scalar(scale)?)

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::{DecoderConfig, RopeScaling};
 use crate::error::{CoreError, Result};
 use crate::lora::Lora;
-use crate::frozen_linear::frozen_linear;
+use crate::kernels::frozen_linear::frozen_linear;
 use crate::nf4::Nf4Weight;
 use crate::weights::Weights;
 

@@ -2,15 +2,16 @@
 //! recomputed (`recompute`) when the input gradient is needed. Used for QLoRA's NF4 base weights, whose
 //! dequantized copies would otherwise all stay alive from the forward to the backward pass (the base model
 //! in the compute dtype, ~4× the f32 size of the 4-bit codes), as bitsandbytes' `MatMul4Bit` avoids too.
-//! The autograd node is C++ (`csrc/frozen_linear.cpp`); tch has no custom autograd functions.
+//! The autograd node is C++ (`csrc/frozen_linear.cpp`).
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use crate::{CoreError, Result};
+use super::owned;
+use crate::Result;
 
 type Recompute = Box<dyn Fn() -> Result<Tensor> + Send>;
 
@@ -22,7 +23,6 @@ extern "C" {
         weight: extern "C" fn(*mut c_void) -> *mut C_tensor,
         drop: extern "C" fn(*mut c_void),
     ) -> *mut C_tensor;
-    fn ft_last_error() -> *const c_char;
 }
 
 extern "C" fn call_recompute(state: *mut c_void) -> *mut C_tensor {
@@ -51,13 +51,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, recompute: impl Fn() -> Result<Tens
     // SAFETY: the handles are valid tensors for the duration of the call (the C++ side copies what it keeps);
     // `state` is consumed by the C++ side, which drops it through `drop_recompute`.
     let y = unsafe { ft_frozen_linear(x.as_ptr() as *mut C_tensor, w.as_ptr() as *mut C_tensor, state, call_recompute, drop_recompute) };
-    if y.is_null() {
-        // SAFETY: a NUL-terminated thread-local string owned by the C++ side.
-        let msg = unsafe { CStr::from_ptr(ft_last_error()) }.to_string_lossy().into_owned();
-        return Err(CoreError::Torch(tch::TchError::Torch(msg)));
-    }
-    // SAFETY: a fresh `at::Tensor*` that we now own.
-    Ok(unsafe { Tensor::from_ptr(y) })
+    owned(y)
 }
 
 #[cfg(test)]
@@ -68,6 +62,7 @@ mod tests {
     use tch::{Kind, Tensor};
 
     use super::*;
+    use crate::CoreError;
 
     #[test]
     fn forward_and_input_gradient_equal_autograds_linear_and_the_weight_is_recomputed() {
