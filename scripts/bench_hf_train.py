@@ -1,6 +1,7 @@
 """Dev-only side of the training benchmark: HF PEFT LoRA (or QLoRA via bitsandbytes, where it runs on the
 CPU) training steps on SmolLM2, same shapes as ferrotune's bench. Prints one JSON object
-{"tokens_per_s": x, "peak_rss_mb": y}. Run once per setting, in its own process, so peak RSS is per setting.
+{"tokens_per_s": x, "peak_rss_mb": y}, x from the median step time (as ferrotune's side reports it). Run once
+per setting, in its own process, so peak RSS is per setting.
 
 Usage: python scripts/bench_hf_train.py MODEL_DIR TARGETS(qv|all) METHOD(lora|qlora) BATCH SEQ STEPS [DEVICE [DTYPE]]
 DEVICE: cpu (default) or cuda:N; DTYPE: f32 (default), bf16 or f16 for the base (PEFT keeps the adapters in f32).
@@ -46,7 +47,8 @@ def main():
         if i > 0:
             times.append(time.perf_counter() - start)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tokens_per_s": batch * seq * len(times) / sum(times), "peak_rss_mb": rss}))
+    median = sorted(times)[len(times) // 2]
+    print(json.dumps({"tokens_per_s": batch * seq / median, "peak_rss_mb": rss}))
 
 
 if __name__ == "__main__":
