@@ -2,18 +2,19 @@
 //! q_proj/v_proj, LoRA on all linear layers, and QLoRA (NF4 base) on all linear layers; r=8, batch 4 × 256
 //! tokens, one warm-up step then `STEPS` timed steps of the real training loop (a run reports the median
 //! step), with and without gradient checkpointing. Each setting runs in its own process so its peak RSS
-//! (VmHWM) is its own, `REPEATS` times on each side, alternating, and the table shows each side's best. HF PEFT runs the same settings side by side when a dev
-//! Python with transformers + peft is available (`FERROTUNE_DEV_PYTHON`, else
-//! `~/.cache/ferrotune-dev/venv/bin/python`); skipped with a message otherwise.
+//! (VmHWM) is its own, `REPEATS` times on each side, alternating, and the table shows each side's best. HF
+//! PEFT runs the same settings side by side when a dev Python with transformers + peft is available
+//! (`FERROTUNE_DEV_PYTHON`, else `~/.cache/ferrotune-dev/venv/bin/python`); skipped with a message otherwise.
 //!
 //! Run: `make bench-train` (or `cargo bench -p ferrotune-core --bench training`).
 //!
+//! Knobs: `FERROTUNE_BENCH_STEPS` timed steps, `FERROTUNE_BENCH_REPEATS` runs per side,
+//! `FERROTUNE_BENCH_MODEL=DIR` for a model directory other than the registry's SmolLM2, and
+//! `FERROTUNE_BENCH_DROPOUT` (default 0.05) for ferrotune's side, `FERROTUNE_BENCH_PAUSE` seconds between runs.
+//!
 //! On a GPU host (see `scripts/gpu_check.sh`): `FERROTUNE_BENCH_DEVICE=cuda:0 FERROTUNE_BENCH_DTYPE=bf16`
-//! (base in bf16, adapters and optimizer in f32 on both sides), `FERROTUNE_BENCH_STEPS` timed steps, and
-//! `FERROTUNE_BENCH_MODEL=DIR` for a model directory other than the registry's SmolLM2;
-//! `FERROTUNE_BENCH_DROPOUT` (default 0.05) for ferrotune's side, `FERROTUNE_BENCH_REPEATS` runs per side. Memory is then the peak
-//! GPU memory of each process as `nvidia-smi` reports it (allocator cache and CUDA context included, alike for
-//! both sides).
+//! (base in bf16, adapters and optimizer in f32 on both sides). Memory is then the peak GPU memory of each
+//! process as `nvidia-smi` reports it (allocator cache and CUDA context included, alike for both sides).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,6 +32,9 @@ const STEPS: usize = 3;
 /// table shows the best (the throughput the machine allows when nothing else slows it: run-to-run swings of
 /// ±15% were seen on the 2-core machines, on both sides).
 const REPEATS: usize = 2;
+/// Seconds of idle before each run (`FERROTUNE_BENCH_PAUSE`), so that the memory a finished run (PEFT's
+/// take 5–8 GB) gave back is settled before the next one starts.
+const PAUSE_S: u64 = 5;
 /// (name, targets, method, gradient checkpointing); HF runs without checkpointing (PEFT's default).
 const SETTINGS: [(&str, &str, &str, bool); 5] = [
     ("LoRA q,v", "qv", "lora", false),
@@ -56,7 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrotune-dev/venv/bin/python")
     });
     let script = env("HF_SCRIPT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf_train.py"));
+    let pause = std::time::Duration::from_secs(env("PAUSE").and_then(|p| p.parse().ok()).unwrap_or(PAUSE_S));
     let run = |cmd: &mut Command| -> Result<(f64, f64), String> {
+        std::thread::sleep(pause);
         let (out, gpu_mb) = run_measured(cmd, gpu).map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").to_owned());
