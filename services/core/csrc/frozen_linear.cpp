@@ -7,7 +7,7 @@
 // the gradient arrives, as bitsandbytes' MatMul4Bit does. The weight gets no gradient (it is frozen), so
 // nothing of the input is kept either.
 //
-// C ABI, called from services/core/src/frozen_linear.rs; tensors are tch's `at::Tensor*` handles.
+// C ABI, called from services/core/src/kernels/frozen_linear.rs; tensors are tch's `at::Tensor*` handles.
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <ATen/ATen.h>

@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::kernels::dropout::zero_where;
-use crate::models::decoder::Linear;
+use crate::models::decoder::{cpu_column_major, Linear};
 use crate::models::CausalLm;
 use crate::sampling::Rng;
 use crate::weights::WeightFiles;
@@ -238,7 +238,7 @@ impl CausalLm {
             let bound = 1.0 / (in_dim as f64).sqrt();
             let init: Vec<f32> = (0..cfg.r * in_dim).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
             let a = Tensor::f_from_slice(&init)?.f_view([cfg.r, in_dim])?.f_to_device(dev)?.f_set_requires_grad(true)?;
-            let b = b_layout(Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?)?.f_set_requires_grad(true)?;
+            let b = cpu_column_major(Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?)?.f_set_requires_grad(true)?;
             lin.lora = Some(Lora { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, training: false, enabled: true, dropout_state: Default::default() });
             n += 1;
         }
@@ -289,7 +289,7 @@ impl CausalLm {
                 let w = lin.dense_weight()?;
                 let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
                 let merged = w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?;
-                lin.base = crate::models::decoder::BaseWeight::Dense(crate::models::decoder::gemv_layout(merged)?);
+                lin.base = crate::models::decoder::BaseWeight::Dense(cpu_column_major(merged)?);
                 n += 1;
             }
         }
@@ -472,7 +472,7 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         let alpha = pattern_value(&cfg.alpha_pattern, &path).unwrap_or(cfg.lora_alpha);
         let (out_dim, in_dim) = lin.dims();
         let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
-        let b = b_layout(files.load(&kb, &[out_dim, r], Kind::Float, dev)?)?.f_set_requires_grad(true)?;
+        let b = cpu_column_major(files.load(&kb, &[out_dim, r], Kind::Float, dev)?)?.f_set_requires_grad(true)?;
         lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true, dropout_state: Default::default() });
         used += 2;
     }
@@ -482,19 +482,6 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         return Err(CoreError::format(&wpath, format!("{lora_keys} LoRA tensors, {used} match this model's layers (e.g. unmatched: {unknown:?})")));
     }
     Ok(cfg)
-}
-
-/// B `[out, r]` stored column-major on the CPU (values and logical shape unchanged; `Bᵀ` is then a
-/// contiguous `[r, out]`): MKL's skinny products of training all run faster that way — the forward
-/// `y + u Bᵀ`, the input gradient `g B` and B's gradient, which autograd then computes as `uᵀ g` (`[r, n] ×
-/// [n, out]`) instead of `gᵀ u` (`[out, n] × [n, r]`, 2.4× slower for out = 1536, n = 1024, r = 8 on 2 cores).
-/// Serialisation goes through `.contiguous()` ([`crate::weights::save_safetensors`]).
-fn b_layout(b: Tensor) -> Result<Tensor> {
-    if b.device() == Device::Cpu {
-        Ok(b.f_tr()?.f_contiguous()?.f_tr()?)
-    } else {
-        Ok(b)
-    }
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub struct Linear {
 
 impl Linear {
     fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
-        let weight = gemv_layout(vb.get(&[out_dim, in_dim], "weight")?)?;
+        let weight = cpu_column_major(vb.get(&[out_dim, in_dim], "weight")?)?;
         let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
         Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None })
     }
@@ -86,7 +86,7 @@ impl Linear {
                 let (inp, out) = (*shape.last().unwrap_or(&0), q.shape[0]);
                 let (q2, kind) = (q.shallow_clone(), *kind);
                 let y = frozen_linear(&x.f_reshape([-1, inp])?, &q.dequantize(kind)?, move || q2.dequantize(kind))?;
-                let mut dims = shape.clone();
+                let mut dims = shape;
                 *dims.last_mut().unwrap_or(&mut 0) = out;
                 let y = y.f_view(dims.as_slice())?;
                 match &self.bias {
@@ -112,13 +112,18 @@ impl Linear {
     }
 }
 
-/// On the CPU in f32, MKL's matrix-vector product is single-threaded and about 1.7× slower for a
-/// row-major `[out, in]` weight than for the same matrix stored column-major (measured on the 2-core
-/// x86 machines we target: 16 vs 29 GB/s for lm_head; batched matmuls are unaffected). The weight keeps
-/// its logical `[out, in]` shape and values; only its strides change (`w.t().contiguous().t()`). Anything
-/// that serialises weights must call `.contiguous()` first. bf16/f16 and CUDA keep the row-major layout,
-/// which is the faster one there.
-pub fn gemv_layout(w: Tensor) -> Result<Tensor> {
+/// A 2-D f32 CPU tensor stored column-major: same logical shape and values, only the strides change
+/// (`w.t().contiguous().t()`); other kinds and devices are returned as they are (row-major is the faster
+/// layout there). On the 2-core x86 machines we target, MKL's f32 products are faster that way for:
+/// - base weights `[out, in]` in matrix-vector products (generation): MKL's gemv is single-threaded and
+///   about 1.7× slower row-major (16 vs 29 GB/s for lm_head); batched matmuls are unaffected;
+/// - LoRA's B `[out, r]` in training: the forward `y + u Bᵀ`, the input gradient `g B`, and B's gradient,
+///   which autograd then computes as `uᵀ g` (`[r, n] × [n, out]`) instead of `gᵀ u` (2.4× slower for
+///   out = 1536, n = 1024, r = 8).
+///
+/// Anything that serialises such tensors must call `.contiguous()` first (as `weights::save_safetensors`
+/// does).
+pub fn cpu_column_major(w: Tensor) -> Result<Tensor> {
     if w.device() == Device::Cpu && w.kind() == Kind::Float && w.dim() == 2 {
         Ok(w.f_tr()?.f_contiguous()?.f_tr()?)
     } else {
@@ -371,14 +376,14 @@ impl CausalLm {
         let embed_tokens = m.pp("embed_tokens").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?;
         // Tied: the embedding is lm_head's weight, so it gets lm_head's layout (a row lookup then reads
         // strided memory, a few microseconds per token).
-        let embed_tokens = if cfg.tie_word_embeddings { gemv_layout(embed_tokens)? } else { embed_tokens };
+        let embed_tokens = if cfg.tie_word_embeddings { cpu_column_major(embed_tokens)? } else { embed_tokens };
         let layers = (0..cfg.num_layers).map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // Tied checkpoints normally omit lm_head.weight; when one stores it anyway it is the same matrix.
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
-            gemv_layout(vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?)?
+            cpu_column_major(vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?)?
         };
         let inv_freq = Tensor::f_from_slice(&inv_freq(&cfg))?.f_to_device(vb.device)?;
         Ok(Self { cfg, embed_tokens, layers, norm, lm_head, prompt_embeddings: None, score: None, inv_freq })
