@@ -53,7 +53,9 @@ pub(crate) struct EmbeddedPolicy {
 }
 
 async fn channel(url: &str, s: &Settings) -> Result<Channel> {
-    let mut ep = Endpoint::from_shared(url.to_owned()).with_context(|| format!("endpoint `{url}`"))?.connect_timeout(Duration::from_secs(10));
+    let mut ep = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("endpoint `{url}`"))?
+        .connect_timeout(Duration::from_secs(10));
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &s.tls.ca {
@@ -99,18 +101,22 @@ impl Services {
             (Some(url), Some(stop))
         };
         let auth = ClientAuth::new(s.auth.token.as_deref())?;
-        let pick = |remote: &Option<String>| remote.clone().or_else(|| local.clone()).expect("embedded when not remote");
+        let pick =
+            |remote: &Option<String>| remote.clone().or_else(|| local.clone()).expect("embedded when not remote");
         let data = channel(&pick(&e.data), s).await?;
         let policy = channel(&pick(&e.policy), s).await?;
         let merge = channel(&pick(&e.merge), s).await?;
         let reward = channel(&pick(&e.reward.first().cloned()), s).await?;
         Ok(Self {
             data: DataServiceClient::with_interceptor(data, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
-            jobs: JobServiceClient::with_interceptor(policy.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
-            align: AlignmentServiceClient::with_interceptor(policy.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
+            jobs: JobServiceClient::with_interceptor(policy.clone(), auth.clone())
+                .max_decoding_message_size(MAX_RESPONSE),
+            align: AlignmentServiceClient::with_interceptor(policy.clone(), auth.clone())
+                .max_decoding_message_size(MAX_RESPONSE),
             policy: PolicyServiceClient::with_interceptor(policy, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             merge: MergeServiceClient::with_interceptor(merge, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
-            reward_jobs: JobServiceClient::with_interceptor(reward.clone(), auth.clone()).max_decoding_message_size(MAX_RESPONSE),
+            reward_jobs: JobServiceClient::with_interceptor(reward.clone(), auth.clone())
+                .max_decoding_message_size(MAX_RESPONSE),
             reward: RewardServiceClient::with_interceptor(reward, auth).max_decoding_message_size(MAX_RESPONSE),
             policy_embedded: e.policy.is_none(),
             reward_embedded: e.reward.is_empty(),
@@ -129,7 +135,11 @@ impl Services {
 }
 
 /// Starts `services` on 127.0.0.1:0 in this process; returns the URL and the stop handle.
-async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
+async fn start_embedded(
+    s: &Settings,
+    services: &[&str],
+    p: &EmbeddedPolicy,
+) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
     let mut cfg = s.clone();
     // The user's own files in the user's own process: no confinement, relative paths from here, a job
     // store of this invocation only (`--resume` continues from checkpoints in the output dir).
@@ -146,7 +156,9 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
     if let Some(d) = &p.dtype {
         cfg.policy.dtype = d.clone();
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port for the embedded services")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a loopback port for the embedded services")?;
     let url = format!("http://{}", listener.local_addr()?);
     // The embedded policy's PPO jobs score on the embedded reward service (reward is embedded only when no
     // replicas are configured).
@@ -164,7 +176,12 @@ async fn start_embedded(s: &Settings, services: &[&str], p: &EmbeddedPolicy) -> 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _keep = jobs_dir;
-        if let Err(e) = h.serve(listener, async move { let _ = rx.await; }).await {
+        if let Err(e) = h
+            .serve(listener, async move {
+                let _ = rx.await;
+            })
+            .await
+        {
             eprintln!("error: embedded services: {e:#}");
         }
     });

@@ -32,7 +32,11 @@ impl Source {
         let columns = self
             .columns
             .iter()
-            .map(|c| c.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())).with_context(|| format!("--column `{c}`: expected canonical=actual")))
+            .map(|c| {
+                c.split_once('=')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .with_context(|| format!("--column `{c}`: expected canonical=actual"))
+            })
             .collect::<Result<_>>()?;
         Ok(DataSource {
             inputs: self.input.iter().map(|p| p.display().to_string()).collect(),
@@ -114,10 +118,18 @@ pub(crate) async fn run(cmd: &DataCmd, svc: &mut Services, json_out: bool) -> Re
             }
         }
         DataCmd::Preview { src, n } => {
-            let r = svc.data.preview(PreviewRequest { source: Some(src.message()?), n: *n }).await.map_err(status_error)?.into_inner();
+            let r = svc
+                .data
+                .preview(PreviewRequest { source: Some(src.message()?), n: *n })
+                .await
+                .map_err(status_error)?
+                .into_inner();
             for s in r.samples {
                 if json_out {
-                    println!("{}", serde_json::json!({"location": s.location, "text": s.text, "rejected": s.rejected, "tokens": s.tokens, "trained": s.trained, "error": s.error}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"location": s.location, "text": s.text, "rejected": s.rejected, "tokens": s.tokens, "trained": s.trained, "error": s.error})
+                    );
                 } else if !s.error.is_empty() {
                     println!("--- {}: {}", s.location, s.error);
                 } else if !s.rejected.is_empty() {

@@ -4,13 +4,17 @@
 
 use anyhow::Result;
 use ferrotune_proto::v1::job_service_client::JobServiceClient;
-use ferrotune_proto::v1::{job_event::Body, CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, Progress, WatchJobRequest};
+use ferrotune_proto::v1::{
+    job_event::Body, CancelJobRequest, GetJobRequest, Job, JobState, ListJobsRequest, Progress, WatchJobRequest,
+};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
 use crate::connect::status_error;
 
-type Client = JobServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ferrotune_runtime::auth::ClientAuth>>;
+type Client = JobServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ferrotune_runtime::auth::ClientAuth>,
+>;
 
 /// `ferrotune jobs …`.
 #[derive(clap::Subcommand)]
@@ -75,14 +79,21 @@ pub(crate) async fn run(cmd: &JobsCmd, mut c: Client, json_out: bool) -> Result<
                 println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
             } else {
                 for j in &jobs {
-                    let p = j.progress.as_ref().map(|p| format!("step {}/{} loss {:.4}", p.step, p.total, p.loss)).unwrap_or_default();
+                    let p = j
+                        .progress
+                        .as_ref()
+                        .map(|p| format!("step {}/{} loss {:.4}", p.step, p.total, p.loss))
+                        .unwrap_or_default();
                     println!("{}\t{}\t{}\t{}\t{}", j.id, j.kind, state_name(j.state), p, j.output_dir);
                 }
             }
         }
         JobsCmd::Get { id } => {
             let j = c.get_job(GetJobRequest { id: id.clone() }).await.map_err(status_error)?.into_inner();
-            println!("{}", if json_out { job_json(&j).to_string() } else { serde_json::to_string_pretty(&job_json(&j))? });
+            println!(
+                "{}",
+                if json_out { job_json(&j).to_string() } else { serde_json::to_string_pretty(&job_json(&j))? }
+            );
         }
         JobsCmd::Cancel { id } => {
             let j = c.cancel_job(CancelJobRequest { id: id.clone() }).await.map_err(status_error)?.into_inner();
@@ -102,11 +113,20 @@ pub(crate) async fn run(cmd: &JobsCmd, mut c: Client, json_out: bool) -> Result<
 
 /// Follows job `id` to its end. `cancel_on` — a flag set by SIGINT/SIGTERM — cancels the job (embedded
 /// mode) and keeps following until it has checkpointed.
-pub(crate) async fn follow(c: &mut Client, id: &str, json_out: bool, cancel_on: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) -> Result<Job> {
-    let mut stream = c.watch_job(WatchJobRequest { id: id.to_owned(), after_seq: 0 }).await.map_err(status_error)?.into_inner();
+pub(crate) async fn follow(
+    c: &mut Client,
+    id: &str,
+    json_out: bool,
+    cancel_on: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<Job> {
+    let mut stream =
+        c.watch_job(WatchJobRequest { id: id.to_owned(), after_seq: 0 }).await.map_err(status_error)?.into_inner();
     let bar = (!json_out).then(|| {
         let b = indicatif::ProgressBar::new(0);
-        b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        );
         b
     });
     let mut cancelled = false;
@@ -168,8 +188,11 @@ pub(crate) fn finish_message(j: &Job, json_out: bool) -> Result<()> {
         JobState::Succeeded => {
             let p = j.progress.clone().unwrap_or_default();
             if json_out {
-                println!("{}", json!({"done": true, "job_id": j.id, "output_dir": j.output_dir, "final_loss": p.loss, "final_eval_loss": p.eval_loss, "step": p.step,
-                    "artifacts": j.artifacts.iter().map(|a| json!({"kind": a.kind, "path": a.path})).collect::<Vec<_>>()}));
+                println!(
+                    "{}",
+                    json!({"done": true, "job_id": j.id, "output_dir": j.output_dir, "final_loss": p.loss, "final_eval_loss": p.eval_loss, "step": p.step,
+                    "artifacts": j.artifacts.iter().map(|a| json!({"kind": a.kind, "path": a.path})).collect::<Vec<_>>()})
+                );
             } else {
                 for a in &j.artifacts {
                     println!("{}: {}", a.kind, a.path);
@@ -179,9 +202,16 @@ pub(crate) fn finish_message(j: &Job, json_out: bool) -> Result<()> {
         s => {
             let step = j.progress.as_ref().map_or(0, |p| p.step);
             if json_out {
-                println!("{}", json!({"stopped": true, "state": state_name(s as i32), "job_id": j.id, "step": step, "output_dir": j.output_dir}));
+                println!(
+                    "{}",
+                    json!({"stopped": true, "state": state_name(s as i32), "job_id": j.id, "step": step, "output_dir": j.output_dir})
+                );
             } else {
-                eprintln!("job {} {} at step {step}; checkpoint saved, continue with --resume", j.id, state_name(s as i32));
+                eprintln!(
+                    "job {} {} at step {step}; checkpoint saved, continue with --resume",
+                    j.id,
+                    state_name(s as i32)
+                );
             }
         }
     }

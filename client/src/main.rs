@@ -15,7 +15,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use connect::{status_error, EmbeddedPolicy, Services};
 use ferrotune_core::{gguf_import, registry};
-use ferrotune_proto::v1::{prompt, Chat, ChatMessage, CombineRequest, GenerateRequest, MergeRequest, WeightedAdapter, ModelRef, PerplexityRequest, Prompt, Sampling, TokenizeRequest};
+use ferrotune_proto::v1::{
+    prompt, Chat, ChatMessage, CombineRequest, GenerateRequest, MergeRequest, ModelRef, PerplexityRequest, Prompt,
+    Sampling, TokenizeRequest, WeightedAdapter,
+};
 use serde_json::json;
 use tokio_stream::StreamExt;
 
@@ -269,7 +272,12 @@ fn run(cli: &Cli) -> Result<()> {
                 println!("{}", json!(rows));
             } else {
                 for r in rows {
-                    println!("{}\t{}\t{}", r["name"].as_str().unwrap_or(""), r["package"].as_str().unwrap_or(""), if r["cached"] == true { "cached" } else { "not pulled" });
+                    println!(
+                        "{}\t{}\t{}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["package"].as_str().unwrap_or(""),
+                        if r["cached"] == true { "cached" } else { "not pulled" }
+                    );
                 }
             }
             return Ok(());
@@ -279,7 +287,12 @@ fn run(cli: &Cli) -> Result<()> {
             if cli.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("imported {} tensors ({}) into {}", report.tensors, report.architecture, report.path.display());
+                println!(
+                    "imported {} tensors ({}) into {}",
+                    report.tensors,
+                    report.architecture,
+                    report.path.display()
+                );
                 for s in &report.skipped {
                     println!("  skipped {s}");
                 }
@@ -289,7 +302,11 @@ fn run(cli: &Cli) -> Result<()> {
         _ => {}
     }
     let settings = ferrotune_runtime::Settings::load(cli.config.as_deref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let mut telemetry = settings.telemetry.clone();
     if std::env::var_os("RUST_LOG").is_none() && !matches!(cli.cmd, Cmd::Serve(_)) {
         telemetry.log = "warn".into();
@@ -321,7 +338,11 @@ fn command_name(c: &Cmd) -> &'static str {
 }
 
 /// Refuses --device/--dtype against a remote policy service, whose device comes from its own config.
-fn embedded_policy(s: &ferrotune_runtime::Settings, device: &Option<String>, dtype: &Option<String>) -> Result<EmbeddedPolicy> {
+fn embedded_policy(
+    s: &ferrotune_runtime::Settings,
+    device: &Option<String>,
+    dtype: &Option<String>,
+) -> Result<EmbeddedPolicy> {
     if s.endpoints.policy.is_some() && (device.is_some() || dtype.is_some()) {
         anyhow::bail!("--device/--dtype apply to the embedded policy service; the remote one at {} uses its own policy.device/dtype", s.endpoints.policy.as_deref().unwrap_or(""));
     }
@@ -338,14 +359,26 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
     let opts = match &cli.cmd {
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
-        Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) | AlignCmd::Ppo(a) } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
-        Cmd::Train { cmd: TrainCmd::Reward(a) } if settings.endpoints.reward.is_empty() => train_cmd::embedded_policy(a)?,
+        Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) | AlignCmd::Ppo(a) }
+            if settings.endpoints.policy.is_none() =>
+        {
+            train_cmd::embedded_policy(a)?
+        }
+        Cmd::Train { cmd: TrainCmd::Reward(a) } if settings.endpoints.reward.is_empty() => {
+            train_cmd::embedded_policy(a)?
+        }
         _ => none,
     };
     let mut svc = Services::connect(&settings, &opts).await?;
     match &cli.cmd {
         Cmd::Tokenize { model, text } => {
-            let ids = svc.data.tokenize(TokenizeRequest { model: Some(model_ref(model)), text: text.clone() }).await.map_err(status_error)?.into_inner().ids;
+            let ids = svc
+                .data
+                .tokenize(TokenizeRequest { model: Some(model_ref(model)), text: text.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .ids;
             if cli.json {
                 println!("{}", json!({ "ids": ids }));
             } else {
@@ -363,9 +396,15 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
             };
             let r = svc.merge.merge(req).await.map_err(status_error)?.into_inner();
             if cli.json {
-                println!("{}", json!({"path": r.path, "merged_layers": r.merged_layers, "merge_base": r.merge_base, "shards": r.shards}));
+                println!(
+                    "{}",
+                    json!({"path": r.path, "merged_layers": r.merged_layers, "merge_base": r.merge_base, "shards": r.shards})
+                );
             } else {
-                println!("merged {} layers into {} base weights → {} ({} safetensors file(s))", r.merged_layers, r.merge_base, r.path, r.shards);
+                println!(
+                    "merged {} layers into {} base weights → {} ({} safetensors file(s))",
+                    r.merged_layers, r.merge_base, r.path, r.shards
+                );
             }
         }
         Cmd::Combine { adapters, combination, density, out } => {
@@ -375,7 +414,12 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
                 let w: f64 = w.parse().with_context(|| format!("--adapter `{a}`: weight `{w}` is not a number"))?;
                 list.push(WeightedAdapter { path: p.to_owned(), weight: w });
             }
-            let req = CombineRequest { adapters: list, combination: combination.clone(), density: *density, out: out.display().to_string() };
+            let req = CombineRequest {
+                adapters: list,
+                combination: combination.clone(),
+                density: *density,
+                out: out.display().to_string(),
+            };
             let r = svc.merge.combine(req).await.map_err(status_error)?.into_inner();
             if cli.json {
                 println!("{}", json!({"path": r.path, "r": r.r}));
@@ -384,13 +428,28 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
             }
         }
         Cmd::Data { cmd } => data_cmd::run(cmd, &mut svc, cli.json).await?,
-        Cmd::Train { cmd: TrainCmd::Sft(args) } => train_cmd::run(train_cmd::Kind::Sft, args, &mut svc, cli.json).await?,
-        Cmd::Align { cmd: AlignCmd::Dpo(args) } => train_cmd::run(train_cmd::Kind::Dpo, args, &mut svc, cli.json).await?,
-        Cmd::Align { cmd: AlignCmd::Ppo(args) } => train_cmd::run(train_cmd::Kind::Ppo, args, &mut svc, cli.json).await?,
-        Cmd::Train { cmd: TrainCmd::Reward(args) } => train_cmd::run(train_cmd::Kind::Reward, args, &mut svc, cli.json).await?,
+        Cmd::Train { cmd: TrainCmd::Sft(args) } => {
+            train_cmd::run(train_cmd::Kind::Sft, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Dpo(args) } => {
+            train_cmd::run(train_cmd::Kind::Dpo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Ppo(args) } => {
+            train_cmd::run(train_cmd::Kind::Ppo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Train { cmd: TrainCmd::Reward(args) } => {
+            train_cmd::run(train_cmd::Kind::Reward, args, &mut svc, cli.json).await?
+        }
         Cmd::Eval { cmd: EvalCmd::Perplexity { model, text_file, adapter, window, stride, batch, .. } } => {
             let text = std::fs::read_to_string(text_file).with_context(|| format!("{}", text_file.display()))?;
-            let req = PerplexityRequest { model: Some(model_ref(model)), adapter: path_or_empty(adapter), text, window: *window, stride: *stride, batch: *batch };
+            let req = PerplexityRequest {
+                model: Some(model_ref(model)),
+                adapter: path_or_empty(adapter),
+                text,
+                window: *window,
+                stride: *stride,
+                batch: *batch,
+            };
             let p = svc.policy.perplexity(req).await.map_err(status_error)?.into_inner();
             if cli.json {
                 println!("{}", json!({"tokens": p.tokens, "mean_nll": p.mean_nll, "perplexity": p.perplexity}));
@@ -416,7 +475,9 @@ async fn generate(a: &GenerateArgs, svc: &mut Services, json_out: bool) -> Resul
 
     let p = if let Some(f) = &a.chat_file {
         let messages = ferrotune_core::bundle::read_chat_file(f)?;
-        prompt::Kind::Chat(Chat { messages: messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect() })
+        prompt::Kind::Chat(Chat {
+            messages: messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect(),
+        })
     } else {
         let text = a.prompt.clone().unwrap_or_default();
         if text.is_empty() {
@@ -470,7 +531,11 @@ async fn generate(a: &GenerateArgs, svc: &mut Services, json_out: bool) -> Resul
     let g = d.completions.into_iter().next().context("no output")?;
     let secs = started.elapsed().as_secs_f64();
     let decode_secs = secs - first_token.map_or(0.0, |d| d.as_secs_f64());
-    let tokens_per_s = if g.ids.len() > 1 && decode_secs > 0.0 { (g.ids.len() - 1) as f64 / decode_secs } else { g.ids.len() as f64 / secs };
+    let tokens_per_s = if g.ids.len() > 1 && decode_secs > 0.0 {
+        (g.ids.len() - 1) as f64 / decode_secs
+    } else {
+        g.ids.len() as f64 / secs
+    };
     if json_out {
         println!(
             "{}",
@@ -485,7 +550,13 @@ async fn generate(a: &GenerateArgs, svc: &mut Services, json_out: bool) -> Resul
         } else {
             println!();
         }
-        eprintln!("[{} prompt tokens, {} new, {:.1} tokens/s, {}]", g.prompt_tokens, g.ids.len(), tokens_per_s, g.finish_reason);
+        eprintln!(
+            "[{} prompt tokens, {} new, {:.1} tokens/s, {}]",
+            g.prompt_tokens,
+            g.ids.len(),
+            tokens_per_s,
+            g.finish_reason
+        );
     }
     Ok(())
 }

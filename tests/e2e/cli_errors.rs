@@ -14,9 +14,15 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 
 #[test]
 fn unknown_paths_are_named() {
-    fails_with(&["tokenize", "--model", "/nonexistent/model", "--text", "hi"], &["error:", "/nonexistent/model/tokenizer.json"]);
+    fails_with(
+        &["tokenize", "--model", "/nonexistent/model", "--text", "hi"],
+        &["error:", "/nonexistent/model/tokenizer.json"],
+    );
     fails_with(&["import", "gguf", "/nonexistent/x.gguf", "--out", "/tmp/never"], &["error:", "/nonexistent/x.gguf"]);
-    fails_with(&["eval", "perplexity", "--model", "/nonexistent/m", "--text-file", "/nonexistent/t.txt"], &["/nonexistent/t.txt"]);
+    fails_with(
+        &["eval", "perplexity", "--model", "/nonexistent/m", "--text-file", "/nonexistent/t.txt"],
+        &["/nonexistent/t.txt"],
+    );
 }
 
 #[test]
@@ -30,7 +36,10 @@ fn corrupt_gguf_is_reported() {
     let p = tmp.path().join("bad.gguf");
     std::fs::write(&p, b"GGUF\x03\x00\x00\x00").unwrap();
     let out = tmp.path().join("out");
-    fails_with(&["import", "gguf", p.to_str().unwrap(), "--out", out.to_str().unwrap()], &["bad.gguf", "truncated GGUF"]);
+    fails_with(
+        &["import", "gguf", p.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &["bad.gguf", "truncated GGUF"],
+    );
 }
 
 #[test]
@@ -40,7 +49,10 @@ fn absurd_perplexity_options_are_rejected() {
     std::fs::write(&t, "hello there").unwrap();
     let model = ferrotune_tests::fixture("tiny/llama3-rope");
     // The tiny fixture has no tokenizer: the error must say so, naming the file.
-    fails_with(&["eval", "perplexity", "--model", model.to_str().unwrap(), "--text-file", t.to_str().unwrap()], &["tokenizer.json"]);
+    fails_with(
+        &["eval", "perplexity", "--model", model.to_str().unwrap(), "--text-file", t.to_str().unwrap()],
+        &["tokenizer.json"],
+    );
 }
 
 #[test]
@@ -50,12 +62,25 @@ fn bad_ppo_recipes_and_prompt_files_are_named() {
     let r = recipe.to_str().unwrap();
     let out = tmp.path().join("out");
     let o = out.to_str().unwrap();
-    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.reward.rule=null"], &["ppo.reward: set either `rule` or both `model` and `adapter`"]);
-    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.cliprange=2"], &["ppo.cliprange must be in (0, 1)"]);
-    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.kl_estimator=k9"], &["ppo.yaml", "unknown variant `k9`, expected `k1` or `k3`"]);
+    fails_with(
+        &["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.reward.rule=null"],
+        &["ppo.reward: set either `rule` or both `model` and `adapter`"],
+    );
+    fails_with(
+        &["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.cliprange=2"],
+        &["ppo.cliprange must be in (0, 1)"],
+    );
+    fails_with(
+        &["align", "ppo", "--recipe", r, "--output-dir", o, "--set", "ppo.kl_estimator=k9"],
+        &["ppo.yaml", "unknown variant `k9`, expected `k1` or `k3`"],
+    );
     let prompts = tmp.path().join("prompts.jsonl");
-    std::fs::write(&prompts, "{\"prompt\": \"What is the capital of Peru?\"}\n{\"question\": \"no prompt here\"}\n").unwrap();
+    std::fs::write(&prompts, "{\"prompt\": \"What is the capital of Peru?\"}\n{\"question\": \"no prompt here\"}\n")
+        .unwrap();
     let data = format!("data.path={}", prompts.display());
     ferrotune_tests::smollm2_dir();
-    fails_with(&["align", "ppo", "--recipe", r, "--output-dir", o, "--set", &data, "--set", "data.eval_path=null", "--json"], &["prompts.jsonl:2: missing field `prompt` (or `messages`)"]);
+    fails_with(
+        &["align", "ppo", "--recipe", r, "--output-dir", o, "--set", &data, "--set", "data.eval_path=null", "--json"],
+        &["prompts.jsonl:2: missing field `prompt` (or `messages`)"],
+    );
 }

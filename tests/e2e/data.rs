@@ -77,9 +77,24 @@ fn smollm2_data_multi_turn_trains_each_assistant_turn_with_its_end_of_turn() {
 #[test]
 fn smollm2_data_formats_map_to_the_same_conversation() {
     let k = kit();
-    let a = single(render(&k, MaskMode::Assistant, Format::Alpaca, json!({"instruction": "Say hi", "input": "politely", "output": "Hello!"})));
-    let m = single(render(&k, MaskMode::Assistant, Format::Messages, json!({"messages": [{"role": "user", "content": "Say hi\n\npolitely"}, {"role": "assistant", "content": "Hello!"}]})));
-    let s = single(render(&k, MaskMode::Assistant, Format::Sharegpt, json!({"conversations": [{"from": "human", "value": "Say hi\n\npolitely"}, {"from": "gpt", "value": "Hello!"}]})));
+    let a = single(render(
+        &k,
+        MaskMode::Assistant,
+        Format::Alpaca,
+        json!({"instruction": "Say hi", "input": "politely", "output": "Hello!"}),
+    ));
+    let m = single(render(
+        &k,
+        MaskMode::Assistant,
+        Format::Messages,
+        json!({"messages": [{"role": "user", "content": "Say hi\n\npolitely"}, {"role": "assistant", "content": "Hello!"}]}),
+    ));
+    let s = single(render(
+        &k,
+        MaskMode::Assistant,
+        Format::Sharegpt,
+        json!({"conversations": [{"from": "human", "value": "Say hi\n\npolitely"}, {"from": "gpt", "value": "Hello!"}]}),
+    ));
     assert_eq!(a, m);
     assert_eq!(s, m);
     assert_eq!(trained_runs(&k, &a), vec!["Hello!<|im_end|>"]);
@@ -88,7 +103,12 @@ fn smollm2_data_formats_map_to_the_same_conversation() {
     assert_eq!(trained_runs(&k, &t), vec!["Plain words.<|im_end|>"]);
     assert_eq!(*t.input_ids.last().unwrap(), k.eos[0]);
     // raw prompt/completion: prompt masked, completion + EOS trained
-    let t = single(render(&k, MaskMode::Assistant, Format::PromptCompletion, json!({"prompt": "Q: 2+2\nA:", "completion": " 4"})));
+    let t = single(render(
+        &k,
+        MaskMode::Assistant,
+        Format::PromptCompletion,
+        json!({"prompt": "Q: 2+2\nA:", "completion": " 4"}),
+    ));
     assert_eq!(trained_runs(&k, &t), vec![" 4<|im_end|>"]);
     assert_eq!(t.labels[0], -100);
 }
@@ -96,7 +116,12 @@ fn smollm2_data_formats_map_to_the_same_conversation() {
 #[test]
 fn smollm2_data_preference_labels_only_the_responses() {
     let k = kit();
-    match render(&k, MaskMode::Assistant, Format::Preference, json!({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."})) {
+    match render(
+        &k,
+        MaskMode::Assistant,
+        Format::Preference,
+        json!({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}),
+    ) {
         TokenizedSample::Pair { chosen, rejected } => {
             assert_eq!(trained_runs(&k, &chosen), vec!["Paris.<|im_end|>"]);
             assert_eq!(trained_runs(&k, &rejected), vec!["Rome.<|im_end|>"]);
@@ -114,13 +139,29 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn opts(inputs: Vec<std::path::PathBuf>, format: Format) -> BuildOptions {
-    BuildOptions { inputs, format, columns: Columns::new(), model: smollm2_dir(), mask: MaskMode::Assistant, max_seq_len: 512, eval_fraction: 0.0, seed: 1, strict: false, pack: false }
+    BuildOptions {
+        inputs,
+        format,
+        columns: Columns::new(),
+        model: smollm2_dir(),
+        mask: MaskMode::Assistant,
+        max_seq_len: 512,
+        eval_fraction: 0.0,
+        seed: 1,
+        strict: false,
+        pack: false,
+    }
 }
 
 #[test]
 fn smollm2_data_build_reports_bad_records_and_truncates() {
     let t = tempfile::tempdir().unwrap();
-    let good = |i: usize| format!("{{\"instruction\": \"Count to {i}\", \"output\": \"{}\"}}", (1..=i).map(|x| x.to_string()).collect::<Vec<_>>().join(" "));
+    let good = |i: usize| {
+        format!(
+            "{{\"instruction\": \"Count to {i}\", \"output\": \"{}\"}}",
+            (1..=i).map(|x| x.to_string()).collect::<Vec<_>>().join(" ")
+        )
+    };
     let mut lines: Vec<String> = (1..=10).map(good).collect();
     lines.insert(3, "{\"instruction\": \"no output\"}".into()); // line 4
     lines.insert(6, "{not json".into()); // line 7
@@ -143,7 +184,10 @@ fn smollm2_data_build_reports_bad_records_and_truncates() {
     }
     // Same seed → same split; strict mode stops at the first bad record with its location.
     let again = build(&o, &t.path().join("ds2")).unwrap();
-    assert_eq!(std::fs::read(out.join("train.jsonl")).unwrap(), std::fs::read(t.path().join("ds2/train.jsonl")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("train.jsonl")).unwrap(),
+        std::fs::read(t.path().join("ds2/train.jsonl")).unwrap()
+    );
     assert_eq!(again, s);
     o.strict = true;
     let e = build(&o, &t.path().join("ds3")).unwrap_err().to_string();
@@ -153,7 +197,9 @@ fn smollm2_data_build_reports_bad_records_and_truncates() {
     o.eval_fraction = 0.0;
     o.max_seq_len = 40;
     let s = build(&o, &t.path().join("ds4")).unwrap();
-    assert!(s.truncated > 0 && load_split(&t.path().join("ds4"), "train").unwrap().iter().all(|e| e.input_ids.len() <= 40));
+    assert!(
+        s.truncated > 0 && load_split(&t.path().join("ds4"), "train").unwrap().iter().all(|e| e.input_ids.len() <= 40)
+    );
     o.max_seq_len = 8;
     let e = build(&o, &t.path().join("ds5")).unwrap_err().to_string();
     assert!(e.contains("no trained tokens after truncation to 8 tokens"), "{e}");
@@ -178,15 +224,48 @@ fn smollm2_cli_data_format_and_preview() {
     let input = write(t.path(), "chat.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n");
     let m = smollm2_dir();
     let out = t.path().join("ds");
-    let o = run_cli(&["data", "format", "--input", input.to_str().unwrap(), "--format", "messages", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]);
+    let o = run_cli(&[
+        "data",
+        "format",
+        "--input",
+        input.to_str().unwrap(),
+        "--format",
+        "messages",
+        "--model",
+        m.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(stats["train"], 1);
-    let o = run_cli(&["data", "preview", "--input", input.to_str().unwrap(), "--format", "messages", "--model", m.to_str().unwrap()]);
+    let o = run_cli(&[
+        "data",
+        "preview",
+        "--input",
+        input.to_str().unwrap(),
+        "--format",
+        "messages",
+        "--model",
+        m.to_str().unwrap(),
+    ]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && text.contains("[[Hello!<|im_end|>]]"), "{text}");
     let bad = write(t.path(), "bad.jsonl", "{\"messages\": 3}\n");
-    let o = run_cli(&["data", "format", "--input", bad.to_str().unwrap(), "--format", "messages", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--strict"]);
+    let o = run_cli(&[
+        "data",
+        "format",
+        "--input",
+        bad.to_str().unwrap(),
+        "--format",
+        "messages",
+        "--model",
+        m.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--strict",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("bad.jsonl:1:"), "{err}");
 }
@@ -194,7 +273,8 @@ fn smollm2_cli_data_format_and_preview() {
 #[test]
 fn smollm2_data_packing_keeps_every_trained_token() {
     let t = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = (1..=12).map(|i| format!("{{\"instruction\": \"Say {i}\", \"output\": \"{i}\"}}")).collect();
+    let lines: Vec<String> =
+        (1..=12).map(|i| format!("{{\"instruction\": \"Say {i}\", \"output\": \"{i}\"}}")).collect();
     let input = write(t.path(), "p.jsonl", &lines.join("\n"));
     let plain = build(&opts(vec![input.clone()], Format::Alpaca), &t.path().join("plain")).unwrap();
     let mut o = opts(vec![input], Format::Alpaca);
@@ -203,7 +283,9 @@ fn smollm2_data_packing_keeps_every_trained_token() {
     let packed = build(&o, &t.path().join("packed")).unwrap();
     let rows = load_split(&t.path().join("packed"), "train").unwrap();
     assert_eq!(packed.packed_rows, rows.len());
-    assert!(rows.len() < 12 && rows.iter().all(|r| r.input_ids.len() <= 128 && r.segment_ids.len() == r.input_ids.len()));
+    assert!(
+        rows.len() < 12 && rows.iter().all(|r| r.input_ids.len() <= 128 && r.segment_ids.len() == r.input_ids.len())
+    );
     let samples: usize = rows.iter().map(|r| *r.segment_ids.last().unwrap() as usize).sum();
     assert_eq!(samples, 12);
     // every trained token survives except none: the first token of a sample is never trained anyway

@@ -40,7 +40,8 @@ fn smollm2_chat_templates_equal_transformers() {
     for case in hf_reference()["greedy"].as_array().unwrap() {
         assert_eq!(b.chat_prompt(&messages(&case["messages"])).unwrap(), u32s(&case["prompt_ids"]));
     }
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-chat.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-chat.json")).unwrap()).unwrap();
     for case in cases.as_array().unwrap() {
         let m = messages(&case["messages"]);
         let gen = case["add_generation_prompt"].as_bool().unwrap();
@@ -82,10 +83,11 @@ fn smollm2_cached_logprobs_equal_full_forward() {
 #[test]
 fn smollm2_batched_left_padded_equals_one_by_one() {
     let b = bundle();
-    let prompts: Vec<Vec<u32>> = ["Hi", "What is 2 + 2? Answer with a number.", "Name three fruits that are red, please."]
-        .iter()
-        .map(|p| b.chat_prompt(&[Message::new("user", *p)]).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        ["Hi", "What is 2 + 2? Answer with a number.", "Name three fruits that are red, please."]
+            .iter()
+            .map(|p| b.chat_prompt(&[Message::new("user", *p)]).unwrap())
+            .collect();
     assert!(prompts[0].len() != prompts[2].len());
     let o = greedy(&b, 20);
     let batched = run(&b, &prompts, &o);
@@ -104,7 +106,8 @@ fn smollm2_seeded_sampling_is_reproducible() {
     let b = bundle();
     let prompt = b.chat_prompt(&[Message::new("user", "Write a short poem about the sea.")]).unwrap();
     let mut o = greedy(&b, 24);
-    o.sampling = SamplingParams { greedy: false, temperature: 1.0, top_p: Some(0.95), top_k: Some(50), repetition_penalty: 1.1 };
+    o.sampling =
+        SamplingParams { greedy: false, temperature: 1.0, top_p: Some(0.95), top_k: Some(50), repetition_penalty: 1.1 };
     let sample = |seed| {
         let mut o = o.clone();
         o.seed = seed;
@@ -132,7 +135,9 @@ fn smollm2_stops_on_stop_string_and_length() {
 fn smollm2_generation_rejects_bad_input() {
     let b = bundle();
     let o = greedy(&b, 4);
-    let err = |prompts: &[Vec<u32>], o: &GenerateOptions| generate(&b.model, &b.tokenizer, prompts, o, &mut |_| {}).unwrap_err().to_string();
+    let err = |prompts: &[Vec<u32>], o: &GenerateOptions| {
+        generate(&b.model, &b.tokenizer, prompts, o, &mut |_| {}).unwrap_err().to_string()
+    };
     assert!(err(&[vec![]], &o).contains("prompt #0 is empty"));
     assert!(err(&[], &o).contains("no prompts"));
     assert!(err(&[vec![1; 8192]], &o).contains("does not fit the model's context of 8192"));
@@ -146,7 +151,8 @@ fn smollm2_generation_rejects_bad_input() {
 #[test]
 fn smollm2_cli_generate_answers_paris() {
     let m = smollm2_dir();
-    let v = run_json(&["generate", "--model", m.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?"]);
+    let v =
+        run_json(&["generate", "--model", m.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?"]);
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
     assert_eq!(v["finish_reason"], "eos");
     assert_eq!(v["chat_template"], "tokenizer_config");
@@ -170,7 +176,10 @@ fn smollm2_cli_generate_bad_input() {
         args.extend(extra);
         let out = run_cli(&args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(needle) && err.trim_end().lines().count() == 1, "{args:?}: {err}");
+        assert!(
+            !out.status.success() && err.contains(needle) && err.trim_end().lines().count() == 1,
+            "{args:?}: {err}"
+        );
     }
     std::fs::write(&bad, r#"[{"role": "wizard", "content": "x"}]"#).unwrap();
     let out = run_cli(&["generate", "--model", m.to_str().unwrap(), "--chat-file", bad.to_str().unwrap()]);

@@ -15,25 +15,67 @@ fn smollm2_ppo_raises_the_held_out_reward_with_bounded_kl() {
     let out = t.path().join("ppo");
     let data = format!("data.path={}", repo("recipes/data/pirate-prefs-train.jsonl").display());
     let eval = format!("data.eval_path={}", repo("recipes/data/pirate-prefs-eval.jsonl").display());
-    let o = run_cli(&["align", "ppo", "--recipe", repo("recipes/ppo.yaml").to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--set", &eval, "--json"]);
+    let o = run_cli(&[
+        "align",
+        "ppo",
+        "--recipe",
+        repo("recipes/ppo.yaml").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        &data,
+        "--set",
+        &eval,
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    let steps: Vec<serde_json::Value> = stdout.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["metrics"].is_object()).collect();
+    let steps: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["metrics"].is_object())
+        .collect();
     assert_eq!(steps.len(), 25, "one progress event per PPO step");
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("ppo_eval.json")).unwrap()).unwrap();
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("ppo_eval.json")).unwrap()).unwrap();
     let (before, after) = (e["before"]["score"].as_f64().unwrap(), e["after"]["score"].as_f64().unwrap());
     let kl: Vec<f64> = steps.iter().map(|s| s["metrics"]["objective/kl"].as_f64().unwrap()).collect();
-    println!("PPO held-out mean reward {before:.3} → {after:.3} ({} samples); EOS {} → {}; KL per response by step {kl:.2?}", 8 * 4, e["before"]["eos_fraction"], e["after"]["eos_fraction"]);
+    println!(
+        "PPO held-out mean reward {before:.3} → {after:.3} ({} samples); EOS {} → {}; KL per response by step {kl:.2?}",
+        8 * 4,
+        e["before"]["eos_fraction"],
+        e["after"]["eos_fraction"]
+    );
     assert!(after >= before + 0.2, "held-out reward must rise: {before} → {after}");
     assert!(kl.iter().all(|k| k.is_finite() && *k < 15.0), "KL to the reference must stay bounded: {kl:?}");
-    for k in ["objective/scores", "objective/entropy", "policy/clipfrac_avg", "loss/value_avg", "val/response_length", "objective/kl_coef"] {
+    for k in [
+        "objective/scores",
+        "objective/entropy",
+        "policy/clipfrac_avg",
+        "loss/value_avg",
+        "val/response_length",
+        "objective/kl_coef",
+    ] {
         assert!(steps[0]["metrics"][k].is_number(), "metric {k} missing");
     }
     // The adapter is a plain PEFT LoRA (generate --adapter uses it); the value head lies beside it.
-    for f in ["adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "metrics.jsonl", "loss.svg"] {
+    for f in ["adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "metrics.jsonl", "loss.svg"]
+    {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let g = run_cli(&["generate", "--model", smollm2_dir().to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "16", "--json"]);
+    let g = run_cli(&[
+        "generate",
+        "--model",
+        smollm2_dir().to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ]);
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
 }
 
@@ -47,7 +89,25 @@ fn ppo_finishes_on_the_surviving_reward_replica() {
     let rewards = format!("{},{}", a.url, b.url);
     let policy = Server::start("policy", &root, &[("FERROTUNE__ENDPOINTS__REWARD", &rewards)]);
     let mut cli = Command::new(ferrotune_bin())
-        .args(["align", "ppo", "--recipe", repo("recipes/ppo.yaml").to_str().unwrap(), "--output-dir", "ppo", "--set", "data.path=prompts.jsonl", "--set", "data.eval_path=null", "--max-steps", "6", "--set", "ppo.max_new_tokens=12", "--set", "training.save_steps=0", "--json"])
+        .args([
+            "align",
+            "ppo",
+            "--recipe",
+            repo("recipes/ppo.yaml").to_str().unwrap(),
+            "--output-dir",
+            "ppo",
+            "--set",
+            "data.path=prompts.jsonl",
+            "--set",
+            "data.eval_path=null",
+            "--max-steps",
+            "6",
+            "--set",
+            "ppo.max_new_tokens=12",
+            "--set",
+            "training.save_steps=0",
+            "--json",
+        ])
         .current_dir(&root)
         .env("FERROTUNE__ENDPOINTS__POLICY", &policy.url)
         .stdout(Stdio::piped())
@@ -71,7 +131,12 @@ fn ppo_finishes_on_the_surviving_reward_replica() {
                 after_kill.push((step, pid));
             } else if step == 2 {
                 // Kill the replica that has just answered.
-                let i = if pid == pa { 0 } else { assert_eq!(pid, pb, "scores came from an unknown replica: {from}"); 1 };
+                let i = if pid == pa {
+                    0
+                } else {
+                    assert_eq!(pid, pb, "scores came from an unknown replica: {from}");
+                    1
+                };
                 drop(servers[i].take()); // SIGKILL
                 killed = Some(pid);
             }

@@ -9,14 +9,14 @@ use ferrotune_proto::v1::data_service_client::DataServiceClient;
 use ferrotune_proto::v1::job_service_client::JobServiceClient;
 use ferrotune_proto::v1::policy_service_client::PolicyServiceClient;
 use ferrotune_proto::v1::{
-    prompt, GenerateRequest, GetJobRequest, LogProbsRequest, ModelRef, Prompt, ScoredSequence, StartRecipeJobRequest, TokenizeRequest,
+    prompt, GenerateRequest, GetJobRequest, LogProbsRequest, ModelRef, Prompt, ScoredSequence, StartRecipeJobRequest,
+    TokenizeRequest,
 };
 use ferrotune_tests::{repo, run_cli_env, smollm2_dir, Server};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -49,18 +49,42 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     smollm2_dir();
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
-    let (data, policy, merge) = (Server::start("data", &root, &[]), Server::start("policy", &root, &[]), Server::start("merge", &root, &[]));
-    let env = [("FERROTUNE__ENDPOINTS__DATA", data.url.as_str()), ("FERROTUNE__ENDPOINTS__POLICY", policy.url.as_str()), ("FERROTUNE__ENDPOINTS__MERGE", merge.url.as_str())];
+    let (data, policy, merge) =
+        (Server::start("data", &root, &[]), Server::start("policy", &root, &[]), Server::start("merge", &root, &[]));
+    let env = [
+        ("FERROTUNE__ENDPOINTS__DATA", data.url.as_str()),
+        ("FERROTUNE__ENDPOINTS__POLICY", policy.url.as_str()),
+        ("FERROTUNE__ENDPOINTS__MERGE", merge.url.as_str()),
+    ];
     // Data service: format with relative paths (resolved under the server's root).
     let r = recipe(&root, "runs/q", 4);
-    let s = last_json(&ok(&run_cli_env(&root, &env, &["data", "format", "--input", "pirate-train.jsonl", "--format", "messages", "--model", "smollm2-135m-instruct", "--out", "ds", "--json"])));
+    let s = last_json(&ok(&run_cli_env(
+        &root,
+        &env,
+        &[
+            "data",
+            "format",
+            "--input",
+            "pirate-train.jsonl",
+            "--format",
+            "messages",
+            "--model",
+            "smollm2-135m-instruct",
+            "--out",
+            "ds",
+            "--json",
+        ],
+    )));
     assert_eq!(s["records"], 32);
     assert!(root.join("ds/train.jsonl").exists());
     // Policy service: the SFT job, followed through WatchJob as JSON lines.
     let out = ok(&run_cli_env(&root, &env, &["train", "sft", "--recipe", r.to_str().unwrap(), "--json"]));
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let job_id = lines[0]["job_id"].as_str().unwrap().to_owned();
-    let steps: Vec<u64> = lines.iter().filter_map(|l| l["step"].as_u64().filter(|_| l.get("loss").is_some() && l.get("done").is_none())).collect();
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["step"].as_u64().filter(|_| l.get("loss").is_some() && l.get("done").is_none()))
+        .collect();
     assert_eq!(steps, vec![1, 2, 3, 4], "one progress event per step, in order: {out}");
     let done = lines.last().unwrap();
     assert_eq!(done["done"], true, "{out}");
@@ -71,24 +95,55 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     assert!(root.join("runs/q/adapter_model.safetensors").exists());
     // A second terminal: the finished job's whole history replays, ending with its final state.
     let w = ok(&run_cli_env(&root, &env, &["jobs", "watch", &job_id, "--json"]));
-    let states: Vec<String> = w.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["state"].as_str().map(str::to_owned)).collect();
+    let states: Vec<String> = w
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["state"].as_str().map(str::to_owned))
+        .collect();
     assert_eq!(states, vec!["queued", "running", "succeeded"], "{w}");
-    let list: serde_json::Value = serde_json::from_str(&ok(&run_cli_env(&root, &env, &["jobs", "list", "--json"]))).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&run_cli_env(&root, &env, &["jobs", "list", "--json"]))).unwrap();
     assert_eq!(list[0]["id"], job_id.as_str());
     // Generation with the adapter on the policy server.
-    let g = last_json(&ok(&run_cli_env(&root, &env, &["generate", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--chat", "--prompt", "Hi", "--max-new-tokens", "8", "--json"])));
+    let g = last_json(&ok(&run_cli_env(
+        &root,
+        &env,
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m-instruct",
+            "--adapter",
+            "runs/q",
+            "--chat",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+    )));
     assert!(g["new_tokens"].as_u64().unwrap() > 0);
     // ListAdapters finds it; LogProbs with the adapter disabled is the reference (restored afterwards).
     let purl = policy.url.clone();
     rt().block_on(async move {
         let mut p = PolicyServiceClient::connect(purl).await.unwrap();
-        let list = p.list_adapters(ferrotune_proto::v1::ListAdaptersRequest { dir: "runs".into() }).await.unwrap().into_inner().adapters;
+        let list = p
+            .list_adapters(ferrotune_proto::v1::ListAdaptersRequest { dir: "runs".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .adapters;
         assert_eq!(list.len(), 1, "{list:?}");
         assert_eq!((list[0].peft_type.as_str(), list[0].r, list[0].nf4_base), ("LORA", 8, true));
         let m = Some(ModelRef { path: "smollm2-135m-instruct".into() });
         let seq = ScoredSequence { prompt_ids: vec![1, 9690, 198], completion_ids: vec![19556, 28, 905] };
         let call = |disable: bool| {
-            let req = LogProbsRequest { model: m.clone(), adapter: "runs/q".into(), disable_adapter: disable, sequences: vec![seq.clone()] };
+            let req = LogProbsRequest {
+                model: m.clone(),
+                adapter: "runs/q".into(),
+                disable_adapter: disable,
+                sequences: vec![seq.clone()],
+            };
             let mut p = p.clone();
             async move { p.log_probs(req).await.unwrap().into_inner().sequences[0].sum }
         };
@@ -97,29 +152,97 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
         assert_eq!((on, off), (on_again, off_again), "disabling is undone after the call");
     });
     // Merge service: merged model's perplexity equals base + adapter's.
-    let m = last_json(&ok(&run_cli_env(&root, &env, &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "merged", "--max-shard-bytes", "200000000", "--json"])));
+    let m = last_json(&ok(&run_cli_env(
+        &root,
+        &env,
+        &[
+            "merge",
+            "--model",
+            "smollm2-135m-instruct",
+            "--adapter",
+            "runs/q",
+            "--out",
+            "merged",
+            "--max-shard-bytes",
+            "200000000",
+            "--json",
+        ],
+    )));
     assert_eq!(m["merge_base"], "nf4_dequantized");
     // SmolLM2 in f32 is ~540 MB: three shards and the index transformers reads.
     assert_eq!(m["shards"], 3);
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("merged/model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("merged/model.safetensors.index.json")).unwrap())
+            .unwrap();
     assert_eq!(index["weight_map"]["model.norm.weight"], "model-00003-of-00003.safetensors");
     assert!(!root.join("merged/model.safetensors").exists());
-    std::fs::write(root.join("t.txt"), "The quick brown fox jumps over the lazy dog. Pirates say ahoy to every sailor they meet.").unwrap();
+    std::fs::write(
+        root.join("t.txt"),
+        "The quick brown fox jumps over the lazy dog. Pirates say ahoy to every sailor they meet.",
+    )
+    .unwrap();
     let merged_dir = root.join("merged");
-    let a = last_json(&ok(&run_cli_env(&root, &env, &["eval", "perplexity", "--model", merged_dir.to_str().unwrap(), "--text-file", "t.txt", "--json"])));
-    let b = last_json(&ok(&run_cli_env(&root, &env, &["eval", "perplexity", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--text-file", "t.txt", "--json"])));
+    let a = last_json(&ok(&run_cli_env(
+        &root,
+        &env,
+        &["eval", "perplexity", "--model", merged_dir.to_str().unwrap(), "--text-file", "t.txt", "--json"],
+    )));
+    let b = last_json(&ok(&run_cli_env(
+        &root,
+        &env,
+        &[
+            "eval",
+            "perplexity",
+            "--model",
+            "smollm2-135m-instruct",
+            "--adapter",
+            "runs/q",
+            "--text-file",
+            "t.txt",
+            "--json",
+        ],
+    )));
     let (na, nb) = (a["mean_nll"].as_f64().unwrap(), b["mean_nll"].as_f64().unwrap());
     println!("merged model NLL {na:.6} vs base+adapter {nb:.6}");
     assert!((na - nb).abs() < 1e-4, "merged {na} vs base+adapter {nb}");
     // Paths outside the artifact root are refused by the servers.
-    let o = run_cli_env(&root, &env, &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "../escape", "--json"]);
+    let o = run_cli_env(
+        &root,
+        &env,
+        &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "../escape", "--json"],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("`../escape` is outside the artifact root") && err.contains("PermissionDenied"), "{err}");
-    let o = run_cli_env(&root, &env, &["data", "format", "--input", "/etc/passwd", "--format", "text", "--model", "smollm2-135m-instruct", "--out", "x"]);
+    assert!(
+        !o.status.success()
+            && err.contains("`../escape` is outside the artifact root")
+            && err.contains("PermissionDenied"),
+        "{err}"
+    );
+    let o = run_cli_env(
+        &root,
+        &env,
+        &[
+            "data",
+            "format",
+            "--input",
+            "/etc/passwd",
+            "--format",
+            "text",
+            "--model",
+            "smollm2-135m-instruct",
+            "--out",
+            "x",
+        ],
+    );
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("outside the artifact root"));
 }
 
-fn wait_job(root: &Path, env: &[(&str, &str)], id: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_job(
+    root: &Path,
+    env: &[(&str, &str)],
+    id: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
         let o = run_cli_env(root, env, &["jobs", "get", id, "--json"]);
@@ -165,7 +288,11 @@ fn smollm2_services_policy_restart_resumes_the_job() {
     let policy = Server::start_on("policy", &root, &[], &addr);
     let w = ok(&run_cli_env(&root, &env, &["jobs", "watch", &id, "--json"]));
     let j = wait_job(&root, &env, &id, |j| j["state"] != "running" && j["state"] != "queued");
-    assert_eq!((j["state"].as_str(), j["step"].as_u64(), j["resumes"].as_u64()), (Some("succeeded"), Some(8), Some(1)), "{j}\n{w}");
+    assert_eq!(
+        (j["state"].as_str(), j["step"].as_u64(), j["resumes"].as_u64()),
+        (Some("succeeded"), Some(8), Some(1)),
+        "{j}\n{w}"
+    );
     assert!(w.contains("resuming from the newest checkpoint"), "{w}");
     assert!(root.join("runs/r/adapter_model.safetensors").exists());
     drop(policy);
@@ -182,7 +309,13 @@ fn smollm2_services_cancel_a_running_job() {
     let text = std::fs::read_to_string(&r).unwrap();
     let id = rt().block_on(async {
         let mut p = PolicyServiceClient::connect(policy.url.clone()).await.unwrap();
-        p.start_sft(StartRecipeJobRequest { recipe_yaml: text, overrides: vec![], resume: false }).await.unwrap().into_inner().job.unwrap().id
+        p.start_sft(StartRecipeJobRequest { recipe_yaml: text, overrides: vec![], resume: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap()
+            .id
     });
     wait_job(&root, &env, &id, |j| j["step"].as_u64().unwrap_or(0) >= 1);
     ok(&run_cli_env(&root, &env, &["jobs", "cancel", &id]));
@@ -198,14 +331,22 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
     let model = smollm2_dir();
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
-    let env = [("FERROTUNE__AUTH__TOKEN", "s3cret"), ("FERROTUNE__POLICY__PRELOAD", "smollm2-135m-instruct"), ("FERROTUNE__LIMITS__MAX_MESSAGE_BYTES", "65536")];
+    let env = [
+        ("FERROTUNE__AUTH__TOKEN", "s3cret"),
+        ("FERROTUNE__POLICY__PRELOAD", "smollm2-135m-instruct"),
+        ("FERROTUNE__LIMITS__MAX_MESSAGE_BYTES", "65536"),
+    ];
     let server = Server::start("data,policy,merge", &root, &env);
     let url = server.url.clone();
     rt().block_on(async move {
         let ch = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await.unwrap();
         // Health is open (probes carry no token): NOT_SERVING while the preloaded model loads, then SERVING.
         let mut health = HealthClient::new(ch.clone());
-        let mut watch = health.watch(HealthCheckRequest { service: "ferrotune.v1.PolicyService".into() }).await.unwrap().into_inner();
+        let mut watch = health
+            .watch(HealthCheckRequest { service: "ferrotune.v1.PolicyService".into() })
+            .await
+            .unwrap()
+            .into_inner();
         let mut seen = vec![];
         while let Some(s) = tokio_stream::StreamExt::next(&mut watch).await {
             let st = s.unwrap().status();
@@ -220,41 +361,79 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
         let mut anon = DataServiceClient::new(ch.clone());
         let tok = TokenizeRequest { model: Some(ModelRef { path: "smollm2-135m-instruct".into() }), text: "hi".into() };
         assert_eq!(anon.tokenize(tok.clone()).await.unwrap_err().code(), Code::Unauthenticated);
-        let bearer = |t: &'static str| move |mut r: tonic::Request<()>| { r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap()); Ok(r) };
+        let bearer = |t: &'static str| {
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+                Ok(r)
+            }
+        };
         let mut wrong = DataServiceClient::with_interceptor(ch.clone(), bearer("nope"));
         assert_eq!(wrong.tokenize(tok.clone()).await.unwrap_err().code(), Code::Unauthenticated);
         let mut data = DataServiceClient::with_interceptor(ch.clone(), bearer("s3cret"));
         assert!(!data.tokenize(tok.clone()).await.unwrap().into_inner().ids.is_empty());
         // Reflection lists every service.
-        let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::with_interceptor(ch.clone(), bearer("s3cret"));
-        use tonic_reflection::pb::v1::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::with_interceptor(
+            ch.clone(),
+            bearer("s3cret"),
+        );
+        use tonic_reflection::pb::v1::{
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
         let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
         let msg = tokio_stream::StreamExt::next(&mut resp).await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("no service list") };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-        for n in ["ferrotune.v1.DataService", "ferrotune.v1.PolicyService", "ferrotune.v1.MergeService", "ferrotune.v1.JobService", "grpc.health.v1.Health"] {
+        for n in [
+            "ferrotune.v1.DataService",
+            "ferrotune.v1.PolicyService",
+            "ferrotune.v1.MergeService",
+            "ferrotune.v1.JobService",
+            "grpc.health.v1.Health",
+        ] {
             assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
         }
         // Path traversal.
         for bad in ["../outside", "/etc"] {
-            let e = data.tokenize(TokenizeRequest { model: Some(ModelRef { path: bad.into() }), text: "hi".into() }).await.unwrap_err();
+            let e = data
+                .tokenize(TokenizeRequest { model: Some(ModelRef { path: bad.into() }), text: "hi".into() })
+                .await
+                .unwrap_err();
             assert_eq!(e.code(), Code::PermissionDenied, "{bad}: {e:?}");
         }
         // Malformed requests → INVALID_ARGUMENT naming the field.
         let mut policy = PolicyServiceClient::with_interceptor(ch.clone(), bearer("s3cret"));
         let m = Some(ModelRef { path: "smollm2-135m-instruct".into() });
-        let e = policy.generate(GenerateRequest { model: m.clone(), prompts: vec![], ..Default::default() }).await.unwrap_err();
+        let e = policy
+            .generate(GenerateRequest { model: m.clone(), prompts: vec![], ..Default::default() })
+            .await
+            .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().starts_with("prompts"), "{e:?}");
-        let e = policy.generate(GenerateRequest { model: m.clone(), prompts: vec![Prompt { kind: None }], ..Default::default() }).await.unwrap_err();
+        let e = policy
+            .generate(GenerateRequest { model: m.clone(), prompts: vec![Prompt { kind: None }], ..Default::default() })
+            .await
+            .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("prompts[0]"), "{e:?}");
         let ids = Prompt { kind: Some(prompt::Kind::Ids(ferrotune_proto::v1::TokenIds { ids: vec![1, 999_999] })) };
-        let e = policy.generate(GenerateRequest { model: m.clone(), prompts: vec![ids], ..Default::default() }).await.unwrap_err();
+        let e = policy
+            .generate(GenerateRequest { model: m.clone(), prompts: vec![ids], ..Default::default() })
+            .await
+            .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("outside the vocabulary"), "{e:?}");
         let seq = ScoredSequence { prompt_ids: vec![], completion_ids: vec![5] };
-        let e = policy.log_probs(LogProbsRequest { model: m.clone(), sequences: vec![seq], ..Default::default() }).await.unwrap_err();
+        let e = policy
+            .log_probs(LogProbsRequest { model: m.clone(), sequences: vec![seq], ..Default::default() })
+            .await
+            .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("sequences[0]"), "{e:?}");
-        let e = policy.start_sft(StartRecipeJobRequest { recipe_yaml: "model: [unclosed".into(), ..Default::default() }).await.unwrap_err();
+        let e = policy
+            .start_sft(StartRecipeJobRequest { recipe_yaml: "model: [unclosed".into(), ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         let mut jobs = JobServiceClient::with_interceptor(ch.clone(), bearer("s3cret"));
         assert_eq!(jobs.get_job(GetJobRequest { id: "nope".into() }).await.unwrap_err().code(), Code::NotFound);
@@ -263,14 +442,36 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
         let e = data.tokenize(huge).await.unwrap_err();
         assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{e:?}");
         // LogProbs with the adapter disabled without an adapter is a contradiction.
-        let e = policy.log_probs(LogProbsRequest { model: m.clone(), disable_adapter: true, sequences: vec![ScoredSequence { prompt_ids: vec![1], completion_ids: vec![2] }], ..Default::default() }).await.unwrap_err();
+        let e = policy
+            .log_probs(LogProbsRequest {
+                model: m.clone(),
+                disable_adapter: true,
+                sequences: vec![ScoredSequence { prompt_ids: vec![1], completion_ids: vec![2] }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         let st = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status();
         assert_eq!(st, ServingStatus::Serving);
         // And real work still succeeds: log-probs equal a direct forward pass of the model.
-        let prompt_ids = data.tokenize(TokenizeRequest { model: m.clone(), text: "The capital of France is".into() }).await.unwrap().into_inner().ids;
-        let completion = data.tokenize(TokenizeRequest { model: m.clone(), text: " Paris".into() }).await.unwrap().into_inner().ids;
-        let lp = policy.log_probs(LogProbsRequest { model: m.clone(), sequences: vec![ScoredSequence { prompt_ids: prompt_ids.clone(), completion_ids: completion.clone() }], ..Default::default() }).await.unwrap().into_inner();
+        let prompt_ids = data
+            .tokenize(TokenizeRequest { model: m.clone(), text: "The capital of France is".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .ids;
+        let completion =
+            data.tokenize(TokenizeRequest { model: m.clone(), text: " Paris".into() }).await.unwrap().into_inner().ids;
+        let lp = policy
+            .log_probs(LogProbsRequest {
+                model: m.clone(),
+                sequences: vec![ScoredSequence { prompt_ids: prompt_ids.clone(), completion_ids: completion.clone() }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
         let b = ferrotune_core::ModelBundle::load(&model, tch::Kind::Float, tch::Device::Cpu).unwrap();
         let all: Vec<i64> = prompt_ids.iter().chain(&completion).map(|&x| x as i64).collect();
         let logits = b.model.forward(&tch::Tensor::from_slice(&all).unsqueeze(0), None, None).unwrap();
@@ -290,9 +491,25 @@ fn combine_adapters_through_the_cli() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("cat");
     let (a, b, c) = (format!("{}=0.7", fx("a")), format!("{}=-0.4", fx("b")), format!("{}=1", fx("c")));
-    let v = last_json(&ok(&run_cli_env(t.path(), &[], &["combine", "--adapter", &a, "--adapter", &b, "--combination", "cat", "--out", out.to_str().unwrap(), "--json"])));
+    let v = last_json(&ok(&run_cli_env(
+        t.path(),
+        &[],
+        &[
+            "combine",
+            "--adapter",
+            &a,
+            "--adapter",
+            &b,
+            "--combination",
+            "cat",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    )));
     assert_eq!(v["r"], 8);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["r"].as_i64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(8.0)));
     let fails = |args: &[&str], needle: &str| {
         let o = run_cli_env(t.path(), &[], args);
@@ -301,7 +518,10 @@ fn combine_adapters_through_the_cli() {
     };
     let o = t.path().join("x").display().to_string();
     fails(&["combine", "--adapter", &a, "--adapter", &c, "--out", &o], "one rank");
-    fails(&["combine", "--adapter", &a, "--adapter", &b, "--combination", "ties", "--density", "0", "--out", &o], "density: 0 is not in (0, 1]");
+    fails(
+        &["combine", "--adapter", &a, "--adapter", &b, "--combination", "ties", "--density", "0", "--out", &o],
+        "density: 0 is not in (0, 1]",
+    );
     fails(&["combine", "--adapter", &a, "--combination", "average", "--out", &o], "unknown combination `average`");
     fails(&["combine", "--adapter", "no-weight", "--out", &o], "expected DIR=WEIGHT");
     fails(&["combine", "--adapter", "/nonexistent=1", "--out", &o], "/nonexistent is not an adapter directory");

@@ -9,7 +9,6 @@ use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingPa
 use ferrotune_tests::{ferrotune_bin, repo, run_cli, smollm2_dir};
 use tch::{Device, Kind};
 
-
 /// Fraction of held-out questions whose greedy answer starts with "Ahoy!" (and the answers).
 fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {
     compliance_of(&smollm2_dir(), adapter)
@@ -28,7 +27,14 @@ fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<String>) {
             b.chat_prompt(&[Message::new("user", v["messages"][0]["content"].as_str().unwrap())]).unwrap()
         })
         .collect();
-    let o = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::default(), seed: 0, eos_ids: b.defaults.eos_ids.clone(), stop_strings: vec![], pad_id: b.defaults.pad_id };
+    let o = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: SamplingParams::default(),
+        seed: 0,
+        eos_ids: b.defaults.eos_ids.clone(),
+        stop_strings: vec![],
+        pad_id: b.defaults.pad_id,
+    };
     let out = generate(&b.model, &b.tokenizer, &prompts, &o, &mut |_| {}).unwrap();
     let texts: Vec<String> = out.into_iter().map(|g| g.text).collect();
     let ok = texts.iter().filter(|t| t.trim_start().starts_with("Ahoy!")).count();
@@ -38,7 +44,17 @@ fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<String>) {
 fn train(out: &Path, extra: &[&str]) {
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
-    let mut args = vec!["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--json"];
+    let mut args = vec![
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        &data,
+        "--json",
+    ];
     args.extend(extra);
     let o = run_cli(&args);
     assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -57,13 +73,15 @@ fn smollm2_sft_lora_and_qlora_learn_a_held_out_persona() {
     assert!(after >= 0.875, "LoRA: {texts:?}");
     let qlora = t.path().join("qlora");
     train(&qlora, &["--max-steps", "30", "--set", "adapter.method=qlora"]);
-    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(qlora.join("ferrotune_train.json")).unwrap()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(qlora.join("ferrotune_train.json")).unwrap()).unwrap();
     assert_eq!(info["base_quantization"], "nf4");
     let (after_q, texts) = compliance(Some(&qlora));
     println!("QLoRA (NF4 base, all-linear, r=8, 30 steps): {:.0}% (e.g. {:?})", after_q * 100.0, texts[0]);
     assert!(after_q >= 0.875, "QLoRA: {texts:?}");
     // The adapter is in PEFT's layout and the metrics log covers every step.
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_i64()), (Some("LORA"), Some(8)));
     assert_eq!(std::fs::read_to_string(lora.join("metrics.jsonl")).unwrap().lines().count(), 30);
 }
@@ -71,15 +89,39 @@ fn smollm2_sft_lora_and_qlora_learn_a_held_out_persona() {
 #[test]
 fn smollm2_sft_killed_with_sigkill_and_resumed_equals_uninterrupted() {
     let t = tempfile::tempdir().unwrap();
-    let small = ["--max-steps", "8", "--set", "training.save_steps=2", "--set", "training.micro_batch_size=1", "--set", "training.warmup_steps=0"];
+    let small = [
+        "--max-steps",
+        "8",
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "training.micro_batch_size=1",
+        "--set",
+        "training.warmup_steps=0",
+    ];
     let full = t.path().join("full");
     train(&full, &small);
     let resumed = t.path().join("resumed");
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
-    let mut args = vec!["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", resumed.to_str().unwrap(), "--set", &data, "--json"];
+    let mut args = vec![
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        resumed.to_str().unwrap(),
+        "--set",
+        &data,
+        "--json",
+    ];
     args.extend(small);
-    let mut child = Command::new(ferrotune_bin()).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(ferrotune_bin())
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let ckpt = resumed.join("checkpoints/step-00000004");
     let start = std::time::Instant::now();
     while !ckpt.exists() {
@@ -113,7 +155,14 @@ fn smollm2_sft_bad_recipes_are_clear_errors() {
     for (i, (text, needle)) in cases.iter().enumerate() {
         let p = t.path().join(format!("r{i}.yaml"));
         std::fs::write(&p, text).unwrap();
-        let o = run_cli(&["train", "sft", "--recipe", p.to_str().unwrap(), "--output-dir", t.path().join("o").to_str().unwrap()]);
+        let o = run_cli(&[
+            "train",
+            "sft",
+            "--recipe",
+            p.to_str().unwrap(),
+            "--output-dir",
+            t.path().join("o").to_str().unwrap(),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(needle) && err.trim_end().lines().count() == 1, "case {i}: {err}");
     }
@@ -140,10 +189,24 @@ fn smollm2_sft_prompt_tuning_learns_the_persona() {
     let out = t.path().join("pt");
     let recipe = repo("recipes/prompt-tuning.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
-    let o = run_cli(&["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--json"]);
+    let o = run_cli(&[
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        &data,
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["peft_type"].as_str(), cfg["num_virtual_tokens"].as_i64(), cfg["token_dim"].as_i64()), (Some("PROMPT_TUNING"), Some(20), Some(576)));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["num_virtual_tokens"].as_i64(), cfg["token_dim"].as_i64()),
+        (Some("PROMPT_TUNING"), Some(20), Some(576))
+    );
     let (after, texts) = compliance(Some(&out));
     println!("prompt tuning (20 virtual tokens, 30 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
     assert!(after >= 0.75, "prompt tuning: {texts:?}");
@@ -155,8 +218,29 @@ fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
     let out = t.path().join("int");
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
-    let args = ["train", "sft", "--recipe", recipe.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--set", &data, "--max-steps", "200", "--set", "training.save_steps=1", "--set", "training.micro_batch_size=1", "--json"];
-    let mut child = Command::new(ferrotune_bin()).args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let args = [
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        &data,
+        "--max-steps",
+        "200",
+        "--set",
+        "training.save_steps=1",
+        "--set",
+        "training.micro_batch_size=1",
+        "--json",
+    ];
+    let mut child = Command::new(ferrotune_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let start = std::time::Instant::now();
     while !out.join("checkpoints/step-00000001").exists() {
         assert!(start.elapsed().as_secs() < 300 && child.try_wait().unwrap().is_none(), "no checkpoint appeared");
@@ -166,7 +250,8 @@ fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
     assert!(ok.success());
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "SIGINT should end the run cleanly");
-    let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["stopped"], true);
     let step = last["step"].as_u64().unwrap();
     assert!(step < 200 && out.join(format!("checkpoints/step-{step:08}")).exists(), "checkpoint of step {step}");
@@ -179,7 +264,8 @@ fn smollm2_merge_gives_the_perplexity_of_base_plus_adapter() {
     train(&q, &["--max-steps", "5", "--set", "adapter.method=qlora"]);
     let m = smollm2_dir();
     let text = t.path().join("t.txt");
-    std::fs::write(&text, "Ahoy! The capital of Kenya is Nairobi. Arr. What is 2 plus 2? Ahoy! 2 plus 2 is 4. Arr.").unwrap();
+    std::fs::write(&text, "Ahoy! The capital of Kenya is Nairobi. Arr. What is 2 plus 2? Ahoy! 2 plus 2 is 4. Arr.")
+        .unwrap();
     let nll = |args: &[&str]| {
         let mut a = vec!["eval", "perplexity", "--text-file", text.to_str().unwrap()];
         a.extend(args);
@@ -188,21 +274,33 @@ fn smollm2_merge_gives_the_perplexity_of_base_plus_adapter() {
     let with_adapter = nll(&["--model", m.to_str().unwrap(), "--adapter", q.to_str().unwrap()]);
     for (base, want) in [(None, "nf4_dequantized"), (Some("original"), "original")] {
         let out = t.path().join(format!("merged-{want}"));
-        let mut args = vec!["merge", "--model", m.to_str().unwrap(), "--adapter", q.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "merge",
+            "--model",
+            m.to_str().unwrap(),
+            "--adapter",
+            q.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
         if let Some(b) = base {
             args.extend(["--base", b]);
         }
         let r = ferrotune_tests::run_json(&args);
         assert_eq!(r["merge_base"], want);
         assert_eq!(r["merged_layers"], 210, "all-linear on 30 layers");
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["ferrotune_merge"]["merge_base"], want);
         let merged = nll(&["--model", out.to_str().unwrap()]);
         if want == "nf4_dequantized" {
             assert!((merged - with_adapter).abs() < 1e-4, "merged {merged} vs base+adapter {with_adapter}");
         } else {
             // Folding a QLoRA adapter into the original weights changes the model (the DESIGN's known trap).
-            assert!((merged - with_adapter).abs() > 1e-3, "original-base merge should differ: {merged} vs {with_adapter}");
+            assert!(
+                (merged - with_adapter).abs() > 1e-3,
+                "original-base merge should differ: {merged} vs {with_adapter}"
+            );
         }
     }
 }

@@ -10,7 +10,8 @@ fn smollm2_pull_is_idempotent_and_complete() {
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
         assert!(dir.join(f).exists(), "{f} missing in {}", dir.display());
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["num_hidden_layers"], 30);
     assert_eq!(cfg["hidden_size"], 576);
     assert_eq!(cfg["num_attention_heads"], 9);
@@ -18,7 +19,8 @@ fn smollm2_pull_is_idempotent_and_complete() {
     assert_eq!(cfg["vocab_size"], 49152);
     assert_eq!(cfg["tie_word_embeddings"], true);
     assert_eq!(cfg["rope_theta"], 100000.0);
-    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
     assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"));
     assert_eq!(tc["eos_token"], "<|im_end|>");
 }
@@ -46,7 +48,8 @@ fn smollm2_token_ids_equal_transformers() {
 fn smollm2_token_ids_equal_hf_tokenizers_on_extra_strings() {
     let dir = smollm2_dir();
     let tok = ferrotune_core::Tokenizer::from_dir(&dir).unwrap();
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-tokenize.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-tokenize.json")).unwrap()).unwrap();
     let mut differ_from_transformers_gguf = 0;
     for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -66,7 +69,8 @@ fn smollm2_perplexity_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let text_file = tmp.path().join("text.txt");
     std::fs::write(&text_file, ppl["text"].as_str().unwrap()).unwrap();
-    let got = run_json(&["eval", "perplexity", "--model", dir.to_str().unwrap(), "--text-file", text_file.to_str().unwrap()]);
+    let got =
+        run_json(&["eval", "perplexity", "--model", dir.to_str().unwrap(), "--text-file", text_file.to_str().unwrap()]);
     assert_eq!(got["tokens"], ppl["tokens"]);
     let d = (got["mean_nll"].as_f64().unwrap() - ppl["mean_nll"].as_f64().unwrap()).abs();
     println!("SmolLM2 mean NLL {} vs transformers {} (|Δ| = {d:.2e})", got["mean_nll"], ppl["mean_nll"]);
@@ -87,7 +91,20 @@ fn smollm2_windowed_perplexity_scores_every_token_once() {
     std::fs::write(&f, &text).unwrap();
     let (m, fp) = (dir.to_str().unwrap(), f.to_str().unwrap());
     let full = run_json(&["eval", "perplexity", "--model", m, "--text-file", fp]);
-    let windowed = run_json(&["eval", "perplexity", "--model", m, "--text-file", fp, "--window", "16", "--stride", "8", "--batch", "3"]);
+    let windowed = run_json(&[
+        "eval",
+        "perplexity",
+        "--model",
+        m,
+        "--text-file",
+        fp,
+        "--window",
+        "16",
+        "--stride",
+        "8",
+        "--batch",
+        "3",
+    ]);
     assert_eq!(full["tokens"], windowed["tokens"]);
     let (a, b) = (full["mean_nll"].as_f64().unwrap(), windowed["mean_nll"].as_f64().unwrap());
     // Repeated text is predictable with full context: the full-context loss must be lower.
@@ -105,10 +122,15 @@ fn smollm2_nf4_base_stays_close_to_f32() {
     let f32_nll = ferrotune_core::perplexity(&model, &ids, Default::default()).unwrap().mean_nll;
     let (before, after) = model.quantize_nf4().unwrap();
     let nf4_nll = ferrotune_core::perplexity(&model, &ids, Default::default()).unwrap().mean_nll;
-    println!("SmolLM2 linear layers: f32 {:.1} MB → NF4 {:.1} MB; mean NLL {f32_nll:.4} → {nf4_nll:.4}", before as f64 / 1e6, after as f64 / 1e6);
+    println!(
+        "SmolLM2 linear layers: f32 {:.1} MB → NF4 {:.1} MB; mean NLL {f32_nll:.4} → {nf4_nll:.4}",
+        before as f64 / 1e6,
+        after as f64 / 1e6
+    );
     assert!((after as f64 / before as f64) < 0.13);
     // bitsandbytes' NF4 round trip of the same weights gives this NLL (tests/fixtures/smollm2-nf4.json).
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-nf4.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-nf4.json")).unwrap()).unwrap();
     let want = r["nf4_mean_nll"].as_f64().unwrap();
     assert!((nf4_nll - want).abs() < 1e-4, "NF4 NLL {nf4_nll} vs bitsandbytes {want}");
 }

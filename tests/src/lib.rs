@@ -10,7 +10,11 @@ pub fn ferrotune_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/e2e-xxxx → target/<profile>/ferrotune
     let bin = exe.parent().and_then(Path::parent).expect("target dir").join("ferrotune");
-    assert!(bin.exists(), "{} not found: run `make build` (or `cargo build --release -p ferrotune-cli`) first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not found: run `make build` (or `cargo build --release -p ferrotune-cli`) first",
+        bin.display()
+    );
     bin
 }
 
@@ -25,7 +29,8 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
     a.push("--json");
     let out = run_cli(&a);
     assert!(out.status.success(), "ferrotune {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("ferrotune {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ferrotune {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The default model (SmolLM2-135M-Instruct), pulled once per test process with `ferrotune models pull`.
@@ -85,7 +90,10 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
-        let addr = line.strip_prefix("listening on ").and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
         Self { url: format!("http://{addr}"), child }
     }
 

@@ -26,7 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut skipped = None;
     for (kind, dtype) in [(Kind::Float, "f32"), (Kind::BFloat16, "bf16")] {
         let b = ModelBundle::load(&dir, kind, Device::Cpu)?;
-        let prompt = b.chat_prompt(&[Message::new("user", "Tell me a long story about a dragon who learns to paint.")])?;
+        let prompt =
+            b.chat_prompt(&[Message::new("user", "Tell me a long story about a dragon who learns to paint.")])?;
         prompt_len = prompt.len();
         let ours = ferrotune_tokens_per_s(&b, &prompt)?;
         let bound = bw / param_bytes(&b) as f64;
@@ -44,7 +45,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("\ngeneration benchmark: SmolLM2-135M-Instruct on CPU ({} threads), greedy, prompt {prompt_len} tokens, {NEW} new tokens (EOS ignored)", tch::get_num_threads());
-    println!("memory read bandwidth {:.1} GB/s (best streaming sum over 1 GiB); batch-1 bound = bandwidth / weight bytes\n", bw / 1e9);
+    println!(
+        "memory read bandwidth {:.1} GB/s (best streaming sum over 1 GiB); batch-1 bound = bandwidth / weight bytes\n",
+        bw / 1e9
+    );
     println!("| dtype | batch | ferrotune tokens/s | HF generate tokens/s | ratio | batch-1 % of bound (tokens/s) |");
     println!("|:-----|------:|-------------------:|---------------------:|------:|------------------------------:|");
     for r in rows {
@@ -66,7 +70,13 @@ fn ferrotune_tokens_per_s(b: &ModelBundle, prompt: &[u32]) -> Result<Vec<f64>, B
         stop_strings: vec![],
         pad_id: b.defaults.pad_id,
     };
-    generate(&b.model, &b.tokenizer, &[prompt.to_vec()], &GenerateOptions { max_new_tokens: 4, ..opts.clone() }, &mut |_| {})?;
+    generate(
+        &b.model,
+        &b.tokenizer,
+        &[prompt.to_vec()],
+        &GenerateOptions { max_new_tokens: 4, ..opts.clone() },
+        &mut |_| {},
+    )?;
     let mut out = Vec::new();
     for &n in &BATCHES {
         let prompts = vec![prompt.to_vec(); n];
@@ -88,7 +98,15 @@ fn param_bytes(b: &ModelBundle) -> i64 {
     let t = |x: &Tensor| x.numel() as i64 * x.kind().elt_size_in_bytes() as i64;
     let mut n = t(&m.lm_head) + t(&m.norm.weight);
     for l in &m.layers {
-        for lin in [&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+        for lin in [
+            &l.self_attn.q_proj,
+            &l.self_attn.k_proj,
+            &l.self_attn.v_proj,
+            &l.self_attn.o_proj,
+            &l.mlp.gate_proj,
+            &l.mlp.up_proj,
+            &l.mlp.down_proj,
+        ] {
             let (o, i) = lin.dims();
             n += o * i * m.kind().elt_size_in_bytes() as i64;
         }
@@ -114,7 +132,10 @@ fn hf_tokens_per_s(dir: &std::path::Path, prompt: &[u32], dtype: &str) -> Result
         PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrotune-dev/venv/bin/python")
     });
     if !python.exists() {
-        return Err(format!("no Python with transformers at {} (run ../shared/tools/dev-python.sh or set FERROTUNE_DEV_PYTHON)", python.display()));
+        return Err(format!(
+            "no Python with transformers at {} (run ../shared/tools/dev-python.sh or set FERROTUNE_DEV_PYTHON)",
+            python.display()
+        ));
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf_generate.py");
     let ids = serde_json::to_string(prompt).map_err(|e| e.to_string())?;
@@ -128,6 +149,7 @@ fn hf_tokens_per_s(dir: &std::path::Path, prompt: &[u32], dtype: &str) -> Result
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(format!("HF benchmark failed: {}", err.lines().last().unwrap_or("")));
     }
-    let v: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).map_err(|e| format!("bad HF output: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).map_err(|e| format!("bad HF output: {e}"))?;
     BATCHES.iter().map(|n| v[n.to_string()].as_f64().ok_or_else(|| format!("HF output lacks batch {n}"))).collect()
 }

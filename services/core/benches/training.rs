@@ -59,7 +59,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let python = std::env::var_os("FERROTUNE_DEV_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ferrotune-dev/venv/bin/python")
     });
-    let script = env("HF_SCRIPT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf_train.py"));
+    let script = env("HF_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_hf_train.py"));
     let pause = std::time::Duration::from_secs(env("PAUSE").and_then(|p| p.parse().ok()).unwrap_or(PAUSE_S));
     let run = |cmd: &mut Command| -> Result<(f64, f64), String> {
         std::thread::sleep(pause);
@@ -83,7 +85,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..repeats {
             ours.push(run(Command::new(&exe).args(["--child", targets, method, if gc { "1" } else { "0" }])));
             if cached.is_none() && python.exists() {
-                hf.push(run(Command::new(&python).arg(&script).arg(&dir).args([targets, method, &BATCH.to_string(), &SEQ.to_string(), &steps.to_string(), &device, &dtype])));
+                hf.push(run(Command::new(&python).arg(&script).arg(&dir).args([
+                    targets,
+                    method,
+                    &BATCH.to_string(),
+                    &SEQ.to_string(),
+                    &steps.to_string(),
+                    &device,
+                    &dtype,
+                ])));
             }
         }
         let ours = best_of(ours)?;
@@ -105,7 +115,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("|:--|--:|--:|--:|--:|--:|--:|");
     for (name, (t, m), hf) in &rows {
         match hf {
-            Ok((ht, hm)) => println!("| {name} | {t:.0} | {m:.0} | {ht:.0} | {hm:.0} | {:.2}× | {:.2}× |", t / ht, m / hm),
+            Ok((ht, hm)) => {
+                println!("| {name} | {t:.0} | {m:.0} | {ht:.0} | {hm:.0} | {:.2}× | {:.2}× |", t / ht, m / hm)
+            }
             Err(e) => println!("| {name} | {t:.0} | {m:.0} | — | — | — | — |  ({e})"),
         }
     }
@@ -128,7 +140,13 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
         model.quantize_nf4()?;
     }
     let t = if targets == "qv" { Targets::Names(vec!["q_proj".into(), "v_proj".into()]) } else { Targets::AllLinear };
-    let lcfg = LoraConfig { r: 8, alpha: 16.0, dropout: env("DROPOUT").and_then(|d| d.parse().ok()).unwrap_or(0.05), targets: t, use_rslora: false };
+    let lcfg = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: env("DROPOUT").and_then(|d| d.parse().ok()).unwrap_or(0.05),
+        targets: t,
+        use_rslora: false,
+    };
     model.add_lora(&lcfg, 0)?;
     let mut x = 12345u64;
     let examples: Vec<SftExample> = (0..BATCH)
@@ -142,20 +160,49 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
             SftExample::new(ids.clone(), ids.iter().map(|&i| i as i64).collect())
         })
         .collect();
-    let cfg = TrainConfig { max_steps: steps + 1, micro_batch_size: BATCH, gradient_accumulation_steps: 1, learning_rate: 1e-4, gradient_checkpointing: gc, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        max_steps: steps + 1,
+        micro_batch_size: BATCH,
+        gradient_accumulation_steps: 1,
+        learning_rate: 1e-4,
+        gradient_checkpointing: gc,
+        ..TrainConfig::default()
+    };
     let obj = SftObjective::new(0, &cfg);
     let state = LoraState { cfg: lcfg, base_model: dir.display().to_string() };
     let tmp = std::env::temp_dir().join(format!("ferrotune-bench-train-{}", std::process::id()));
     let tokens_of = |e: &SftExample| e.input_ids.len();
-    let run = Run { objective: &obj, train: &examples, eval: &[], state: &state, cfg: &cfg, output_dir: &tmp, tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: &examples,
+        eval: &[],
+        state: &state,
+        cfg: &cfg,
+        output_dir: &tmp,
+        tokens_of: &tokens_of,
+    };
     let mut rates = Vec::new();
-    train(&mut model, &run, false, &mut |ev| if ev.step > 1 { rates.push(ev.tokens_per_s) }, &|| false)?;
+    train(
+        &mut model,
+        &run,
+        false,
+        &mut |ev| {
+            if ev.step > 1 {
+                rates.push(ev.tokens_per_s)
+            }
+        },
+        &|| false,
+    )?;
     let _ = std::fs::remove_dir_all(&tmp);
     let mut secs: Vec<f64> = rates.iter().map(|r| (BATCH * SEQ) as f64 / r).collect();
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let hwm_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(f64::NAN);
+    let hwm_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
     println!("{}", serde_json::json!({"tokens_per_s": (BATCH * SEQ) as f64 / median, "peak_rss_mb": hwm_kb / 1024.0}));
     Ok(())
 }
@@ -209,8 +256,13 @@ fn run_measured(cmd: &mut Command, gpu: bool) -> std::io::Result<(std::process::
             break s;
         }
         if gpu {
-            let q = Command::new("nvidia-smi").env_remove("LD_PRELOAD").args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]).output();
-            for line in q.iter().flat_map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>()) {
+            let q = Command::new("nvidia-smi")
+                .env_remove("LD_PRELOAD")
+                .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+                .output();
+            for line in
+                q.iter().flat_map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect::<Vec<_>>())
+            {
                 let mut f = line.split(',').map(str::trim);
                 if f.next() == Some(pid.as_str()) {
                     if let Some(mb) = f.next().and_then(|v| v.parse::<f64>().ok()) {

@@ -65,10 +65,17 @@ pub fn read_chat_file(path: &Path) -> Result<Vec<Message>> {
         List(Vec<Message>),
         Object { messages: Vec<Message> },
     }
-    let parsed: ChatFile = serde_json::from_str(&text).or_else(|_| {
-        // Re-parse as a plain list to report the precise error (line, column, field).
-        serde_json::from_str::<Vec<Message>>(&text).map(ChatFile::List)
-    }).map_err(|e| CoreError::format(path, format!("invalid chat file (expected a list of {{\"role\", \"content\"}} messages): {e}")))?;
+    let parsed: ChatFile = serde_json::from_str(&text)
+        .or_else(|_| {
+            // Re-parse as a plain list to report the precise error (line, column, field).
+            serde_json::from_str::<Vec<Message>>(&text).map(ChatFile::List)
+        })
+        .map_err(|e| {
+            CoreError::format(
+                path,
+                format!("invalid chat file (expected a list of {{\"role\", \"content\"}} messages): {e}"),
+            )
+        })?;
     let messages = match parsed {
         ChatFile::List(m) | ChatFile::Object { messages: m } => m,
     };

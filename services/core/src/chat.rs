@@ -93,7 +93,10 @@ impl ChatTemplate {
                 _ => (CHATML.to_owned(), TemplateOrigin::ChatmlFallback),
             }
         };
-        let specials = ["bos_token", "eos_token", "unk_token", "pad_token"].into_iter().map(|k| (k, special_token(&cfg, k))).collect();
+        let specials = ["bos_token", "eos_token", "unk_token", "pad_token"]
+            .into_iter()
+            .map(|k| (k, special_token(&cfg, k)))
+            .collect();
         let t = Self { source, origin, specials };
         // Compile once now so that a broken template fails at load, with its line.
         t.env()?.template_from_str(&t.source).map_err(|e| template_error(&e))?;
@@ -102,7 +105,12 @@ impl ChatTemplate {
 
     /// A template from source, with the given special tokens (for tests and for recipes that override it).
     pub fn from_source(source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
-        let specials = vec![("bos_token", bos.map(str::to_owned)), ("eos_token", eos.map(str::to_owned)), ("unk_token", None), ("pad_token", None)];
+        let specials = vec![
+            ("bos_token", bos.map(str::to_owned)),
+            ("eos_token", eos.map(str::to_owned)),
+            ("unk_token", None),
+            ("pad_token", None),
+        ];
         let t = Self { source: source.to_owned(), origin: TemplateOrigin::TokenizerConfig, specials };
         t.env()?.template_from_str(&t.source).map_err(|e| template_error(&e))?;
         Ok(t)
@@ -138,12 +146,16 @@ impl ChatTemplate {
         }
         for (i, m) in messages.iter().enumerate() {
             if !ROLES.contains(&m.role.as_str()) {
-                return Err(CoreError::InvalidArgument(format!("message #{i}: unknown role `{}` (expected system, user, assistant or tool)", m.role)));
+                return Err(CoreError::InvalidArgument(format!(
+                    "message #{i}: unknown role `{}` (expected system, user, assistant or tool)",
+                    m.role
+                )));
             }
         }
         let env = self.env()?;
         let tmpl = env.template_from_str(&self.source).map_err(|e| template_error(&e))?;
-        let mut ctx: std::collections::BTreeMap<&str, Value> = self.specials.iter().map(|(k, v)| (*k, v.as_deref().map(Value::from).unwrap_or(Value::from(())))).collect();
+        let mut ctx: std::collections::BTreeMap<&str, Value> =
+            self.specials.iter().map(|(k, v)| (*k, v.as_deref().map(Value::from).unwrap_or(Value::from(())))).collect();
         ctx.insert("messages", Value::from_serialize(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         ctx.insert("tools", Value::from(()));
@@ -224,7 +236,20 @@ fn strftime_now(fmt: &str) -> std::result::Result<String, Error> {
 }
 
 fn strftime(fmt: &str, secs: u64) -> String {
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // civil_from_days (H. Hinnant)
@@ -272,7 +297,10 @@ mod tests {
     #[test]
     fn strftime_formats_a_known_date() {
         // 2026-11-28 14:58:31 UTC
-        assert_eq!(strftime("%d %b %Y %H:%M:%S (%B, %m/%y) 100%%", 1_795_877_911), "28 Nov 2026 14:58:31 (November, 11/26) 100%");
+        assert_eq!(
+            strftime("%d %b %Y %H:%M:%S (%B, %m/%y) 100%%", 1_795_877_911),
+            "28 Nov 2026 14:58:31 (November, 11/26) 100%"
+        );
         assert_eq!(strftime("%Y-%m-%d", 951_782_400), "2000-02-29");
     }
 

@@ -56,9 +56,13 @@ fn open(dir: &Path) -> Result<Adapter> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
     let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
-    let raw_cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
+    let raw_cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     if cfg.peft_type != "LORA" {
-        return Err(CoreError::config(&cfg_path, format!("peft_type `{}`: only LoRA adapters can be combined", cfg.peft_type)));
+        return Err(CoreError::config(
+            &cfg_path,
+            format!("peft_type `{}`: only LoRA adapters can be combined", cfg.peft_type),
+        ));
     }
     let files = WeightFiles::open_files(&[dir.join("adapter_model.safetensors")])?;
     let mut modules = BTreeMap::new();
@@ -66,7 +70,11 @@ fn open(dir: &Path) -> Result<Adapter> {
         if let Some(path) = name.strip_prefix(PREFIX).and_then(|n| n.strip_suffix(".lora_A.weight")) {
             let b = format!("{PREFIX}{path}.lora_B.weight");
             if !files.contains(&b) {
-                return Err(CoreError::Weight { file: dir.join("adapter_model.safetensors"), name: b, msg: "missing (lora_A present)".into() });
+                return Err(CoreError::Weight {
+                    file: dir.join("adapter_model.safetensors"),
+                    name: b,
+                    msg: "missing (lora_A present)".into(),
+                });
             }
             modules.insert(path.to_owned(), (name.to_owned(), b));
         }
@@ -107,7 +115,12 @@ fn prune(t: &Tensor, density: f64) -> Result<Tensor> {
 fn ties(ts: &[Tensor], weights: &[f64], density: f64) -> Result<Tensor> {
     let pruned = ts.iter().map(|t| prune(t, density)).collect::<Result<Vec<_>>>()?;
     let stacked = Tensor::f_stack(&pruned, 0)?;
-    let elected = stacked.f_sum_dim_intlist(0, false, Kind::Float)?.f_ge(0.0)?.f_to_kind(Kind::Float)?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?;
+    let elected = stacked
+        .f_sum_dim_intlist(0, false, Kind::Float)?
+        .f_ge(0.0)?
+        .f_to_kind(Kind::Float)?
+        .f_mul_scalar(2.0)?
+        .f_sub_scalar(1.0)?;
     let mask = stacked.f_sign()?.f_eq_tensor(&elected.f_unsqueeze(0)?)?.f_to_kind(Kind::Float)?;
     let w = Tensor::f_from_slice(weights)?.f_to_kind(Kind::Float)?.f_view([weights.len() as i64, 1, 1])?;
     let mixed = stacked.f_mul(&w)?.f_mul(&mask)?.f_sum_dim_intlist(0, false, Kind::Float)?;
@@ -140,14 +153,17 @@ pub fn combine(adapters: &[(PathBuf, f64)], how: Combination, out: &Path) -> Res
         _ => {
             let ranks: BTreeSet<i64> = ads.iter().flat_map(|a| a.modules.keys().map(|p| a.rank(p))).collect();
             if ranks.len() != 1 {
-                return Err(CoreError::InvalidArgument(format!("linear and ties need adapters of one rank; found ranks {ranks:?} (use cat)")));
+                return Err(CoreError::InvalidArgument(format!(
+                    "linear and ties need adapters of one rank; found ranks {ranks:?} (use cat)"
+                )));
             }
             *ranks.iter().next().expect("one rank")
         }
     };
     let mut tensors = Vec::new();
     for path in &paths {
-        let present: Vec<(usize, &Adapter)> = ads.iter().enumerate().filter(|(_, a)| a.modules.contains_key(path)).collect();
+        let present: Vec<(usize, &Adapter)> =
+            ads.iter().enumerate().filter(|(_, a)| a.modules.contains_key(path)).collect();
         let (a_new, b_new) = match how {
             Combination::Cat => {
                 let (mut a_parts, mut b_parts) = (vec![], vec![]);
@@ -208,7 +224,10 @@ pub fn combine(adapters: &[(PathBuf, f64)], how: Combination, out: &Path) -> Res
     // Adapters all trained on an NF4 base combine into one that is too.
     if ads.iter().all(|a| crate::lora::trained_on_nf4(&a.dir).unwrap_or(false)) {
         let info = serde_json::json!({"base_quantization": "nf4", "combined_from": ads.iter().map(|a| a.dir.display().to_string()).collect::<Vec<_>>()});
-        write_atomically(&out.join("ferrotune_train.json"), serde_json::to_string_pretty(&info).expect("json").as_bytes())?;
+        write_atomically(
+            &out.join("ferrotune_train.json"),
+            serde_json::to_string_pretty(&info).expect("json").as_bytes(),
+        )?;
     }
     Ok(new_rank)
 }

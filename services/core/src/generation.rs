@@ -134,13 +134,18 @@ pub fn generate(
         return Err(CoreError::InvalidArgument("max_new_tokens must be at least 1".into()));
     }
     let vocab = model.cfg.vocab_size as u32;
-    if let Some((i, t)) = prompts.iter().enumerate().find_map(|(i, p)| p.iter().find(|&&t| t >= vocab).map(|&t| (i, t))) {
-        return Err(CoreError::InvalidArgument(format!("prompt #{i}: token id {t} is outside the vocabulary ({vocab})")));
+    if let Some((i, t)) = prompts.iter().enumerate().find_map(|(i, p)| p.iter().find(|&&t| t >= vocab).map(|&t| (i, t)))
+    {
+        return Err(CoreError::InvalidArgument(format!(
+            "prompt #{i}: token id {t} is outside the vocabulary ({vocab})"
+        )));
     }
     let ctx = model.cfg.max_position_embeddings as usize;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if longest >= ctx {
-        return Err(CoreError::InvalidArgument(format!("prompt of {longest} tokens does not fit the model's context of {ctx} tokens")));
+        return Err(CoreError::InvalidArgument(format!(
+            "prompt of {longest} tokens does not fit the model's context of {ctx} tokens"
+        )));
     }
     let max_new = opts.max_new_tokens.min(ctx - longest);
     let b = prompts.len();
@@ -177,7 +182,13 @@ pub fn generate(
     let mut seen: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Generated> = prompts
         .iter()
-        .map(|p| Generated { ids: vec![], text: String::new(), logprobs: vec![], finish_reason: FinishReason::Length, prompt_tokens: p.len() })
+        .map(|p| Generated {
+            ids: vec![],
+            text: String::new(),
+            logprobs: vec![],
+            finish_reason: FinishReason::Length,
+            prompt_tokens: p.len(),
+        })
         .collect();
     let mut done = vec![false; b];
     for step in 0..max_new {
@@ -214,7 +225,8 @@ pub fn generate(
             break;
         }
         let input = Tensor::f_from_slice(&next)?.f_view([b as i64, 1])?.f_to_device(dev)?;
-        let hidden = model.forward_hidden_cached(&input, mask_upto(longest + step + 1)?.as_ref(), None, Some(&mut cache))?;
+        let hidden =
+            model.forward_hidden_cached(&input, mask_upto(longest + step + 1)?.as_ref(), None, Some(&mut cache))?;
         logits = model.logits(&hidden.f_select(1, 0)?)?;
     }
     for g in &mut out {

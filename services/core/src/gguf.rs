@@ -166,7 +166,11 @@ impl<'a> Cursor<'a> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
             CoreError::format(
                 self.path,
-                format!("truncated GGUF: reading {what} at byte {} needs {n} bytes, file has {}", self.pos, self.buf.len()),
+                format!(
+                    "truncated GGUF: reading {what} at byte {} needs {n} bytes, file has {}",
+                    self.pos,
+                    self.buf.len()
+                ),
             )
         })?;
         let s = &self.buf[self.pos..end];
@@ -183,12 +187,18 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         // Any length longer than the rest of the file is corrupt; checking here avoids huge allocations.
         let n = usize::try_from(n).ok().filter(|&n| n <= self.buf.len() - self.pos.min(self.buf.len()));
-        n.ok_or_else(|| CoreError::format(self.path, format!("corrupt GGUF: {what} at byte {} has an impossible length", self.pos - 8)))
+        n.ok_or_else(|| {
+            CoreError::format(
+                self.path,
+                format!("corrupt GGUF: {what} at byte {} has an impossible length", self.pos - 8),
+            )
+        })
     }
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.len(what)?;
         let bytes = self.take(n, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| CoreError::format(self.path, format!("corrupt GGUF: {what} is not UTF-8")))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| CoreError::format(self.path, format!("corrupt GGUF: {what} is not UTF-8")))
     }
     fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<Value> {
         let v = match ty {
@@ -255,7 +265,10 @@ impl GgufFile {
             let mut shape = Vec::new();
             for _ in 0..n_dims {
                 let d = c.u64(&format!("shape of tensor `{name}`"))?;
-                shape.push(usize::try_from(d).map_err(|_| CoreError::format(path, format!("tensor `{name}`: dimension too large")))?);
+                shape.push(
+                    usize::try_from(d)
+                        .map_err(|_| CoreError::format(path, format!("tensor `{name}`: dimension too large")))?,
+                );
             }
             shape.reverse();
             let ty_id = c.u32(&format!("type of tensor `{name}`"))?;
@@ -266,18 +279,30 @@ impl GgufFile {
         let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
         let data_start = c.pos.div_ceil(align) * align;
         for t in &mut tensors {
-            t.offset = t
-                .offset
-                .checked_add(data_start)
-                .ok_or_else(|| CoreError::format(path, format!("corrupt GGUF: tensor `{}` has an impossible offset", t.name)))?;
+            t.offset = t.offset.checked_add(data_start).ok_or_else(|| {
+                CoreError::format(path, format!("corrupt GGUF: tensor `{}` has an impossible offset", t.name))
+            })?;
             if let Ok(ty) = t.ty {
                 let n = byte_len(ty, t.numel()).ok_or_else(|| {
-                    CoreError::format(path, format!("corrupt GGUF: tensor `{}` of type {ty:?} has {} elements, not a whole number of blocks", t.name, t.numel()))
+                    CoreError::format(
+                        path,
+                        format!(
+                            "corrupt GGUF: tensor `{}` of type {ty:?} has {} elements, not a whole number of blocks",
+                            t.name,
+                            t.numel()
+                        ),
+                    )
                 })?;
                 if t.offset.checked_add(n).is_none_or(|end| end > mmap.len()) {
                     return Err(CoreError::format(
                         path,
-                        format!("truncated GGUF: tensor `{}` needs bytes {}..{} but the file has {}", t.name, t.offset, t.offset + n, mmap.len()),
+                        format!(
+                            "truncated GGUF: tensor `{}` needs bytes {}..{} but the file has {}",
+                            t.name,
+                            t.offset,
+                            t.offset + n,
+                            mmap.len()
+                        ),
                     ));
                 }
             }
@@ -297,17 +322,23 @@ impl GgufFile {
 
     /// A metadata value as an unsigned integer, or an error naming the key.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
-        self.get(key)?.as_u64().ok_or_else(|| CoreError::format(&self.path, format!("metadata `{key}` is not an unsigned integer")))
+        self.get(key)?
+            .as_u64()
+            .ok_or_else(|| CoreError::format(&self.path, format!("metadata `{key}` is not an unsigned integer")))
     }
 
     /// A metadata value as a float, or an error naming the key.
     pub fn get_f64(&self, key: &str) -> Result<f64> {
-        self.get(key)?.as_f64().ok_or_else(|| CoreError::format(&self.path, format!("metadata `{key}` is not a number")))
+        self.get(key)?
+            .as_f64()
+            .ok_or_else(|| CoreError::format(&self.path, format!("metadata `{key}` is not a number")))
     }
 
     /// A metadata value as a string, or an error naming the key.
     pub fn get_str(&self, key: &str) -> Result<&str> {
-        self.get(key)?.as_str().ok_or_else(|| CoreError::format(&self.path, format!("metadata `{key}` is not a string")))
+        self.get(key)?
+            .as_str()
+            .ok_or_else(|| CoreError::format(&self.path, format!("metadata `{key}` is not a string")))
     }
 
     /// The directory entry of tensor `name`.
@@ -318,7 +349,14 @@ impl GgufFile {
     /// Dequantizes tensor `t` to f32 (row-major, PyTorch shape `t.shape`).
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let ty = t.ty.map_err(|id| {
-            CoreError::format(&self.path, format!("tensor `{}` has unsupported type {} (id {id}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1", t.name, ggml_type_name(id)))
+            CoreError::format(
+                &self.path,
+                format!(
+                    "tensor `{}` has unsupported type {} (id {id}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                    t.name,
+                    ggml_type_name(id)
+                ),
+            )
         })?;
         let n = t.numel();
         let bytes = &self.mmap[t.offset..t.offset + byte_len(ty, n).expect("checked at open")];
@@ -391,7 +429,8 @@ mod tests {
         let vals = [1.5f32, -2.25, 0.0, 65504.0];
         let f16: Vec<u8> = vals.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
         assert_eq!(dequantize(TensorType::F16, &f16, 4), vals);
-        let bf16: Vec<u8> = [1.5f32, -2.25, 0.0, 3.0e38].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> =
+            [1.5f32, -2.25, 0.0, 3.0e38].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
         let got = dequantize(TensorType::BF16, &bf16, 4);
         assert_eq!(&got[..3], &[1.5, -2.25, 0.0]);
         assert!((got[3] / 3.0e38 - 1.0).abs() < 1e-2);

@@ -35,7 +35,10 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
     let g = GgufFile::open(gguf_path)?;
     let arch = g.get_str("general.architecture")?.to_owned();
     if arch != "llama" && arch != "qwen2" {
-        return Err(CoreError::format(gguf_path, format!("unsupported architecture `{arch}` (supported: llama, qwen2)")));
+        return Err(CoreError::format(
+            gguf_path,
+            format!("unsupported architecture `{arch}` (supported: llama, qwen2)"),
+        ));
     }
     let cfg = hf_config(&g, &arch)?;
     let tmp = tmp_sibling(out_dir)?;
@@ -116,7 +119,12 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
         match ty {
             "none" => {}
             "linear" => rope_scaling = json!({"rope_type": "linear", "factor": g.get_f64(&k("rope.scaling.factor"))?}),
-            other => return Err(CoreError::format(g.path(), format!("unsupported rope scaling `{other}` (supported: none, linear)"))),
+            other => {
+                return Err(CoreError::format(
+                    g.path(),
+                    format!("unsupported rope scaling `{other}` (supported: none, linear)"),
+                ))
+            }
         }
     }
     let (model_type, class) = match arch {
@@ -214,7 +222,10 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
             let out_rows = t.shape[0];
             let inner = t.numel() / out_rows.max(1);
             if n == 0 || out_rows % n as usize != 0 || (out_rows / n as usize) % 2 != 0 {
-                return Err(CoreError::format(g.path(), format!("tensor `{}`: {out_rows} rows do not split into {n} heads of even size", t.name)));
+                return Err(CoreError::format(
+                    g.path(),
+                    format!("tensor `{}`: {out_rows} rows do not split into {n} heads of even size", t.name),
+                ));
             }
             data = unpermute(&data, out_rows, inner, n as usize);
         }
@@ -235,22 +246,35 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
 fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
     let model = g.get_str("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(CoreError::format(g.path(), format!("tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE)")));
+        return Err(CoreError::format(
+            g.path(),
+            format!("tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE)"),
+        ));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
-        let arr = g.get(key)?.as_array().ok_or_else(|| CoreError::format(g.path(), format!("metadata `{key}` is not an array")))?;
+        let arr = g
+            .get(key)?
+            .as_array()
+            .ok_or_else(|| CoreError::format(g.path(), format!("metadata `{key}` is not an array")))?;
         arr.iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| CoreError::format(g.path(), format!("metadata `{key}` holds a non-string"))))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| CoreError::format(g.path(), format!("metadata `{key}` holds a non-string")))
+            })
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<i64> = match g.metadata.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-        Some(a) => a.iter().map(|v| match v {
-            Value::I64(x) => *x,
-            Value::U64(x) => *x as i64,
-            _ => 1,
-        }).collect(),
+        Some(a) => a
+            .iter()
+            .map(|v| match v {
+                Value::I64(x) => *x,
+                Value::U64(x) => *x as i64,
+                _ => 1,
+            })
+            .collect(),
         None => vec![1; tokens.len()],
     };
     if types.len() != tokens.len() {
@@ -271,8 +295,15 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
     let pre_tokenizer = match pre {
         "default" | "gpt2" | "gpt-2" => byte_level.clone(),
         // SmolLM's tokenizer isolates every digit before the GPT-2 byte-level split.
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]}),
-        other => return Err(CoreError::format(g.path(), format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm)"))),
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        }
+        other => {
+            return Err(CoreError::format(
+                g.path(),
+                format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm)"),
+            ))
+        }
     };
     let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64).map(|i| i as usize);
     let tok_at = |i: Option<usize>| i.and_then(|i| tokens.get(i)).cloned();
@@ -346,8 +377,14 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.attn_k.weight", "llama", 9, 3), Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3))));
-        assert_eq!(hf_name("blk.0.attn_q.bias", "qwen2", 9, 3), Some(("model.layers.0.self_attn.q_proj.bias".into(), None)));
+        assert_eq!(
+            hf_name("blk.3.attn_k.weight", "llama", 9, 3),
+            Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3)))
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.bias", "qwen2", 9, 3),
+            Some(("model.layers.0.self_attn.q_proj.bias".into(), None))
+        );
         assert_eq!(hf_name("output_norm.weight", "llama", 9, 3), Some(("model.norm.weight".into(), None)));
         assert_eq!(hf_name("rope_freqs.weight", "llama", 9, 3), None);
     }

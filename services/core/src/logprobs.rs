@@ -12,13 +12,21 @@ pub fn completion_logprobs(model: &CausalLm, pairs: &[(Vec<u32>, Vec<u32>)], bat
     let max_pos = model.cfg.max_position_embeddings as usize;
     for (i, (p, c)) in pairs.iter().enumerate() {
         if p.is_empty() {
-            return Err(CoreError::InvalidArgument(format!("sequences[{i}]: prompt_ids is empty (the first completion token needs a context)")));
+            return Err(CoreError::InvalidArgument(format!(
+                "sequences[{i}]: prompt_ids is empty (the first completion token needs a context)"
+            )));
         }
         if p.len() + c.len() > max_pos {
-            return Err(CoreError::InvalidArgument(format!("sequences[{i}]: {} tokens exceed the model's {max_pos} positions", p.len() + c.len())));
+            return Err(CoreError::InvalidArgument(format!(
+                "sequences[{i}]: {} tokens exceed the model's {max_pos} positions",
+                p.len() + c.len()
+            )));
         }
         if let Some(&t) = p.iter().chain(c).find(|&&t| t as i64 >= model.cfg.vocab_size) {
-            return Err(CoreError::InvalidArgument(format!("sequences[{i}]: token id {t} is outside the vocabulary ({})", model.cfg.vocab_size)));
+            return Err(CoreError::InvalidArgument(format!(
+                "sequences[{i}]: token id {t} is outside the vocabulary ({})",
+                model.cfg.vocab_size
+            )));
         }
     }
     let _guard = tch::no_grad_guard();

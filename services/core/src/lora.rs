@@ -78,7 +78,11 @@ impl LoraConfig {
 }
 
 pub(crate) fn scaling(alpha: f64, r: i64, rslora: bool) -> f64 {
-    if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
+    if rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
 }
 
 /// One adapter on one linear layer. A and B are f32 leaf tensors (trainable), whatever the base's kind.
@@ -190,7 +194,8 @@ pub fn trained_on_nf4(dir: &Path) -> Result<bool> {
     let info = dir.join("ferrotune_train.json");
     match std::fs::read_to_string(&info) {
         Ok(text) => {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::format(&info, e.to_string()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| CoreError::format(&info, e.to_string()))?;
             Ok(v["base_quantization"] == "nf4")
         }
         Err(_) => Ok(false),
@@ -237,13 +242,26 @@ impl CausalLm {
             let mut rng = Rng(seed ^ fnv1a(&path));
             let bound = 1.0 / (in_dim as f64).sqrt();
             let init: Vec<f32> = (0..cfg.r * in_dim).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
-            let a = Tensor::f_from_slice(&init)?.f_view([cfg.r, in_dim])?.f_to_device(dev)?.f_set_requires_grad(true)?;
-            let b = cpu_column_major(Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?)?.f_set_requires_grad(true)?;
-            lin.lora = Some(Lora { a, b, scaling: cfg.scaling(), dropout: cfg.dropout, training: false, enabled: true, dropout_state: Default::default() });
+            let a =
+                Tensor::f_from_slice(&init)?.f_view([cfg.r, in_dim])?.f_to_device(dev)?.f_set_requires_grad(true)?;
+            let b =
+                cpu_column_major(Tensor::f_zeros([out_dim, cfg.r], (Kind::Float, dev))?)?.f_set_requires_grad(true)?;
+            lin.lora = Some(Lora {
+                a,
+                b,
+                scaling: cfg.scaling(),
+                dropout: cfg.dropout,
+                training: false,
+                enabled: true,
+                dropout_state: Default::default(),
+            });
             n += 1;
         }
         if n == 0 {
-            return Err(CoreError::InvalidArgument(format!("target_modules {:?} match no linear layer of this model", cfg.targets)));
+            return Err(CoreError::InvalidArgument(format!(
+                "target_modules {:?} match no linear layer of this model",
+                cfg.targets
+            )));
         }
         Ok(n)
     }
@@ -401,7 +419,10 @@ pub fn save_peft(model: &mut CausalLm, cfg: &LoraConfig, base_model: &str, dir: 
     let target_modules = match &cfg.targets {
         Targets::AllLinear => {
             // Like PEFT, write the resolved module names (the suffixes present).
-            let mut names: Vec<String> = tensors.iter().filter_map(|(k, _)| k.strip_suffix(".lora_A.weight")?.rsplit('.').next().map(str::to_owned)).collect();
+            let mut names: Vec<String> = tensors
+                .iter()
+                .filter_map(|(k, _)| k.strip_suffix(".lora_A.weight")?.rsplit('.').next().map(str::to_owned))
+                .collect();
             names.sort();
             names.dedup();
             serde_json::json!(names)
@@ -453,7 +474,10 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         return unsupported("fan_in_fan_out");
     }
     if cfg.r <= 0 || !(cfg.lora_alpha > 0.0) {
-        return Err(CoreError::config(&cfg_path, format!("r ({}) and lora_alpha ({}) must be positive", cfg.r, cfg.lora_alpha)));
+        return Err(CoreError::config(
+            &cfg_path,
+            format!("r ({}) and lora_alpha ({}) must be positive", cfg.r, cfg.lora_alpha),
+        ));
     }
     let wpath = dir.join("adapter_model.safetensors");
     if !wpath.exists() {
@@ -473,13 +497,32 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         let (out_dim, in_dim) = lin.dims();
         let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
         let b = cpu_column_major(files.load(&kb, &[out_dim, r], Kind::Float, dev)?)?.f_set_requires_grad(true)?;
-        lin.lora = Some(Lora { a, b, scaling: scaling(alpha, r, cfg.use_rslora), dropout: cfg.lora_dropout, training: false, enabled: true, dropout_state: Default::default() });
+        lin.lora = Some(Lora {
+            a,
+            b,
+            scaling: scaling(alpha, r, cfg.use_rslora),
+            dropout: cfg.lora_dropout,
+            training: false,
+            enabled: true,
+            dropout_state: Default::default(),
+        });
         used += 2;
     }
     let lora_keys = files.names().filter(|k| k.contains(".lora_")).count();
     if used == 0 || used != lora_keys {
-        let unknown: Vec<_> = files.names().filter(|k| k.contains(".lora_") && !model.linears_mut().iter().any(|(p, _)| k.starts_with(&format!("{PREFIX}{p}.")))).take(3).map(str::to_owned).collect();
-        return Err(CoreError::format(&wpath, format!("{lora_keys} LoRA tensors, {used} match this model's layers (e.g. unmatched: {unknown:?})")));
+        let unknown: Vec<_> = files
+            .names()
+            .filter(|k| {
+                k.contains(".lora_")
+                    && !model.linears_mut().iter().any(|(p, _)| k.starts_with(&format!("{PREFIX}{p}.")))
+            })
+            .take(3)
+            .map(str::to_owned)
+            .collect();
+        return Err(CoreError::format(
+            &wpath,
+            format!("{lora_keys} LoRA tensors, {used} match this model's layers (e.g. unmatched: {unknown:?})"),
+        ));
     }
     Ok(cfg)
 }

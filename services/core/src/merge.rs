@@ -43,7 +43,13 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<b
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
 /// [`merge_adapter`] with the weights split into shards of at most `max_shard_bytes` (plus the index).
-pub fn merge_adapter_sharded(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<bool>, max_shard_bytes: u64) -> Result<MergeReport> {
+pub fn merge_adapter_sharded(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    nf4_base: Option<bool>,
+    max_shard_bytes: u64,
+) -> Result<MergeReport> {
     let mut model = load_model(base, Kind::Float, Device::Cpu)?;
     let use_nf4 = match nf4_base {
         Some(b) => b,
@@ -55,7 +61,10 @@ pub fn merge_adapter_sharded(base: &Path, adapter: &Path, out: &Path, nf4_base: 
     crate::lora::load_peft(&mut model, adapter)?;
     let merged_layers = model.merge_lora()?;
     if merged_layers == 0 {
-        return Err(CoreError::InvalidArgument(format!("{}: the adapter has no LoRA layers to merge", adapter.display())));
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: the adapter has no LoRA layers to merge",
+            adapter.display()
+        )));
     }
     // Layers the adapter did not target keep the weights it was trained against: dequantized NF4 too.
     for (_, lin) in model.linears_mut() {
@@ -68,9 +77,13 @@ pub fn merge_adapter_sharded(base: &Path, adapter: &Path, out: &Path, nf4_base: 
     let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
     let cfg_path = base.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
-    let mut cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     cfg["ferrotune_merge"] = serde_json::json!({"base_model": base, "adapter": adapter, "merge_base": merge_base, "merged_layers": merged_layers});
-    crate::weights::write_atomically(&out.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+    crate::weights::write_atomically(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
+    )?;
     crate::weights::copy_side_files(base, out)?;
     Ok(MergeReport { merged_layers, merge_base, shards })
 }

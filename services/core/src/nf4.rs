@@ -43,7 +43,9 @@ pub fn dynamic_map() -> [f32; 256] {
         // each a fused multiply-add as libtorch's vectorised CPU kernel computes it.
         let (start, end) = (0.1f32, 1.0f32);
         let step = (end - start) / (n - 1) as f32;
-        (0..n).map(|i| if i < n / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) }).collect()
+        (0..n)
+            .map(|i| if i < n / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+            .collect()
     }
     let (max_exp, non_sign) = (7i32, 7i32);
     let mut data: Vec<f32> = Vec::with_capacity(256);
@@ -153,7 +155,9 @@ impl Nf4Weight {
             return Err(CoreError::InvalidArgument(format!("NF4 needs a 2-D weight, got {size:?}")));
         };
         let dev = w.device();
-        let host: Vec<f32> = Vec::try_from(w.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
+        let host: Vec<f32> = Vec::try_from(
+            w.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?,
+        )?;
         let (codes, absmax) = quantize_blockwise(&host, BLOCK, &NF4_CODE);
         let mut packed = Vec::with_capacity(codes.len().div_ceil(2));
         for pair in codes.chunks(2) {

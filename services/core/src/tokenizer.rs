@@ -21,7 +21,8 @@ impl Tokenizer {
         if !path.exists() {
             return Err(CoreError::format(path, "tokenizer.json not found"));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| CoreError::format(path, format!("cannot load tokenizer: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| CoreError::format(path, format!("cannot load tokenizer: {e}")))?;
         Ok(Self { inner })
     }
 

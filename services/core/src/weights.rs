@@ -30,7 +30,8 @@ impl WeightFiles {
         let index_path = dir.join("model.safetensors.index.json");
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::format(&index_path, e.to_string()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| CoreError::format(&index_path, e.to_string()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -45,7 +46,10 @@ impl WeightFiles {
                 }
                 let p = dir.join(f);
                 if !p.exists() {
-                    return Err(CoreError::format(&index_path, format!("shard `{f}` listed in the index is missing ({})", p.display())));
+                    return Err(CoreError::format(
+                        &index_path,
+                        format!("shard `{f}` listed in the index is missing ({})", p.display()),
+                    ));
                 }
                 shards.push(Shard::open(&p)?);
             }
@@ -53,7 +57,10 @@ impl WeightFiles {
         } else {
             let p = dir.join("model.safetensors");
             if !p.exists() {
-                return Err(CoreError::format(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
+                return Err(CoreError::format(
+                    dir,
+                    "no model.safetensors or model.safetensors.index.json in the model directory",
+                ));
             }
             Self::from_shards(vec![Shard::open(&p)?])
         }
@@ -112,7 +119,11 @@ impl WeightFiles {
             StDtype::U8 => Kind::Uint8,
             StDtype::BOOL => Kind::Bool,
             other => {
-                return Err(CoreError::Weight { file: shard.path.clone(), name: name.to_owned(), msg: format!("unsupported dtype {other:?}") })
+                return Err(CoreError::Weight {
+                    file: shard.path.clone(),
+                    name: name.to_owned(),
+                    msg: format!("unsupported dtype {other:?}"),
+                })
             }
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -179,7 +190,11 @@ impl Weights {
     }
 
     fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_owned() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// Loads `prefix.name` with the given shape.
@@ -195,7 +210,13 @@ impl Weights {
 
 /// Files of a HF model directory besides its weights and config that go wherever the model goes
 /// (tokenizer, chat template, generation defaults).
-const SIDE_FILES: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"];
+const SIDE_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
 
 /// Copies the [`SIDE_FILES`] that exist in `base` into `out`.
 pub(crate) fn copy_side_files(base: &Path, out: &Path) -> Result<()> {
@@ -265,7 +286,13 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
             Kind::Half => StDtype::F16,
             Kind::Int64 => StDtype::I64,
             Kind::Double => StDtype::F64,
-            k => return Err(CoreError::Weight { file: path.to_path_buf(), name: name.clone(), msg: format!("cannot save kind {k:?}") }),
+            k => {
+                return Err(CoreError::Weight {
+                    file: path.to_path_buf(),
+                    name: name.clone(),
+                    msg: format!("cannot save kind {k:?}"),
+                })
+            }
         };
         let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
         let n = t.numel();
@@ -317,13 +344,17 @@ pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u
     let mut weight_map = serde_json::Map::new();
     for (k, idx) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
-        let part: Vec<(String, Tensor)> = idx.iter().map(|&i| (tensors[i].0.clone(), tensors[i].1.shallow_clone())).collect();
+        let part: Vec<(String, Tensor)> =
+            idx.iter().map(|&i| (tensors[i].0.clone(), tensors[i].1.shallow_clone())).collect();
         save_safetensors(&dir.join(&file), &part)?;
         for (name, _) in &part {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_atomically(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
+    write_atomically(
+        &dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index).expect("json").as_bytes(),
+    )?;
     Ok(n)
 }

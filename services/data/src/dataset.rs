@@ -110,8 +110,11 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
     let template = ChatTemplate::from_dir(&opts.model)?;
     let defaults = ModelDefaults::from_dir(&opts.model, &tokenizer)?;
-    let eos_id = *defaults.eos_ids.first().ok_or_else(|| DataError::InvalidArgument(format!("{}: the model declares no EOS token", opts.model.display())))?;
-    let renderer = Renderer { tokenizer: &tokenizer, template: &template, eos_id, eos_ids: &defaults.eos_ids, mask: opts.mask };
+    let eos_id = *defaults.eos_ids.first().ok_or_else(|| {
+        DataError::InvalidArgument(format!("{}: the model declares no EOS token", opts.model.display()))
+    })?;
+    let renderer =
+        Renderer { tokenizer: &tokenizer, template: &template, eos_id, eos_ids: &defaults.eos_ids, mask: opts.mask };
     let mut stats = Stats::default();
     let mut examples: Vec<TokenizedSample> = Vec::new();
     for file in &opts.inputs {
@@ -139,7 +142,10 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     }
     if examples.is_empty() {
         let first = stats.errors.first().cloned().unwrap_or_else(|| "the input has no records".into());
-        return Err(DataError::InvalidArgument(format!("no usable records ({} read); first problem: {first}", stats.records)));
+        return Err(DataError::InvalidArgument(format!(
+            "no usable records ({} read); first problem: {first}",
+            stats.records
+        )));
     }
     // Deterministic shuffle, then the held-out split from the front.
     let mut rng = Rng::for_row(opts.seed, 0);
@@ -276,8 +282,16 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
         .map(|(i, l)| {
             let bad = |reason: String| DataError::Record { file: path.clone(), line: i + 1, reason };
             let x: Line = serde_json::from_str(l).map_err(|e| bad(format!("not a tokenized SFT example: {e}")))?;
-            if x.input_ids.len() != x.labels.len() || x.input_ids.is_empty() || !(x.segment_ids.is_empty() || x.segment_ids.len() == x.input_ids.len()) {
-                return Err(bad(format!("{} ids, {} labels, {} segment ids", x.input_ids.len(), x.labels.len(), x.segment_ids.len())));
+            if x.input_ids.len() != x.labels.len()
+                || x.input_ids.is_empty()
+                || !(x.segment_ids.is_empty() || x.segment_ids.len() == x.input_ids.len())
+            {
+                return Err(bad(format!(
+                    "{} ids, {} labels, {} segment ids",
+                    x.input_ids.len(),
+                    x.labels.len(),
+                    x.segment_ids.len()
+                )));
             }
             Ok(SftExample { input_ids: x.input_ids, labels: x.labels, segment_ids: x.segment_ids })
         })
@@ -300,11 +314,20 @@ pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<(SftExample, SftExample
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             let bad = |reason: String| DataError::Record { file: path.clone(), line: i + 1, reason };
-            let x: Line = serde_json::from_str(l).map_err(|e| bad(format!("not a tokenized preference pair (format the data with --format preference): {e}")))?;
-            if x.chosen_input_ids.len() != x.chosen_labels.len() || x.rejected_input_ids.len() != x.rejected_labels.len() || x.chosen_input_ids.is_empty() || x.rejected_input_ids.is_empty() {
+            let x: Line = serde_json::from_str(l).map_err(|e| {
+                bad(format!("not a tokenized preference pair (format the data with --format preference): {e}"))
+            })?;
+            if x.chosen_input_ids.len() != x.chosen_labels.len()
+                || x.rejected_input_ids.len() != x.rejected_labels.len()
+                || x.chosen_input_ids.is_empty()
+                || x.rejected_input_ids.is_empty()
+            {
                 return Err(bad("ids and labels differ in length, or a side is empty".into()));
             }
-            Ok((SftExample::new(x.chosen_input_ids, x.chosen_labels), SftExample::new(x.rejected_input_ids, x.rejected_labels)))
+            Ok((
+                SftExample::new(x.chosen_input_ids, x.chosen_labels),
+                SftExample::new(x.rejected_input_ids, x.rejected_labels),
+            ))
         })
         .collect()
 }

@@ -44,7 +44,11 @@ impl std::str::FromStr for Format {
             "text" => Self::Text,
             "prompt-completion" | "prompt_completion" => Self::PromptCompletion,
             "preference" | "dpo" => Self::Preference,
-            _ => return Err(format!("unknown format `{s}` (alpaca, messages, sharegpt, text, prompt-completion, preference)")),
+            _ => {
+                return Err(format!(
+                    "unknown format `{s}` (alpaca, messages, sharegpt, text, prompt-completion, preference)"
+                ))
+            }
         })
     }
 }
@@ -135,7 +139,13 @@ fn kind(v: &Value) -> &'static str {
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
-fn messages(v: &Value, name: &str, role_key: &str, content_key: &str, map_role: &dyn Fn(&str) -> Option<&'static str>) -> Result<Vec<Message>, String> {
+fn messages(
+    v: &Value,
+    name: &str,
+    role_key: &str,
+    content_key: &str,
+    map_role: &dyn Fn(&str) -> Option<&'static str>,
+) -> Result<Vec<Message>, String> {
     let list = v.as_array().ok_or_else(|| format!("field `{name}` must be a list of messages, got {}", kind(v)))?;
     if list.is_empty() {
         return Err(format!("field `{name}` has no messages"));
@@ -143,9 +153,15 @@ fn messages(v: &Value, name: &str, role_key: &str, content_key: &str, map_role: 
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m.get(role_key).and_then(Value::as_str).ok_or_else(|| format!("{name}[{i}]: missing string `{role_key}`"))?;
+            let role = m
+                .get(role_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{name}[{i}]: missing string `{role_key}`"))?;
             let role = map_role(role).ok_or_else(|| format!("{name}[{i}]: unknown role `{role}`"))?;
-            let content = m.get(content_key).and_then(Value::as_str).ok_or_else(|| format!("{name}[{i}]: missing string `{content_key}`"))?;
+            let content = m
+                .get(content_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{name}[{i}]: missing string `{content_key}`"))?;
             Ok(Message::new(role, content))
         })
         .collect()
@@ -177,7 +193,11 @@ fn turns(v: &Value, cols: &Columns, name: &str, default_role: &str) -> Result<Ve
 }
 
 fn require_assistant(m: &[Message], name: &str) -> Result<(), String> {
-    if m.iter().any(|x| x.role == "assistant") { Ok(()) } else { Err(format!("`{name}` has no assistant turn to learn from")) }
+    if m.iter().any(|x| x.role == "assistant") {
+        Ok(())
+    } else {
+        Err(format!("`{name}` has no assistant turn to learn from"))
+    }
 }
 
 /// Parses one record of `format`.
@@ -203,12 +223,24 @@ pub fn parse(format: Format, v: &Value, cols: &Columns) -> Result<Sample, String
             Ok(Sample::Chat(m))
         }
         Format::Messages => {
-            let m = messages(field(v, cols, "messages").ok_or("missing field `messages`")?, "messages", "role", "content", &openai_role)?;
+            let m = messages(
+                field(v, cols, "messages").ok_or("missing field `messages`")?,
+                "messages",
+                "role",
+                "content",
+                &openai_role,
+            )?;
             require_assistant(&m, "messages")?;
             Ok(Sample::Chat(m))
         }
         Format::Sharegpt => {
-            let m = messages(field(v, cols, "conversations").ok_or("missing field `conversations`")?, "conversations", "from", "value", &sharegpt_role)?;
+            let m = messages(
+                field(v, cols, "conversations").ok_or("missing field `conversations`")?,
+                "conversations",
+                "from",
+                "value",
+                &sharegpt_role,
+            )?;
             require_assistant(&m, "conversations")?;
             Ok(Sample::Chat(m))
         }
@@ -220,7 +252,10 @@ pub fn parse(format: Format, v: &Value, cols: &Columns) -> Result<Sample, String
                 require_assistant(&m, "completion")?;
                 Ok(Sample::Chat(m))
             }
-            _ => Ok(Sample::Raw { prompt: opt_string(v, cols, "prompt")?.unwrap_or_default(), completion: string(v, cols, "completion")? }),
+            _ => Ok(Sample::Raw {
+                prompt: opt_string(v, cols, "prompt")?.unwrap_or_default(),
+                completion: string(v, cols, "completion")?,
+            }),
         },
         Format::Preference => {
             let prompt = turns(v, cols, "prompt", "user")?;
@@ -244,17 +279,32 @@ mod tests {
 
     #[test]
     fn alpaca_builds_system_user_assistant() {
-        let s = p(Format::Alpaca, json!({"instruction": "Add", "input": "2+2", "output": "4", "system": "Be brief"})).unwrap();
-        assert_eq!(s, Sample::Chat(vec![Message::new("system", "Be brief"), Message::new("user", "Add\n\n2+2"), Message::new("assistant", "4")]));
+        let s = p(Format::Alpaca, json!({"instruction": "Add", "input": "2+2", "output": "4", "system": "Be brief"}))
+            .unwrap();
+        assert_eq!(
+            s,
+            Sample::Chat(vec![
+                Message::new("system", "Be brief"),
+                Message::new("user", "Add\n\n2+2"),
+                Message::new("assistant", "4")
+            ])
+        );
         let s = p(Format::Alpaca, json!({"instruction": "Hi", "input": "", "output": "Hello"})).unwrap();
         assert_eq!(s, Sample::Chat(vec![Message::new("user", "Hi"), Message::new("assistant", "Hello")]));
     }
 
     #[test]
     fn sharegpt_maps_roles_and_columns_can_be_renamed() {
-        let s = p(Format::Sharegpt, json!({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]})).unwrap();
+        let s = p(
+            Format::Sharegpt,
+            json!({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}),
+        )
+        .unwrap();
         assert_eq!(s, Sample::Chat(vec![Message::new("user", "Q"), Message::new("assistant", "A")]));
-        let cols = Columns::from([("instruction".to_owned(), "question".to_owned()), ("output".to_owned(), "answer".to_owned())]);
+        let cols = Columns::from([
+            ("instruction".to_owned(), "question".to_owned()),
+            ("output".to_owned(), "answer".to_owned()),
+        ]);
         let s = parse(Format::Alpaca, &json!({"question": "Q", "answer": "A"}), &cols).unwrap();
         assert_eq!(s, Sample::Chat(vec![Message::new("user", "Q"), Message::new("assistant", "A")]));
     }
@@ -263,10 +313,22 @@ mod tests {
     fn bad_records_say_what_is_wrong() {
         let e = |f, v| p(f, v).unwrap_err();
         assert_eq!(e(Format::Alpaca, json!({"instruction": "x"})), "missing field `output`");
-        assert_eq!(e(Format::Alpaca, json!({"instruction": 3, "output": "y"})), "field `instruction` must be a string, got a number");
-        assert_eq!(e(Format::Messages, json!({"messages": [{"role": "wizard", "content": "x"}]})), "messages[0]: unknown role `wizard`");
-        assert_eq!(e(Format::Messages, json!({"messages": [{"role": "user", "content": "x"}]})), "`messages` has no assistant turn to learn from");
-        assert_eq!(e(Format::Messages, json!({"messages": [{"role": "user"}]})), "messages[0]: missing string `content`");
+        assert_eq!(
+            e(Format::Alpaca, json!({"instruction": 3, "output": "y"})),
+            "field `instruction` must be a string, got a number"
+        );
+        assert_eq!(
+            e(Format::Messages, json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            "messages[0]: unknown role `wizard`"
+        );
+        assert_eq!(
+            e(Format::Messages, json!({"messages": [{"role": "user", "content": "x"}]})),
+            "`messages` has no assistant turn to learn from"
+        );
+        assert_eq!(
+            e(Format::Messages, json!({"messages": [{"role": "user"}]})),
+            "messages[0]: missing string `content`"
+        );
         assert_eq!(e(Format::Text, json!({"text": "  "})), "field `text` is empty");
         assert_eq!(e(Format::Preference, json!({"prompt": "p", "chosen": "c"})), "missing field `rejected`");
         assert_eq!(e(Format::Text, json!([1, 2])), "a record must be a JSON object, got a list");
@@ -274,10 +336,20 @@ mod tests {
 
     #[test]
     fn prompt_completion_and_preference_accept_strings_or_messages() {
-        assert_eq!(p(Format::PromptCompletion, json!({"prompt": "2+2=", "completion": "4"})).unwrap(), Sample::Raw { prompt: "2+2=".into(), completion: "4".into() });
+        assert_eq!(
+            p(Format::PromptCompletion, json!({"prompt": "2+2=", "completion": "4"})).unwrap(),
+            Sample::Raw { prompt: "2+2=".into(), completion: "4".into() }
+        );
         let s = p(Format::PromptCompletion, json!({"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]})).unwrap();
         assert_eq!(s, Sample::Chat(vec![Message::new("user", "Q"), Message::new("assistant", "A")]));
         let s = p(Format::Preference, json!({"prompt": "Q", "chosen": "good", "rejected": "bad"})).unwrap();
-        assert_eq!(s, Sample::Preference { prompt: vec![Message::new("user", "Q")], chosen: vec![Message::new("assistant", "good")], rejected: vec![Message::new("assistant", "bad")] });
+        assert_eq!(
+            s,
+            Sample::Preference {
+                prompt: vec![Message::new("user", "Q")],
+                chosen: vec![Message::new("assistant", "good")],
+                rejected: vec![Message::new("assistant", "bad")]
+            }
+        );
     }
 }

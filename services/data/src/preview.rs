@@ -28,11 +28,20 @@ pub struct PreviewItem {
 }
 
 /// Renders the first `n` records of `inputs`.
-pub fn preview(inputs: &[PathBuf], format: Format, model: &std::path::Path, mask: MaskMode, cols: &Columns, n: usize) -> Result<Vec<PreviewItem>> {
+pub fn preview(
+    inputs: &[PathBuf],
+    format: Format,
+    model: &std::path::Path,
+    mask: MaskMode,
+    cols: &Columns,
+    n: usize,
+) -> Result<Vec<PreviewItem>> {
     let tok = Tokenizer::from_dir(model)?;
     let tmpl = ChatTemplate::from_dir(model)?;
     let eos = ModelDefaults::from_dir(model, &tok)?.eos_ids;
-    let eos_id = *eos.first().ok_or_else(|| DataError::InvalidArgument(format!("{}: the model declares no EOS token", model.display())))?;
+    let eos_id = *eos
+        .first()
+        .ok_or_else(|| DataError::InvalidArgument(format!("{}: the model declares no EOS token", model.display())))?;
     let r = Renderer { tokenizer: &tok, template: &tmpl, eos_id, eos_ids: &eos, mask };
     let mut out = vec![];
     for file in inputs {
@@ -43,7 +52,13 @@ pub fn preview(inputs: &[PathBuf], format: Format, model: &std::path::Path, mask
             let location = format!("{}:{}", file.display(), rec.line);
             let t = rec.value.and_then(|v| parse(format, &v, cols)).and_then(|s| r.sample(&s));
             out.push(match t {
-                Ok(TokenizedSample::Single(s)) => PreviewItem { location, text: highlight(&tok, &s)?, tokens: s.input_ids.len(), trained: s.trained(), ..Default::default() },
+                Ok(TokenizedSample::Single(s)) => PreviewItem {
+                    location,
+                    text: highlight(&tok, &s)?,
+                    tokens: s.input_ids.len(),
+                    trained: s.trained(),
+                    ..Default::default()
+                },
                 Ok(TokenizedSample::Pair { chosen, rejected }) => PreviewItem {
                     location,
                     text: highlight(&tok, &chosen)?,

@@ -10,10 +10,7 @@ use serde_json::Value;
 use crate::{DataError, Result};
 
 fn messages(v: &Value) -> Option<Vec<Message>> {
-    v.as_array()?
-        .iter()
-        .map(|m| Some(Message::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?)))
-        .collect()
+    v.as_array()?.iter().map(|m| Some(Message::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?))).collect()
 }
 
 /// The prompts of `path`, each as chat messages ending with a user (or system) turn.
@@ -28,9 +25,15 @@ pub fn load_prompts(path: &Path) -> Result<Vec<Vec<Message>>> {
         let v: Value = serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         let mut msgs = match (v.get("prompt"), v.get("messages")) {
             (Some(Value::String(s)), _) if !s.trim().is_empty() => vec![Message::new("user", s.clone())],
-            (Some(p @ Value::Array(_)), _) => messages(p).ok_or_else(|| bad("`prompt` must be a string or a list of {role, content} messages"))?,
-            (None, Some(m)) => messages(m).ok_or_else(|| bad("`messages` must be a list of {role, content} messages"))?,
-            (Some(_), _) => return Err(bad("`prompt` must be a non-empty string or a list of {role, content} messages")),
+            (Some(p @ Value::Array(_)), _) => {
+                messages(p).ok_or_else(|| bad("`prompt` must be a string or a list of {role, content} messages"))?
+            }
+            (None, Some(m)) => {
+                messages(m).ok_or_else(|| bad("`messages` must be a list of {role, content} messages"))?
+            }
+            (Some(_), _) => {
+                return Err(bad("`prompt` must be a non-empty string or a list of {role, content} messages"))
+            }
             (None, None) => return Err(bad("missing field `prompt` (or `messages`)")),
         };
         if msgs.last().is_some_and(|m| m.role == "assistant") {
@@ -61,7 +64,11 @@ mod tests {
         assert_eq!((ps[0][0].role.as_str(), ps[0][0].content.as_str()), ("user", "Hi?"));
         assert_eq!(ps[1].len(), 1);
         assert_eq!(ps[2].len(), 2);
-        for (body, want) in [("{\"text\": \"x\"}", "p.jsonl:2: missing field `prompt`"), ("{\"prompt\": 3}", "p.jsonl:2: `prompt` must be"), ("not json", "p.jsonl:2: invalid JSON")] {
+        for (body, want) in [
+            ("{\"text\": \"x\"}", "p.jsonl:2: missing field `prompt`"),
+            ("{\"prompt\": 3}", "p.jsonl:2: `prompt` must be"),
+            ("not json", "p.jsonl:2: invalid JSON"),
+        ] {
             std::fs::write(&p, format!("{{\"prompt\": \"ok\"}}\n{body}\n")).unwrap();
             let e = load_prompts(&p).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");

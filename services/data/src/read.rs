@@ -28,22 +28,32 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| RawRecord { line: i + 1, value: serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")) })
+            .map(|(i, l)| RawRecord {
+                line: i + 1,
+                value: serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")),
+            })
             .collect()),
         "json" => {
-            let v: Value = serde_json::from_str(&text()?).map_err(|e| DataError::Core(CoreError::format(path, format!("invalid JSON: {e}"))))?;
+            let v: Value = serde_json::from_str(&text()?)
+                .map_err(|e| DataError::Core(CoreError::format(path, format!("invalid JSON: {e}"))))?;
             let arr = match v {
                 Value::Array(a) => a,
                 Value::Object(mut o) if o.get("data").is_some_and(Value::is_array) => match o.remove("data") {
                     Some(Value::Array(a)) => a,
                     _ => unreachable!("checked above"),
                 },
-                _ => return Err(DataError::Core(CoreError::format(path, "expected a JSON array of records (or {\"data\": [...]})"))),
+                _ => {
+                    return Err(DataError::Core(CoreError::format(
+                        path,
+                        "expected a JSON array of records (or {\"data\": [...]})",
+                    )))
+                }
             };
             Ok(arr.into_iter().enumerate().map(|(i, v)| RawRecord { line: i + 1, value: Ok(v) }).collect())
         }
         "csv" => {
-            let mut rdr = csv::Reader::from_path(path).map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?;
+            let mut rdr =
+                csv::Reader::from_path(path).map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?;
             let headers = rdr.headers().map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?.clone();
             Ok(rdr
                 .records()
@@ -51,24 +61,38 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
                 .map(|(i, r)| RawRecord {
                     line: i + 2,
                     value: r.map_err(|e| format!("invalid CSV row: {e}")).map(|r| {
-                        Value::Object(headers.iter().zip(r.iter()).map(|(h, f)| (h.to_owned(), Value::String(f.to_owned()))).collect())
+                        Value::Object(
+                            headers
+                                .iter()
+                                .zip(r.iter())
+                                .map(|(h, f)| (h.to_owned(), Value::String(f.to_owned())))
+                                .collect(),
+                        )
                     }),
                 })
                 .collect())
         }
         "parquet" => read_parquet(path),
-        _ => Err(DataError::InvalidArgument(format!("{}: unknown input type `.{ext}` (use .jsonl, .json, .csv or .parquet)", path.display()))),
+        _ => Err(DataError::InvalidArgument(format!(
+            "{}: unknown input type `.{ext}` (use .jsonl, .json, .csv or .parquet)",
+            path.display()
+        ))),
     }
 }
 
 fn read_parquet(path: &Path) -> Result<Vec<RawRecord>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bad = |e: parquet::errors::ParquetError| DataError::Core(CoreError::format(path, format!("invalid Parquet file: {e}")));
+    let bad = |e: parquet::errors::ParquetError| {
+        DataError::Core(CoreError::format(path, format!("invalid Parquet file: {e}")))
+    };
     let file = std::fs::File::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
     let reader = SerializedFileReader::new(file).map_err(bad)?;
     let rows = reader.get_row_iter(None).map_err(bad)?;
     Ok(rows
         .enumerate()
-        .map(|(i, r)| RawRecord { line: i + 1, value: r.map(|row| row.to_json_value()).map_err(|e| format!("unreadable Parquet row: {e}")) })
+        .map(|(i, r)| RawRecord {
+            line: i + 1,
+            value: r.map(|row| row.to_json_value()).map_err(|e| format!("unreadable Parquet row: {e}")),
+        })
         .collect())
 }

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use ferrotune_proto::v1::data_service_server::{DataService, DataServiceServer};
-use ferrotune_proto::v1::{DataSource, DatasetStats, FormatRequest, GetStatsRequest, PreviewRequest, PreviewResponse, PreviewSample, TokenIds, TokenizeRequest};
+use ferrotune_proto::v1::{
+    DataSource, DatasetStats, FormatRequest, GetStatsRequest, PreviewRequest, PreviewResponse, PreviewSample, TokenIds,
+    TokenizeRequest,
+};
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::worker::blocking;
 use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
@@ -66,8 +69,18 @@ impl Data {
             inputs.push(p);
         }
         let format: Format = s.format.parse().map_err(|e| invalid("source.format", e))?;
-        let mask: MaskMode = if s.mask.is_empty() { MaskMode::default() } else { s.mask.parse().map_err(|e| invalid("source.mask", e))? };
-        Ok(Source { inputs, format, model: self.model(s.model.as_ref())?, mask, columns: s.columns.into_iter().collect() })
+        let mask: MaskMode = if s.mask.is_empty() {
+            MaskMode::default()
+        } else {
+            s.mask.parse().map_err(|e| invalid("source.mask", e))?
+        };
+        Ok(Source {
+            inputs,
+            format,
+            model: self.model(s.model.as_ref())?,
+            mask,
+            columns: s.columns.into_iter().collect(),
+        })
     }
 }
 
@@ -107,7 +120,8 @@ impl DataService for Data {
             strict: r.strict,
             pack: r.pack,
         };
-        let stats = blocking(move || build(&opts, &out).map(|s| stats_msg(s, &out)).map_err(|e| data_status(&e))).await?;
+        let stats =
+            blocking(move || build(&opts, &out).map(|s| stats_msg(s, &out)).map_err(|e| data_status(&e))).await?;
         Ok(Response::new(stats))
     }
 
@@ -118,10 +132,21 @@ impl DataService for Data {
         }
         let n = r.n.max(1) as usize;
         let src = self.source(r.source)?;
-        let items = blocking(move || crate::preview::preview(&src.inputs, src.format, &src.model, src.mask, &src.columns, n).map_err(|e| data_status(&e))).await?;
+        let items = blocking(move || {
+            crate::preview::preview(&src.inputs, src.format, &src.model, src.mask, &src.columns, n)
+                .map_err(|e| data_status(&e))
+        })
+        .await?;
         let samples = items
             .into_iter()
-            .map(|i| PreviewSample { location: i.location, text: i.text, rejected: i.rejected, tokens: i.tokens as u32, trained: i.trained as u32, error: i.error })
+            .map(|i| PreviewSample {
+                location: i.location,
+                text: i.text,
+                rejected: i.rejected,
+                tokens: i.tokens as u32,
+                trained: i.trained as u32,
+                error: i.error,
+            })
             .collect();
         Ok(Response::new(PreviewResponse { samples }))
     }
@@ -130,7 +155,8 @@ impl DataService for Data {
         let dir = self.root.resolve("path", &req.into_inner().path)?;
         let f = dir.join("stats.json");
         let text = std::fs::read_to_string(&f).map_err(|e| Status::not_found(format!("path: {}: {e}", f.display())))?;
-        let s: Stats = serde_json::from_str(&text).map_err(|e| Status::invalid_argument(format!("{}: {e}", f.display())))?;
+        let s: Stats =
+            serde_json::from_str(&text).map_err(|e| Status::invalid_argument(format!("{}: {e}", f.display())))?;
         Ok(Response::new(stats_msg(s, &dir)))
     }
 

@@ -119,8 +119,11 @@ impl Renderer<'_> {
             return Err("no assistant turn to learn from".into());
         }
         let (mut ids, offsets) = self.tokenizer.encode_with_offsets(&full).map_err(|e| e.to_string())?;
-        let mut labels: Vec<i64> =
-            ids.iter().zip(&offsets).map(|(&t, &(s, _))| if spans.iter().any(|&(a, b)| s >= a && s < b) { t as i64 } else { IGNORE_INDEX }).collect();
+        let mut labels: Vec<i64> = ids
+            .iter()
+            .zip(&offsets)
+            .map(|(&t, &(s, _))| if spans.iter().any(|&(a, b)| s >= a && s < b) { t as i64 } else { IGNORE_INDEX })
+            .collect();
         // A template that does not close the last turn with an EOS / end-of-turn token gets one appended, so
         // that the model learns to stop.
         let last_trained = labels.iter().rposition(|&l| l != IGNORE_INDEX).map(|i| ids[i]);
@@ -133,7 +136,13 @@ impl Renderer<'_> {
 
     /// Raw prompt (context) + completion (learned) + EOS.
     pub fn raw(&self, prompt: &str, completion: &str) -> Result<Tokenized, String> {
-        let enc = |t: &str| if t.is_empty() { Ok(vec![]) } else { self.tokenizer.encode_no_special(t).map_err(|e| e.to_string()) };
+        let enc = |t: &str| {
+            if t.is_empty() {
+                Ok(vec![])
+            } else {
+                self.tokenizer.encode_no_special(t).map_err(|e| e.to_string())
+            }
+        };
         let (p, c) = (enc(prompt)?, enc(completion)?);
         let train_prompt = self.mask == MaskMode::All;
         let mut ids = p.clone();

@@ -31,10 +31,16 @@ impl MergeService for Merge {
         let adapter = self.root.resolve("adapter", &r.adapter)?;
         let out = self.root.resolve("out", &r.out)?;
         if !model.join("config.json").is_file() {
-            return Err(Status::not_found(format!("model.path: {} is not a model directory (no config.json)", model.display())));
+            return Err(Status::not_found(format!(
+                "model.path: {} is not a model directory (no config.json)",
+                model.display()
+            )));
         }
         if !adapter.join("adapter_config.json").is_file() {
-            return Err(Status::not_found(format!("adapter: {} is not an adapter directory (no adapter_config.json)", adapter.display())));
+            return Err(Status::not_found(format!(
+                "adapter: {} is not an adapter directory (no adapter_config.json)",
+                adapter.display()
+            )));
         }
         if out == model || out == adapter {
             return Err(invalid("out", "must differ from the model and adapter directories"));
@@ -46,13 +52,25 @@ impl MergeService for Merge {
             other => return Err(invalid("base", format!("`{other}`: use nf4 or original"))),
         };
         let (o, a, m) = (out.clone(), adapter.clone(), model.clone());
-        let shard = if r.max_shard_bytes == 0 { ferrotune_core::merge::DEFAULT_MAX_SHARD_BYTES } else { r.max_shard_bytes };
+        let shard =
+            if r.max_shard_bytes == 0 { ferrotune_core::merge::DEFAULT_MAX_SHARD_BYTES } else { r.max_shard_bytes };
         if shard < 1 << 20 {
             return Err(invalid("max_shard_bytes", format!("{shard} is less than 1 MiB")));
         }
-        let report = blocking(move || ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard).map_err(|e| core_status(&e))).await?;
-        let merge_base = serde_json::to_value(report.merge_base).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        Ok(Response::new(MergeResponse { path: out.display().to_string(), merged_layers: report.merged_layers as u32, merge_base, shards: report.shards as u32 }))
+        let report = blocking(move || {
+            ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard).map_err(|e| core_status(&e))
+        })
+        .await?;
+        let merge_base = serde_json::to_value(report.merge_base)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        Ok(Response::new(MergeResponse {
+            path: out.display().to_string(),
+            merged_layers: report.merged_layers as u32,
+            merge_base,
+            shards: report.shards as u32,
+        }))
     }
 
     async fn combine(&self, req: Request<CombineRequest>) -> Result<Response<CombineResponse>, Status> {
@@ -64,14 +82,18 @@ impl MergeService for Merge {
         for (i, a) in r.adapters.iter().enumerate() {
             let p = self.root.resolve(&format!("adapters[{i}].path"), &a.path)?;
             if !p.join("adapter_config.json").is_file() {
-                return Err(Status::not_found(format!("adapters[{i}].path: {} is not an adapter directory (no adapter_config.json)", p.display())));
+                return Err(Status::not_found(format!(
+                    "adapters[{i}].path: {} is not an adapter directory (no adapter_config.json)",
+                    p.display()
+                )));
             }
             if !a.weight.is_finite() {
                 return Err(invalid(&format!("adapters[{i}].weight"), format!("{} is not finite", a.weight)));
             }
             adapters.push((p, a.weight));
         }
-        let mut how: ferrotune_core::combine::Combination = r.combination.parse().map_err(|e| invalid("combination", e))?;
+        let mut how: ferrotune_core::combine::Combination =
+            r.combination.parse().map_err(|e| invalid("combination", e))?;
         if let ferrotune_core::combine::Combination::Ties(_) = how {
             if !(r.density > 0.0 && r.density <= 1.0) {
                 return Err(invalid("density", format!("{} is not in (0, 1]", r.density)));
@@ -83,7 +105,8 @@ impl MergeService for Merge {
             return Err(invalid("out", "must differ from the input adapters"));
         }
         let o = out.clone();
-        let rank = blocking(move || ferrotune_core::combine::combine(&adapters, how, &o).map_err(|e| core_status(&e))).await?;
+        let rank =
+            blocking(move || ferrotune_core::combine::combine(&adapters, how, &o).map_err(|e| core_status(&e))).await?;
         Ok(Response::new(CombineResponse { path: out.display().to_string(), r: rank as u32 }))
     }
 }

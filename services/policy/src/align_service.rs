@@ -2,7 +2,7 @@
 //! the policy's device). PPO needs reward replicas (`endpoints.reward`), checked when the job is started.
 
 use ferrotune_proto::v1::alignment_service_server::AlignmentService;
-use ferrotune_proto::v1::{StartRecipeJobRequest, StartJobResponse};
+use ferrotune_proto::v1::{StartJobResponse, StartRecipeJobRequest};
 use ferrotune_runtime::jobs::JobManager;
 use ferrotune_runtime::ArtifactRoot;
 use tonic::{Request, Response, Status};

@@ -28,7 +28,13 @@ impl JobRunner for DpoRunner {
 }
 
 /// Reference log-probs of every pair, computed with the adapters disabled, `batch` pairs at a time.
-fn reference(model: &mut CausalLm, pairs: &[(SftExample, SftExample)], pad_id: u32, batch: usize, chunk: i64) -> Result<Vec<(f64, f64)>> {
+fn reference(
+    model: &mut CausalLm,
+    pairs: &[(SftExample, SftExample)],
+    pad_id: u32,
+    batch: usize,
+    chunk: i64,
+) -> Result<Vec<(f64, f64)>> {
     model.set_adapters_enabled(false);
     let mut out = Vec::with_capacity(pairs.len());
     let result = (|| -> Result<()> {
@@ -45,7 +51,8 @@ fn reference(model: &mut CausalLm, pairs: &[(SftExample, SftExample)], pad_id: u
 
 /// The cached reference log-probs of a dataset split, when they were made for this base and quantization.
 fn cached(dataset: &Path, key: &serde_json::Value, split: &str, n: usize) -> Option<Vec<(f64, f64)>> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dataset.join("reference_logps.json")).ok()?).ok()?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dataset.join("reference_logps.json")).ok()?).ok()?;
     if &v["key"] != key {
         return None;
     }
@@ -72,32 +79,57 @@ fn run_dpo(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
     model.add_lora(&lcfg, r.training.seed)?;
     let chunk = r.training.loss_chunk_tokens as i64;
     let key = json!({"base_model": model_dir, "quantization": if qlora { "nf4" } else { "none" }, "dtype": r.dtype});
-    let (ref_train, ref_eval) = match (cached(&dataset, &key, "train", train_pairs.len()), cached(&dataset, &key, "eval", eval_pairs.len())) {
-        (Some(t), Some(e)) => {
-            ctx.log("reference log-probs: cached with the dataset");
-            (t, e)
-        }
-        _ => {
-            let started = std::time::Instant::now();
-            let t = reference(&mut model, &train_pairs, pad_id, r.training.micro_batch_size, chunk)?;
-            let e = reference(&mut model, &eval_pairs, pad_id, r.training.micro_batch_size, chunk)?;
-            let body = json!({"key": key, "train": t, "eval": e});
-            ferrotune_core::weights::write_atomically(&dataset.join("reference_logps.json"), serde_json::to_string(&body)?.as_bytes())?;
-            ctx.log(format!("reference log-probs: {} pairs in {:.1}s (adapter disabled), cached in the dataset", t.len() + e.len(), started.elapsed().as_secs_f64()));
-            (t, e)
-        }
-    };
+    let (ref_train, ref_eval) =
+        match (cached(&dataset, &key, "train", train_pairs.len()), cached(&dataset, &key, "eval", eval_pairs.len())) {
+            (Some(t), Some(e)) => {
+                ctx.log("reference log-probs: cached with the dataset");
+                (t, e)
+            }
+            _ => {
+                let started = std::time::Instant::now();
+                let t = reference(&mut model, &train_pairs, pad_id, r.training.micro_batch_size, chunk)?;
+                let e = reference(&mut model, &eval_pairs, pad_id, r.training.micro_batch_size, chunk)?;
+                let body = json!({"key": key, "train": t, "eval": e});
+                ferrotune_core::weights::write_atomically(
+                    &dataset.join("reference_logps.json"),
+                    serde_json::to_string(&body)?.as_bytes(),
+                )?;
+                ctx.log(format!(
+                    "reference log-probs: {} pairs in {:.1}s (adapter disabled), cached in the dataset",
+                    t.len() + e.len(),
+                    started.elapsed().as_secs_f64()
+                ));
+                (t, e)
+            }
+        };
     let pairs = |p: Vec<(SftExample, SftExample)>, refs: Vec<(f64, f64)>| -> Vec<DpoExample> {
-        p.into_iter().zip(refs).map(|((chosen, rejected), (rc, rr))| DpoExample { chosen, rejected, ref_chosen: rc, ref_rejected: rr }).collect()
+        p.into_iter()
+            .zip(refs)
+            .map(|((chosen, rejected), (rc, rr))| DpoExample { chosen, rejected, ref_chosen: rc, ref_rejected: rr })
+            .collect()
     };
     let (train_set, eval_set) = (pairs(train_pairs, ref_train), pairs(eval_pairs, ref_eval));
     write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
     let objective = DpoObjective::new(pad_id, chunk, cfg);
     let state = LoraState { cfg: lcfg, base_model: model_dir.display().to_string() };
     let tokens_of = |e: &DpoExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
-    let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+    let run = Run {
+        objective: &objective,
+        train: &train_set,
+        eval: &eval_set,
+        state: &state,
+        cfg: &r.training,
+        output_dir: &out,
+        tokens_of: &tokens_of,
+    };
     if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
         return Ok(JobOutcome::Stopped);
     }
-    Ok(JobOutcome::Finished(finish(&out, &dataset, "adapter", &format!("DPO ({:?}, β = {})", cfg.loss_type, cfg.beta), ctx)))
+    Ok(JobOutcome::Finished(finish(
+        &out,
+        &dataset,
+        "adapter",
+        &format!("DPO ({:?}, β = {})", cfg.loss_type, cfg.beta),
+        ctx,
+    )))
 }

@@ -27,14 +27,26 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     jobs.register("sft", Arc::new(sft_job::SftRunner));
     jobs.register("dpo", Arc::new(dpo_job::DpoRunner));
     let endpoints = h.settings.endpoints.reward.clone();
-    jobs.register("ppo", Arc::new(ppo_job::PpoRunner { endpoints: endpoints.clone(), token: h.settings.auth.token.clone() }));
-    let align = align_service::Alignment { root: h.root.clone(), jobs: jobs.clone(), device: h.settings.policy.device.clone(), has_reward: !endpoints.is_empty() };
+    jobs.register(
+        "ppo",
+        Arc::new(ppo_job::PpoRunner { endpoints: endpoints.clone(), token: h.settings.auth.token.clone() }),
+    );
+    let align = align_service::Alignment {
+        root: h.root.clone(),
+        jobs: jobs.clone(),
+        device: h.settings.policy.device.clone(),
+        has_reward: !endpoints.is_empty(),
+    };
     let svc = service::Policy { root: h.root.clone(), worker, jobs, device: h.settings.policy.device.clone() };
     if let Some(m) = h.settings.policy.preload.clone() {
-        let dir = svc.model_dir(Some(&ferrotune_proto::v1::ModelRef { path: m.clone() })).map_err(|e| anyhow::anyhow!("policy.preload `{m}`: {}", e.message()))?;
+        let dir = svc
+            .model_dir(Some(&ferrotune_proto::v1::ModelRef { path: m.clone() }))
+            .map_err(|e| anyhow::anyhow!("policy.preload `{m}`: {}", e.message()))?;
         let w = svc.worker.clone();
         h.when_ready(async move {
-            w.call(move |models| models.get(&dir, None).map(|_| ())).await.map_err(|e| anyhow::anyhow!("policy.preload: {}", e.message()))?;
+            w.call(move |models| models.get(&dir, None).map(|_| ()))
+                .await
+                .map_err(|e| anyhow::anyhow!("policy.preload: {}", e.message()))?;
             tracing::info!("policy model loaded");
             Ok(())
         });

@@ -30,11 +30,17 @@ impl Models {
         if !self.cache.touch(&key) {
             // Checked before anything is evicted to make room.
             if !model.join("config.json").is_file() {
-                return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", model.display())));
+                return Err(Status::not_found(format!(
+                    "model: {} is not a model directory (no config.json)",
+                    model.display()
+                )));
             }
             if let Some(a) = adapter {
                 if !a.join("adapter_config.json").is_file() {
-                    return Err(Status::not_found(format!("adapter: {} is not an adapter directory (no adapter_config.json)", a.display())));
+                    return Err(Status::not_found(format!(
+                        "adapter: {} is not an adapter directory (no adapter_config.json)",
+                        a.display()
+                    )));
                 }
             }
         }

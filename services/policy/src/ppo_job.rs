@@ -94,8 +94,13 @@ impl PpoRunner {
         let model_ref = reward_ref(&cfg.reward);
         let replicas = Mutex::new(BTreeSet::new());
         let scorer = |items: &[(String, String)]| -> ferrotune_core::Result<Vec<f64>> {
-            let req = ScoreRequest { model: Some(model_ref.clone()), items: items.iter().map(|(p, r)| ScoreItem { prompt: p.clone(), response: r.clone() }).collect() };
-            let resp = rt.block_on(pool.score(req)).map_err(|s| CoreError::InvalidArgument(format!("reward service: {} ({:?})", s.message(), s.code())))?;
+            let req = ScoreRequest {
+                model: Some(model_ref.clone()),
+                items: items.iter().map(|(p, r)| ScoreItem { prompt: p.clone(), response: r.clone() }).collect(),
+            };
+            let resp = rt
+                .block_on(pool.score(req))
+                .map_err(|s| CoreError::InvalidArgument(format!("reward service: {} ({:?})", s.message(), s.code())))?;
             replicas.lock().expect("replica set").insert(resp.replica.clone());
             Ok(resp.scores.into_iter().map(f64::from).collect())
         };
@@ -108,12 +113,24 @@ impl PpoRunner {
             let started = std::time::Instant::now();
             let score = -evaluate(&mut model, &objective, &eval_set, batch)?;
             let m = objective.take_metrics();
-            ctx.log(format!("held-out mean score before training: {score:.4} ({} prompts, {:.1}s)", eval_set.len(), started.elapsed().as_secs_f64()));
+            ctx.log(format!(
+                "held-out mean score before training: {score:.4} ({} prompts, {:.1}s)",
+                eval_set.len(),
+                started.elapsed().as_secs_f64()
+            ));
             Some(mean_metrics(&m))
         };
         let state = PolicyValueState { cfg: lcfg, base_model: model_dir.display().to_string() };
         let tokens_of = |p: &PpoPrompt| p.ids.len();
-        let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+        let run = Run {
+            objective: &objective,
+            train: &train_set,
+            eval: &eval_set,
+            state: &state,
+            cfg: &r.training,
+            output_dir: &out,
+            tokens_of: &tokens_of,
+        };
         let mut after = None;
         let finished = train_job(&mut model, &run, resume, ctx, &mut |ev| {
             let used: Vec<String> = std::mem::take(&mut *replicas.lock().expect("replica set")).into_iter().collect();
@@ -127,7 +144,10 @@ impl PpoRunner {
         }
         if let Some(b) = before {
             let body = json!({"before": b, "after": after, "eval_prompts": eval_set.len(), "eval_samples": objective.cfg.eval_samples});
-            ferrotune_core::weights::write_atomically(&out.join("ppo_eval.json"), serde_json::to_string_pretty(&body)?.as_bytes())?;
+            ferrotune_core::weights::write_atomically(
+                &out.join("ppo_eval.json"),
+                serde_json::to_string_pretty(&body)?.as_bytes(),
+            )?;
             ctx.log(format!("held-out: {body}"));
         }
         Ok(JobOutcome::Finished(finish(&out, &prompts_path, "adapter", "PPO (eval loss = −held-out score)", ctx)))

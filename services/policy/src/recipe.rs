@@ -145,11 +145,21 @@ impl AdapterSpec {
             serde_yaml::Value::String(s) if s == "all-linear" => Targets::AllLinear,
             serde_yaml::Value::String(s) => Targets::Names(vec![s.clone()]),
             serde_yaml::Value::Sequence(v) => Targets::Names(
-                v.iter().map(|x| x.as_str().map(str::to_owned).context("adapter.target_modules: every entry must be a string")).collect::<Result<_>>()?,
+                v.iter()
+                    .map(|x| {
+                        x.as_str().map(str::to_owned).context("adapter.target_modules: every entry must be a string")
+                    })
+                    .collect::<Result<_>>()?,
             ),
             _ => bail!("adapter.target_modules must be a list of module names or \"all-linear\""),
         };
-        let cfg = LoraConfig { r: self.r, alpha: self.lora_alpha, dropout: self.lora_dropout, targets, use_rslora: self.use_rslora };
+        let cfg = LoraConfig {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+            use_rslora: self.use_rslora,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -172,7 +182,9 @@ fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
     // Values are YAML scalars or flow collections (`[q_proj, v_proj]`); anything else is taken as a string, so
     // that text with ": " in it needs no quoting.
     let value = match serde_yaml::from_str::<serde_yaml::Value>(value) {
-        Ok(v @ (serde_yaml::Value::Mapping(_) | serde_yaml::Value::Sequence(_))) if !value.trim_start().starts_with(['{', '[']) => {
+        Ok(v @ (serde_yaml::Value::Mapping(_) | serde_yaml::Value::Sequence(_)))
+            if !value.trim_start().starts_with(['{', '[']) =>
+        {
             let _ = v;
             serde_yaml::Value::String(value.to_owned())
         }
@@ -182,7 +194,9 @@ fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
     let mut node = root;
     let keys: Vec<&str> = path.split('.').collect();
     for (i, k) in keys.iter().enumerate() {
-        let map = node.as_mapping_mut().with_context(|| format!("--set `{set}`: `{}` is not a section", keys[..i].join(".")))?;
+        let map = node
+            .as_mapping_mut()
+            .with_context(|| format!("--set `{set}`: `{}` is not a section", keys[..i].join(".")))?;
         if i + 1 == keys.len() {
             map.insert((*k).into(), value);
             return Ok(());
@@ -200,7 +214,8 @@ pub fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
 
 /// Parses recipe text (`path` names it in errors), applies overrides and validates.
 pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
-    let mut v: serde_yaml::Value = serde_yaml::from_str(text).with_context(|| format!("{}: invalid YAML", path.display()))?;
+    let mut v: serde_yaml::Value =
+        serde_yaml::from_str(text).with_context(|| format!("{}: invalid YAML", path.display()))?;
     for s in sets {
         apply_set(&mut v, s)?;
     }
@@ -218,7 +233,10 @@ pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
     if let Some(p) = &r.ppo {
         p.validate().with_context(|| format!("{}", path.display()))?;
         if r.data.path.is_none() || r.data.dataset.is_some() {
-            bail!("{}: PPO reads prompts from data.path (a JSONL file with `prompt` or `messages`), not data.dataset", path.display());
+            bail!(
+                "{}: PPO reads prompts from data.path (a JSONL file with `prompt` or `messages`), not data.dataset",
+                path.display()
+            );
         }
         if [r.dpo.is_some(), r.reward.is_some()].contains(&true) {
             bail!("{}: a recipe has at most one of the ppo, dpo and reward sections", path.display());
@@ -226,12 +244,18 @@ pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
         return Ok(r);
     }
     if r.data.eval_path.is_some() {
-        bail!("{}: data.eval_path is for PPO prompt files (use data.eval_fraction to hold out formatted records)", path.display());
+        bail!(
+            "{}: data.eval_path is for PPO prompt files (use data.eval_fraction to hold out formatted records)",
+            path.display()
+        );
     }
     match (&r.data.path, &r.data.dataset, &r.data.format) {
         (Some(_), None, Some(_)) | (None, Some(_), _) => {}
         (Some(_), None, None) => bail!("{}: data.format is required with data.path", path.display()),
-        _ => bail!("{}: set exactly one of data.path (raw records) and data.dataset (a formatted dataset dir)", path.display()),
+        _ => bail!(
+            "{}: set exactly one of data.path (raw records) and data.dataset (a formatted dataset dir)",
+            path.display()
+        ),
     }
     Ok(r)
 }

@@ -7,8 +7,9 @@ use std::pin::Pin;
 use ferrotune_core::{generate, GenerateOptions, Message, SamplingParams};
 use ferrotune_proto::v1::policy_service_server::PolicyService;
 use ferrotune_proto::v1::{
-    prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest, ListAdaptersResponse, LogProbsRequest, LogProbsResponse,
-    PerplexityRequest, PerplexityResult, SequenceLogProbs, StartJobResponse, StartRecipeJobRequest, StreamedToken,
+    prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest,
+    ListAdaptersResponse, LogProbsRequest, LogProbsResponse, PerplexityRequest, PerplexityResult, SequenceLogProbs,
+    StartJobResponse, StartRecipeJobRequest, StreamedToken,
 };
 use ferrotune_runtime::jobs::{JobManager, JobState};
 use ferrotune_runtime::worker::Worker;
@@ -40,7 +41,13 @@ pub struct Policy {
 
 impl Policy {
     /// Validates a recipe, resolves its paths and queues a `kind` job.
-    async fn start_job(&self, kind: &str, yaml: &str, overrides: &[String], resume: bool) -> Result<Response<StartJobResponse>, Status> {
+    async fn start_job(
+        &self,
+        kind: &str,
+        yaml: &str,
+        overrides: &[String],
+        resume: bool,
+    ) -> Result<Response<StartJobResponse>, Status> {
         let job = queue_recipe_job(kind, yaml, overrides, resume, &self.root, &self.device, &self.jobs)?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
     }
@@ -72,8 +79,12 @@ fn check_generate(r: &GenerateRequest) -> Result<GenerateOptions, Status> {
         match &p.kind {
             None => return Err(invalid(&format!("prompts[{i}]"), "empty: set text, ids or chat")),
             Some(prompt::Kind::Text(t)) if t.is_empty() => return Err(invalid(&format!("prompts[{i}].text"), "empty")),
-            Some(prompt::Kind::Ids(ids)) if ids.ids.is_empty() => return Err(invalid(&format!("prompts[{i}].ids"), "empty")),
-            Some(prompt::Kind::Chat(c)) if c.messages.is_empty() => return Err(invalid(&format!("prompts[{i}].chat"), "no messages")),
+            Some(prompt::Kind::Ids(ids)) if ids.ids.is_empty() => {
+                return Err(invalid(&format!("prompts[{i}].ids"), "empty"))
+            }
+            Some(prompt::Kind::Chat(c)) if c.messages.is_empty() => {
+                return Err(invalid(&format!("prompts[{i}].chat"), "no messages"))
+            }
             _ => {}
         }
     }
@@ -101,7 +112,10 @@ fn prompt_ids(b: &ferrotune_core::ModelBundle, r: &GenerateRequest) -> Result<(V
             prompt::Kind::Text(t) => b.tokenizer.encode(t).status()?,
             prompt::Kind::Ids(ids) => {
                 if let Some(&t) = ids.ids.iter().find(|&&t| t as i64 >= b.model.cfg.vocab_size) {
-                    return Err(invalid(&format!("prompts[{i}].ids"), format!("token id {t} is outside the vocabulary ({})", b.model.cfg.vocab_size)));
+                    return Err(invalid(
+                        &format!("prompts[{i}].ids"),
+                        format!("token id {t} is outside the vocabulary ({})", b.model.cfg.vocab_size),
+                    ));
                 }
                 ids.ids.clone()
             }
@@ -127,7 +141,10 @@ fn completions(g: Vec<ferrotune_core::Generated>, prompts: &[Vec<u32>]) -> Vec<C
             ids: g.ids,
             text: g.text,
             logprobs: g.logprobs,
-            finish_reason: serde_json::to_value(g.finish_reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            finish_reason: serde_json::to_value(g.finish_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
             prompt_tokens: g.prompt_tokens as u32,
             prompt_ids: p.clone(),
         })
@@ -142,7 +159,6 @@ impl PolicyService for Policy {
         let r = req.into_inner();
         self.start_job("sft", &r.recipe_yaml, &r.overrides, r.resume).await
     }
-
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let r = req.into_inner();
@@ -166,7 +182,10 @@ impl PolicyService for Policy {
 
     type GenerateStreamStream = ChunkStream;
 
-    async fn generate_stream(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+    async fn generate_stream(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let r = req.into_inner();
         let mut opts = check_generate(&r)?;
         let model = self.model_dir(r.model.as_ref())?;
@@ -189,7 +208,8 @@ impl PolicyService for Policy {
                             let mut text = String::new();
                             // A trailing U+FFFD means a multi-byte character is still incomplete.
                             if let Ok(all) = tok.decode(ids, true) {
-                                if !all.ends_with('\u{FFFD}') && all.len() > *printed && all.is_char_boundary(*printed) {
+                                if !all.ends_with('\u{FFFD}') && all.len() > *printed && all.is_char_boundary(*printed)
+                                {
                                     text = all[*printed..].to_owned();
                                     *printed = all.len();
                                 }
@@ -203,7 +223,8 @@ impl PolicyService for Policy {
                 let tmpl = if chat { origin_name(b) } else { String::new() };
                 Ok(GenerateResponse { completions: completions(g, &prompts), chat_template: tmpl })
             };
-            let last = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| Err(Status::internal("internal error (panic) in generation")));
+            let last = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|_| Err(Status::internal("internal error (panic) in generation")));
             let _ = tx.blocking_send(last.map(|done| GenerateChunk { tokens: vec![], done: Some(done) }));
         })?;
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -219,7 +240,8 @@ impl PolicyService for Policy {
         }
         let model = self.model_dir(r.model.as_ref())?;
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = r.sequences.into_iter().map(|s| (s.prompt_ids, s.completion_ids)).collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            r.sequences.into_iter().map(|s| (s.prompt_ids, s.completion_ids)).collect();
         let disable = r.disable_adapter;
         let lps = self
             .worker
@@ -237,7 +259,8 @@ impl PolicyService for Policy {
                 out.status()
             })
             .await?;
-        let sequences = lps.into_iter().map(|l| SequenceLogProbs { sum: l.iter().map(|&x| x as f64).sum(), logprobs: l }).collect();
+        let sequences =
+            lps.into_iter().map(|l| SequenceLogProbs { sum: l.iter().map(|&x| x as f64).sum(), logprobs: l }).collect();
         Ok(Response::new(LogProbsResponse { sequences }))
     }
 
@@ -247,7 +270,11 @@ impl PolicyService for Policy {
             return Err(invalid("text", "empty"));
         }
         let or = |v: u32, d: usize| if v == 0 { d } else { v as usize };
-        let opts = ferrotune_core::PerplexityOptions { window: or(r.window, 1024), stride: or(r.stride, 512), batch: or(r.batch, 4) };
+        let opts = ferrotune_core::PerplexityOptions {
+            window: or(r.window, 1024),
+            stride: or(r.stride, 512),
+            batch: or(r.batch, 4),
+        };
         let model = self.model_dir(r.model.as_ref())?;
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
         let p = self
@@ -271,7 +298,8 @@ impl PolicyService for Policy {
         while let Some((d, depth)) = stack.pop() {
             let cfg = d.join("adapter_config.json");
             if cfg.is_file() {
-                let v: serde_json::Value = std::fs::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+                let v: serde_json::Value =
+                    std::fs::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
                 found.push(AdapterInfo {
                     path: d.display().to_string(),
                     peft_type: v["peft_type"].as_str().unwrap_or("").to_owned(),
@@ -282,7 +310,9 @@ impl PolicyService for Policy {
             }
             if depth < 2 {
                 if let Ok(rd) = std::fs::read_dir(&d) {
-                    stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).map(|p| (p, depth + 1)));
+                    stack.extend(
+                        rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).map(|p| (p, depth + 1)),
+                    );
                 }
             }
         }
@@ -293,7 +323,15 @@ impl PolicyService for Policy {
 
 /// Validates a recipe for a `kind` job (`sft`, `dpo`, `reward`), resolves its paths under `root`, runs it on
 /// `device`, and queues it in `jobs`.
-pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bool, root: &ArtifactRoot, device: &str, jobs: &JobManager) -> Result<ferrotune_proto::v1::Job, Status> {
+pub fn queue_recipe_job(
+    kind: &str,
+    yaml: &str,
+    overrides: &[String],
+    resume: bool,
+    root: &ArtifactRoot,
+    device: &str,
+    jobs: &JobManager,
+) -> Result<ferrotune_proto::v1::Job, Status> {
     if yaml.trim().is_empty() {
         return Err(invalid("recipe_yaml", "empty"));
     }
@@ -303,30 +341,54 @@ pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bo
             if recipe.ppo.is_none() {
                 return Err(invalid("ppo", "missing: a PPO recipe needs a ppo section with its reward (ppo.reward.rule, or ppo.reward.model and ppo.reward.adapter)"));
             }
-            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora) {
-                return Err(invalid("adapter.method", format!("`{}`: ppo trains lora or qlora adapters", recipe.adapter.method)));
+            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora)
+            {
+                return Err(invalid(
+                    "adapter.method",
+                    format!("`{}`: ppo trains lora or qlora adapters", recipe.adapter.method),
+                ));
             }
         }
-        _ if recipe.ppo.is_some() => return Err(invalid("ppo", "this recipe has a ppo section: run it with align ppo (AlignmentService.StartPpo)")),
+        _ if recipe.ppo.is_some() => {
+            return Err(invalid(
+                "ppo",
+                "this recipe has a ppo section: run it with align ppo (AlignmentService.StartPpo)",
+            ))
+        }
         "dpo" | "reward" => {
             if kind == "dpo" {
                 recipe.dpo.get_or_insert_with(Default::default);
             } else {
                 recipe.reward.get_or_insert_with(Default::default);
             }
-            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora) {
-                return Err(invalid("adapter.method", format!("`{}`: {kind} trains lora or qlora adapters", recipe.adapter.method)));
+            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora)
+            {
+                return Err(invalid(
+                    "adapter.method",
+                    format!("`{}`: {kind} trains lora or qlora adapters", recipe.adapter.method),
+                ));
             }
         }
-        _ if recipe.dpo.is_some() => return Err(invalid("dpo", "this recipe has a dpo section: run it with align dpo (AlignmentService.StartDpo)")),
-        _ if recipe.reward.is_some() => return Err(invalid("reward", "this recipe has a reward section: run it with train reward (RewardService)")),
+        _ if recipe.dpo.is_some() => {
+            return Err(invalid(
+                "dpo",
+                "this recipe has a dpo section: run it with align dpo (AlignmentService.StartDpo)",
+            ))
+        }
+        _ if recipe.reward.is_some() => {
+            return Err(invalid("reward", "this recipe has a reward section: run it with train reward (RewardService)"))
+        }
         _ => {}
     }
     recipe.resolve_paths(root, device)?;
     if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
         return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
     }
-    for (field, p) in [("data.path", &recipe.data.path), ("data.dataset", &recipe.data.dataset), ("data.eval_path", &recipe.data.eval_path)] {
+    for (field, p) in [
+        ("data.path", &recipe.data.path),
+        ("data.dataset", &recipe.data.dataset),
+        ("data.eval_path", &recipe.data.eval_path),
+    ] {
         if let Some(p) = p {
             if !p.exists() {
                 return Err(Status::not_found(format!("{field}: {} not found", p.display())));
@@ -336,11 +398,14 @@ pub fn queue_recipe_job(kind: &str, yaml: &str, overrides: &[String], resume: bo
     let out = recipe.output_dir.clone();
     let active = jobs.list(&[JobState::Queued, JobState::Running], 1000).status()?;
     if let Some(j) = active.iter().find(|j| Path::new(&j.output_dir) == out) {
-        return Err(Status::failed_precondition(format!("output_dir: job {} is already writing to {}", j.id, out.display())));
+        return Err(Status::failed_precondition(format!(
+            "output_dir: job {} is already writing to {}",
+            j.id,
+            out.display()
+        )));
     }
     let spec = serde_json::json!({"recipe": recipe, "resume": resume});
     let job = jobs.submit(kind, spec, out).status()?;
     tracing::info!(job = %job.id, kind, "job queued");
     Ok(job)
 }
-

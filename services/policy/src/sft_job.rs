@@ -48,11 +48,23 @@ pub fn job_recipe(ctx: &JobContext) -> Result<(SftRecipe, bool)> {
 
 /// Runs the training loop as a job: every step reported as a job event (after `on_step`), stopping when the
 /// job is cancelled or the server drains. `None` when it stopped early (its checkpoint saved, and logged).
-pub fn train_job<O: Objective>(model: &mut CausalLm, run: &Run<'_, O>, resume: bool, ctx: &JobContext, on_step: &mut dyn FnMut(&StepEvent)) -> Result<Option<TrainSummary>> {
-    let summary = train(model, run, resume, &mut |ev| {
-        on_step(ev);
-        ctx.progress(progress_of(ev));
-    }, &|| ctx.should_stop())?;
+pub fn train_job<O: Objective>(
+    model: &mut CausalLm,
+    run: &Run<'_, O>,
+    resume: bool,
+    ctx: &JobContext,
+    on_step: &mut dyn FnMut(&StepEvent),
+) -> Result<Option<TrainSummary>> {
+    let summary = train(
+        model,
+        run,
+        resume,
+        &mut |ev| {
+            on_step(ev);
+            ctx.progress(progress_of(ev));
+        },
+        &|| ctx.should_stop(),
+    )?;
     if summary.stopped {
         ctx.log(format!("stopped at step {} of {}; checkpoint saved", summary.position.step, run.cfg.max_steps));
         return Ok(None);
@@ -94,7 +106,13 @@ pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<
                 },
                 &d,
             )?;
-            ctx.log(format!("data: {} train / {} eval examples, {} trained tokens ({} skipped)", stats.train, stats.eval, stats.trained_tokens, stats.dropped.values().sum::<usize>()));
+            ctx.log(format!(
+                "data: {} train / {} eval examples, {} trained tokens ({} skipped)",
+                stats.train,
+                stats.eval,
+                stats.trained_tokens,
+                stats.dropped.values().sum::<usize>()
+            ));
             d
         }
         (None, None) => anyhow::bail!("recipe: set data.path or data.dataset"),
@@ -109,22 +127,34 @@ pub fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<(f
     let qlora = r.adapter.method()? == Method::Qlora;
     if qlora {
         let (before, after) = model.quantize_nf4()?;
-        ctx.log(format!("qlora: decoder linear weights {:.1} MB → {:.1} MB in NF4", before as f64 / 1e6, after as f64 / 1e6));
+        ctx.log(format!(
+            "qlora: decoder linear weights {:.1} MB → {:.1} MB in NF4",
+            before as f64 / 1e6,
+            after as f64 / 1e6
+        ));
     }
     Ok((model, qlora))
 }
 
 /// The template used for the data, the resolved recipe and `ferrotune_train.json`, beside the output.
-pub fn write_provenance(r: &SftRecipe, model_dir: &Path, dataset: &Path, qlora: bool, counts: (usize, usize)) -> Result<()> {
+pub fn write_provenance(
+    r: &SftRecipe,
+    model_dir: &Path,
+    dataset: &Path,
+    qlora: bool,
+    counts: (usize, usize),
+) -> Result<()> {
     let out = &r.output_dir;
     let template = ChatTemplate::from_dir(model_dir)?;
     std::fs::write(out.join("chat_template.jinja"), template.source()).context("writing chat_template.jinja")?;
     std::fs::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;
     std::fs::write(
         out.join("ferrotune_train.json"),
-        serde_json::to_string_pretty(&json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
+        serde_json::to_string_pretty(
+            &json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
             "objective": if r.dpo.is_some() { "dpo" } else if r.reward.is_some() { "reward" } else if r.ppo.is_some() { "ppo" } else { "sft" }, "chat_template": template.origin(), "dataset": dataset,
-            "train_examples": counts.0, "eval_examples": counts.1}))?,
+            "train_examples": counts.0, "eval_examples": counts.1}),
+        )?,
     )?;
     Ok(())
 }
@@ -178,7 +208,15 @@ fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
     write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
     let objective = SftObjective::new(pad_id, &r.training);
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
-    let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: state.as_ref(), cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+    let run = Run {
+        objective: &objective,
+        train: &train_set,
+        eval: &eval_set,
+        state: state.as_ref(),
+        cfg: &r.training,
+        output_dir: &out,
+        tokens_of: &tokens_of,
+    };
     if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
         return Ok(JobOutcome::Stopped);
     }

@@ -43,7 +43,10 @@ fn main() -> anyhow::Result<()> {
             anyhow::Ok(url)
         })?;
         let reference = RewardModelRef {
-            kind: Some(reward_model_ref::Kind::Learned(LearnedReward { base: Some(ModelRef { path: model.display().to_string() }), adapter: adapter.display().to_string() })),
+            kind: Some(reward_model_ref::Kind::Learned(LearnedReward {
+                base: Some(ModelRef { path: model.display().to_string() }),
+                adapter: adapter.display().to_string(),
+            })),
         };
         for clients in [1usize, 8, 32] {
             let (lat, secs, largest) = rt.block_on(async {
@@ -51,7 +54,10 @@ fn main() -> anyhow::Result<()> {
                 // Warm-up: load the model.
                 let req = |i: usize| ScoreRequest {
                     model: Some(reference.clone()),
-                    items: vec![ScoreItem { prompt: format!("What is {i} plus {i}?"), response: format!("Ahoy! {i} plus {i} is {}. Arr.", 2 * i) }],
+                    items: vec![ScoreItem {
+                        prompt: format!("What is {i} plus {i}?"),
+                        response: format!("Ahoy! {i} plus {i} is {}. Arr.", 2 * i),
+                    }],
                 };
                 client.clone().score(req(0)).await?;
                 let started = Instant::now();
@@ -84,7 +90,13 @@ fn main() -> anyhow::Result<()> {
             let mut ms: Vec<f64> = lat.iter().map(|d| d.as_secs_f64() * 1e3).collect();
             ms.sort_by(f64::total_cmp);
             let pct = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
-            println!("| {} | {clients} | {:.1} | {:.0} | {:.0} | {largest} |", if batching { "on (32, 5 ms)" } else { "off" }, ms.len() as f64 / secs, pct(0.5), pct(0.99));
+            println!(
+                "| {} | {clients} | {:.1} | {:.0} | {:.0} | {largest} |",
+                if batching { "on (32, 5 ms)" } else { "off" },
+                ms.len() as f64 / secs,
+                pct(0.5),
+                pct(0.99)
+            );
         }
     }
     Ok(())

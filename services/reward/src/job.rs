@@ -21,7 +21,10 @@ impl JobRunner for RewardRunner {
         let model_dir = model_dir(&r)?;
         let dataset = dataset_dir(&r, &model_dir, ctx)?;
         let pairs = |split: &str| -> Result<Vec<RewardExample>> {
-            Ok(load_pairs(&dataset, split)?.into_iter().map(|(chosen, rejected)| RewardExample { chosen, rejected }).collect())
+            Ok(load_pairs(&dataset, split)?
+                .into_iter()
+                .map(|(chosen, rejected)| RewardExample { chosen, rejected })
+                .collect())
         };
         let train_set = pairs("train")?;
         let eval_set = if dataset.join("eval.jsonl").exists() { pairs("eval")? } else { vec![] };
@@ -35,7 +38,15 @@ impl JobRunner for RewardRunner {
         let objective = RewardObjective::new(pad_id, cfg);
         let state = RewardState { cfg: lcfg, base_model: model_dir.display().to_string() };
         let tokens_of = |e: &RewardExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
-        let run = Run { objective: &objective, train: &train_set, eval: &eval_set, state: &state, cfg: &r.training, output_dir: &out, tokens_of: &tokens_of };
+        let run = Run {
+            objective: &objective,
+            train: &train_set,
+            eval: &eval_set,
+            state: &state,
+            cfg: &r.training,
+            output_dir: &out,
+            tokens_of: &tokens_of,
+        };
         if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
             return Ok(JobOutcome::Stopped);
         }

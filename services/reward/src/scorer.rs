@@ -31,7 +31,10 @@ impl Scorers {
     fn get(&mut self, base: &Path, adapter: &Path) -> Result<&mut ModelBundle, Status> {
         let key = (base.to_path_buf(), adapter.to_path_buf());
         if !self.cache.touch(&key) && !adapter.join("adapter_config.json").is_file() {
-            return Err(Status::not_found(format!("model.learned.adapter: {} is not an adapter directory (no adapter_config.json)", adapter.display())));
+            return Err(Status::not_found(format!(
+                "model.learned.adapter: {} is not an adapter directory (no adapter_config.json)",
+                adapter.display()
+            )));
         }
         let (device, kind) = (self.device, self.kind);
         self.cache.get_or_load(key, || {
@@ -47,19 +50,36 @@ impl Scorers {
     /// Scores of (prompt, response) items under the reward model `base` + `adapter`.
     pub fn score(&mut self, base: &Path, adapter: &Path, items: &[(String, String)]) -> Result<Vec<f32>, Status> {
         let b = self.get(base, adapter)?;
-        let eos_id = *b.defaults.eos_ids.first().ok_or_else(|| Status::failed_precondition("the base model declares no EOS token"))?;
-        let r = Renderer { tokenizer: &b.tokenizer, template: &b.template, eos_id, eos_ids: &b.defaults.eos_ids, mask: MaskMode::Assistant };
+        let eos_id = *b
+            .defaults
+            .eos_ids
+            .first()
+            .ok_or_else(|| Status::failed_precondition("the base model declares no EOS token"))?;
+        let r = Renderer {
+            tokenizer: &b.tokenizer,
+            template: &b.template,
+            eos_id,
+            eos_ids: &b.defaults.eos_ids,
+            mask: MaskMode::Assistant,
+        };
         let max = b.model.cfg.max_position_embeddings as usize;
         let mut seqs = Vec::with_capacity(items.len());
         for (i, (prompt, response)) in items.iter().enumerate() {
             let reply = vec![Message::new("assistant", response)];
-            let sample = Sample::Preference { prompt: vec![Message::new("user", prompt)], chosen: reply.clone(), rejected: reply };
+            let sample = Sample::Preference {
+                prompt: vec![Message::new("user", prompt)],
+                chosen: reply.clone(),
+                rejected: reply,
+            };
             let ids = match r.sample(&sample).map_err(|e| Status::invalid_argument(format!("items[{i}]: {e}")))? {
                 TokenizedSample::Pair { chosen, .. } => chosen.input_ids,
                 TokenizedSample::Single(s) => s.input_ids,
             };
             if ids.len() > max {
-                return Err(Status::invalid_argument(format!("items[{i}]: {} tokens exceed the model's {max} positions", ids.len())));
+                return Err(Status::invalid_argument(format!(
+                    "items[{i}]: {} tokens exceed the model's {max} positions",
+                    ids.len()
+                )));
             }
             let n = ids.len();
             seqs.push(SftExample::new(ids, vec![-100; n]));
@@ -67,7 +87,8 @@ impl Scorers {
         let refs: Vec<&SftExample> = seqs.iter().collect();
         let pad = b.defaults.pad_id;
         let scores = tch::no_grad(|| score_sequences(&b.model, &refs, pad)).status()?;
-        Vec::<f32>::try_from(&scores.f_to_device(Device::Cpu).map_err(|e| Status::internal(e.to_string()))?).map_err(|e| Status::internal(e.to_string()))
+        Vec::<f32>::try_from(&scores.f_to_device(Device::Cpu).map_err(|e| Status::internal(e.to_string()))?)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 }
 

@@ -16,7 +16,9 @@ use crate::scorer::{rule_score, Scorers};
 
 /// This process as a replica: host name and process id.
 fn replica() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
     format!("{host}:{}", std::process::id())
 }
 
@@ -56,7 +58,10 @@ impl Reward {
     fn base_dir(&self, p: &str) -> Result<PathBuf, Status> {
         let dir = self.root.model("model.learned.base.path", p)?;
         if !dir.join("config.json").is_file() {
-            return Err(Status::not_found(format!("model.learned.base.path: {} is not a model directory (no config.json)", dir.display())));
+            return Err(Status::not_found(format!(
+                "model.learned.base.path: {} is not a model directory (no config.json)",
+                dir.display()
+            )));
         }
         Ok(dir)
     }
@@ -102,9 +107,20 @@ async fn batch_loop(mut rx: mpsc::Receiver<Pending>, worker: Worker<Scorers>, ma
 
 #[tonic::async_trait]
 impl RewardService for Reward {
-    async fn start_reward_training(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+    async fn start_reward_training(
+        &self,
+        req: Request<StartRecipeJobRequest>,
+    ) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
-        let job = ferrotune_policy::service::queue_recipe_job("reward", &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.cfg.device, &self.jobs)?;
+        let job = ferrotune_policy::service::queue_recipe_job(
+            "reward",
+            &r.recipe_yaml,
+            &r.overrides,
+            r.resume,
+            &self.root,
+            &self.cfg.device,
+            &self.jobs,
+        )?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
     }
 
@@ -127,7 +143,9 @@ impl RewardService for Reward {
                 let (scores, batch_size) = match &self.batcher {
                     Some(tx) => {
                         let (reply, rx) = oneshot::channel();
-                        tx.send(Pending { key: (base, adapter), items, reply }).await.map_err(|_| Status::unavailable("the batcher has stopped"))?;
+                        tx.send(Pending { key: (base, adapter), items, reply })
+                            .await
+                            .map_err(|_| Status::unavailable("the batcher has stopped"))?;
                         rx.await.map_err(|_| Status::internal("the batcher dropped the request"))??
                     }
                     None => {

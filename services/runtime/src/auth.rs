@@ -47,7 +47,9 @@ impl ClientAuth {
     /// With `token`, sends it on every call.
     pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
         let header = match token {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| anyhow::anyhow!("auth.token: not a valid header value"))?),
+            Some(t) => Some(
+                format!("Bearer {t}").parse().map_err(|_| anyhow::anyhow!("auth.token: not a valid header value"))?,
+            ),
             None => None,
         };
         Ok(Self { header })

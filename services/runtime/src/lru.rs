@@ -48,7 +48,13 @@ mod tests {
     fn least_recently_used_goes_first() {
         let mut c: Lru<&str, u32> = Lru::new(2);
         let mut loads = 0;
-        let mut get = |c: &mut Lru<&str, u32>, k: &'static str| *c.get_or_load::<()>(k, || { loads += 1; Ok(k.len() as u32) }).unwrap();
+        let mut get = |c: &mut Lru<&str, u32>, k: &'static str| {
+            *c.get_or_load::<()>(k, || {
+                loads += 1;
+                Ok(k.len() as u32)
+            })
+            .unwrap()
+        };
         get(&mut c, "a");
         get(&mut c, "bb");
         get(&mut c, "a"); // a is now the most recent

@@ -81,7 +81,9 @@ impl ArtifactRoot {
         if ferrotune_core::registry::is_known(p) {
             let dir = ferrotune_core::registry::model_dir(p);
             if !dir.join("config.json").is_file() {
-                return Err(Status::failed_precondition(format!("{field}: `{p}` is not pulled on this service (ferrotune models pull {p})")));
+                return Err(Status::failed_precondition(format!(
+                    "{field}: `{p}` is not pulled on this service (ferrotune models pull {p})"
+                )));
             }
             return Ok(dir);
         }

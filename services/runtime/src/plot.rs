@@ -10,7 +10,8 @@ pub fn read_series(metrics: &Path) -> anyhow::Result<(Vec<(f64, f64)>, Vec<(f64,
     let text = std::fs::read_to_string(metrics).map_err(|e| anyhow::anyhow!("{}: {e}", metrics.display()))?;
     let (mut train, mut eval) = (vec![], vec![]);
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", metrics.display(), i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", metrics.display(), i + 1))?;
         let Some(step) = v["step"].as_f64() else { continue };
         if let Some(l) = v["loss"].as_f64().filter(|l| l.is_finite()) {
             train.push((step, l));
@@ -41,9 +42,15 @@ pub fn loss_curve(metrics: &Path, out: &Path, title: &str) -> anyhow::Result<()>
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))?;
         chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw()?;
-        chart.draw_series(LineSeries::new(train.iter().copied(), &BLUE))?.label("train loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
+            .label("train loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
         if !eval.is_empty() {
-            chart.draw_series(LineSeries::new(eval.iter().copied(), &RED))?.label("eval loss").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+            chart
+                .draw_series(LineSeries::new(eval.iter().copied(), &RED))?
+                .label("eval loss")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
         }
         chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
         root.present()?;
@@ -58,14 +65,22 @@ mod tests {
     fn plots_train_and_eval_series() {
         let d = tempfile::tempdir().unwrap();
         let m = d.path().join("metrics.jsonl");
-        std::fs::write(&m, "{\"step\":1,\"loss\":2.5}\n{\"step\":2,\"loss\":2.0,\"eval_loss\":2.2}\n{\"step\":3,\"loss\":1.5}\n").unwrap();
+        std::fs::write(
+            &m,
+            "{\"step\":1,\"loss\":2.5}\n{\"step\":2,\"loss\":2.0,\"eval_loss\":2.2}\n{\"step\":3,\"loss\":1.5}\n",
+        )
+        .unwrap();
         let (t, e) = super::read_series(&m).unwrap();
         assert_eq!(t, vec![(1.0, 2.5), (2.0, 2.0), (3.0, 1.5)]);
         assert_eq!(e, vec![(2.0, 2.2)]);
         let out = d.path().join("loss.svg");
         super::loss_curve(&m, &out, "t").unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("eval loss"), "{}", &svg[..200.min(svg.len())]);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("eval loss"),
+            "{}",
+            &svg[..200.min(svg.len())]
+        );
         std::fs::write(&m, "").unwrap();
         assert!(super::loss_curve(&m, &out, "t").is_err());
     }

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use crate::auth::ClientAuth;
 use ferrotune_proto::v1::reward_service_client::RewardServiceClient;
 use ferrotune_proto::v1::{ScoreRequest, ScoreResponse};
-use crate::auth::ClientAuth;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -33,10 +33,17 @@ impl RewardPool {
         }
         let eps = endpoints
             .iter()
-            .map(|u| Ok(Endpoint::from_shared(u.clone()).map_err(|e| anyhow::anyhow!("endpoints.reward `{u}`: {e}"))?.connect_timeout(Duration::from_secs(5))))
+            .map(|u| {
+                Ok(Endpoint::from_shared(u.clone())
+                    .map_err(|e| anyhow::anyhow!("endpoints.reward `{u}`: {e}"))?
+                    .connect_timeout(Duration::from_secs(5)))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let channel = Channel::balance_list(eps.into_iter());
-        Ok(Self { client: RewardServiceClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20), attempts: 2 * endpoints.len() + 1 })
+        Ok(Self {
+            client: RewardServiceClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20),
+            attempts: 2 * endpoints.len() + 1,
+        })
     }
 
     /// Scores on some replica, retrying transport failures on the others.

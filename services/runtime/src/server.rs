@@ -37,7 +37,15 @@ pub struct Hosting {
 impl Hosting {
     /// Nothing hosted yet.
     pub fn new(settings: Settings, root: ArtifactRoot) -> Self {
-        Self { settings, root, routes: RoutesBuilder::default(), names: vec![], jobs: None, drains: vec![], ready: vec![] }
+        Self {
+            settings,
+            root,
+            routes: RoutesBuilder::default(),
+            names: vec![],
+            jobs: None,
+            drains: vec![],
+            ready: vec![],
+        }
     }
 
     /// The auth interceptor every hosted service is wrapped in.
@@ -68,7 +76,8 @@ impl Hosting {
         let db = self.settings.jobs_db(self.root.root());
         let mgr = JobManager::start(Store::open(&db)?)?;
         let api = JobApi { manager: mgr.clone() };
-        let svc = ferrotune_proto::v1::job_service_server::JobServiceServer::new(api).max_decoding_message_size(self.max_message());
+        let svc = ferrotune_proto::v1::job_service_server::JobServiceServer::new(api)
+            .max_decoding_message_size(self.max_message());
         self.routes.add_service(self.authed(svc));
         self.hosted("ferrotune.v1.JobService");
         self.jobs = Some(mgr.clone());
@@ -88,7 +97,11 @@ impl Hosting {
 
     /// Serves on `listener` until `shutdown` completes, then drains: health NOT_SERVING, running jobs
     /// checkpoint (interrupted, resumed on the next start), in-flight calls finish.
-    pub async fn serve(mut self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        mut self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let (reporter, health) = tonic_health::server::health_reporter();
         let all: Vec<String> = std::iter::once(String::new()).chain(self.names.iter().cloned()).collect();
         for n in &all {
@@ -117,7 +130,9 @@ impl Hosting {
             .trace_fn(crate::telemetry::server_span);
         if let (Some(cert), Some(key)) = (&self.settings.tls.cert, &self.settings.tls.key) {
             let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("tls: {}: {e}", p.display()));
-            builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?))).map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))
+                .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
         }
         let ready = std::mem::take(&mut self.ready);
         let (rep, names) = (reporter.clone(), all.clone());

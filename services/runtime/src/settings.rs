@@ -153,7 +153,13 @@ impl Settings {
             }
             None => {}
         }
-        let env = config::Environment::with_prefix("FERROTUNE").prefix_separator("__").separator("__").list_separator(",").with_list_parse_key("services").with_list_parse_key("endpoints.reward").try_parsing(true);
+        let env = config::Environment::with_prefix("FERROTUNE")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("services")
+            .with_list_parse_key("endpoints.reward")
+            .try_parsing(true);
         let cfg = b.add_source(env).build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         let s: Settings = cfg.try_deserialize().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         s.validate()?;

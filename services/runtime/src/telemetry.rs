@@ -7,8 +7,8 @@ use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::Layer as _;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer as _;
 
 use crate::settings::Telemetry;
 
@@ -31,7 +31,8 @@ impl Drop for TelemetryGuard {
 pub fn init(t: &Telemetry, service_name: &str) -> anyhow::Result<TelemetryGuard> {
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| t.log.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| anyhow::anyhow!("telemetry.log `{filter}`: {e}"))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| anyhow::anyhow!("telemetry.log `{filter}`: {e}"))?;
     // Each layer filters for itself: a quiet terminal (the CLI logs warnings only) still exports its spans.
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(filter);
     let (otel, provider) = match &t.otlp_endpoint {
@@ -42,7 +43,11 @@ pub fn init(t: &Telemetry, service_name: &str) -> anyhow::Result<TelemetryGuard>
                 .with_endpoint(ep.clone())
                 .build()
                 .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint `{ep}`: {e}"))?;
-            let name = if t.service_name.is_empty() { service_name.to_owned() } else { format!("{}-{service_name}", t.service_name) };
+            let name = if t.service_name.is_empty() {
+                service_name.to_owned()
+            } else {
+                format!("{}-{service_name}", t.service_name)
+            };
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(name).build())

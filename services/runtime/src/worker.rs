@@ -45,11 +45,16 @@ impl<S: 'static> Worker<S> {
 
     /// Runs `f` on the worker thread and returns its result. A panic in `f` becomes INTERNAL (the worker
     /// keeps running).
-    pub async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut S) -> Result<R, Status> + Send + 'static) -> Result<R, Status> {
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut S) -> Result<R, Status> + Send + 'static,
+    ) -> Result<R, Status> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task: Task<S> = Box::new(move |s: &mut S| {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
-            let r = r.unwrap_or_else(|p| Err(Status::internal(format!("internal error (panic): {}", panic_message(p.as_ref())))));
+            let r = r.unwrap_or_else(|p| {
+                Err(Status::internal(format!("internal error (panic): {}", panic_message(p.as_ref()))))
+            });
             let _ = tx.send(r);
         });
         self.tx.send(task).map_err(|_| Status::unavailable("the worker has stopped"))?;

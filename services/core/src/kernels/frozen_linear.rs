@@ -45,12 +45,24 @@ extern "C" fn drop_recompute(state: *mut c_void) {
 
 /// `x wᵀ` for `x` `[n, in]` and a frozen `w` `[out, in]` (same kind and device). When `x` requires a
 /// gradient, the result's backward node keeps only `recompute`, which must return `w` again.
-pub fn frozen_linear(x: &Tensor, w: &Tensor, recompute: impl Fn() -> Result<Tensor> + Send + 'static) -> Result<Tensor> {
+pub fn frozen_linear(
+    x: &Tensor,
+    w: &Tensor,
+    recompute: impl Fn() -> Result<Tensor> + Send + 'static,
+) -> Result<Tensor> {
     let state: Box<Recompute> = Box::new(Box::new(recompute));
     let state = Box::into_raw(state) as *mut c_void;
     // SAFETY: the handles are valid tensors for the duration of the call (the C++ side copies what it keeps);
     // `state` is consumed by the C++ side, which drops it through `drop_recompute`.
-    let y = unsafe { ft_frozen_linear(x.as_ptr() as *mut C_tensor, w.as_ptr() as *mut C_tensor, state, call_recompute, drop_recompute) };
+    let y = unsafe {
+        ft_frozen_linear(
+            x.as_ptr() as *mut C_tensor,
+            w.as_ptr() as *mut C_tensor,
+            state,
+            call_recompute,
+            drop_recompute,
+        )
+    };
     owned(y)
 }
 

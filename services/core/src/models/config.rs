@@ -86,13 +86,19 @@ pub struct RopeFields {
 impl RopeFields {
     /// Resolves (theta, scaling), with `default_theta` when neither spelling gives a base.
     pub fn resolve(&self, path: &Path, default_theta: f64) -> Result<(f64, RopeScaling)> {
-        let params = self.rope_parameters.as_ref().filter(|v| !v.is_null()).or(self.rope_scaling.as_ref().filter(|v| !v.is_null()));
+        let params = self
+            .rope_parameters
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(self.rope_scaling.as_ref().filter(|v| !v.is_null()));
         let theta_in_params = params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64());
         let theta = theta_in_params.or(self.rope_theta).unwrap_or(default_theta);
         let Some(p) = params else { return Ok((theta, RopeScaling::None)) };
         let ty = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
         let num = |k: &str| -> Result<f64> {
-            p.get(k).and_then(|v| v.as_f64()).ok_or_else(|| CoreError::config(path, format!("rope scaling `{ty}` needs a numeric `{k}`")))
+            p.get(k)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| CoreError::config(path, format!("rope scaling `{ty}` needs a numeric `{k}`")))
         };
         let scaling = match ty {
             "default" => RopeScaling::None,
@@ -103,7 +109,12 @@ impl RopeFields {
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_position_embeddings: num("original_max_position_embeddings")?,
             },
-            other => return Err(CoreError::config(path, format!("unsupported rope type `{other}` (supported: default, linear, llama3)"))),
+            other => {
+                return Err(CoreError::config(
+                    path,
+                    format!("unsupported rope type `{other}` (supported: default, linear, llama3)"),
+                ))
+            }
         };
         Ok((theta, scaling))
     }
@@ -198,7 +209,10 @@ fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
         }
     }
     if cfg.num_heads % cfg.num_kv_heads != 0 {
-        return bad(format!("num_attention_heads ({}) is not a multiple of num_key_value_heads ({})", cfg.num_heads, cfg.num_kv_heads));
+        return bad(format!(
+            "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+            cfg.num_heads, cfg.num_kv_heads
+        ));
     }
     if cfg.head_dim % 2 != 0 {
         return bad(format!("head_dim ({}) must be even for rotary embeddings", cfg.head_dim));

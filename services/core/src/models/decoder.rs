@@ -8,8 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{DecoderConfig, RopeScaling};
 use crate::error::{CoreError, Result};
-use crate::lora::Lora;
 use crate::kernels::frozen_linear::frozen_linear;
+use crate::lora::Lora;
 use crate::nf4::Nf4Weight;
 use crate::weights::Weights;
 
@@ -251,9 +251,16 @@ impl Attention {
     /// # Shapes
     /// `x`: `[b, s, hidden]`; `mask`: `None` (plain causal, or all keys when `s == 1`) or bool
     /// `[b, 1, s, past + s]` (true = attend) → `[b, s, hidden]`.
-    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>, cache: Option<(&mut LayerKv, i64)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rotary,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut LayerKv, i64)>,
+    ) -> Result<Tensor> {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let split = |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, s, n, self.head_dim])?.f_transpose(1, 2)?) };
+        let split =
+            |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, s, n, self.head_dim])?.f_transpose(1, 2)?) };
         let q = rot.apply(&split(self.q_proj.forward(x)?, self.n_heads)?)?;
         let mut k = rot.apply(&split(self.k_proj.forward(x)?, self.n_kv)?)?;
         let mut v = split(self.v_proj.forward(x)?, self.n_kv)?;
@@ -319,7 +326,11 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
         })
     }
@@ -342,7 +353,13 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, rot: &Rotary, mask: Option<&Tensor>, cache: Option<(&mut LayerKv, i64)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rotary,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut LayerKv, i64)>,
+    ) -> Result<Tensor> {
         let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache)?)?;
         Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
     }
@@ -377,7 +394,8 @@ impl CausalLm {
         // Tied: the embedding is lm_head's weight, so it gets lm_head's layout (a row lookup then reads
         // strided memory, a few microseconds per token).
         let embed_tokens = if cfg.tie_word_embeddings { cpu_column_major(embed_tokens)? } else { embed_tokens };
-        let layers = (0..cfg.num_layers).map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_layers).map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // Tied checkpoints normally omit lm_head.weight; when one stores it anyway it is the same matrix.
         let lm_head = if cfg.tie_word_embeddings {
@@ -407,7 +425,12 @@ impl CausalLm {
     ///
     /// # Shapes
     /// `input_ids`: `[b, s]` i64; `attention_mask`: `[b, s]`; `position_ids`: `[b, s]` → `[b, s, hidden]`.
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.forward_hidden_cached(input_ids, attention_mask, position_ids, None)
     }
 
@@ -432,7 +455,8 @@ impl CausalLm {
             return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
         }
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let Prepared { mut h, rot, mask: attn_mask, prefix } = self.prepare(input_ids, attention_mask, position_ids, past)?;
+        let Prepared { mut h, rot, mask: attn_mask, prefix } =
+            self.prepare(input_ids, attention_mask, position_ids, past)?;
         if let Some(c) = &cache {
             if c.batch != b || past + prefix + s > c.capacity {
                 return Err(CoreError::InvalidArgument(format!(
@@ -468,7 +492,8 @@ impl CausalLm {
         loss_backward: impl FnOnce(&Tensor) -> Result<T>,
     ) -> Result<T> {
         // Built with gradients: a prompt-tuning prefix must receive them through layer 0's input.
-        let Prepared { mut h, rot, mask: attn_mask, prefix } = self.prepare(input_ids, attention_mask, position_ids, 0)?;
+        let Prepared { mut h, rot, mask: attn_mask, prefix } =
+            self.prepare(input_ids, attention_mask, position_ids, 0)?;
         let s = input_ids.size()[1];
         let mut inputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -519,7 +544,12 @@ impl CausalLm {
     ///
     /// # Shapes
     /// as [`Self::forward_hidden`] → `[b, s, vocab]` in the model's kind.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, position_ids)?;
         Ok(h.f_linear::<Tensor>(&self.lm_head, None)?)
     }
@@ -532,7 +562,13 @@ impl CausalLm {
     ///
     /// With prompt tuning, the virtual tokens are prepended on a fresh pass (`past == 0`; `prefix` says
     /// how many) and count as cached positions afterwards; the caller's masks never include them.
-    fn prepare(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>, past: i64) -> Result<Prepared> {
+    fn prepare(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        past: i64,
+    ) -> Result<Prepared> {
         let (b, s) = input_ids.size2()?;
         let dev = self.device();
         let n_virtual = self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0]);
@@ -542,7 +578,11 @@ impl CausalLm {
         let mut raw = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Int64)).transpose()?;
         if let Some(m) = &raw {
             if m.size() != [b, caller_past + s] {
-                return Err(CoreError::InvalidArgument(format!("attention_mask must be {:?}, got {:?}", [b, caller_past + s], m.size())));
+                return Err(CoreError::InvalidArgument(format!(
+                    "attention_mask must be {:?}, got {:?}",
+                    [b, caller_past + s],
+                    m.size()
+                )));
             }
         }
         let segments = match &raw {
@@ -550,20 +590,32 @@ impl CausalLm {
             _ => None,
         };
         if segments.is_some() && (past > 0 || position_ids.is_none() || n_virtual > 0) {
-            return Err(CoreError::InvalidArgument("a segment (packing) mask needs explicit position_ids, no KV cache and no prompt tuning".into()));
+            return Err(CoreError::InvalidArgument(
+                "a segment (packing) mask needs explicit position_ids, no KV cache and no prompt tuning".into(),
+            ));
         }
         if n_virtual > 0 && position_ids.is_some() {
-            return Err(CoreError::InvalidArgument("explicit position_ids cannot be combined with prompt tuning".into()));
+            return Err(CoreError::InvalidArgument(
+                "explicit position_ids cannot be combined with prompt tuning".into(),
+            ));
         }
         if n_virtual > 0 {
-            raw = raw.map(|m| Tensor::f_cat(&[Tensor::f_ones([b, n_virtual], (Kind::Int64, dev))?, m], 1)).transpose()?;
+            raw =
+                raw.map(|m| Tensor::f_cat(&[Tensor::f_ones([b, n_virtual], (Kind::Int64, dev))?, m], 1)).transpose()?;
         }
         let (s_eff, total) = (prefix + s, past + prefix + s);
         let pad = raw.as_ref().map(|m| m.f_ne(0)).transpose()?;
         let positions = match (position_ids, &pad) {
             (Some(p), _) => p.f_to_device(dev)?,
-            (None, Some(m)) => m.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?.f_narrow(1, past, s_eff)?,
-            (None, None) => Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s_eff], false)?,
+            (None, Some(m)) => m
+                .f_to_kind(Kind::Int64)?
+                .f_cumsum(1, Kind::Int64)?
+                .f_sub_scalar(1)?
+                .f_clamp_min(0)?
+                .f_narrow(1, past, s_eff)?,
+            (None, None) => {
+                Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(0)?.f_expand([b, s_eff], false)?
+            }
         };
         let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
         let mask = self.attention_mask(pad.as_ref(), segments.as_ref(), b, s_eff, past)?;
@@ -579,7 +631,14 @@ impl CausalLm {
     /// tokens after a cache, or `None` when plain causal attention (or, for one new token, attending to
     /// everything cached) suffices. Every query may attend to itself, so rows of padding tokens are never
     /// empty (an empty row would give NaN and, through the value matmul, poison real rows).
-    fn attention_mask(&self, pad: Option<&Tensor>, segments: Option<&Tensor>, b: i64, s: i64, past: i64) -> Result<Option<Tensor>> {
+    fn attention_mask(
+        &self,
+        pad: Option<&Tensor>,
+        segments: Option<&Tensor>,
+        b: i64,
+        s: i64,
+        past: i64,
+    ) -> Result<Option<Tensor>> {
         let total = past + s;
         let window_bites = self.cfg.sliding_window.is_some_and(|w| w < total);
         if pad.is_none() && !window_bites && (past == 0 || s == 1) {

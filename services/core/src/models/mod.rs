@@ -22,8 +22,12 @@ use crate::weights::{WeightFiles, Weights};
 pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::config(&path, format!("invalid JSON: {e}")))?;
-    let ty = v.get("model_type").and_then(|t| t.as_str()).ok_or_else(|| CoreError::config(&path, "missing key `model_type`"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CoreError::config(&path, format!("invalid JSON: {e}")))?;
+    let ty = v
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| CoreError::config(&path, "missing key `model_type`"))?;
     fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &Path) -> Result<T> {
         serde_json::from_value(v).map_err(|e| CoreError::config(path, e.to_string()))
     }
@@ -31,7 +35,9 @@ pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
         "llama" => parse::<llama::Config>(v, &path)?.to_decoder(&path),
         "mistral" => parse::<mistral::Config>(v, &path)?.to_decoder(&path),
         "qwen2" => parse::<qwen2::Config>(v, &path)?.to_decoder(&path),
-        other => Err(CoreError::config(&path, format!("unknown model_type `{other}` (supported: llama, mistral, qwen2)"))),
+        other => {
+            Err(CoreError::config(&path, format!("unknown model_type `{other}` (supported: llama, mistral, qwen2)")))
+        }
     }
 }
 
@@ -55,7 +61,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     };
     let n = tch::Cuda::device_count() as usize;
     if dev >= n {
-        return Err(CoreError::InvalidArgument(format!("device `{s}` is not available: libtorch sees {n} CUDA device(s)")));
+        return Err(CoreError::InvalidArgument(format!(
+            "device `{s}` is not available: libtorch sees {n} CUDA device(s)"
+        )));
     }
     Ok(Device::Cuda(dev))
 }

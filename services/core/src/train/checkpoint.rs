@@ -46,7 +46,14 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Writes a checkpoint for `pos` and prunes all but the newest `keep` (at least one is kept).
-pub fn save(root: &Path, model: &mut CausalLm, state: &dyn TrainableState, opt: &AdamW, pos: &Position, keep: usize) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    model: &mut CausalLm,
+    state: &dyn TrainableState,
+    opt: &AdamW,
+    pos: &Position,
+    keep: usize,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
     let final_dir = root.join(format!("step-{:08}", pos.step));
     let tmp = root.join(format!(".step-{:08}.tmp-{}", pos.step, crate::weights::unique_suffix()));
@@ -97,7 +104,10 @@ impl MetricsLog {
             Ok(text) => text
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= keep_upto)
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= keep_upto)
                 })
                 .map(str::to_owned)
                 .collect(),

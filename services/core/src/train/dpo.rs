@@ -60,7 +60,10 @@ impl DpoConfig {
             return Err(CoreError::InvalidArgument(format!("dpo.beta must be positive, got {}", self.beta)));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return Err(CoreError::InvalidArgument(format!("dpo.label_smoothing must be in [0, 0.5), got {}", self.label_smoothing)));
+            return Err(CoreError::InvalidArgument(format!(
+                "dpo.label_smoothing must be in [0, 0.5), got {}",
+                self.label_smoothing
+            )));
         }
         if self.label_smoothing > 0.0 && self.loss_type != DpoLoss::Robust {
             return Err(CoreError::InvalidArgument("dpo.label_smoothing applies to loss_type robust only".into()));
@@ -106,7 +109,11 @@ fn log_sigmoid(x: f64) -> f64 {
 }
 
 fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { x.exp() / (1.0 + x.exp()) }
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        x.exp() / (1.0 + x.exp())
+    }
 }
 
 /// The loss of one pair.
@@ -118,7 +125,11 @@ pub fn pair_loss(p: &PairLogps, cfg: &DpoConfig) -> PairLoss {
         DpoLoss::Sigmoid => (-log_sigmoid(b * d), -b * sigmoid(-b * d)),
         DpoLoss::Hinge => {
             let m = 1.0 - b * d;
-            if m > 0.0 { (m, -b) } else { (0.0, 0.0) }
+            if m > 0.0 {
+                (m, -b)
+            } else {
+                (0.0, 0.0)
+            }
         }
         DpoLoss::Robust => {
             let e = cfg.label_smoothing;
@@ -128,7 +139,13 @@ pub fn pair_loss(p: &PairLogps, cfg: &DpoConfig) -> PairLoss {
         DpoLoss::Ipo => {
             let (nc, nr) = (p.chosen_tokens.max(1) as f64, p.rejected_tokens.max(1) as f64);
             let u = sc / nc - sr / nr - 1.0 / (2.0 * b);
-            let out = PairLoss { loss: u * u, d_chosen: 2.0 * u / nc, d_rejected: -2.0 * u / nr, reward_chosen: b * sc, reward_rejected: b * sr };
+            let out = PairLoss {
+                loss: u * u,
+                d_chosen: 2.0 * u / nc,
+                d_rejected: -2.0 * u / nr,
+                reward_chosen: b * sc,
+                reward_rejected: b * sr,
+            };
             return out;
         }
     };
@@ -173,7 +190,12 @@ pub fn sequence_logps(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk
 /// The scored rows of `seqs`' final hidden states (with the graph when gradients are on: rows, their target
 /// tokens, the sequence of each) and each sequence's summed log-prob and token count (computed without
 /// gradients, `chunk` rows of logits at a time).
-fn scored_pass(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk: i64) -> Result<((Tensor, Tensor, Tensor), Vec<(f64, usize)>)> {
+fn scored_pass(
+    model: &CausalLm,
+    seqs: &[&SftExample],
+    pad_id: u32,
+    chunk: i64,
+) -> Result<((Tensor, Tensor, Tensor), Vec<(f64, usize)>)> {
     let collate = SftObjective { pad_id, chunk, gradient_checkpointing: false };
     let c = collate.collate(model, seqs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
@@ -189,7 +211,11 @@ fn scored_pass(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk: i64) 
         sums = sums.f_index_add(0, &seq.f_narrow(0, start, len)?, &lp)?;
         start += len;
     }
-    let counts = Tensor::f_zeros([seqs.len() as i64], (Kind::Int64, seq.device()))?.f_index_add(0, &seq, &Tensor::f_ones_like(&seq)?)?;
+    let counts = Tensor::f_zeros([seqs.len() as i64], (Kind::Int64, seq.device()))?.f_index_add(
+        0,
+        &seq,
+        &Tensor::f_ones_like(&seq)?,
+    )?;
     let sums = Vec::<f64>::try_from(&sums.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?;
     let counts = Vec::<i64>::try_from(&counts.f_to_device(tch::Device::Cpu)?)?;
     Ok(((rows, target, seq), sums.into_iter().zip(counts.into_iter().map(|c| c as usize)).collect()))
@@ -214,7 +240,12 @@ impl DpoObjective {
 
     /// Policy log-probs of the batch's chosen and rejected sequences (no gradients), the pair losses, and the
     /// scored rows for the gradient pass.
-    fn losses(&self, model: &CausalLm, batch: &[&DpoExample], prefix: &str) -> Result<(Vec<PairLoss>, Tensor, Tensor, Tensor)> {
+    fn losses(
+        &self,
+        model: &CausalLm,
+        batch: &[&DpoExample],
+        prefix: &str,
+    ) -> Result<(Vec<PairLoss>, Tensor, Tensor, Tensor)> {
         let seqs: Vec<&SftExample> = batch.iter().map(|e| &e.chosen).chain(batch.iter().map(|e| &e.rejected)).collect();
         let ((rows, target, seq), lps) = scored_pass(model, &seqs, self.pad_id, self.chunk)?;
         let b = batch.len();

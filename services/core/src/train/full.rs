@@ -19,12 +19,19 @@ impl CausalLm {
         let mut out = vec![("model.embed_tokens.weight".to_owned(), self.embed_tokens.shallow_clone())];
         for (i, l) in self.layers.iter().enumerate() {
             out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.shallow_clone(),
+            ));
         }
         for (path, lin) in self.linears_mut() {
             match &lin.base {
                 BaseWeight::Dense(w) => out.push((format!("{path}.weight"), w.shallow_clone())),
-                BaseWeight::Nf4 { .. } => return Err(CoreError::InvalidArgument(format!("{path} is stored in NF4: full fine-tuning needs dense weights"))),
+                BaseWeight::Nf4 { .. } => {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "{path} is stored in NF4: full fine-tuning needs dense weights"
+                    )))
+                }
             }
             if let Some(b) = &lin.bias {
                 out.push((format!("{path}.bias"), b.shallow_clone()));

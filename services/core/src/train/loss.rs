@@ -74,7 +74,8 @@ pub fn causal_lm_loss(model: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk:
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        nll += chunk_nll(model, &rows.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?.f_double_value(&[])?;
+        nll +=
+            chunk_nll(model, &rows.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?.f_double_value(&[])?;
         start += len;
     }
     Ok(LossSum { nll, tokens: n as usize })
@@ -82,7 +83,13 @@ pub fn causal_lm_loss(model: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk:
 
 /// Loss with gradients: backpropagates `scale × Σ NLL` into the model (gradients accumulate into the
 /// leaves' `.grad`) and returns the unscaled sum.
-pub fn causal_lm_loss_backward(model: &CausalLm, hidden: &Tensor, labels: &Tensor, scale: f64, chunk: i64) -> Result<LossSum> {
+pub fn causal_lm_loss_backward(
+    model: &CausalLm,
+    hidden: &Tensor,
+    labels: &Tensor,
+    scale: f64,
+    chunk: i64,
+) -> Result<LossSum> {
     let (rows, target) = trained_rows(hidden, labels)?;
     let n = rows.size()[0];
     if n == 0 {

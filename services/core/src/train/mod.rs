@@ -90,7 +90,15 @@ impl MetricSums {
 
     /// TRL's pairwise metrics of one pair's rewards: rewards/chosen, rejected, accuracies, margins.
     pub fn add_rewards(&self, prefix: &str, chosen: f64, rejected: f64) {
-        self.add(prefix, &[("rewards/chosen", chosen), ("rewards/rejected", rejected), ("rewards/accuracies", f64::from(u8::from(chosen > rejected))), ("rewards/margins", chosen - rejected)]);
+        self.add(
+            prefix,
+            &[
+                ("rewards/chosen", chosen),
+                ("rewards/rejected", rejected),
+                ("rewards/accuracies", f64::from(u8::from(chosen > rejected))),
+                ("rewards/margins", chosen - rejected),
+            ],
+        );
     }
 
     /// The means since the last call (and a fresh start).
@@ -196,7 +204,10 @@ impl TrainConfig {
         if !(self.max_grad_norm >= 0.0) || !(self.weight_decay >= 0.0) {
             return bad("max_grad_norm and weight_decay must be >= 0".into());
         }
-        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) || !(self.adam_epsilon > 0.0) {
+        if !(0.0..1.0).contains(&self.adam_beta1)
+            || !(0.0..1.0).contains(&self.adam_beta2)
+            || !(self.adam_epsilon > 0.0)
+        {
             return bad("adam betas must be in [0, 1) and adam_epsilon > 0".into());
         }
         if self.loss_chunk_tokens == 0 {
@@ -329,7 +340,12 @@ pub fn train<O: Objective>(
     if let Some(dir) = &resume_from {
         run.state.load(model, dir)?;
     }
-    let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
+    let adam = AdamWConfig {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+    };
     let mut opt = AdamW::new(run.state.params(model), adam)?;
     if opt.params.is_empty() {
         return Err(CoreError::InvalidArgument("nothing to train: the model has no trainable parameters".into()));
@@ -379,7 +395,12 @@ pub fn train<O: Objective>(
         let (mut sum, mut units, mut grad_norm, mut skipped, mut amp) = (0.0, 0usize, 0.0, false, 1.0);
         for group in &updates {
             // f16 compute: dynamic loss scaling (see `scaler`).
-            let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| pos.loss_scale.map_or(scaler::LossScale { log2: cfg.init_loss_scale.log2() as i32, good_steps: 0 }, |(log2, good_steps)| scaler::LossScale { log2, good_steps }));
+            let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| {
+                pos.loss_scale.map_or(
+                    scaler::LossScale { log2: cfg.init_loss_scale.log2() as i32, good_steps: 0 },
+                    |(log2, good_steps)| scaler::LossScale { log2, good_steps },
+                )
+            });
             amp = loss_scale.map_or(1.0, |s| s.scale());
             let group_units: usize = group.iter().map(|&i| run.objective.micro_units(i, &micro[i])).sum();
             let scale = amp / group_units.max(1) as f64;
@@ -412,7 +433,10 @@ pub fn train<O: Objective>(
         // Each update's loss is a mean over its units; a step with several updates (PPO) reports their mean.
         last_loss = sum / units.max(1) as f64;
         if !last_loss.is_finite() {
-            return Err(CoreError::InvalidArgument(format!("loss became {last_loss} at step {}; lower the learning rate", pos.step)));
+            return Err(CoreError::InvalidArgument(format!(
+                "loss became {last_loss} at step {}; lower the learning rate",
+                pos.step
+            )));
         }
         let last = pos.step == cfg.max_steps;
         let eval_loss = if !run.eval.is_empty() && (last || (cfg.eval_steps > 0 && pos.step % cfg.eval_steps == 0)) {
@@ -448,7 +472,13 @@ pub fn train<O: Objective>(
     }
     model.set_training(false);
     run.state.save(model, run.output_dir)?;
-    Ok(TrainSummary { position: pos, final_loss: last_loss, final_eval_loss: last_eval, output_dir: run.output_dir.to_path_buf(), stopped })
+    Ok(TrainSummary {
+        position: pos,
+        final_loss: last_loss,
+        final_eval_loss: last_eval,
+        output_dir: run.output_dir.to_path_buf(),
+        stopped,
+    })
 }
 
 /// Mean loss per unit over `examples` (dropout off).

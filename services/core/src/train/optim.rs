@@ -138,7 +138,12 @@ impl AdamW {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.params
             .iter()
-            .flat_map(|p| [(format!("{}.exp_avg", p.name), p.m.shallow_clone()), (format!("{}.exp_avg_sq", p.name), p.v.shallow_clone())])
+            .flat_map(|p| {
+                [
+                    (format!("{}.exp_avg", p.name), p.m.shallow_clone()),
+                    (format!("{}.exp_avg_sq", p.name), p.v.shallow_clone()),
+                ]
+            })
             .collect()
     }
 
@@ -149,7 +154,10 @@ impl AdamW {
             let m = get(&format!("{}.exp_avg", p.name))?;
             let v = get(&format!("{}.exp_avg_sq", p.name))?;
             if m.size() != p.m.size() || v.size() != p.v.size() {
-                return Err(CoreError::InvalidArgument(format!("optimizer state for `{}` has the wrong shape", p.name)));
+                return Err(CoreError::InvalidArgument(format!(
+                    "optimizer state for `{}` has the wrong shape",
+                    p.name
+                )));
             }
             p.m.f_copy_(&m)?;
             p.v.f_copy_(&v)?;
@@ -179,11 +187,19 @@ mod tests {
         for (gp, gb) in grads {
             opt.zero_grad().unwrap();
             // d(Σ p·gp + Σ b·gb) = (gp, gb)
-            let loss = (&p * Tensor::from_slice(&gp).view([2, 3])).sum(Kind::Float) + (&b * Tensor::from_slice(&gb)).sum(Kind::Float);
+            let loss = (&p * Tensor::from_slice(&gp).view([2, 3])).sum(Kind::Float)
+                + (&b * Tensor::from_slice(&gb)).sum(Kind::Float);
             loss.backward();
             opt.step(0.1).unwrap();
         }
-        let want_p = [0.35384681820869446, -0.8144086599349976, 1.8608556985855103, -0.055319786071777344, -0.1795964390039444, -0.11192302405834198];
+        let want_p = [
+            0.35384681820869446,
+            -0.8144086599349976,
+            1.8608556985855103,
+            -0.055319786071777344,
+            -0.1795964390039444,
+            -0.11192302405834198,
+        ];
         let want_b = [0.048196058720350266, -0.13779973983764648];
         let got_p: Vec<f32> = Vec::try_from(p.detach().view([-1])).unwrap();
         let got_b: Vec<f32> = Vec::try_from(b.detach()).unwrap();

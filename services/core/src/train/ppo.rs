@@ -105,7 +105,13 @@ fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// every argument `[b, t]` → (scalar, scalar).
-pub fn policy_loss(new_logp: &Tensor, old_logp: &Tensor, advantages: &Tensor, mask: &Tensor, clip: f64) -> Result<(Tensor, f64)> {
+pub fn policy_loss(
+    new_logp: &Tensor,
+    old_logp: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    clip: f64,
+) -> Result<(Tensor, f64)> {
     let ratio = new_logp.f_sub(old_logp)?.f_exp()?;
     let l1 = advantages.f_neg()?.f_mul(&ratio)?;
     let l2 = advantages.f_neg()?.f_mul(&ratio.f_clamp(1.0 - clip, 1.0 + clip)?)?;
@@ -116,7 +122,8 @@ pub fn policy_loss(new_logp: &Tensor, old_logp: &Tensor, advantages: &Tensor, ma
 
 /// The clipped value loss `0.5·mean(max((V − R)², (clip(V, V_old ± ε) − R)²))` over `mask`.
 pub fn value_loss(values: &Tensor, old_values: &Tensor, returns: &Tensor, mask: &Tensor, clip: f64) -> Result<Tensor> {
-    let clipped = values.f_clamp_tensor(Some(&old_values.f_sub_scalar(clip)?), Some(&old_values.f_add_scalar(clip)?))?;
+    let clipped =
+        values.f_clamp_tensor(Some(&old_values.f_sub_scalar(clip)?), Some(&old_values.f_add_scalar(clip)?))?;
     let l1 = values.f_sub(returns)?.f_square()?;
     let l2 = clipped.f_sub(returns)?.f_square()?;
     Ok(masked_mean(&l1.f_maximum(&l2)?, mask)?.f_mul_scalar(0.5)?)
@@ -175,7 +182,14 @@ mod tests {
     fn clipped_losses_by_hand() {
         let t = |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).view([1, v.len() as i64]);
         // ρ = 1.5 with A = 1 → clipped at 1.2: −1.2; ρ = 0.5 with A = −1 → max(0.5, 0.8) = 0.8.
-        let (l, frac) = policy_loss(&t(&[1.5f64.ln(), 0.5f64.ln(), 0.0]), &t(&[0.0, 0.0, 0.0]), &t(&[1.0, -1.0, 5.0]), &t(&[1.0, 1.0, 0.0]), 0.2).unwrap();
+        let (l, frac) = policy_loss(
+            &t(&[1.5f64.ln(), 0.5f64.ln(), 0.0]),
+            &t(&[0.0, 0.0, 0.0]),
+            &t(&[1.0, -1.0, 5.0]),
+            &t(&[1.0, 1.0, 0.0]),
+            0.2,
+        )
+        .unwrap();
         assert!((l.double_value(&[]) - (-0.2)).abs() < 1e-6, "{}", l.double_value(&[]));
         assert!((frac - 1.0).abs() < 1e-9);
         // V = 2, V_old = 1, R = 3, ε = 0.2: max(1, (1.2 − 3)²) / 2 = 1.62.

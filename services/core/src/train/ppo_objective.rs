@@ -146,7 +146,9 @@ impl PpoConfig {
         if !(self.cliprange > 0.0 && self.cliprange < 1.0) || !(self.cliprange_value > 0.0) {
             return bad("cliprange must be in (0, 1) and cliprange_value > 0".into());
         }
-        if !(self.vf_coef.is_finite() && self.vf_coef >= 0.0) || !(self.missing_eos_penalty.is_finite() && self.missing_eos_penalty >= 0.0) {
+        if !(self.vf_coef.is_finite() && self.vf_coef >= 0.0)
+            || !(self.missing_eos_penalty.is_finite() && self.missing_eos_penalty >= 0.0)
+        {
             return bad("vf_coef and missing_eos_penalty must be >= 0".into());
         }
         Ok(())
@@ -232,14 +234,24 @@ fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: 
     let logits = model.logits(&rows)?.f_to_kind(Kind::Float)?.f_div_scalar(temperature)?;
     let lp = logits.f_log_softmax(-1, Kind::Float)?;
     let logp = lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
-    let entropy = if pass == Pass::Rollout { Some(lp.f_exp()?.f_mul(&lp)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_neg()?) } else { None };
+    let entropy = if pass == Pass::Rollout {
+        Some(lp.f_exp()?.f_mul(&lp)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_neg()?)
+    } else {
+        None
+    };
     let values = if pass != Pass::Reference {
-        let head = model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the policy has no value head".into()))?;
+        let head =
+            model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the policy has no value head".into()))?;
         Some(rows.f_to_kind(Kind::Float)?.f_linear::<Tensor>(head, None)?.f_squeeze_dim(1)?)
     } else {
         None
     };
-    Ok(TokenStats { logp, entropy, values, counts: seqs.iter().map(|s| s.labels.iter().skip(1).filter(|&&l| l != -100).count()).collect() })
+    Ok(TokenStats {
+        logp,
+        entropy,
+        values,
+        counts: seqs.iter().map(|s| s.labels.iter().skip(1).filter(|&&l| l != -100).count()).collect(),
+    })
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
@@ -277,16 +289,39 @@ pub struct PpoObjective<'a> {
 
 impl<'a> PpoObjective<'a> {
     /// The objective.
-    pub fn new(cfg: PpoConfig, pad_id: u32, eos_ids: Vec<u32>, tokenizer: &'a Tokenizer, scorer: &'a Scorer<'a>, seed: u64) -> Self {
+    pub fn new(
+        cfg: PpoConfig,
+        pad_id: u32,
+        eos_ids: Vec<u32>,
+        tokenizer: &'a Tokenizer,
+        scorer: &'a Scorer<'a>,
+        seed: u64,
+    ) -> Self {
         let kl = cfg.kl_coef;
-        Self { cfg, pad_id, eos_ids, tokenizer, scorer, seed, kl_coef: Cell::new(kl), rollouts: RefCell::new(vec![]), metrics: MetricSums::default() }
+        Self {
+            cfg,
+            pad_id,
+            eos_ids,
+            tokenizer,
+            scorer,
+            seed,
+            kl_coef: Cell::new(kl),
+            rollouts: RefCell::new(vec![]),
+            metrics: MetricSums::default(),
+        }
     }
 
     /// Samples one response per prompt (row i of the batch uses stream (seed, i)) and scores it.
     fn sample(&self, model: &CausalLm, prompts: &[&PpoPrompt], seed: u64) -> Result<Vec<Rollout>> {
         let opts = GenerateOptions {
             max_new_tokens: self.cfg.max_new_tokens,
-            sampling: SamplingParams { greedy: false, temperature: self.cfg.temperature as f32, top_k: None, top_p: None, repetition_penalty: 1.0 },
+            sampling: SamplingParams {
+                greedy: false,
+                temperature: self.cfg.temperature as f32,
+                top_k: None,
+                top_p: None,
+                repetition_penalty: 1.0,
+            },
             seed,
             eos_ids: self.eos_ids.clone(),
             stop_strings: vec![],
@@ -294,10 +329,15 @@ impl<'a> PpoObjective<'a> {
         };
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
         let gen = generate(model, self.tokenizer, &ids, &opts, &mut |_| {})?;
-        let items: Vec<(String, String)> = prompts.iter().zip(&gen).map(|(p, g)| (p.text.clone(), g.text.clone())).collect();
+        let items: Vec<(String, String)> =
+            prompts.iter().zip(&gen).map(|(p, g)| (p.text.clone(), g.text.clone())).collect();
         let scores = (self.scorer)(&items)?;
         if scores.len() != gen.len() {
-            return Err(CoreError::InvalidArgument(format!("the scorer returned {} scores for {} responses", scores.len(), gen.len())));
+            return Err(CoreError::InvalidArgument(format!(
+                "the scorer returned {} scores for {} responses",
+                scores.len(),
+                gen.len()
+            )));
         }
         Ok(prompts
             .iter()
@@ -342,17 +382,20 @@ impl<'a> PpoObjective<'a> {
             let kl = token_kl(&r.logp, &r.ref_logp, self.cfg.kl_estimator);
             let kl_sum: f64 = kl.iter().sum();
             kl_sums.push(kl_sum);
-            self.metrics.add("", &[
-                ("objective/scores", r.score),
-                ("objective/kl", kl_sum),
-                ("objective/entropy", -r.logp.iter().sum::<f64>()),
-                ("objective/non_score_reward", -beta * kl_sum),
-                ("objective/rlhf_reward", r.score - beta * kl_sum),
-                ("policy/entropy_avg", entropy[i].iter().sum::<f64>() / entropy[i].len().max(1) as f64),
-                ("val/response_length", r.response.len() as f64),
-                ("val/eos_fraction", f64::from(u8::from(r.ended_with_eos))),
-                ("objective/kl_coef", beta),
-            ]);
+            self.metrics.add(
+                "",
+                &[
+                    ("objective/scores", r.score),
+                    ("objective/kl", kl_sum),
+                    ("objective/entropy", -r.logp.iter().sum::<f64>()),
+                    ("objective/non_score_reward", -beta * kl_sum),
+                    ("objective/rlhf_reward", r.score - beta * kl_sum),
+                    ("policy/entropy_avg", entropy[i].iter().sum::<f64>() / entropy[i].len().max(1) as f64),
+                    ("val/response_length", r.response.len() as f64),
+                    ("val/eos_fraction", f64::from(u8::from(r.ended_with_eos))),
+                    ("objective/kl_coef", beta),
+                ],
+            );
             rewards.push(token_rewards(&kl, beta, r.score, r.ended_with_eos, self.cfg.missing_eos_penalty));
         }
         if self.cfg.whiten_rewards {
@@ -390,7 +433,8 @@ impl<'a> PpoObjective<'a> {
             let v: Vec<f32> = rs.iter().flat_map(|r| f(r).iter().map(|&x| x as f32)).collect();
             Ok(Tensor::f_from_slice(&v)?.f_to_device(dev)?)
         };
-        let (old, adv, ret, old_v) = (flat(&|r| &r.logp)?, flat(&|r| &r.advantages)?, flat(&|r| &r.returns)?, flat(&|r| &r.values)?);
+        let (old, adv, ret, old_v) =
+            (flat(&|r| &r.logp)?, flat(&|r| &r.advantages)?, flat(&|r| &r.returns)?, flat(&|r| &r.values)?);
         let n: usize = st.counts.iter().sum();
         let mask = Tensor::f_ones([n as i64], (Kind::Float, dev))?;
         let values = st.values.as_ref().expect("asked for values");
@@ -400,16 +444,25 @@ impl<'a> PpoObjective<'a> {
         let _guard = tch::no_grad_guard();
         let diff = st.logp.f_sub(&old)?;
         let approxkl = diff.f_square()?.f_mean(Kind::Float)?.f_double_value(&[])? * 0.5;
-        let vclip = values.f_sub(&old_v)?.f_abs()?.f_gt(self.cfg.cliprange_value)?.f_to_kind(Kind::Float)?.f_mean(Kind::Float)?.f_double_value(&[])?;
+        let vclip = values
+            .f_sub(&old_v)?
+            .f_abs()?
+            .f_gt(self.cfg.cliprange_value)?
+            .f_to_kind(Kind::Float)?
+            .f_mean(Kind::Float)?
+            .f_double_value(&[])?;
         let ratio = diff.f_exp()?.f_mean(Kind::Float)?.f_double_value(&[])?;
-        self.metrics.add("", &[
-            ("policy/clipfrac_avg", clipfrac),
-            ("policy/approxkl_avg", approxkl),
-            ("loss/policy_avg", pg.f_double_value(&[])?),
-            ("loss/value_avg", vf.f_double_value(&[])?),
-            ("val/clipfrac_avg", vclip),
-            ("val/ratio", ratio),
-        ]);
+        self.metrics.add(
+            "",
+            &[
+                ("policy/clipfrac_avg", clipfrac),
+                ("policy/approxkl_avg", approxkl),
+                ("loss/policy_avg", pg.f_double_value(&[])?),
+                ("loss/value_avg", vf.f_double_value(&[])?),
+                ("val/clipfrac_avg", vclip),
+                ("val/ratio", ratio),
+            ],
+        );
         Ok((loss, n))
     }
 
@@ -447,7 +500,9 @@ impl Objective for PpoObjective<'_> {
 
     fn backward_micro(&self, model: &CausalLm, index: usize, _: &[&PpoPrompt], scale: f64) -> Result<LossSum> {
         let rollouts = self.rollouts.borrow();
-        let rs = rollouts.get(index).ok_or_else(|| CoreError::InvalidArgument(format!("PPO: no rollouts for micro-batch {index}")))?;
+        let rs = rollouts
+            .get(index)
+            .ok_or_else(|| CoreError::InvalidArgument(format!("PPO: no rollouts for micro-batch {index}")))?;
         let (loss, n) = self.update_loss(model, rs)?;
         let value = loss.f_double_value(&[])?;
         loss.f_mul_scalar(scale)?.f_backward()?;
@@ -460,10 +515,18 @@ impl Objective for PpoObjective<'_> {
 
     fn eval(&self, model: &CausalLm, batch: &[&PpoPrompt]) -> Result<LossSum> {
         let _guard = tch::no_grad_guard();
-        let prompts: Vec<&PpoPrompt> = batch.iter().flat_map(|p| std::iter::repeat_n(*p, self.cfg.eval_samples)).collect();
+        let prompts: Vec<&PpoPrompt> =
+            batch.iter().flat_map(|p| std::iter::repeat_n(*p, self.cfg.eval_samples)).collect();
         let rs = self.sample(model, &prompts, self.seed ^ 0x0E7A_15EE_D000_0001)?;
         for r in &rs {
-            self.metrics.add("eval_", &[("objective/scores", r.score), ("val/response_length", r.response.len() as f64), ("val/eos_fraction", f64::from(u8::from(r.ended_with_eos)))]);
+            self.metrics.add(
+                "eval_",
+                &[
+                    ("objective/scores", r.score),
+                    ("val/response_length", r.response.len() as f64),
+                    ("val/eos_fraction", f64::from(u8::from(r.ended_with_eos))),
+                ],
+            );
         }
         Ok(LossSum { nll: -rs.iter().map(|r| r.score).sum::<f64>(), tokens: rs.len() })
     }
@@ -510,7 +573,8 @@ impl TrainableState for PolicyValueState {
 
     fn save(&self, model: &mut CausalLm, dir: &Path) -> Result<()> {
         save_peft(model, &self.cfg, &self.base_model, dir)?;
-        let head = model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the policy has no value head".into()))?;
+        let head =
+            model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the policy has no value head".into()))?;
         crate::weights::save_safetensors(&dir.join(VALUE_HEAD_FILE), &[(VALUE_KEY.to_owned(), head.f_detach()?)])
     }
 

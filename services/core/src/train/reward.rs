@@ -36,8 +36,12 @@ pub struct RewardConfig {
 impl RewardConfig {
     /// Rejects values no run can use.
     pub fn validate(&self) -> Result<()> {
-        if !self.margin.is_finite() || !(self.center_rewards_coefficient.is_finite() && self.center_rewards_coefficient >= 0.0) {
-            return Err(CoreError::InvalidArgument("reward.margin must be finite and reward.center_rewards_coefficient >= 0".into()));
+        if !self.margin.is_finite()
+            || !(self.center_rewards_coefficient.is_finite() && self.center_rewards_coefficient >= 0.0)
+        {
+            return Err(CoreError::InvalidArgument(
+                "reward.margin must be finite and reward.center_rewards_coefficient >= 0".into(),
+            ));
         }
         Ok(())
     }
@@ -54,7 +58,8 @@ impl CausalLm {
                 ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
             })
             .collect();
-        self.score = Some(Tensor::f_from_slice(&vals)?.f_view([1, h])?.f_to_device(self.device())?.f_set_requires_grad(true)?);
+        self.score =
+            Some(Tensor::f_from_slice(&vals)?.f_view([1, h])?.f_to_device(self.device())?.f_set_requires_grad(true)?);
         Ok(())
     }
 
@@ -63,9 +68,13 @@ impl CausalLm {
     /// # Shapes
     /// `hidden`: `[b, s, h]` → `[b]` (f32).
     pub fn sequence_scores(&self, hidden: &Tensor, last: &[i64]) -> Result<Tensor> {
-        let head = self.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the model has no score head (not a reward model)".into()))?;
+        let head = self
+            .score
+            .as_ref()
+            .ok_or_else(|| CoreError::InvalidArgument("the model has no score head (not a reward model)".into()))?;
         let (b, _, h) = hidden.size3()?;
-        let idx = Tensor::f_from_slice(last)?.f_to_device(hidden.device())?.f_view([b, 1, 1])?.f_expand([b, 1, h], false)?;
+        let idx =
+            Tensor::f_from_slice(last)?.f_to_device(hidden.device())?.f_view([b, 1, 1])?.f_expand([b, 1, h], false)?;
         let x = hidden.f_gather(1, &idx, false)?.f_squeeze_dim(1)?.f_to_kind(Kind::Float)?;
         Ok(x.f_linear::<Tensor>(head, None)?.f_squeeze_dim(1)?)
     }
@@ -114,7 +123,10 @@ impl RewardObjective {
         if self.cfg.center_rewards_coefficient > 0.0 {
             loss = loss.f_add(&rc.f_add(&rr)?.f_square()?.f_mul_scalar(self.cfg.center_rewards_coefficient)?)?;
         }
-        let (c, j) = (Vec::<f32>::try_from(&rc.f_detach()?.f_to_device(tch::Device::Cpu)?)?, Vec::<f32>::try_from(&rr.f_detach()?.f_to_device(tch::Device::Cpu)?)?);
+        let (c, j) = (
+            Vec::<f32>::try_from(&rc.f_detach()?.f_to_device(tch::Device::Cpu)?)?,
+            Vec::<f32>::try_from(&rr.f_detach()?.f_to_device(tch::Device::Cpu)?)?,
+        );
         for (x, y) in c.iter().zip(&j) {
             self.metrics.add_rewards(prefix, *x as f64, *y as f64);
         }
@@ -177,11 +189,16 @@ impl TrainableState for RewardState {
 /// Saves LoRA + head: `adapter_config.json` with `task_type: SEQ_CLS`, `modules_to_save: ["score"]`,
 /// `num_labels` = 1, and the head in `adapter_model.safetensors` as [`SCORE_KEY`].
 pub fn save_reward_model(model: &mut CausalLm, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
-    let head = model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the model has no score head".into()))?.shallow_clone();
+    let head = model
+        .score
+        .as_ref()
+        .ok_or_else(|| CoreError::InvalidArgument("the model has no score head".into()))?
+        .shallow_clone();
     save_peft(model, cfg, base_model, dir)?;
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
-    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     v["task_type"] = serde_json::json!("SEQ_CLS");
     v["modules_to_save"] = serde_json::json!(["classifier", "score"]);
     crate::weights::write_atomically(&cfg_path, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
@@ -195,7 +212,10 @@ pub fn save_reward_model(model: &mut CausalLm, cfg: &LoraConfig, base_model: &st
 pub fn load_reward_model(model: &mut CausalLm, dir: &Path) -> Result<()> {
     let cfg = load_peft(model, dir)?;
     if cfg.task_type.as_deref() != Some("SEQ_CLS") {
-        return Err(CoreError::config(dir.join("adapter_config.json"), format!("task_type {:?}: a reward model is SEQ_CLS", cfg.task_type)));
+        return Err(CoreError::config(
+            dir.join("adapter_config.json"),
+            format!("task_type {:?}: a reward model is SEQ_CLS", cfg.task_type),
+        ));
     }
     let w = dir.join("adapter_model.safetensors");
     let files = WeightFiles::open_files(&[w.clone()])?;

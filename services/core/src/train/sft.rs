@@ -103,8 +103,10 @@ impl SftObjective {
         // Without padding the model can use plain causal attention (libtorch's fused kernel, which never
         // materialises the [b, heads, s, s] attention matrix); with padding it needs the explicit mask.
         let padded = batch.iter().any(|e| e.input_ids.len() != len);
-        let mask = if padded || packed { Some(Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(dev)?) } else { None };
-        let positions = if packed { Some(Tensor::f_from_slice(&positions)?.f_view(shape)?.f_to_device(dev)?) } else { None };
+        let mask =
+            if padded || packed { Some(Tensor::f_from_slice(&mask)?.f_view(shape)?.f_to_device(dev)?) } else { None };
+        let positions =
+            if packed { Some(Tensor::f_from_slice(&positions)?.f_view(shape)?.f_to_device(dev)?) } else { None };
         Ok(Collated {
             ids: Tensor::f_from_slice(&ids)?.f_view(shape)?.f_to_device(dev)?,
             mask,

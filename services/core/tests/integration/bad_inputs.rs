@@ -43,7 +43,10 @@ fn unknown_model_type_is_named() {
 fn unsupported_rope_type_is_named() {
     let d = copy_fixture("llama3-rope");
     edit_config(d.path(), |c| {
-        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}));
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+        );
     });
     let e = load_err(d.path());
     assert!(e.contains("unsupported rope type `yarn`"), "{e}");
@@ -56,7 +59,12 @@ fn weight_shape_mismatch_names_tensor_and_file() {
         c.insert("intermediate_size".into(), 100.into());
     });
     let e = load_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape mismatch"), "{e}");
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("shape mismatch"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -31,7 +31,8 @@ fn combinations_equal_peft_add_weighted_adapter() {
         let adapters: Vec<(PathBuf, f64)> = inputs.iter().map(|(n, w)| (dir(n), *w)).collect();
         assert_eq!(combine(&adapters, how, &out).unwrap(), rank, "{case}");
         let ours = WeightFiles::open_files(&[out.join("adapter_model.safetensors")]).unwrap();
-        let want: Vec<&str> = reference.names().filter(|n| n.starts_with(&format!("{case}/")) && !n.ends_with("/logits")).collect();
+        let want: Vec<&str> =
+            reference.names().filter(|n| n.starts_with(&format!("{case}/")) && !n.ends_with("/logits")).collect();
         assert_eq!(ours.names().count(), want.len(), "{case}: tensor count");
         for name in want {
             let key = name.strip_prefix(&format!("{case}/")).unwrap();
@@ -51,9 +52,12 @@ fn combinations_equal_peft_add_weighted_adapter() {
 #[test]
 fn bad_combinations_are_clear_errors() {
     let t = tempfile::tempdir().unwrap();
-    let e = combine(&[(dir("a"), 1.0), (dir("c"), 1.0)], Combination::Linear, &t.path().join("x")).unwrap_err().to_string();
+    let e =
+        combine(&[(dir("a"), 1.0), (dir("c"), 1.0)], Combination::Linear, &t.path().join("x")).unwrap_err().to_string();
     assert!(e.contains("one rank") && e.contains("cat"), "{e}");
-    let e = combine(&[(dir("a"), 1.0), (dir("b"), 1.0)], Combination::Ties(0.0), &t.path().join("x")).unwrap_err().to_string();
+    let e = combine(&[(dir("a"), 1.0), (dir("b"), 1.0)], Combination::Ties(0.0), &t.path().join("x"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("density"), "{e}");
     let e = combine(&[(dir("a"), f64::NAN)], Combination::Linear, &t.path().join("x")).unwrap_err().to_string();
     assert!(e.contains("not finite"), "{e}");

@@ -24,19 +24,40 @@ fn losses_equal_trl_formulas() {
         .iter()
         .map(|x| {
             let f = |i: usize| x[i].as_f64().unwrap();
-            PairLogps { chosen: f(0), rejected: f(1), ref_chosen: f(2), ref_rejected: f(3), chosen_tokens: f(4) as usize, rejected_tokens: f(5) as usize }
+            PairLogps {
+                chosen: f(0),
+                rejected: f(1),
+                ref_chosen: f(2),
+                ref_rejected: f(3),
+                chosen_tokens: f(4) as usize,
+                rejected_tokens: f(5) as usize,
+            }
         })
         .collect();
     let mut checked = 0;
     for case in v["cases"].as_array().unwrap() {
         let loss_type: DpoLoss = serde_json::from_value(case["loss_type"].clone()).unwrap();
-        let cfg = DpoConfig { beta: case["beta"].as_f64().unwrap(), loss_type, label_smoothing: case["label_smoothing"].as_f64().unwrap() };
+        let cfg = DpoConfig {
+            beta: case["beta"].as_f64().unwrap(),
+            loss_type,
+            label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+        };
         cfg.validate().unwrap();
         for (i, p) in pairs.iter().enumerate() {
             let got = pair_loss(p, &cfg);
-            for (name, ours) in [("loss", got.loss), ("d_chosen", got.d_chosen), ("d_rejected", got.d_rejected), ("reward_chosen", got.reward_chosen), ("reward_rejected", got.reward_rejected)] {
+            for (name, ours) in [
+                ("loss", got.loss),
+                ("d_chosen", got.d_chosen),
+                ("d_rejected", got.d_rejected),
+                ("reward_chosen", got.reward_chosen),
+                ("reward_rejected", got.reward_rejected),
+            ] {
                 let want = case[name][i].as_f64().unwrap();
-                assert!((ours - want).abs() <= 1e-12 * want.abs().max(1.0), "{loss_type:?} β={} pair {i} {name}: {ours} vs TRL {want}", cfg.beta);
+                assert!(
+                    (ours - want).abs() <= 1e-12 * want.abs().max(1.0),
+                    "{loss_type:?} β={} pair {i} {name}: {ours} vs TRL {want}",
+                    cfg.beta
+                );
                 checked += 1;
             }
         }
@@ -44,12 +65,16 @@ fn losses_equal_trl_formulas() {
     assert_eq!(checked, 8 * 4 * 5);
     assert!(DpoConfig { beta: 0.0, ..Default::default() }.validate().is_err());
     assert!(DpoConfig { loss_type: DpoLoss::Robust, label_smoothing: 0.5, ..Default::default() }.validate().is_err());
-    assert!(DpoConfig { label_smoothing: 0.1, ..Default::default() }.validate().is_err(), "smoothing is for robust only");
+    assert!(
+        DpoConfig { label_smoothing: 0.1, ..Default::default() }.validate().is_err(),
+        "smoothing is for robust only"
+    );
 }
 
 fn lora_model() -> CausalLm {
     let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
-    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false }, 3).unwrap();
+    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false }, 3)
+        .unwrap();
     let _g = tch::no_grad_guard();
     for (_, lin) in m.linears_mut() {
         let b = &mut lin.lora.as_mut().unwrap().b;
@@ -113,7 +138,8 @@ fn chunked_backward_equals_autograd_through_full_logits() {
     let data = pairs(&mut m, 3, 5);
     let batch: Vec<&DpoExample> = data.iter().collect();
     for loss_type in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::Robust] {
-        let cfg = DpoConfig { beta: 0.5, loss_type, label_smoothing: if loss_type == DpoLoss::Robust { 0.2 } else { 0.0 } };
+        let cfg =
+            DpoConfig { beta: 0.5, loss_type, label_smoothing: if loss_type == DpoLoss::Robust { 0.2 } else { 0.0 } };
         for (_, t) in m.lora_tensors() {
             let mut g = t.grad();
             if g.defined() {
@@ -136,7 +162,8 @@ fn chunked_backward_equals_autograd_through_full_logits() {
                 DpoLoss::Sigmoid => -(b * (&sc - &sr)).log_sigmoid(),
                 DpoLoss::Robust => {
                     let e2 = cfg.label_smoothing;
-                    (-(1.0 - e2) * (b * (&sc - &sr)).log_sigmoid() + e2 * (-b * (&sc - &sr)).log_sigmoid()) / (1.0 - 2.0 * e2)
+                    (-(1.0 - e2) * (b * (&sc - &sr)).log_sigmoid() + e2 * (-b * (&sc - &sr)).log_sigmoid())
+                        / (1.0 - 2.0 * e2)
                 }
                 DpoLoss::Ipo => {
                     let nc = e.chosen.labels.iter().skip(1).filter(|&&x| x != -100).count() as f64;
@@ -147,7 +174,12 @@ fn chunked_backward_equals_autograd_through_full_logits() {
             };
             total = total + loss;
         }
-        assert!((total.double_value(&[]) - l.nll).abs() < 1e-4, "{loss_type:?}: loss {} vs {}", total.double_value(&[]), l.nll);
+        assert!(
+            (total.double_value(&[]) - l.nll).abs() < 1e-4,
+            "{loss_type:?}: loss {} vs {}",
+            total.double_value(&[]),
+            l.nll
+        );
         (total / 3.0).backward();
         let direct = grads(&mut m);
         let (mut num, mut den) = (0f64, 0f64);
@@ -155,7 +187,11 @@ fn chunked_backward_equals_autograd_through_full_logits() {
             num += (a - b).square().sum(Kind::Double).double_value(&[]);
             den += b.square().sum(Kind::Double).double_value(&[]);
         }
-        assert!(den > 0.0 && (num / den).sqrt() < 1e-4, "{loss_type:?}: relative gradient error {}", (num / den).sqrt());
+        assert!(
+            den > 0.0 && (num / den).sqrt() < 1e-4,
+            "{loss_type:?}: relative gradient error {}",
+            (num / den).sqrt()
+        );
     }
 }
 
@@ -164,20 +200,42 @@ fn dpo_training_raises_preference_accuracy() {
     let mut m = lora_model();
     let data = pairs(&mut m, 6, 9);
     let t = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig { learning_rate: 2e-2, max_steps: 25, micro_batch_size: 3, warmup_steps: 0, eval_steps: 25, seed: 1, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        learning_rate: 2e-2,
+        max_steps: 25,
+        micro_batch_size: 3,
+        warmup_steps: 0,
+        eval_steps: 25,
+        seed: 1,
+        ..TrainConfig::default()
+    };
     let obj = DpoObjective::new(0, 16, DpoConfig { beta: 0.5, ..Default::default() });
-    let state = LoraState { cfg: LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false }, base_model: "tiny".into() };
+    let state = LoraState {
+        cfg: LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false },
+        base_model: "tiny".into(),
+    };
     let tokens_of = |e: &DpoExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
     let before = {
         let _g = tch::no_grad_guard();
         obj.eval(&m, &data.iter().collect::<Vec<_>>()).unwrap();
         obj.take_metrics()
     };
-    let run = Run { objective: &obj, train: &data, eval: &data, state: &state, cfg: &cfg, output_dir: t.path(), tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: &data,
+        eval: &data,
+        state: &state,
+        cfg: &cfg,
+        output_dir: t.path(),
+        tokens_of: &tokens_of,
+    };
     let mut last = Default::default();
     let s = train(&mut m, &run, false, &mut |ev| last = ev.metrics.clone(), &|| false).unwrap();
     let (acc0, acc1) = (before["eval_rewards/accuracies"], last["eval_rewards/accuracies"]);
-    println!("held-in preference accuracy {acc0} → {acc1}; margin {} → {}; loss → {}", before["eval_rewards/margins"], last["eval_rewards/margins"], s.final_loss);
+    println!(
+        "held-in preference accuracy {acc0} → {acc1}; margin {} → {}; loss → {}",
+        before["eval_rewards/margins"], last["eval_rewards/margins"], s.final_loss
+    );
     assert_eq!(acc1, 1.0);
     assert!(last["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.5);
     assert!(s.final_eval_loss.unwrap() < 0.5 * std::f64::consts::LN_2);

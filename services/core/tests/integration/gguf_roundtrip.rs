@@ -112,9 +112,11 @@ fn f32_bytes(t: &Tensor) -> Vec<u8> {
 /// The `llama-linear-sharded` fixture as a llama.cpp would write it.
 fn fixture_as_gguf() -> Writer {
     let dir = tiny_dir("llama-linear-sharded");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let files = WeightFiles::open_dir(&dir).unwrap();
-    let (heads, kv_heads) = (cfg["num_attention_heads"].as_i64().unwrap(), cfg["num_key_value_heads"].as_i64().unwrap());
+    let (heads, kv_heads) =
+        (cfg["num_attention_heads"].as_i64().unwrap(), cfg["num_key_value_heads"].as_i64().unwrap());
     let mut w = Writer::default();
     let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
     w.kv("general.architecture", Kv::Str("llama".into()));
@@ -160,7 +162,13 @@ fn fixture_as_gguf() -> Writer {
             gg = gg.replace(a, b);
         }
         // llama.cpp's permute: rows of each head reordered from halves to interleaved pairs.
-        let n = if gg.contains("attn_q") { Some(heads) } else if gg.contains("attn_k") { Some(kv_heads) } else { None };
+        let n = if gg.contains("attn_q") {
+            Some(heads)
+        } else if gg.contains("attn_k") {
+            Some(kv_heads)
+        } else {
+            None
+        };
         let t = match n {
             Some(n) => {
                 let (out, inp) = (t.size()[0], t.size()[1]);
@@ -197,7 +205,8 @@ fn imported_gguf_reproduces_transformers_logits() {
     let tok = Tokenizer::from_dir(&out).unwrap();
     assert_eq!(tok.encode("hi!").unwrap(), vec![104, 105, 33]);
     assert_eq!(tok.encode(" é").unwrap().len(), 3, "space + two UTF-8 bytes");
-    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["eos_token"], byte_chars()[2].to_string());
     assert!(tc["chat_template"].as_str().unwrap().contains("messages"));
 }

@@ -28,7 +28,10 @@ fn cached_steps_equal_full_forward() {
                 let mut d = max_abs_diff(&got.get(0), &full.get(0).narrow(0, p, n));
                 let skip = if masked { (PAD - p).clamp(0, n) } else { 0 };
                 if skip < n {
-                    d = d.max(max_abs_diff(&got.get(1).narrow(0, skip, n - skip), &full.get(1).narrow(0, p + skip, n - skip)));
+                    d = d.max(max_abs_diff(
+                        &got.get(1).narrow(0, skip, n - skip),
+                        &full.get(1).narrow(0, p + skip, n - skip),
+                    ));
                 }
                 d
             };

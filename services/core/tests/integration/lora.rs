@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrotune_core::lora::{load_peft, save_peft, LoraConfig, Targets};
 use ferrotune_core::load_model;
+use ferrotune_core::lora::{load_peft, save_peft, LoraConfig, Targets};
 use ferrotune_core::models::decoder::BaseWeight;
 use tch::{Device, Kind, Tensor};
 
@@ -15,7 +15,8 @@ fn lora_fixture(name: &str) -> PathBuf {
 }
 
 fn lora_reference(name: &str) -> Tensor {
-    let f = ferrotune_core::weights::WeightFiles::open_files(&[lora_fixture(name).join("reference.safetensors")]).unwrap();
+    let f =
+        ferrotune_core::weights::WeightFiles::open_files(&[lora_fixture(name).join("reference.safetensors")]).unwrap();
     f.load_raw("logits").unwrap()
 }
 
@@ -66,7 +67,13 @@ fn adapter_forward_equals_merged_weights() {
 #[test]
 fn fresh_adapter_is_identity_and_trains_only_a_and_b() {
     let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
-    let cfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]), use_rslora: false };
+    let cfg = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
+        targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+        use_rslora: false,
+    };
     assert_eq!(model.add_lora(&cfg, 0).unwrap(), 4);
     let (ids, base) = reference("llama3-rope");
     let out = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
@@ -96,14 +103,19 @@ fn saved_adapter_has_peft_layout_and_reloads() {
     randomise_b(&mut model);
     let tmp = tempfile::tempdir().unwrap();
     save_peft(&mut model, &cfg, "tiny/mistral-window", tmp.path()).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(c["peft_type"], "LORA");
     assert_eq!(c["task_type"], "CAUSAL_LM");
-    assert_eq!((c["r"].as_i64(), c["lora_alpha"].as_f64(), c["use_rslora"].as_bool()), (Some(2), Some(4.0), Some(true)));
+    assert_eq!(
+        (c["r"].as_i64(), c["lora_alpha"].as_f64(), c["use_rslora"].as_bool()),
+        (Some(2), Some(4.0), Some(true))
+    );
     assert_eq!(c["bias"], "none");
     assert_eq!(c["base_model_name_or_path"], "tiny/mistral-window");
     assert_eq!(c["target_modules"].as_array().unwrap().len(), 7);
-    let files = ferrotune_core::weights::WeightFiles::open_files(&[tmp.path().join("adapter_model.safetensors")]).unwrap();
+    let files =
+        ferrotune_core::weights::WeightFiles::open_files(&[tmp.path().join("adapter_model.safetensors")]).unwrap();
     assert_eq!(files.names().count(), 2 * 7 * 2);
     assert_eq!(files.load_raw("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").unwrap().size(), [64, 2]);
     let (ids, _) = reference("mistral-window");
@@ -118,9 +130,16 @@ fn saved_adapter_has_peft_layout_and_reloads() {
 fn bad_adapters_are_errors() {
     let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
     let ok = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
-    assert!(model.add_lora(&LoraConfig { r: 0, ..ok.clone() }, 0).unwrap_err().to_string().contains("r must be positive"));
+    assert!(model
+        .add_lora(&LoraConfig { r: 0, ..ok.clone() }, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("r must be positive"));
     assert!(model.add_lora(&LoraConfig { dropout: 1.5, ..ok.clone() }, 0).is_err());
-    let e = model.add_lora(&LoraConfig { targets: Targets::Names(vec!["c_attn".into()]), ..ok.clone() }, 0).unwrap_err().to_string();
+    let e = model
+        .add_lora(&LoraConfig { targets: Targets::Names(vec!["c_attn".into()]), ..ok.clone() }, 0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("match no linear layer"), "{e}");
     // A PEFT adapter for another model (head_dim 24 there, 16 here): shapes differ → names the tensor.
     let mut other = load_model(&tiny_dir("llama-linear-sharded"), Kind::Float, Device::Cpu).unwrap();
@@ -136,7 +155,10 @@ fn bad_adapters_are_errors() {
     assert!(load_peft(&mut model, tmp.path()).unwrap_err().to_string().contains("use_dora is not supported"));
     std::fs::write(&p, "{not json").unwrap();
     assert!(load_peft(&mut model, tmp.path()).unwrap_err().to_string().contains("adapter_config.json"));
-    assert!(load_peft(&mut model, Path::new("/nonexistent/adapter")).unwrap_err().to_string().contains("/nonexistent/adapter"));
+    assert!(load_peft(&mut model, Path::new("/nonexistent/adapter"))
+        .unwrap_err()
+        .to_string()
+        .contains("/nonexistent/adapter"));
 }
 
 #[test]
@@ -203,25 +225,41 @@ fn peft_prompt_tuning_reproduces_peft_logits_and_round_trips() {
     assert!(max_abs_diff(&want, &base) > 1e-3);
     // Left padding with the prefix: padded row equals the unpadded one.
     let short = ids.get(1).narrow(0, 3, 9);
-    let batch = Tensor::stack(&[ids.get(0), Tensor::cat(&[Tensor::zeros([3], (Kind::Int64, Device::Cpu)), short.shallow_clone()], 0)], 0);
+    let batch = Tensor::stack(
+        &[ids.get(0), Tensor::cat(&[Tensor::zeros([3], (Kind::Int64, Device::Cpu)), short.shallow_clone()], 0)],
+        0,
+    );
     let mask = Tensor::ones([2, 12], (Kind::Int64, Device::Cpu));
     let _ = mask.get(1).narrow(0, 0, 3).fill_(0);
-    let (padded, alone) = tch::no_grad(|| (model.forward(&batch, Some(&mask), None).unwrap(), model.forward(&short.unsqueeze(0), None, None).unwrap()));
+    let (padded, alone) = tch::no_grad(|| {
+        (model.forward(&batch, Some(&mask), None).unwrap(), model.forward(&short.unsqueeze(0), None, None).unwrap())
+    });
     assert!(max_abs_diff(&padded.get(1).narrow(0, 3, 9), &alone.get(0)) < 1e-5);
     // KV-cached decoding with the prefix equals the full forward.
     let mut cache = model.new_cache(2, 12).unwrap();
-    let first = tch::no_grad(|| model.forward_hidden_cached(&ids.narrow(1, 0, 6), None, None, Some(&mut cache))).unwrap();
+    let first =
+        tch::no_grad(|| model.forward_hidden_cached(&ids.narrow(1, 0, 6), None, None, Some(&mut cache))).unwrap();
     let mut worst = max_abs_diff(&model.logits(&first).unwrap(), &got.narrow(1, 0, 6));
     for p in 6..12 {
-        let h = tch::no_grad(|| model.forward_hidden_cached(&ids.narrow(1, p, 1), None, None, Some(&mut cache))).unwrap();
+        let h =
+            tch::no_grad(|| model.forward_hidden_cached(&ids.narrow(1, p, 1), None, None, Some(&mut cache))).unwrap();
         worst = worst.max(max_abs_diff(&model.logits(&h).unwrap(), &got.narrow(1, p, 1)));
     }
     assert!(worst < 1e-5, "cached decoding with a prefix: {worst}");
     // Our save is PEFT's layout and reloads to the same outputs.
     let tmp = tempfile::tempdir().unwrap();
     save_prompt_tuning(&model, &PromptInit::Random, "tiny", tmp.path()).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((c["peft_type"].as_str(), c["num_virtual_tokens"].as_i64(), c["token_dim"].as_i64(), c["num_transformer_submodules"].as_i64()), (Some("PROMPT_TUNING"), Some(4), Some(64), Some(1)));
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            c["peft_type"].as_str(),
+            c["num_virtual_tokens"].as_i64(),
+            c["token_dim"].as_i64(),
+            c["num_transformer_submodules"].as_i64()
+        ),
+        (Some("PROMPT_TUNING"), Some(4), Some(64), Some(1))
+    );
     let mut again = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
     load_adapter(&mut again, tmp.path()).unwrap();
     assert_eq!(max_abs_diff(&tch::no_grad(|| again.forward(&ids, None, None)).unwrap(), &got), 0.0);

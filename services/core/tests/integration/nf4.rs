@@ -9,7 +9,10 @@ use tch::Kind;
 
 #[test]
 fn nf4_matches_bitsandbytes() {
-    let f = WeightFiles::open_files(&[Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/nf4/reference.safetensors")]).unwrap();
+    let f = WeightFiles::open_files(&[
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/nf4/reference.safetensors")
+    ])
+    .unwrap();
     let get = |k: &str| f.load_raw(k).unwrap();
     let code2: Vec<f32> = Vec::try_from(get("code2")).unwrap();
     assert_eq!(dynamic_map().to_vec(), code2, "dynamic map");

@@ -8,7 +8,9 @@ use ferrotune_core::load_model;
 use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::sampling::SamplingParams;
 use ferrotune_core::train::ppo::KlEstimator;
-use ferrotune_core::train::ppo_objective::{rollout_seed, PolicyValueState, PpoConfig, PpoObjective, PpoPrompt, RewardSource, Scorer};
+use ferrotune_core::train::ppo_objective::{
+    rollout_seed, PolicyValueState, PpoConfig, PpoObjective, PpoPrompt, RewardSource, Scorer,
+};
 use ferrotune_core::train::{evaluate, train, Objective, Run, TrainConfig};
 use ferrotune_core::{CausalLm, Tokenizer};
 use tch::{Device, Kind, Tensor};
@@ -19,7 +21,8 @@ const EOS: u32 = 2;
 
 /// A word-level tokenizer over the tiny models' 256 ids (`t0` … `t255`), decoding to space-separated words.
 fn tokenizer(dir: &std::path::Path) -> Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..256).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..256).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
     let json = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -38,7 +41,8 @@ fn policy(zero_b: bool) -> CausalLm {
         for (_, lin) in m.linears_mut() {
             let b = &mut lin.lora.as_mut().unwrap().b;
             let n = b.numel() as i64;
-            let _ = b.copy_(&((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.3).cos() * 0.05).view(b.size().as_slice()));
+            let _ = b
+                .copy_(&((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.3).cos() * 0.05).view(b.size().as_slice()));
         }
     }
     m.add_value_head().unwrap();
@@ -50,7 +54,12 @@ fn lora_cfg() -> LoraConfig {
 }
 
 fn prompts(n: usize, salt: u32) -> Vec<PpoPrompt> {
-    (0..n).map(|i| PpoPrompt { ids: (0..3 + i % 3).map(|k| 10 + (salt + 7 * i as u32 + 3 * k as u32) % 200).collect(), text: format!("p{i}") }).collect()
+    (0..n)
+        .map(|i| PpoPrompt {
+            ids: (0..3 + i % 3).map(|k| 10 + (salt + 7 * i as u32 + 3 * k as u32) % 200).collect(),
+            text: format!("p{i}"),
+        })
+        .collect()
 }
 
 /// The rule: the fraction of response words `tN` with N < 64 (about 1/4 under a near-uniform policy).
@@ -65,7 +74,13 @@ fn low_ids(items: &[(String, String)]) -> ferrotune_core::Result<Vec<f64>> {
 }
 
 fn cfg(max_new: usize) -> PpoConfig {
-    PpoConfig { reward: RewardSource { rule: Some("test".into()), ..Default::default() }, max_new_tokens: max_new, temperature: 1.0, ppo_epochs: 2, ..Default::default() }
+    PpoConfig {
+        reward: RewardSource { rule: Some("test".into()), ..Default::default() },
+        max_new_tokens: max_new,
+        temperature: 1.0,
+        ppo_epochs: 2,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -80,7 +95,14 @@ fn rollouts_match_the_sampler_and_a_direct_gae() {
     let refs: Vec<&PpoPrompt> = ps.iter().collect();
     let rs = obj.rollouts(&mut m, &refs, 3).unwrap();
     // The sampler's own log-probs (KV cache, incremental) for the very same draws.
-    let opts = GenerateOptions { max_new_tokens: 6, sampling: SamplingParams { greedy: false, temperature: 1.0, ..Default::default() }, seed: rollout_seed(11, 3), eos_ids: vec![EOS], stop_strings: vec![], pad_id: 0 };
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: SamplingParams { greedy: false, temperature: 1.0, ..Default::default() },
+        seed: rollout_seed(11, 3),
+        eos_ids: vec![EOS],
+        stop_strings: vec![],
+        pad_id: 0,
+    };
     let gen = generate(&m, &tok, &ps.iter().map(|p| p.ids.clone()).collect::<Vec<_>>(), &opts, &mut |_| {}).unwrap();
     let mut differs = 0.0f64;
     for (r, g) in rs.iter().zip(&gen) {
@@ -149,12 +171,27 @@ fn first_update_losses_at_ratio_one() {
     let mt = obj.take_metrics();
     // At ratio 1 the clipped policy loss is −mean(advantage) = 0 (whitened) and nothing is clipped; the value
     // loss is ½·mean((V − R)²) with V the rollout's own values.
-    assert!(mt["loss/policy_avg"].abs() < 1e-6 && mt["policy/clipfrac_avg"] == 0.0 && (mt["val/ratio"] - 1.0).abs() < 1e-6, "{mt:?}");
+    assert!(
+        mt["loss/policy_avg"].abs() < 1e-6 && mt["policy/clipfrac_avg"] == 0.0 && (mt["val/ratio"] - 1.0).abs() < 1e-6,
+        "{mt:?}"
+    );
     let rs = obj.rollouts(&mut m, &micro[0], 0).unwrap();
-    let sq: Vec<f64> = rs.iter().flat_map(|r| r.values.iter().zip(&r.returns).map(|(v, g)| (v - g).powi(2)).collect::<Vec<_>>()).collect();
+    let sq: Vec<f64> = rs
+        .iter()
+        .flat_map(|r| r.values.iter().zip(&r.returns).map(|(v, g)| (v - g).powi(2)).collect::<Vec<_>>())
+        .collect();
     let want = 0.5 * sq.iter().sum::<f64>() / sq.len() as f64;
-    assert!((mt["loss/value_avg"] - want).abs() < 1e-5 * want.max(1.0), "value loss {} vs {want}", mt["loss/value_avg"]);
-    assert!((l.nll / n as f64 - 0.1 * want).abs() < 1e-5, "loss = vf_coef × value loss: {} vs {}", l.nll / n as f64, 0.1 * want);
+    assert!(
+        (mt["loss/value_avg"] - want).abs() < 1e-5 * want.max(1.0),
+        "value loss {} vs {want}",
+        mt["loss/value_avg"]
+    );
+    assert!(
+        (l.nll / n as f64 - 0.1 * want).abs() < 1e-5,
+        "loss = vf_coef × value loss: {} vs {}",
+        l.nll / n as f64,
+        0.1 * want
+    );
     assert!(m.score.as_ref().unwrap().grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
 }
 
@@ -172,20 +209,53 @@ fn low_mass(m: &CausalLm) -> f64 {
     total / ps.len() as f64
 }
 
-fn run_ppo(m: &mut CausalLm, out: &std::path::Path, steps: usize, resume: bool, stop_after: Option<usize>, tok: &Tokenizer) -> (f64, std::collections::BTreeMap<String, f64>) {
+fn run_ppo(
+    m: &mut CausalLm,
+    out: &std::path::Path,
+    steps: usize,
+    resume: bool,
+    stop_after: Option<usize>,
+    tok: &Tokenizer,
+) -> (f64, std::collections::BTreeMap<String, f64>) {
     let scorer: &Scorer = &low_ids;
-    let obj = PpoObjective::new(PpoConfig { target_kl: Some(0.5), eval_samples: 4, ..cfg(8) }, 0, vec![EOS], tok, scorer, 7);
+    let obj =
+        PpoObjective::new(PpoConfig { target_kl: Some(0.5), eval_samples: 4, ..cfg(8) }, 0, vec![EOS], tok, scorer, 7);
     let (train_set, eval_set) = (prompts(8, 3), prompts(4, 101));
-    let tc = TrainConfig { learning_rate: 2e-1, max_steps: steps, micro_batch_size: 4, gradient_accumulation_steps: 2, warmup_steps: 0, eval_steps: steps, save_steps: 2, lr_scheduler: ferrotune_core::train::schedule::ScheduleKind::Constant, seed: 1, ..TrainConfig::default() };
+    let tc = TrainConfig {
+        learning_rate: 2e-1,
+        max_steps: steps,
+        micro_batch_size: 4,
+        gradient_accumulation_steps: 2,
+        warmup_steps: 0,
+        eval_steps: steps,
+        save_steps: 2,
+        lr_scheduler: ferrotune_core::train::schedule::ScheduleKind::Constant,
+        seed: 1,
+        ..TrainConfig::default()
+    };
     let state = PolicyValueState { cfg: lora_cfg(), base_model: "tiny".into() };
     let tokens_of = |p: &PpoPrompt| p.ids.len();
-    let run = Run { objective: &obj, train: &train_set, eval: &eval_set, state: &state, cfg: &tc, output_dir: out, tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: &train_set,
+        eval: &eval_set,
+        state: &state,
+        cfg: &tc,
+        output_dir: out,
+        tokens_of: &tokens_of,
+    };
     let mut last = Default::default();
     let seen = std::cell::Cell::new(0);
-    let s = train(m, &run, resume, &mut |ev| {
-        last = ev.metrics.clone();
-        seen.set(ev.step);
-    }, &|| stop_after.is_some_and(|k| seen.get() >= k))
+    let s = train(
+        m,
+        &run,
+        resume,
+        &mut |ev| {
+            last = ev.metrics.clone();
+            seen.set(ev.step);
+        },
+        &|| stop_after.is_some_and(|k| seen.get() >= k),
+    )
     .unwrap();
     (s.final_eval_loss.unwrap_or(f64::NAN), last)
 }
@@ -218,6 +288,10 @@ fn ppo_raises_the_held_out_reward_and_resumes_exactly() {
     let mut b2 = policy(true);
     run_ppo(&mut b2, &t.path().join("b"), 6, true, None, &tok);
     for f in ["adapter_model.safetensors", "value_head.safetensors"] {
-        assert_eq!(std::fs::read(t.path().join("a").join(f)).unwrap(), std::fs::read(t.path().join("b").join(f)).unwrap(), "{f} differs after resume");
+        assert_eq!(
+            std::fs::read(t.path().join("a").join(f)).unwrap(),
+            std::fs::read(t.path().join("b").join(f)).unwrap(),
+            "{f} differs after resume"
+        );
     }
 }

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use ferrotune_core::load_model;
 use ferrotune_core::lora::{LoraConfig, Targets};
-use ferrotune_core::train::reward::{load_reward_model, save_reward_model, score_sequences, RewardConfig, RewardExample, RewardObjective, RewardState, SCORE_KEY};
+use ferrotune_core::train::reward::{
+    load_reward_model, save_reward_model, score_sequences, RewardConfig, RewardExample, RewardObjective, RewardState,
+    SCORE_KEY,
+};
 use ferrotune_core::train::sft::SftExample;
 use ferrotune_core::train::{train, Objective, Run, TrainConfig};
 use ferrotune_core::weights::WeightFiles;
@@ -48,9 +51,16 @@ fn peft_reward_model_reproduces_transformers_scores_and_round_trips() {
     assert!((alone - batched).abs() < 1e-5, "{alone} vs {batched}");
     // Saved in PEFT's SEQ_CLS layout and loaded back: same scores.
     let t = tempfile::tempdir().unwrap();
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]), use_rslora: false };
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+        use_rslora: false,
+    };
     save_reward_model(&mut m, &cfg, "tiny", t.path()).unwrap();
-    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path().join("adapter_config.json")).unwrap()).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(c["task_type"], "SEQ_CLS");
     assert!(c["modules_to_save"].as_array().unwrap().iter().any(|x| x == "score"));
     assert!(WeightFiles::open_files(&[t.path().join("adapter_model.safetensors")]).unwrap().contains(SCORE_KEY));
@@ -88,13 +98,33 @@ fn bradley_terry_training_separates_pairs() {
     };
     obj.take_metrics();
     let t = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig { learning_rate: 1e-2, max_steps: 30, micro_batch_size: 4, warmup_steps: 0, eval_steps: 30, seed: 3, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: 30,
+        micro_batch_size: 4,
+        warmup_steps: 0,
+        eval_steps: 30,
+        seed: 3,
+        ..TrainConfig::default()
+    };
     let state = RewardState { cfg: lcfg, base_model: "tiny".into() };
     let tokens_of = |e: &RewardExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();
-    let run = Run { objective: &obj, train: &data, eval: &data, state: &state, cfg: &cfg, output_dir: t.path(), tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: &data,
+        eval: &data,
+        state: &state,
+        cfg: &cfg,
+        output_dir: t.path(),
+        tokens_of: &tokens_of,
+    };
     let mut last = Default::default();
     let s = train(&mut m, &run, false, &mut |ev| last = ev.metrics.clone(), &|| false).unwrap();
-    println!("reward loss {before:.4} → {:.4}; eval accuracy {}", s.final_eval_loss.unwrap(), last["eval_rewards/accuracies"]);
+    println!(
+        "reward loss {before:.4} → {:.4}; eval accuracy {}",
+        s.final_eval_loss.unwrap(),
+        last["eval_rewards/accuracies"]
+    );
     assert_eq!(last["eval_rewards/accuracies"], 1.0);
     assert!(s.final_eval_loss.unwrap() < 0.3 && before > 0.5);
     // The run's output is a loadable reward model giving the same scores.

@@ -84,7 +84,10 @@ fn llama3_rope_frequencies_follow_transformers_formula() {
         };
         assert!((got as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30), "freq {i}: {got} vs {want}");
     }
-    assert!(f.iter().zip(&base).any(|(&g, &b)| (g as f64 - b).abs() > 1e-3 * b), "scaling must change some frequencies");
+    assert!(
+        f.iter().zip(&base).any(|(&g, &b)| (g as f64 - b).abs() > 1e-3 * b),
+        "scaling must change some frequencies"
+    );
 }
 
 #[test]

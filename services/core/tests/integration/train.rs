@@ -4,8 +4,8 @@
 
 use std::cell::Cell;
 
-use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::load_model;
+use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::train::loss::{causal_lm_loss, causal_lm_loss_backward};
 use ferrotune_core::train::sft::{LoraState, SftExample, SftObjective};
 use ferrotune_core::train::{train, Run, TrainConfig};
@@ -81,7 +81,8 @@ fn chunked_loss_equals_plain_cross_entropy() {
         let lp = logits.narrow(0, 0, ids.size()[1] - 1).log_softmax(-1, Kind::Float);
         let tgt = labels.narrow(0, 1, ids.size()[1] - 1);
         let keep = tgt.ne(-100);
-        let nll = -(lp.gather(1, &tgt.clamp_min(0).unsqueeze(1), false).squeeze_dim(1) * keep.to_kind(Kind::Float)).sum(Kind::Float);
+        let nll = -(lp.gather(1, &tgt.clamp_min(0).unsqueeze(1), false).squeeze_dim(1) * keep.to_kind(Kind::Float))
+            .sum(Kind::Float);
         total += nll.double_value(&[]);
         (nll / units as f64).backward();
     }
@@ -114,11 +115,27 @@ fn cfg(steps: usize, mb: usize, accum: usize) -> TrainConfig {
     }
 }
 
-fn run_training(m: &mut CausalLm, lcfg: &LoraConfig, cfg: &TrainConfig, data: &[SftExample], out: &std::path::Path, resume: bool, stop_after: Option<usize>) -> ferrotune_core::train::TrainSummary {
+fn run_training(
+    m: &mut CausalLm,
+    lcfg: &LoraConfig,
+    cfg: &TrainConfig,
+    data: &[SftExample],
+    out: &std::path::Path,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> ferrotune_core::train::TrainSummary {
     let obj = SftObjective::new(0, cfg);
     let state = LoraState { cfg: lcfg.clone(), base_model: "tiny".into() };
     let tokens_of = |e: &SftExample| e.input_ids.len();
-    let run = Run { objective: &obj, train: data, eval: &data[..2], state: &state, cfg, output_dir: out, tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: data,
+        eval: &data[..2],
+        state: &state,
+        cfg,
+        output_dir: out,
+        tokens_of: &tokens_of,
+    };
     let done = Cell::new(0usize);
     train(m, &run, resume, &mut |_| done.set(done.get() + 1), &|| stop_after.is_some_and(|s| done.get() >= s)).unwrap()
 }
@@ -142,7 +159,12 @@ fn accumulated_micro_batches_equal_one_big_batch() {
     }
     assert!(worst < 1e-6, "accumulation differs from one batch by {worst}");
     let (mut init, _) = lora_model(0.0);
-    let moved = init.lora_tensors().iter().zip(&ta).map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+    let moved = init
+        .lora_tensors()
+        .iter()
+        .zip(&ta)
+        .map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
     assert!(moved > 1e-3, "training must move the adapter (moved {moved})");
     // And averaging per micro-batch instead (the known trap) would differ: lengths vary.
     let units: Vec<usize> = data[..4].iter().map(|e| e.trained_tokens()).collect();
@@ -169,15 +191,24 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     for step in ["step-00000002", "step-00000004", "step-00000006"] {
         let (a, b) = (t.path().join("full/checkpoints").join(step), t.path().join("resumed/checkpoints").join(step));
         assert!(adapter_bytes(&a) == adapter_bytes(&b), "adapters differ at {step}");
-        let (oa, ob) = (std::fs::read(a.join("optimizer.safetensors")).unwrap(), std::fs::read(b.join("optimizer.safetensors")).unwrap());
+        let (oa, ob) = (
+            std::fs::read(a.join("optimizer.safetensors")).unwrap(),
+            std::fs::read(b.join("optimizer.safetensors")).unwrap(),
+        );
         assert!(oa == ob, "optimizer states differ at {step}");
     }
     assert!(adapter_bytes(&t.path().join("full")) == adapter_bytes(&t.path().join("resumed")), "final adapters differ");
     assert_eq!(rest.final_loss.to_bits(), full.final_loss.to_bits());
     let metrics = std::fs::read_to_string(t.path().join("resumed/metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6], "metrics read as one run");
-    let ckpts: Vec<_> = std::fs::read_dir(t.path().join("full/checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let ckpts: Vec<_> = std::fs::read_dir(t.path().join("full/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(ckpts.contains(&"step-00000006".to_string()) && !ckpts.iter().any(|n| n.contains("tmp")), "{ckpts:?}");
 }
 
@@ -193,8 +224,27 @@ fn loss_goes_down_when_memorising() {
     let obj = SftObjective { pad_id: 0, chunk: 64, gradient_checkpointing: false };
     let state = LoraState { cfg: lcfg.clone(), base_model: "tiny".into() };
     let tokens_of = |e: &SftExample| e.input_ids.len();
-    let run = Run { objective: &obj, train: &data, eval: &[], state: &state, cfg: &c, output_dir: t.path(), tokens_of: &tokens_of };
-    let s = train(&mut m, &run, false, &mut |ev| if ev.step == 1 { first.set(ev.loss) }, &|| false).unwrap();
+    let run = Run {
+        objective: &obj,
+        train: &data,
+        eval: &[],
+        state: &state,
+        cfg: &c,
+        output_dir: t.path(),
+        tokens_of: &tokens_of,
+    };
+    let s = train(
+        &mut m,
+        &run,
+        false,
+        &mut |ev| {
+            if ev.step == 1 {
+                first.set(ev.loss)
+            }
+        },
+        &|| false,
+    )
+    .unwrap();
     // A tiny random model with LoRA r=4 can move its near-uniform logits only so far (tied 0.02-scale
     // embeddings): the loss must fall clearly, not to zero. The optimizer itself is checked against torch.
     assert!(s.final_loss < first.get() - 0.4, "loss {} → {}", first.get(), s.final_loss);
@@ -237,7 +287,12 @@ fn checkpointed_backward_equals_plain_backward_with_dropout() {
     assert!(g1.iter().all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0), "every adapter gets a gradient");
 }
 
-fn full_run(out: &std::path::Path, steps: usize, resume: bool, stop_after: Option<usize>) -> (CausalLm, ferrotune_core::train::TrainSummary, Vec<f64>) {
+fn full_run(
+    out: &std::path::Path,
+    steps: usize,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> (CausalLm, ferrotune_core::train::TrainSummary, Vec<f64>) {
     use ferrotune_core::train::full::FullState;
     let dir = tiny_dir("qwen2-bias");
     let mut m = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
@@ -250,13 +305,27 @@ fn full_run(out: &std::path::Path, steps: usize, resume: bool, stop_after: Optio
     let obj = SftObjective::new(0, &c);
     let state = FullState { base_dir: dir };
     let tokens_of = |e: &SftExample| e.input_ids.len();
-    let run = Run { objective: &obj, train: &data, eval: &[], state: &state, cfg: &c, output_dir: out, tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: &data,
+        eval: &[],
+        state: &state,
+        cfg: &c,
+        output_dir: out,
+        tokens_of: &tokens_of,
+    };
     let losses = std::cell::RefCell::new(vec![]);
     let done = Cell::new(0usize);
-    let s = train(&mut m, &run, resume, &mut |ev| {
-        losses.borrow_mut().push(ev.loss);
-        done.set(done.get() + 1);
-    }, &|| stop_after.is_some_and(|n| done.get() >= n))
+    let s = train(
+        &mut m,
+        &run,
+        resume,
+        &mut |ev| {
+            losses.borrow_mut().push(ev.loss);
+            done.set(done.get() + 1);
+        },
+        &|| stop_after.is_some_and(|n| done.get() >= n),
+    )
     .unwrap();
     (m, s, losses.into_inner())
 }
@@ -272,14 +341,19 @@ fn full_fine_tuning_trains_every_weight_and_saves_a_loadable_model() {
     let (a, b) = tch::no_grad(|| (m.forward(&ids, None, None).unwrap(), saved.forward(&ids, None, None).unwrap()));
     assert_eq!((a - b).abs().max().double_value(&[]), 0.0);
     let base = load_model(&tiny_dir("qwen2-bias"), Kind::Float, Device::Cpu).unwrap();
-    let moved = base.layers[1].mlp.down_proj.dense_weight().unwrap() - m.layers[1].mlp.down_proj.dense_weight().unwrap().detach();
+    let moved = base.layers[1].mlp.down_proj.dense_weight().unwrap()
+        - m.layers[1].mlp.down_proj.dense_weight().unwrap().detach();
     assert!(moved.abs().max().double_value(&[]) > 1e-4, "weights moved");
     // Resume from a checkpoint ends where the uninterrupted run ends.
     let (_, part, _) = full_run(&t.path().join("resumed"), 12, false, Some(5));
     assert!(part.stopped);
     let (_, rest, _) = full_run(&t.path().join("resumed"), 12, true, None);
     assert_eq!(rest.position.step, 12);
-    assert!(std::fs::read(t.path().join("full/model.safetensors")).unwrap() == std::fs::read(t.path().join("resumed/model.safetensors")).unwrap(), "resumed full fine-tune differs");
+    assert!(
+        std::fs::read(t.path().join("full/model.safetensors")).unwrap()
+            == std::fs::read(t.path().join("resumed/model.safetensors")).unwrap(),
+        "resumed full fine-tune differs"
+    );
     // NF4 weights cannot be fully fine-tuned.
     let mut q = load_model(&tiny_dir("qwen2-bias"), Kind::Float, Device::Cpu).unwrap();
     q.quantize_nf4().unwrap();
@@ -303,7 +377,11 @@ fn packed_rows_give_the_loss_and_gradients_of_unpacked_examples() {
         let lb = obj.backward(&b, &packed_refs, 1.0 / units as f64).unwrap();
         assert_eq!(la.tokens, lb.tokens);
         assert!((la.nll - lb.nll).abs() < 1e-4, "checkpointing {gc}: unpacked {} vs packed {}", la.nll, lb.nll);
-        let worst = grads(&mut a).iter().zip(&grads(&mut b)).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+        let worst = grads(&mut a)
+            .iter()
+            .zip(&grads(&mut b))
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
         assert!(worst < 1e-5, "checkpointing {gc}: gradients differ by {worst}");
     }
     // Without the segment mask (plain concatenation) samples would see each other: the loss changes.
@@ -345,13 +423,33 @@ fn prompt_tuning_trains_only_the_virtual_tokens() {
     let obj = SftObjective::new(0, &c);
     let state = PromptState { init: PromptInit::Random, base_model: "tiny".into() };
     let tokens_of = |e: &SftExample| e.input_ids.len();
-    let run = Run { objective: &obj, train: &data, eval: &[], state: &state, cfg: &c, output_dir: t.path(), tokens_of: &tokens_of };
+    let run = Run {
+        objective: &obj,
+        train: &data,
+        eval: &[],
+        state: &state,
+        cfg: &c,
+        output_dir: t.path(),
+        tokens_of: &tokens_of,
+    };
     let first = Cell::new(f64::NAN);
-    let s = train(&mut m, &run, false, &mut |ev| if ev.step == 1 { first.set(ev.loss) }, &|| false).unwrap();
+    let s = train(
+        &mut m,
+        &run,
+        false,
+        &mut |ev| {
+            if ev.step == 1 {
+                first.set(ev.loss)
+            }
+        },
+        &|| false,
+    )
+    .unwrap();
     // A 2-layer random model attends almost uniformly, so a prefix moves its outputs only a little.
     assert!(s.final_loss < first.get() - 0.1, "prompt tuning loss {} → {}", first.get(), s.final_loss);
     assert!((m.prompt_embeddings.as_ref().unwrap() - before).abs().max().double_value(&[]) > 1e-3);
-    let files = ferrotune_core::weights::WeightFiles::open_files(&[t.path().join("adapter_model.safetensors")]).unwrap();
+    let files =
+        ferrotune_core::weights::WeightFiles::open_files(&[t.path().join("adapter_model.safetensors")]).unwrap();
     assert_eq!(files.names().collect::<Vec<_>>(), vec!["prompt_embeddings"]);
 }
 
@@ -371,8 +469,23 @@ fn f16_compute_scales_the_loss_and_skips_overflowing_steps() {
     let obj = SftObjective { pad_id: 0, chunk: 64, gradient_checkpointing: false };
     let state = LoraState { cfg: lcfg.clone(), base_model: "tiny".into() };
     let tokens_of = |e: &SftExample| e.input_ids.len();
-    let run = Run { objective: &obj, train: &data, eval: &[], state: &state, cfg: &c, output_dir: t.path(), tokens_of: &tokens_of };
-    train(&mut m, &run, false, &mut |ev| events.borrow_mut().push((ev.loss_scale.unwrap(), ev.skipped, ev.loss)), &|| false).unwrap();
+    let run = Run {
+        objective: &obj,
+        train: &data,
+        eval: &[],
+        state: &state,
+        cfg: &c,
+        output_dir: t.path(),
+        tokens_of: &tokens_of,
+    };
+    train(
+        &mut m,
+        &run,
+        false,
+        &mut |ev| events.borrow_mut().push((ev.loss_scale.unwrap(), ev.skipped, ev.loss)),
+        &|| false,
+    )
+    .unwrap();
     let ev = events.into_inner();
     assert!(ev[0].1, "2^40 must overflow f16 gradients");
     assert_eq!(ev[0].0, 2f64.powi(40));

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ferrotune_proto::v1::{job_event::Body, Artifact, Job, JobEvent, JobState, Progress, StateChange};
 use tokio::sync::broadcast;
 
-use super::store::{StoredJob, Store};
+use super::store::{Store, StoredJob};
 use super::{is_terminal, now_ms};
 
 /// Runs jobs of one kind.
@@ -145,7 +145,8 @@ impl Inner {
                 None => return,
             }
         };
-        if is_terminal(stored.job.state()) || stop.load(Ordering::Relaxed) && self.shutting_down.load(Ordering::Relaxed) {
+        if is_terminal(stored.job.state()) || stop.load(Ordering::Relaxed) && self.shutting_down.load(Ordering::Relaxed)
+        {
             self.live.lock().expect("lock").remove(&id);
             return;
         }
@@ -153,7 +154,13 @@ impl Inner {
         self.set_state(&id, JobState::Running, String::new(), vec![], Some(resumes));
         let runner = self.runners.lock().expect("lock").get(&stored.job.kind).cloned();
         let Some(runner) = runner else {
-            self.set_state(&id, JobState::Failed, format!("this service cannot run `{}` jobs", stored.job.kind), vec![], None);
+            self.set_state(
+                &id,
+                JobState::Failed,
+                format!("this service cannot run `{}` jobs", stored.job.kind),
+                vec![],
+                None,
+            );
             self.live.lock().expect("lock").remove(&id);
             return;
         };
@@ -177,7 +184,11 @@ impl Inner {
             Ok(Ok(JobOutcome::Stopped)) if cancelled => (JobState::Cancelled, String::new(), vec![]),
             Ok(Ok(JobOutcome::Stopped)) => (JobState::Interrupted, String::new(), vec![]),
             Ok(Err(e)) => (JobState::Failed, format!("{e:#}").replace('\n', " "), vec![]),
-            Err(p) => (JobState::Failed, format!("internal error (panic): {}", crate::worker::panic_message(p.as_ref())), vec![]),
+            Err(p) => (
+                JobState::Failed,
+                format!("internal error (panic): {}", crate::worker::panic_message(p.as_ref())),
+                vec![],
+            ),
         };
         self.set_state(&id, state, error, artifacts, None);
         self.live.lock().expect("lock").remove(&id);
@@ -221,7 +232,13 @@ impl JobManager {
     /// Queues again the jobs that were queued, running or interrupted when the service last stopped (and
     /// that a registered runner can run), oldest first; they resume from their newest checkpoint.
     pub fn resume_pending(&self) -> anyhow::Result<usize> {
-        let pending = self.0.store.lock().expect("lock").list(&[JobState::Queued, JobState::Running, JobState::Interrupted], usize::MAX).map_err(db_err)?;
+        let pending = self
+            .0
+            .store
+            .lock()
+            .expect("lock")
+            .list(&[JobState::Queued, JobState::Running, JobState::Interrupted], usize::MAX)
+            .map_err(db_err)?;
         let mut n = 0;
         for j in pending.into_iter().rev() {
             if self.runs(&j.job.kind) && !self.0.live.lock().expect("lock").contains_key(&j.job.id) {
@@ -236,7 +253,11 @@ impl JobManager {
     fn enqueue(&self, id: &str, resume: bool) -> anyhow::Result<()> {
         let seq = self.0.store.lock().expect("lock").last_seq(id).map_err(db_err)?;
         let (tx, _) = broadcast::channel(1024);
-        self.0.live.lock().expect("lock").insert(id.to_owned(), Live { stop: Arc::new(AtomicBool::new(false)), cancelled: false, resume, seq, tx });
+        self.0
+            .live
+            .lock()
+            .expect("lock")
+            .insert(id.to_owned(), Live { stop: Arc::new(AtomicBool::new(false)), cancelled: false, resume, seq, tx });
         let q = self.0.queue.lock().expect("lock");
         q.as_ref().context_send()?.send(id.to_owned()).map_err(|_| anyhow::anyhow!("the service is shutting down"))?;
         Ok(())
@@ -253,7 +274,10 @@ impl JobManager {
             anyhow::bail!("the service is shutting down");
         }
         let now = now_ms();
-        let id = format!("{kind}-{now:x}-{:04x}", (std::process::id() as u64 ^ now as u64 ^ COUNTER.fetch_add(1, Ordering::Relaxed) * 0x9E37) & 0xffff);
+        let id = format!(
+            "{kind}-{now:x}-{:04x}",
+            (std::process::id() as u64 ^ now as u64 ^ COUNTER.fetch_add(1, Ordering::Relaxed) * 0x9E37) & 0xffff
+        );
         let job = Job {
             id: id.clone(),
             kind: kind.to_owned(),
@@ -305,7 +329,11 @@ impl JobManager {
 
     /// Events after `after_seq` (stored), and a receiver of later ones when the job is live here. The
     /// receiver is taken before the read, so nothing falls between them (duplicates are dropped by seq).
-    pub fn watch(&self, id: &str, after_seq: u64) -> anyhow::Result<(Vec<JobEvent>, Option<broadcast::Receiver<JobEvent>>)> {
+    pub fn watch(
+        &self,
+        id: &str,
+        after_seq: u64,
+    ) -> anyhow::Result<(Vec<JobEvent>, Option<broadcast::Receiver<JobEvent>>)> {
         let rx = self.0.live.lock().expect("lock").get(id).map(|l| l.tx.subscribe());
         let past = self.0.store.lock().expect("lock").events_after(id, after_seq).map_err(db_err)?;
         Ok((past, rx))
@@ -328,7 +356,9 @@ impl JobManager {
             if h.is_finished() {
                 let _ = h.join();
             } else {
-                tracing::warn!("a job did not stop within {grace:?}; it resumes from its last checkpoint on the next start");
+                tracing::warn!(
+                    "a job did not stop within {grace:?}; it resumes from its last checkpoint on the next start"
+                );
             }
         }
     }

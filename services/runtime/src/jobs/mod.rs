@@ -46,7 +46,8 @@ mod tests {
             if ctx.spec["fail"].as_bool() == Some(true) {
                 anyhow::bail!("data.path: x.jsonl:3: missing field `messages`");
             }
-            let start = if ctx.resume { self.checkpoints.lock().unwrap().get(&ctx.id).copied().unwrap_or(0) } else { 0 };
+            let start =
+                if ctx.resume { self.checkpoints.lock().unwrap().get(&ctx.id).copied().unwrap_or(0) } else { 0 };
             for step in start + 1..=total {
                 if ctx.should_stop() {
                     return Ok(JobOutcome::Stopped);
@@ -55,7 +56,10 @@ mod tests {
                 self.checkpoints.lock().unwrap().insert(ctx.id.clone(), step);
                 ctx.progress(Progress { step, total, loss: 1.0 / step as f64, ..Default::default() });
             }
-            Ok(JobOutcome::Finished(vec![Artifact { kind: "adapter".into(), path: ctx.output_dir.display().to_string() }]))
+            Ok(JobOutcome::Finished(vec![Artifact {
+                kind: "adapter".into(),
+                path: ctx.output_dir.display().to_string(),
+            }]))
         }
     }
 
@@ -77,7 +81,10 @@ mod tests {
     }
 
     fn states(events: &[JobEvent]) -> Vec<JobState> {
-        events.iter().filter_map(|e| if let Some(Body::State(s)) = &e.body { JobState::try_from(s.state).ok() } else { None }).collect()
+        events
+            .iter()
+            .filter_map(|e| if let Some(Body::State(s)) = &e.body { JobState::try_from(s.state).ok() } else { None })
+            .collect()
     }
 
     #[test]
@@ -94,7 +101,10 @@ mod tests {
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "seq is 1, 2, 3, … without gaps");
         assert_eq!(states(&events), vec![JobState::Queued, JobState::Running, JobState::Succeeded]);
-        let steps: Vec<u64> = events.iter().filter_map(|e| if let Some(Body::Progress(p)) = &e.body { Some(p.step) } else { None }).collect();
+        let steps: Vec<u64> = events
+            .iter()
+            .filter_map(|e| if let Some(Body::Progress(p)) = &e.body { Some(p.step) } else { None })
+            .collect();
         assert_eq!(steps, vec![1, 2, 3, 4, 5]);
         // Replay from the middle.
         let (tail, _) = m.watch(&job.id, 4).unwrap();
@@ -155,8 +165,14 @@ mod tests {
         let j = wait_for(&m2, &job.id, |j| is_terminal(j.state()));
         assert_eq!((j.state(), j.resumes), (JobState::Succeeded, 1));
         let (events, _) = m2.watch(&job.id, 0).unwrap();
-        let steps: Vec<u64> = events.iter().filter_map(|e| if let Some(Body::Progress(p)) = &e.body { Some(p.step) } else { None }).collect();
+        let steps: Vec<u64> = events
+            .iter()
+            .filter_map(|e| if let Some(Body::Progress(p)) = &e.body { Some(p.step) } else { None })
+            .collect();
         assert_eq!(steps, (1..=30).collect::<Vec<_>>(), "no step repeated or lost across the restart");
-        assert_eq!(states(&events), vec![JobState::Queued, JobState::Running, JobState::Interrupted, JobState::Running, JobState::Succeeded]);
+        assert_eq!(
+            states(&events),
+            vec![JobState::Queued, JobState::Running, JobState::Interrupted, JobState::Running, JobState::Succeeded]
+        );
     }
 }

@@ -3,7 +3,10 @@
 use std::pin::Pin;
 
 use ferrotune_proto::v1::job_service_server::JobService;
-use ferrotune_proto::v1::{job_event::Body, CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse, WatchJobRequest};
+use ferrotune_proto::v1::{
+    job_event::Body, CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse,
+    WatchJobRequest,
+};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -46,7 +49,10 @@ impl JobService for JobApi {
         let r = req.into_inner();
         let mut states = vec![];
         for s in r.states {
-            states.push(JobState::try_from(s).map_err(|_| Status::invalid_argument(format!("states: unknown job state {s}")))?);
+            states.push(
+                JobState::try_from(s)
+                    .map_err(|_| Status::invalid_argument(format!("states: unknown job state {s}")))?,
+            );
         }
         let limit = if r.limit == 0 { 100 } else { r.limit as usize };
         Ok(Response::new(ListJobsResponse { jobs: self.manager.list(&states, limit).status()? }))

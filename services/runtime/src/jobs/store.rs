@@ -79,10 +79,16 @@ impl Store {
     /// Appends an event (its seq must be the next one) and folds it into the job row.
     pub fn append(&self, ev: &JobEvent) -> rusqlite::Result<()> {
         let tx = self.db.unchecked_transaction()?;
-        tx.execute("INSERT INTO events (job_id, seq, body) VALUES (?1, ?2, ?3)", params![ev.job_id, ev.seq as i64, ev.encode_to_vec()])?;
+        tx.execute(
+            "INSERT INTO events (job_id, seq, body) VALUES (?1, ?2, ?3)",
+            params![ev.job_id, ev.seq as i64, ev.encode_to_vec()],
+        )?;
         match &ev.body {
             Some(job_event::Body::Progress(p)) => {
-                tx.execute("UPDATE jobs SET progress = ?2, updated_ms = ?3 WHERE id = ?1", params![ev.job_id, p.encode_to_vec(), ev.time_ms])?;
+                tx.execute(
+                    "UPDATE jobs SET progress = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![ev.job_id, p.encode_to_vec(), ev.time_ms],
+                )?;
             }
             Some(job_event::Body::State(s)) => {
                 let job = s.job.clone().unwrap_or_default();
@@ -99,7 +105,11 @@ impl Store {
 
     /// The last event seq of a job (0 when none).
     pub fn last_seq(&self, id: &str) -> rusqlite::Result<u64> {
-        self.db.query_row("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?1", params![id], |r| r.get::<_, i64>(0)).map(|s| s as u64)
+        self.db
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?1", params![id], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|s| s as u64)
     }
 
     /// Events with seq > `after`, in order.
@@ -108,14 +118,19 @@ impl Store {
         let rows = stmt.query_map(params![id, after as i64], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = vec![];
         for r in rows {
-            out.push(JobEvent::decode(r?.as_slice()).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?);
+            out.push(
+                JobEvent::decode(r?.as_slice()).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+            );
         }
         Ok(out)
     }
 
     /// Marks a job's state directly (used for jobs that are not running, e.g. cancelling a queued one).
     pub fn touch_state(&self, id: &str, state: JobState) -> rusqlite::Result<()> {
-        self.db.execute("UPDATE jobs SET state = ?2, updated_ms = ?3 WHERE id = ?1", params![id, state as i32, now_ms()])?;
+        self.db.execute(
+            "UPDATE jobs SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, state as i32, now_ms()],
+        )?;
         Ok(())
     }
 }
