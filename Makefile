@@ -56,8 +56,8 @@ bench-score: libtorch target-link
 
 # Dev only: regenerates the tiny-model fixtures with HF transformers (see tests/fixtures/README.md).
 fixtures:
-	"$$(bash ../shared/tools/dev-python.sh)" tests/fixtures/make_tiny.py tests/fixtures/tiny
-	"$$(bash ../shared/tools/dev-python.sh)" tests/fixtures/make_tiny_lora.py tests/fixtures
+	"$$(bash scripts/dev-python.sh)" tests/fixtures/make_tiny.py tests/fixtures/tiny
+	"$$(bash scripts/dev-python.sh)" tests/fixtures/make_tiny_lora.py tests/fixtures
 
 clean-cache:
 	rm -rf "$(FERROTUNE_CACHE)/target"

@@ -1,7 +1,7 @@
 """Dev-only: loads an adapter written by `ferrotune train sft` with HF PEFT and compares PEFT's logits with
 ferrotune's (`ferrotune eval perplexity --adapter` on the same text), i.e. PEFT reads our adapters.
 
-Usage: "$(bash ../shared/tools/dev-python.sh)" scripts/check_peft_roundtrip.py MODEL_DIR ADAPTER_DIR TEXT_FILE
+Usage: "$(bash scripts/dev-python.sh)" scripts/check_peft_roundtrip.py MODEL_DIR ADAPTER_DIR TEXT_FILE
 Prints PEFT's mean NLL with and without the adapter; compare with ferrotune's.
 """
 import sys

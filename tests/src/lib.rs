@@ -43,9 +43,9 @@ pub fn smollm2_dir() -> PathBuf {
     .clone()
 }
 
-/// `../shared/fixtures/smollm2/hf-reference.json` (HF transformers reference numbers).
+/// `tests/fixtures/smollm2/hf-reference.json` (HF transformers reference numbers; a copy of the shared fixture).
 pub fn hf_reference() -> serde_json::Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/smollm2/hf-reference.json");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2/hf-reference.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).expect("reference JSON")
 }

@@ -133,7 +133,7 @@ fn hf_tokens_per_s(dir: &std::path::Path, prompt: &[u32], dtype: &str) -> Result
     });
     if !python.exists() {
         return Err(format!(
-            "no Python with transformers at {} (run ../shared/tools/dev-python.sh or set FERROTUNE_DEV_PYTHON)",
+            "no Python with transformers at {} (run scripts/dev-python.sh or set FERROTUNE_DEV_PYTHON)",
             python.display()
         ));
     }
