@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test demo bench bench-train bench-score fixtures clean-cache
+.PHONY: target-link all libtorch build build-cuda test test-learning lint demo bench bench-train bench-score fixtures clean-cache
 
 all: build
 
@@ -36,8 +36,23 @@ build-cuda: libtorch target-link
 # One libtorch thread per process: the harness runs tests side by side (and the end-to-end tests start several
 # processes each), and OpenMP threads spinning on cores another process holds made two concurrent SmolLM2
 # trainings 2.4x slower than with one thread each (30.4 s vs 12.5 s for 2 x 8 steps on 2 cores).
+# The fast tier: unit, tiny-fixture integration, end-to-end plumbing and SmolLM2 parity (the learning proofs
+# are #[ignore]d here and run by test-learning).
 test: build
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(CARGO) test --release --locked --workspace --no-fail-fast
+	@start=$$(date +%s); \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(CARGO) test --release --locked --workspace --no-fail-fast; rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
+
+# The learning tier: every learning proof on SmolLM2 (the e2e tests marked "learning proof").
+test-learning: build
+	@start=$$(date +%s); \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(CARGO) test --release --locked -p ferrotune-tests --test e2e --no-fail-fast -- --ignored; rc=$$?; \
+	echo "make test-learning: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
+
+# Format and lint gates of CI.
+lint: libtorch target-link
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 
 demo: build
 	bash scripts/demo.sh

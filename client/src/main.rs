@@ -489,6 +489,18 @@ async fn generate(a: &GenerateArgs, svc: &mut Services, json_out: bool) -> Resul
             prompt::Kind::Text(text)
         }
     };
+    if a.max_new_tokens == 0 {
+        anyhow::bail!("--max-new-tokens must be at least 1");
+    }
+    if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t > 0.0)) {
+        anyhow::bail!("--temperature must be a number > 0, got {t} (use --greedy for greedy decoding)");
+    }
+    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        anyhow::bail!("--top-p must be in (0, 1], got {p}");
+    }
+    if !(a.repetition_penalty.is_finite() && a.repetition_penalty > 0.0) {
+        anyhow::bail!("--repetition-penalty must be a number > 0, got {}", a.repetition_penalty);
+    }
     let sample = a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some();
     let req = GenerateRequest {
         model: Some(model_ref(&a.model)),

@@ -31,6 +31,9 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
     }
     s.validate()?;
     let root = ArtifactRoot::confined(&s.artifact_root)?;
+    // From here on every file this process opens lies beneath the root (or the pulled models, read-only).
+    ferrotune_core::fsx::confine(root.root(), &[&ferrotune_core::registry::models_dir()])
+        .context("confining file access to the artifact root")?;
     let listener = tokio::net::TcpListener::bind(&s.listen).await.with_context(|| format!("listen {}", s.listen))?;
     let addr = listener.local_addr()?;
     let services = s.services.clone();

@@ -28,8 +28,11 @@ pub(crate) struct SftArgs {
     #[arg(long = "set")]
     sets: Vec<String>,
     /// Continue from the newest checkpoint in the output dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start afresh in an output dir that holds another run, replacing its checkpoints and metrics.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// The recipe text, the overrides (with --output-dir / --max-steps), and the validated recipe.
@@ -40,6 +43,9 @@ fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_policy::recipe::S
     }
     if let Some(n) = a.max_steps {
         sets.push(format!("training.max_steps={n}"));
+    }
+    if a.overwrite {
+        sets.push("training.overwrite_output_dir=true".into());
     }
     let text = std::fs::read_to_string(&a.recipe).with_context(|| format!("{}", a.recipe.display()))?;
     let r = ferrotune_policy::recipe::parse(&text, &a.recipe, &sets)?;

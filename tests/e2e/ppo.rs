@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use ferrotune_tests::{ferrotune_bin, repo, run_cli, smollm2_dir, Server};
 
 #[test]
+#[ignore = "learning proof: make test-learning"]
 fn smollm2_ppo_raises_the_held_out_reward_with_bounded_kl() {
     smollm2_dir();
     let t = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@ use ferrotune_tests::{repo, run_cli, smollm2_dir, Server};
 use tonic::Code;
 
 #[test]
+#[ignore = "learning proof: make test-learning"]
 fn smollm2_reward_model_ranks_held_out_pairs_and_batches_concurrent_calls() {
     smollm2_dir();
     let t = tempfile::tempdir().unwrap();

@@ -61,6 +61,7 @@ fn train(out: &Path, extra: &[&str]) {
 }
 
 #[test]
+#[ignore = "learning proof: make test-learning"]
 fn smollm2_sft_lora_and_qlora_learn_a_held_out_persona() {
     let (before, texts) = compliance(None);
     println!("base model: {:.0}% of held-out answers start with \"Ahoy!\" (e.g. {:?})", before * 100.0, texts[0]);
@@ -171,6 +172,7 @@ fn smollm2_sft_bad_recipes_are_clear_errors() {
 }
 
 #[test]
+#[ignore = "learning proof: make test-learning"]
 fn smollm2_sft_full_fine_tuning_writes_a_model_that_learned() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("full");
@@ -184,6 +186,7 @@ fn smollm2_sft_full_fine_tuning_writes_a_model_that_learned() {
 }
 
 #[test]
+#[ignore = "learning proof: make test-learning"]
 fn smollm2_sft_prompt_tuning_learns_the_persona() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("pt");

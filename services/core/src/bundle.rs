@@ -58,7 +58,7 @@ impl ModelBundle {
 
 /// Reads a chat file: a JSON list of `{"role", "content"}` messages (or an object with a `messages` list).
 pub fn read_chat_file(path: &Path) -> Result<Vec<Message>> {
-    let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    let text = crate::fsx::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum ChatFile {

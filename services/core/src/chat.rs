@@ -70,14 +70,14 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+            let text = crate::fsx::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
             serde_json::from_str(&text).map_err(|e| CoreError::format(&cfg_path, format!("invalid JSON: {e}")))?
         } else {
             serde_json::Value::Null
         };
         let jinja = dir.join("chat_template.jinja");
         let (source, origin) = if jinja.exists() {
-            (std::fs::read_to_string(&jinja).map_err(|e| CoreError::io(&jinja, e))?, TemplateOrigin::JinjaFile)
+            (crate::fsx::read_to_string(&jinja).map_err(|e| CoreError::io(&jinja, e))?, TemplateOrigin::JinjaFile)
         } else {
             match cfg.get("chat_template") {
                 Some(serde_json::Value::String(s)) => (s.clone(), TemplateOrigin::TokenizerConfig),

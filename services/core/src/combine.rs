@@ -54,7 +54,7 @@ const PREFIX: &str = "base_model.model.";
 
 fn open(dir: &Path) -> Result<Adapter> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let text = crate::fsx::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
     let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     let raw_cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
@@ -209,7 +209,7 @@ pub fn combine(adapters: &[(PathBuf, f64)], how: Combination, out: &Path) -> Res
         tensors.push((format!("{PREFIX}{path}.lora_A.weight"), a_new.f_contiguous()?));
         tensors.push((format!("{PREFIX}{path}.lora_B.weight"), b_new.f_contiguous()?));
     }
-    std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
+    crate::fsx::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
     save_safetensors(&out.join("adapter_model.safetensors"), &tensors)?;
     let mut cfg = ads[0].raw_cfg.clone();
     let suffixes: BTreeSet<&str> = paths.iter().filter_map(|p| p.rsplit('.').next()).collect();

@@ -76,7 +76,7 @@ impl ModelDefaults {
             if !p.exists() {
                 return Ok(serde_json::Value::Null);
             }
-            let text = std::fs::read_to_string(&p).map_err(|e| CoreError::io(&p, e))?;
+            let text = crate::fsx::read_to_string(&p).map_err(|e| CoreError::io(&p, e))?;
             serde_json::from_str(&text).map_err(|e| CoreError::format(&p, format!("invalid JSON: {e}")))
         };
         let ids = |v: &serde_json::Value| -> Vec<u32> {

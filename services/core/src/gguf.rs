@@ -137,7 +137,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements.
+    /// Number of elements ([`GgufFile::open`] refuses a file where this product overflows).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -233,10 +233,7 @@ impl GgufFile {
     /// Opens and parses a GGUF file; the tensor data is checked to lie inside the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
-        // SAFETY: the file is opened read-only; like every mmap reader we assume nobody truncates it while
-        // we read it (a truncation would be caught by the bounds checks only if it happened before open).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CoreError::io(path, e))?;
+        let mmap = crate::fsx::mmap(path).map_err(|e| CoreError::io(path, e))?;
         let mut c = Cursor { path, buf: &mmap, pos: 0 };
         let magic = c.take(4, "magic")?;
         if magic != b"GGUF" {
@@ -277,11 +274,20 @@ impl GgufFile {
             tensors.push(TensorInfo { name, shape, ty, offset: offset as usize });
         }
         let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
-        let data_start = c.pos.div_ceil(align) * align;
+        let data_start =
+            c.pos.div_ceil(align).checked_mul(align).ok_or_else(|| {
+                CoreError::format(path, format!("corrupt GGUF: general.alignment {align} is impossible"))
+            })?;
         for t in &mut tensors {
             t.offset = t.offset.checked_add(data_start).ok_or_else(|| {
                 CoreError::format(path, format!("corrupt GGUF: tensor `{}` has an impossible offset", t.name))
             })?;
+            if t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none() {
+                return Err(CoreError::format(
+                    path,
+                    format!("corrupt GGUF: tensor `{}` has dimensions {:?} whose product overflows", t.name, t.shape),
+                ));
+            }
             if let Ok(ty) = t.ty {
                 let n = byte_len(ty, t.numel()).ok_or_else(|| {
                     CoreError::format(
@@ -300,7 +306,7 @@ impl GgufFile {
                             "truncated GGUF: tensor `{}` needs bytes {}..{} but the file has {}",
                             t.name,
                             t.offset,
-                            t.offset + n,
+                            t.offset.saturating_add(n),
                             mmap.len()
                         ),
                     ));
@@ -366,7 +372,10 @@ impl GgufFile {
 
 fn byte_len(ty: TensorType, numel: usize) -> Option<usize> {
     let (per_block, block_bytes) = ty.block();
-    (numel % per_block == 0).then(|| numel / per_block * block_bytes)
+    if numel % per_block != 0 {
+        return None;
+    }
+    (numel / per_block).checked_mul(block_bytes)
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -29,9 +29,14 @@ pub struct ImportReport {
     pub skipped: Vec<String>,
 }
 
-/// Imports `gguf_path` into `out_dir` (created; existing files are overwritten). Files are written to a
-/// temporary sibling directory and renamed into place, so a failed import leaves no half-written model.
+/// The file every import writes; a directory holding it is an earlier import that a new one may replace.
+pub const IMPORT_MARKER: &str = "ferrotune_import.json";
+
+/// Imports `gguf_path` into `out_dir`. Files are written to a temporary sibling directory and renamed into
+/// place, so a failed import leaves no half-written model. `out_dir` must be missing, empty, or an earlier
+/// import (it holds [`IMPORT_MARKER`]); never the working directory or a directory holding the input.
 pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
+    check_output_dir(gguf_path, out_dir)?;
     let g = GgufFile::open(gguf_path)?;
     let arch = g.get_str("general.architecture")?.to_owned();
     if arch != "llama" && arch != "qwen2" {
@@ -55,38 +60,88 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
             "tensor_types": tensor_type_counts(&g), "skipped": skipped,
             "note": "weights dequantized to f32; attn_q/attn_k rows un-permuted to HF layout",
         });
-        write_json(&tmp.join("ferrotune_import.json"), &source)?;
+        write_json(&tmp.join(IMPORT_MARKER), &source)?;
         Ok((tensors, skipped))
     })();
     let (tensors, skipped) = match result {
         Ok(r) => r,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = crate::fsx::remove_dir_all(&tmp);
             return Err(e);
         }
     };
-    if out_dir.exists() {
-        std::fs::remove_dir_all(out_dir).map_err(|e| CoreError::io(out_dir, e))?;
+    if let Err(e) = replace_dir(&tmp, out_dir) {
+        let _ = crate::fsx::remove_dir_all(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, out_dir).map_err(|e| CoreError::io(out_dir, e))?;
     Ok(ImportReport { path: out_dir.to_path_buf(), architecture: arch, tensors, skipped })
+}
+
+/// Refuses an output directory an import must not replace (see [`import_gguf`]), before any work is done.
+fn check_output_dir(gguf_path: &Path, out_dir: &Path) -> Result<()> {
+    let refuse = |why: &str| Err(CoreError::InvalidArgument(format!("--out {}: {why}", out_dir.display())));
+    let Ok(meta) = crate::fsx::metadata(out_dir) else { return Ok(()) };
+    if !meta.is_dir() {
+        return refuse("exists and is not a directory");
+    }
+    let real = out_dir.canonicalize().map_err(|e| CoreError::io(out_dir, e))?;
+    if std::env::current_dir().is_ok_and(|cwd| cwd.canonicalize().is_ok_and(|c| c.starts_with(&real))) {
+        return refuse("is the working directory (or holds it); name a new directory for the model");
+    }
+    if gguf_path.canonicalize().is_ok_and(|g| g.starts_with(&real)) {
+        return refuse("holds the input GGUF; name a new directory for the model");
+    }
+    let entries = crate::fsx::read_dir(out_dir).map_err(|e| CoreError::io(out_dir, e))?;
+    if !entries.is_empty() && !entries.iter().any(|e| e.name == IMPORT_MARKER) {
+        return refuse("holds files that are not an earlier import; name a new or empty directory");
+    }
+    Ok(())
+}
+
+/// Moves the finished import `tmp` to `out_dir`: a missing or empty directory is simply taken; an earlier
+/// import is first moved aside, then removed once the new one is in place.
+fn replace_dir(tmp: &Path, out_dir: &Path) -> Result<()> {
+    let io = |e| CoreError::io(out_dir, e);
+    let old = match crate::fsx::read_dir(out_dir) {
+        Err(_) => None,
+        Ok(entries) if entries.is_empty() => {
+            std::fs::remove_dir(out_dir).map_err(io)?;
+            None
+        }
+        Ok(entries) if entries.iter().any(|e| e.name == IMPORT_MARKER) => {
+            let aside = tmp.with_extension("replaced");
+            crate::fsx::rename(out_dir, &aside).map_err(io)?;
+            Some(aside)
+        }
+        Ok(_) => {
+            return Err(CoreError::InvalidArgument(format!(
+                "--out {}: files appeared there during the import; nothing was replaced",
+                out_dir.display()
+            )))
+        }
+    };
+    crate::fsx::rename(tmp, out_dir).map_err(io)?;
+    if let Some(old) = old {
+        crate::fsx::remove_dir_all(&old).map_err(|e| CoreError::io(&old, e))?;
+    }
+    Ok(())
 }
 
 fn tmp_sibling(out_dir: &Path) -> Result<PathBuf> {
     let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+    crate::fsx::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
     let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{name}.importing-{}", unique_suffix()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+        crate::fsx::remove_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    crate::fsx::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     Ok(tmp)
 }
 
 fn write_json(path: &Path, v: &Json) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    std::fs::write(path, text + "\n").map_err(|e| CoreError::io(path, e))
+    crate::fsx::write(path, text + "\n").map_err(|e| CoreError::io(path, e))
 }
 
 fn tensor_type_counts(g: &GgufFile) -> Json {
@@ -237,6 +292,7 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
     }
     let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
     let n = tensors.len();
+    crate::fsx::checked_for_write(out).map_err(|e| CoreError::io(out, e))?;
     safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(meta), out)
         .map_err(|e| CoreError::format(out, format!("cannot write safetensors: {e}")))?;
     Ok((n, skipped))

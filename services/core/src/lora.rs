@@ -192,7 +192,7 @@ fn fill_dropout_mask(out: &mut [u8], state: u64, keep: f64, threads: usize) {
 /// `ferrotune_train.json`; false when that file is absent (e.g. an adapter made by PEFT).
 pub fn trained_on_nf4(dir: &Path) -> Result<bool> {
     let info = dir.join("ferrotune_train.json");
-    match std::fs::read_to_string(&info) {
+    match crate::fsx::read_to_string(&info) {
         Ok(text) => {
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| CoreError::format(&info, e.to_string()))?;
@@ -411,7 +411,7 @@ fn none() -> String {
 /// Saves the model's adapters in PEFT format into `dir` (created). Files are written under temporary
 /// names and renamed, so a crash never leaves a half-written adapter.
 pub fn save_peft(model: &mut CausalLm, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    crate::fsx::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     let tensors = model.lora_tensors();
     if tensors.is_empty() {
         return Err(CoreError::InvalidArgument("the model has no LoRA adapters to save".into()));
@@ -458,7 +458,7 @@ pub fn save_peft(model: &mut CausalLm, cfg: &LoraConfig, base_model: &str, dir: 
 /// `rank_pattern` overrides). Returns the config.
 pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let text = crate::fsx::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
     let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     let unsupported = |what: &str| Err(CoreError::config(&cfg_path, format!("{what} is not supported")));
     if cfg.peft_type != "LORA" {

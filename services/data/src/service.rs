@@ -29,11 +29,15 @@ pub fn data_status(e: &DataError) -> Status {
 pub struct Data {
     /// Path confinement.
     pub root: ArtifactRoot,
+    /// `limits.max_record_bytes`.
+    pub max_record_bytes: usize,
 }
 
 /// Adds DataService to a server being assembled.
 pub fn host(h: &mut Hosting) {
-    let svc = DataServiceServer::new(Data { root: h.root.clone() }).max_decoding_message_size(h.max_message());
+    let svc =
+        DataServiceServer::new(Data { root: h.root.clone(), max_record_bytes: h.settings.limits.max_record_bytes })
+            .max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(svc));
     h.hosted("ferrotune.v1.DataService");
 }
@@ -119,6 +123,7 @@ impl DataService for Data {
             seed: r.seed,
             strict: r.strict,
             pack: r.pack,
+            max_record_bytes: self.max_record_bytes,
         };
         let stats =
             blocking(move || build(&opts, &out).map(|s| stats_msg(s, &out)).map_err(|e| data_status(&e))).await?;
@@ -154,7 +159,8 @@ impl DataService for Data {
     async fn get_stats(&self, req: Request<GetStatsRequest>) -> Result<Response<DatasetStats>, Status> {
         let dir = self.root.resolve("path", &req.into_inner().path)?;
         let f = dir.join("stats.json");
-        let text = std::fs::read_to_string(&f).map_err(|e| Status::not_found(format!("path: {}: {e}", f.display())))?;
+        let text = ferrotune_core::fsx::read_to_string(&f)
+            .map_err(|e| Status::not_found(format!("path: {}: {e}", f.display())))?;
         let s: Stats =
             serde_json::from_str(&text).map_err(|e| Status::invalid_argument(format!("{}: {e}", f.display())))?;
         Ok(Response::new(stats_msg(s, &dir)))

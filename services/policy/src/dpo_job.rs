@@ -52,7 +52,7 @@ fn reference(
 /// The cached reference log-probs of a dataset split, when they were made for this base and quantization.
 fn cached(dataset: &Path, key: &serde_json::Value, split: &str, n: usize) -> Option<Vec<(f64, f64)>> {
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dataset.join("reference_logps.json")).ok()?).ok()?;
+        serde_json::from_str(&ferrotune_core::fsx::read_to_string(dataset.join("reference_logps.json")).ok()?).ok()?;
     if &v["key"] != key {
         return None;
     }
@@ -67,7 +67,7 @@ fn run_dpo(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> 
         anyhow::bail!("adapter.method `{}`: DPO trains lora or qlora adapters (the reference is the base with the adapter disabled)", r.adapter.method);
     }
     let out = r.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+    ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
     let model_dir = model_dir(r)?;
     let dataset = dataset_dir(r, &model_dir, ctx)?;
     let train_pairs = load_pairs(&dataset, "train")?;

@@ -60,7 +60,7 @@ impl PpoRunner {
             anyhow::bail!("adapter.method `{}`: PPO trains lora or qlora adapters (the reference is the base with the adapter disabled)", r.adapter.method);
         }
         let out = r.output_dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+        ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
         let model_dir = model_dir(r)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
         let template = ChatTemplate::from_dir(&model_dir)?;

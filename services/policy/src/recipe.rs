@@ -208,7 +208,7 @@ fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
 
 /// Reads a recipe file and applies `--set` overrides (and `--output-dir`, `--max-steps`).
 pub fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let text = ferrotune_core::fsx::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     parse(&text, path, sets)
 }
 

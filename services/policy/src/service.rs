@@ -58,16 +58,27 @@ impl Policy {
     }
 }
 
-fn sampling(r: &GenerateRequest) -> SamplingParams {
+/// The request's sampling settings; 0 means "unset" (proto3), a negative or non-finite value is an error
+/// rather than a silent switch to greedy decoding.
+fn sampling(r: &GenerateRequest) -> Result<SamplingParams, Status> {
     let s = r.sampling.clone().unwrap_or_default();
+    for (field, v) in [("temperature", s.temperature), ("top_p", s.top_p), ("repetition_penalty", s.repetition_penalty)]
+    {
+        if !v.is_finite() || v < 0.0 {
+            return Err(invalid(&format!("sampling.{field}"), format!("must be a number >= 0 (0 = unset), got {v}")));
+        }
+    }
+    if s.top_p > 1.0 {
+        return Err(invalid("sampling.top_p", format!("must be in (0, 1] (0 = unset), got {}", s.top_p)));
+    }
     let sample = !s.greedy && (s.temperature > 0.0 || s.top_k > 0 || s.top_p > 0.0);
-    SamplingParams {
+    Ok(SamplingParams {
         greedy: !sample,
         temperature: if s.temperature == 0.0 { 1.0 } else { s.temperature },
         top_k: (s.top_k > 0).then_some(s.top_k as usize),
         top_p: (s.top_p > 0.0).then_some(s.top_p),
         repetition_penalty: if s.repetition_penalty == 0.0 { 1.0 } else { s.repetition_penalty },
-    }
+    })
 }
 
 /// Checks a Generate request and returns its options (EOS and pad ids are filled in on the worker).
@@ -91,7 +102,7 @@ fn check_generate(r: &GenerateRequest) -> Result<GenerateOptions, Status> {
     if r.max_new_tokens > MAX_NEW_TOKENS {
         return Err(invalid("max_new_tokens", format!("{} is more than {MAX_NEW_TOKENS}", r.max_new_tokens)));
     }
-    let sampling = sampling(r);
+    let sampling = sampling(r)?;
     sampling.validate().map_err(|e| invalid("sampling", e))?;
     Ok(GenerateOptions {
         max_new_tokens: if r.max_new_tokens == 0 { 128 } else { r.max_new_tokens as usize },
@@ -297,9 +308,11 @@ impl PolicyService for Policy {
         let mut stack = vec![(dir, 0usize)];
         while let Some((d, depth)) = stack.pop() {
             let cfg = d.join("adapter_config.json");
-            if cfg.is_file() {
-                let v: serde_json::Value =
-                    std::fs::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            if ferrotune_core::fsx::is_file(&cfg) {
+                let v: serde_json::Value = ferrotune_core::fsx::read_to_string(&cfg)
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default();
                 found.push(AdapterInfo {
                     path: d.display().to_string(),
                     peft_type: v["peft_type"].as_str().unwrap_or("").to_owned(),
@@ -309,10 +322,8 @@ impl PolicyService for Policy {
                 });
             }
             if depth < 2 {
-                if let Ok(rd) = std::fs::read_dir(&d) {
-                    stack.extend(
-                        rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).map(|p| (p, depth + 1)),
-                    );
+                if let Ok(rd) = ferrotune_core::fsx::read_dir(&d) {
+                    stack.extend(rd.into_iter().filter(|e| e.is_dir).map(|e| (e.path, depth + 1)));
                 }
             }
         }
@@ -404,6 +415,9 @@ pub fn queue_recipe_job(
             out.display()
         )));
     }
+    // Refused now rather than as a failed job: a fresh run into another run's directory.
+    ferrotune_core::train::run_dir::check(&out, resume, recipe.training.overwrite_output_dir)
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
     let spec = serde_json::json!({"recipe": recipe, "resume": resume});
     let job = jobs.submit(kind, spec, out).status()?;
     tracing::info!(job = %job.id, kind, "job queued");

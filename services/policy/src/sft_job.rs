@@ -41,9 +41,13 @@ pub fn progress_of(ev: &StepEvent) -> Progress {
 
 /// A recipe job's spec `{"recipe": <resolved recipe>, "resume": bool}`: the recipe, and whether to continue
 /// from the newest checkpoint (asked for, or the job itself is being resumed after a restart).
+/// The job claims the recipe's output dir here (see [`ferrotune_core::train::run_dir`]), before it writes
+/// anything there; a fresh run is that job's run.
 pub fn job_recipe(ctx: &JobContext) -> Result<(SftRecipe, bool)> {
     let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
-    Ok((r, ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false)))
+    let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+    ferrotune_core::train::run_dir::claim(&r.output_dir, resume, r.training.overwrite_output_dir, &ctx.id)?;
+    Ok((r, resume))
 }
 
 /// Runs the training loop as a job: every step reported as a job event (after `on_step`), stopping when the
@@ -103,6 +107,7 @@ pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<
                     seed: r.training.seed,
                     strict: false,
                     pack: r.data.pack,
+                    max_record_bytes: ferrotune_data::read::DEFAULT_MAX_RECORD_BYTES,
                 },
                 &d,
             )?;
@@ -146,9 +151,10 @@ pub fn write_provenance(
 ) -> Result<()> {
     let out = &r.output_dir;
     let template = ChatTemplate::from_dir(model_dir)?;
-    std::fs::write(out.join("chat_template.jinja"), template.source()).context("writing chat_template.jinja")?;
-    std::fs::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;
-    std::fs::write(
+    ferrotune_core::fsx::write(out.join("chat_template.jinja"), template.source())
+        .context("writing chat_template.jinja")?;
+    ferrotune_core::fsx::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;
+    ferrotune_core::fsx::write(
         out.join("ferrotune_train.json"),
         serde_json::to_string_pretty(
             &json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
@@ -176,7 +182,7 @@ pub fn finish(out: &Path, dataset: &Path, kind: &str, title: &str, ctx: &JobCont
 
 fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
     let out = r.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+    ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
     let model_dir = model_dir(r)?;
     let dataset = dataset_dir(r, &model_dir, ctx)?;
     let train_set = load_split(&dataset, "train")?;

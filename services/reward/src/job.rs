@@ -17,7 +17,7 @@ impl JobRunner for RewardRunner {
         let (r, resume) = job_recipe(ctx)?;
         let cfg = r.reward.unwrap_or_default();
         let out = r.output_dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+        ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
         let model_dir = model_dir(&r)?;
         let dataset = dataset_dir(&r, &model_dir, ctx)?;
         let pairs = |split: &str| -> Result<Vec<RewardExample>> {

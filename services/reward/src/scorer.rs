@@ -104,57 +104,49 @@ pub fn rule_score(rule: &str, response: &str) -> Result<f32, Status> {
         return Ok(f32::from(u8::from(response.trim_start().starts_with(t))));
     }
     if let Some(p) = rule.strip_prefix("regex:") {
-        return simple_match(p, response).map(|m| f32::from(u8::from(m)));
+        return regex_search(p, response).map(|m| f32::from(u8::from(m)));
     }
     Err(Status::invalid_argument(format!("model.rule `{rule}`: use regex:PATTERN, exact:TEXT, prefix:TEXT or length")))
 }
 
-/// A small regular-expression subset (literal text, `^`, `$`, `.`, `*` after a character or `.`, `\` making
-/// the next character literal), enough for format checks without another dependency.
-fn simple_match(pattern: &str, text: &str) -> Result<bool, Status> {
-    /// One pattern atom at the start of `p`: what it matches (`None` = any character) and its length.
-    fn atom(p: &[char]) -> (Option<char>, usize) {
-        match p {
-            ['\\', c, ..] => (Some(*c), 2),
-            ['.', ..] => (None, 1),
-            [c, ..] => (Some(*c), 1),
-            [] => unreachable!("atoms of a non-empty pattern"),
-        }
-    }
-    fn here(p: &[char], t: &[char]) -> bool {
-        if p.is_empty() {
-            return true;
-        }
-        if p == ['$'] {
-            return t.is_empty();
-        }
-        let (a, n) = atom(p);
-        let fits = |c: char| a.is_none_or(|x| x == c);
-        if p.get(n) == Some(&'*') {
-            let rest = &p[n + 1..];
-            let mut i = 0;
-            loop {
-                if here(rest, &t[i..]) {
-                    return true;
-                }
-                if i < t.len() && fits(t[i]) {
-                    i += 1;
-                } else {
-                    return false;
-                }
-            }
-        }
-        !t.is_empty() && fits(t[0]) && here(&p[n..], &t[1..])
-    }
+/// The longest `regex:` pattern a rule may hold, in bytes.
+pub const MAX_REGEX_BYTES: usize = 1024;
+/// The most memory one compiled `regex:` pattern may take.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Whether `pattern` matches anywhere in `text` (Python's `re.search`), with the `regex` crate's syntax.
+/// A pattern that does not compile, or compiles too large, is INVALID_ARGUMENT: scoring every response 0
+/// would train on a reward that says nothing. Compiled patterns are cached (a few hundred at most).
+fn regex_search(pattern: &str, text: &str) -> Result<bool, Status> {
+    static CACHE: std::sync::Mutex<Option<std::collections::HashMap<String, regex::Regex>>> =
+        std::sync::Mutex::new(None);
     if pattern.is_empty() {
         return Err(Status::invalid_argument("model.rule: empty regex"));
     }
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    if p[0] == '^' {
-        return Ok(here(&p[1..], &t));
+    if pattern.len() > MAX_REGEX_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "model.rule: regex of {} bytes is longer than the limit of {MAX_REGEX_BYTES}",
+            pattern.len()
+        )));
     }
-    Ok((0..=t.len()).any(|i| here(&p, &t[i..])))
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    if let Some(re) = cache.get(pattern) {
+        return Ok(re.is_match(text));
+    }
+    let re = regex::RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).build().map_err(|e| {
+        let first = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+        Status::invalid_argument(format!(
+            "model.rule: invalid regex {}: {first}",
+            ferrotune_runtime::paths::quote(pattern)
+        ))
+    })?;
+    let m = re.is_match(text);
+    if cache.len() >= 256 {
+        cache.clear();
+    }
+    cache.insert(pattern.to_owned(), re);
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -173,6 +165,15 @@ mod tests {
         assert_eq!(rule_score("regex:x$", "xy").unwrap(), 0.0);
         assert_eq!(rule_score("regex:^The .* is .*\\.$", "The capital is Rome.").unwrap(), 1.0);
         assert_eq!(rule_score("regex:^The .* is .*\\.$", "The capital is Rome!").unwrap(), 0.0);
+        assert_eq!(rule_score("regex:(Rome|Paris)[.!]$", "It is Paris!").unwrap(), 1.0);
+        // A pattern that does not compile, or compiles too large, is an error, never a score of 0.
+        for bad in ["regex:(", "regex:[a-", "regex:\\p{Nope}", "regex:a{1000}{1000}"] {
+            let e = rule_score(bad, "x").unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(e.message().starts_with("model.rule: invalid regex"), "{bad}: {}", e.message());
+        }
+        let long = format!("regex:{}", "a".repeat(MAX_REGEX_BYTES + 1));
+        assert!(rule_score(&long, "a").unwrap_err().message().contains("longer than the limit"));
         assert_eq!(rule_score("regex:a\\*", "a*").unwrap(), 1.0);
         assert_eq!(rule_score("regex:a\\*", "aa").unwrap(), 0.0);
         assert!(rule_score("regex:", "x").is_err());

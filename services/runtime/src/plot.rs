@@ -7,7 +7,8 @@ use plotters::prelude::*;
 
 /// Reads (step, loss) and (step, eval_loss) series from a metrics file.
 pub fn read_series(metrics: &Path) -> anyhow::Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
-    let text = std::fs::read_to_string(metrics).map_err(|e| anyhow::anyhow!("{}: {e}", metrics.display()))?;
+    let text =
+        ferrotune_core::fsx::read_to_string(metrics).map_err(|e| anyhow::anyhow!("{}: {e}", metrics.display()))?;
     let (mut train, mut eval) = (vec![], vec![]);
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value =
@@ -32,6 +33,7 @@ pub fn loss_curve(metrics: &Path, out: &Path, title: &str) -> anyhow::Result<()>
     let max_step = train.iter().chain(&eval).map(|p| p.0).fold(1.0, f64::max);
     let (lo, hi) = train.iter().chain(&eval).fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     let pad = ((hi - lo) * 0.05).max(1e-3);
+    ferrotune_core::fsx::checked_for_write(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     let root = SVGBackend::new(out, (800, 480)).into_drawing_area();
     let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
@@ -65,7 +67,7 @@ mod tests {
     fn plots_train_and_eval_series() {
         let d = tempfile::tempdir().unwrap();
         let m = d.path().join("metrics.jsonl");
-        std::fs::write(
+        ferrotune_core::fsx::write(
             &m,
             "{\"step\":1,\"loss\":2.5}\n{\"step\":2,\"loss\":2.0,\"eval_loss\":2.2}\n{\"step\":3,\"loss\":1.5}\n",
         )
@@ -75,13 +77,13 @@ mod tests {
         assert_eq!(e, vec![(2.0, 2.2)]);
         let out = d.path().join("loss.svg");
         super::loss_curve(&m, &out, "t").unwrap();
-        let svg = std::fs::read_to_string(&out).unwrap();
+        let svg = ferrotune_core::fsx::read_to_string(&out).unwrap();
         assert!(
             svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("eval loss"),
             "{}",
             &svg[..200.min(svg.len())]
         );
-        std::fs::write(&m, "").unwrap();
+        ferrotune_core::fsx::write(&m, "").unwrap();
         assert!(super::loss_curve(&m, &out, "t").is_err());
     }
 }

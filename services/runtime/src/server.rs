@@ -107,13 +107,17 @@ impl Hosting {
         for n in &all {
             reporter.set_service_status(n, ServingStatus::NotServing).await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ferrotune_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| anyhow::anyhow!("reflection: {e}"))?;
-        let reflection = self.authed(reflection);
-        self.routes.add_service(health).add_service(reflection);
+        // Both reflection versions: grpcurl and grpcui speak v1, grpcio-reflection's client and older
+        // tools v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ferrotune_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = reflection().build_v1().map_err(|e| anyhow::anyhow!("reflection: {e}"))?;
+        let v1alpha = reflection().build_v1alpha().map_err(|e| anyhow::anyhow!("reflection: {e}"))?;
+        let (v1, v1alpha) = (self.authed(v1), self.authed(v1alpha));
+        self.routes.add_service(health).add_service(v1).add_service(v1alpha);
         if let Some(j) = &self.jobs {
             if self.settings.jobs.resume_on_start {
                 let n = j.resume_pending()?;

@@ -110,6 +110,8 @@ pub struct Limits {
     pub request_timeout_s: u64,
     /// Requests in flight per connection; more wait.
     pub concurrency: usize,
+    /// Longest record text data formatting accepts, in bytes; longer records are reported and skipped.
+    pub max_record_bytes: usize,
 }
 
 /// Job store.

@@ -21,7 +21,7 @@ use crate::weights::{WeightFiles, Weights};
 /// Reads `dir/config.json` and returns the normalised config of a supported family.
 pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    let text = crate::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| CoreError::config(&path, format!("invalid JSON: {e}")))?;
     let ty = v

@@ -18,6 +18,9 @@ use crate::weights::{save_safetensors, write_atomically, WeightFiles};
 struct TrainerState {
     position: Position,
     optimizer_step: i64,
+    /// The run that wrote it (see [`super::run_dir`]); absent in checkpoints of runs without an identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run_id: Option<String>,
 }
 
 const STATE: &str = "trainer_state.json";
@@ -26,23 +29,55 @@ fn step_of(p: &Path) -> Option<usize> {
     p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
 }
 
-fn complete(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    if !root.exists() {
+/// The complete checkpoints under `root` written by run `run_id`, oldest first. Another run's checkpoints
+/// are left out (and left alone).
+fn complete(root: &Path, run_id: Option<&str>) -> Result<Vec<(usize, PathBuf)>> {
+    if !crate::fsx::exists(root) {
         return Ok(vec![]);
     }
-    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
+    let mut v: Vec<(usize, PathBuf)> = crate::fsx::read_dir(root)
         .map_err(|e| CoreError::io(root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(STATE).exists())
+        .into_iter()
+        .map(|e| e.path)
+        .filter(|p| crate::fsx::is_file(p.join(STATE)))
+        .filter(|p| read_state(p).map_or(true, |s| s.run_id.as_deref() == run_id))
         .filter_map(|p| step_of(&p).map(|s| (s, p)))
         .collect();
     v.sort();
     Ok(v)
 }
 
-/// The newest complete checkpoint under `root`.
-pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
-    Ok(complete(root)?.pop().map(|(_, p)| p))
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE);
+    let text = crate::fsx::read_to_string(&p).map_err(|e| CoreError::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| CoreError::format(&p, e.to_string()))
+}
+
+/// Run `run_id`'s complete checkpoints under `root`, newest first.
+pub fn candidates(root: &Path, run_id: Option<&str>) -> Result<Vec<PathBuf>> {
+    Ok(complete(root, run_id)?.into_iter().rev().map(|(_, p)| p).collect())
+}
+
+/// The newest complete checkpoint of run `run_id` under `root`.
+pub fn latest(root: &Path, run_id: Option<&str>) -> Result<Option<PathBuf>> {
+    Ok(candidates(root, run_id)?.into_iter().next())
+}
+
+/// Checks that a checkpoint can be restored: its trainer state parses and every safetensors file in it has
+/// a valid header with its data inside the file. What is wrong, when something is.
+pub fn verify(dir: &Path) -> Result<()> {
+    read_state(dir)?;
+    let files: Vec<PathBuf> = crate::fsx::read_dir(dir)
+        .map_err(|e| CoreError::io(dir, e))?
+        .into_iter()
+        .map(|e| e.path)
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    if !files.iter().any(|p| p.ends_with("optimizer.safetensors")) {
+        return Err(CoreError::format(dir, "optimizer.safetensors is missing"));
+    }
+    WeightFiles::open_files(&files)?;
+    Ok(())
 }
 
 /// Writes a checkpoint for `pos` and prunes all but the newest `keep` (at least one is kept).
@@ -53,28 +88,29 @@ pub fn save(
     opt: &AdamW,
     pos: &Position,
     keep: usize,
+    run_id: Option<&str>,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
+    crate::fsx::create_dir_all(root).map_err(|e| CoreError::io(root, e))?;
     let final_dir = root.join(format!("step-{:08}", pos.step));
     let tmp = root.join(format!(".step-{:08}.tmp-{}", pos.step, crate::weights::unique_suffix()));
-    std::fs::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    crate::fsx::create_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
     let mut write = || -> Result<()> {
         state.save(model, &tmp)?;
         save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors())?;
-        let s = TrainerState { position: *pos, optimizer_step: opt.step };
+        let s = TrainerState { position: *pos, optimizer_step: opt.step, run_id: run_id.map(str::to_owned) };
         write_atomically(&tmp.join(STATE), serde_json::to_string_pretty(&s).expect("state serializes").as_bytes())?;
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| CoreError::io(&final_dir, e))?;
+            crate::fsx::remove_dir_all(&final_dir).map_err(|e| CoreError::io(&final_dir, e))?;
         }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| CoreError::io(&final_dir, e))
+        crate::fsx::rename(&tmp, &final_dir).map_err(|e| CoreError::io(&final_dir, e))
     };
     if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = crate::fsx::remove_dir_all(&tmp);
         return Err(e);
     }
-    let all = complete(root)?;
+    let all = complete(root, run_id)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        let _ = std::fs::remove_dir_all(old);
+        let _ = crate::fsx::remove_dir_all(old);
     }
     Ok(final_dir)
 }
@@ -82,9 +118,7 @@ pub fn save(
 /// Restores the optimizer from checkpoint `dir` and returns the position to continue from. (The trained
 /// state itself is restored by [`TrainableState::load`] before the optimizer is built.)
 pub fn load(dir: &Path, opt: &mut AdamW) -> Result<Position> {
-    let p = dir.join(STATE);
-    let text = std::fs::read_to_string(&p).map_err(|e| CoreError::io(&p, e))?;
-    let s: TrainerState = serde_json::from_str(&text).map_err(|e| CoreError::format(&p, e.to_string()))?;
+    let s = read_state(dir)?;
     let files = WeightFiles::open_files(&[dir.join("optimizer.safetensors")])?;
     opt.load_state(&|name| files.load_raw(name), s.optimizer_step)?;
     Ok(s.position)
@@ -100,7 +134,7 @@ pub struct MetricsLog {
 impl MetricsLog {
     /// Opens (creating) the log, keeping only lines with `step <= keep_upto`.
     pub fn open(path: &Path, keep_upto: usize) -> Result<Self> {
-        let kept: Vec<String> = match std::fs::read_to_string(path) {
+        let kept: Vec<String> = match crate::fsx::read_to_string(path) {
             Ok(text) => text
                 .lines()
                 .filter(|l| {
@@ -115,7 +149,7 @@ impl MetricsLog {
         };
         let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
         write_atomically(path, body.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| CoreError::io(path, e))?;
+        let file = crate::fsx::append(path).map_err(|e| CoreError::io(path, e))?;
         Ok(Self { file, path: path.to_path_buf() })
     }
 

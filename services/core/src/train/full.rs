@@ -67,11 +67,11 @@ impl TrainableState for FullState {
     }
 
     fn save(&self, model: &mut CausalLm, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        crate::fsx::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         save_safetensors(&dir.join("model.safetensors"), &model.named_weights()?)?;
         let cfg = self.base_dir.join("config.json");
         if cfg.exists() {
-            std::fs::copy(&cfg, dir.join("config.json")).map_err(|e| CoreError::io(&cfg, e))?;
+            crate::fsx::copy(&cfg, dir.join("config.json")).map_err(|e| CoreError::io(&cfg, e))?;
         }
         crate::weights::copy_side_files(&self.base_dir, dir)
     }

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod ppo;
 pub mod ppo_objective;
 pub mod reward;
+pub mod run_dir;
 pub mod scaler;
 pub mod schedule;
 pub mod sft;
@@ -158,6 +159,9 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// f16 compute: the initial dynamic loss scale (a power of two; GradScaler's 65536).
     pub init_loss_scale: f64,
+    /// Start a fresh run in an output dir that holds another run, replacing it (HF's
+    /// `overwrite_output_dir`); without it such a run is refused.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainConfig {
@@ -181,6 +185,7 @@ impl Default for TrainConfig {
             loss_chunk_tokens: 256,
             gradient_checkpointing: false,
             init_loss_scale: 65536.0,
+            overwrite_output_dir: false,
         }
     }
 }
@@ -320,7 +325,19 @@ pub struct TrainSummary {
     pub stopped: bool,
 }
 
-/// Runs (or, with `resume`, continues from the newest checkpoint) the training loop.
+/// The newest checkpoint of run `run_id` that [`checkpoint::verify`] accepts; a corrupt newer one is skipped
+/// with a warning on stderr.
+fn newest_intact(ckpt_root: &Path, run_id: Option<&str>) -> Result<Option<PathBuf>> {
+    for dir in checkpoint::candidates(ckpt_root, run_id)? {
+        match checkpoint::verify(&dir) {
+            Ok(()) => return Ok(Some(dir)),
+            Err(e) => eprintln!("warning: checkpoint {} is not intact ({e}); trying an older one", dir.display()),
+        }
+    }
+    Ok(None)
+}
+
+/// Runs (or, with `resume`, continues from the newest intact checkpoint) the training loop.
 pub fn train<O: Objective>(
     model: &mut CausalLm,
     run: &Run<'_, O>,
@@ -333,10 +350,12 @@ pub fn train<O: Objective>(
     if run.train.is_empty() {
         return Err(CoreError::InvalidArgument("the training set is empty".into()));
     }
-    std::fs::create_dir_all(run.output_dir).map_err(|e| CoreError::io(run.output_dir, e))?;
+    crate::fsx::create_dir_all(run.output_dir).map_err(|e| CoreError::io(run.output_dir, e))?;
     let ckpt_root = run.output_dir.join("checkpoints");
+    let run_id = run_dir::run_id(run.output_dir)?;
+    let run_id = run_id.as_deref();
     let mut pos = Position::default();
-    let resume_from = if resume { checkpoint::latest(&ckpt_root)? } else { None };
+    let resume_from = if resume { newest_intact(&ckpt_root, run_id)? } else { None };
     if let Some(dir) = &resume_from {
         run.state.load(model, dir)?;
     }
@@ -367,7 +386,7 @@ pub fn train<O: Objective>(
         if should_stop() {
             // Asked to stop (SIGINT/SIGTERM, job cancelled): keep the progress so `--resume` loses nothing.
             if pos.step > checkpointed {
-                checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit)?;
+                checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit, run_id)?;
             }
             stopped = true;
             break;
@@ -448,7 +467,7 @@ pub fn train<O: Objective>(
         };
         let checkpoint = if last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0) {
             checkpointed = pos.step;
-            Some(checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit)?)
+            Some(checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit, run_id)?)
         } else {
             None
         };

@@ -196,7 +196,7 @@ pub fn save_reward_model(model: &mut CausalLm, cfg: &LoraConfig, base_model: &st
         .shallow_clone();
     save_peft(model, cfg, base_model, dir)?;
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
+    let text = crate::fsx::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| CoreError::config(&cfg_path, e.to_string()))?;
     v["task_type"] = serde_json::json!("SEQ_CLS");

@@ -25,6 +25,23 @@ fn not_found(id: &str) -> Status {
     Status::not_found(format!("job `{id}` not found"))
 }
 
+/// The longest job id a request may name (ids are made by the server: 36-character UUIDs).
+pub(crate) const MAX_JOB_ID_BYTES: usize = 128;
+
+/// `id` when it can be a job id: INVALID_ARGUMENT (quoting a short prefix) for an empty or oversized one.
+fn job_id(id: &str) -> Result<&str, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("id: a job id is required"));
+    }
+    if id.len() > MAX_JOB_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "id: {} is longer than the limit of {MAX_JOB_ID_BYTES} bytes for a job id",
+            crate::paths::quote(id)
+        )));
+    }
+    Ok(id)
+}
+
 /// Whether the stream ends after this event.
 fn ends_stream(ev: &JobEvent) -> bool {
     match &ev.body {
@@ -42,6 +59,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 impl JobService for JobApi {
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let id = req.into_inner().id;
+        job_id(&id)?;
         self.manager.get(&id).status()?.map(Response::new).ok_or_else(|| not_found(&id))
     }
 
@@ -60,6 +78,7 @@ impl JobService for JobApi {
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         let id = req.into_inner().id;
+        job_id(&id)?;
         self.manager.cancel(&id).status()?.map(Response::new).ok_or_else(|| not_found(&id))
     }
 
@@ -67,6 +86,7 @@ impl JobService for JobApi {
 
     async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let r = req.into_inner();
+        job_id(&r.id)?;
         let job = self.manager.get(&r.id).status()?.ok_or_else(|| not_found(&r.id))?;
         let (past, rx) = self.manager.watch(&r.id, r.after_seq).status()?;
         let manager = self.manager.clone();

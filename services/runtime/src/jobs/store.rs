@@ -21,6 +21,37 @@ pub struct StoredJob {
 /// The SQLite job store.
 pub struct Store {
     db: Connection,
+    /// `<db>.lock`, exclusively locked (flock) while this store is open: one serving process per store.
+    _lock: std::fs::File,
+}
+
+/// Takes the store's lock file, or says which process holds it.
+fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let lock_path = path.with_extension("lock");
+    let mut f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| anyhow::anyhow!("job store lock {}: {e}", lock_path.display()))?;
+    // SAFETY: a valid descriptor; flock only changes the lock state of its open file description.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        anyhow::bail!(
+            "job store {} is in use by another ferrotune server (pid {}); each server needs its own job store \
+             (jobs.db) or artifact root",
+            path.display(),
+            holder.trim()
+        );
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 impl Store {
@@ -29,6 +60,7 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("job store {}: {e}", dir.display()))?;
         }
+        let lock = lock(path)?;
         let db = Connection::open(path).map_err(|e| anyhow::anyhow!("job store {}: {e}", path.display()))?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -42,7 +74,7 @@ impl Store {
                job_id TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (job_id, seq));",
         )
         .map_err(|e| anyhow::anyhow!("job store {}: {e}", path.display()))?;
-        Ok(Self { db })
+        Ok(Self { db, _lock: lock })
     }
 
     /// Inserts a new job.
@@ -161,4 +193,20 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
         resumes: r.get(10)?,
     };
     Ok(StoredJob { job, spec: serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_per_store() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("jobs.sqlite");
+        let first = Store::open(&db).unwrap();
+        let e = Store::open(&db).err().expect("a second owner is refused").to_string();
+        assert!(e.contains("in use by another ferrotune server") && e.contains(&std::process::id().to_string()), "{e}");
+        drop(first);
+        Store::open(&db).expect("free again once the first owner is gone");
+    }
 }
