@@ -372,7 +372,7 @@ impl GgufFile {
 
 fn byte_len(ty: TensorType, numel: usize) -> Option<usize> {
     let (per_block, block_bytes) = ty.block();
-    if numel % per_block != 0 {
+    if !numel.is_multiple_of(per_block) {
         return None;
     }
     (numel / per_block).checked_mul(block_bytes)

@@ -276,7 +276,7 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
         if let Some(n) = permute {
             let out_rows = t.shape[0];
             let inner = t.numel() / out_rows.max(1);
-            if n == 0 || out_rows % n as usize != 0 || (out_rows / n as usize) % 2 != 0 {
+            if n == 0 || !out_rows.is_multiple_of(n as usize) || !(out_rows / n as usize).is_multiple_of(2) {
                 return Err(CoreError::format(
                     g.path(),
                     format!("tensor `{}`: {out_rows} rows do not split into {n} heads of even size", t.name),

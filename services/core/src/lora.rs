@@ -483,7 +483,7 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
     if !wpath.exists() {
         return Err(CoreError::format(&wpath, "adapter weights not found"));
     }
-    let files = WeightFiles::open_files(&[wpath.clone()])?;
+    let files = WeightFiles::open_files(std::slice::from_ref(&wpath))?;
     let dev = model.device();
     let mut used = 0;
     for (path, lin) in model.linears_mut() {

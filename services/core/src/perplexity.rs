@@ -127,8 +127,8 @@ mod tests {
             for x in &ws {
                 assert!(x.end - x.start <= w);
                 assert!(x.first_scored >= 1, "a scored token needs context");
-                for p in x.start + x.first_scored..x.end {
-                    scored[p] += 1;
+                for c in &mut scored[x.start + x.first_scored..x.end] {
+                    *c += 1;
                 }
             }
             assert_eq!(scored[0], 0);

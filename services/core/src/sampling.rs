@@ -76,7 +76,7 @@ impl Rng {
 pub fn log_prob(logits: &[f32], index: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    (logits[index] - max) as f32 - sum.ln() as f32
+    (logits[index] - max) - sum.ln() as f32
 }
 
 /// Chooses the next token from one row of logits. `seen` are the sequence's tokens so far (prompt and

@@ -3,6 +3,9 @@
 
 use std::path::Path;
 
+/// Token ids and each token's byte range in the encoded text.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 use crate::error::{CoreError, Result};
 
 /// A loaded tokenizer.
@@ -41,7 +44,7 @@ impl Tokenizer {
     }
 
     /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsWithOffsets> {
         let enc = self.inner.encode(text, false).map_err(|e| CoreError::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

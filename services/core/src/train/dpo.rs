@@ -187,6 +187,9 @@ pub fn sequence_logps(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk
     Ok(scored_pass(model, seqs, pad_id, chunk)?.1)
 }
 
+/// Scored rows of final hidden states, their target tokens and the sequence of each.
+type ScoredRows = (Tensor, Tensor, Tensor);
+
 /// The scored rows of `seqs`' final hidden states (with the graph when gradients are on: rows, their target
 /// tokens, the sequence of each) and each sequence's summed log-prob and token count (computed without
 /// gradients, `chunk` rows of logits at a time).
@@ -195,7 +198,7 @@ fn scored_pass(
     seqs: &[&SftExample],
     pad_id: u32,
     chunk: i64,
-) -> Result<((Tensor, Tensor, Tensor), Vec<(f64, usize)>)> {
+) -> Result<(ScoredRows, Vec<(f64, usize)>)> {
     let collate = SftObjective { pad_id, chunk, gradient_checkpointing: false };
     let c = collate.collate(model, seqs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;

@@ -284,7 +284,7 @@ pub struct StepEvent {
 /// The data order of `epoch`: a permutation of `0..n` from the run seed.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Rng::for_row(seed ^ 0x5EED_0F_DA7A, epoch);
+    let mut rng = Rng::for_row(seed ^ 0x005E_ED0F_DA7A, epoch);
     for i in (1..n).rev() {
         let j = (rng.uniform() * (i + 1) as f64) as usize;
         order.swap(i, j.min(i));

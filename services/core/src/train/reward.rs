@@ -218,7 +218,7 @@ pub fn load_reward_model(model: &mut CausalLm, dir: &Path) -> Result<()> {
         ));
     }
     let w = dir.join("adapter_model.safetensors");
-    let files = WeightFiles::open_files(&[w.clone()])?;
+    let files = WeightFiles::open_files(std::slice::from_ref(&w))?;
     let h = model.cfg.hidden_size;
     let head = files.load(SCORE_KEY, &[1, h], Kind::Float, model.device())?;
     model.score = Some(head.f_set_requires_grad(true)?);
