@@ -64,8 +64,7 @@ fn smollm2_dpo_prefers_the_chosen_answers_on_held_out_pairs() {
     let last_step: serde_json::Value = stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("loss").is_some() && v.get("done").is_none())
-        .last()
+        .rfind(|v| v.get("loss").is_some() && v.get("done").is_none())
         .unwrap();
     let (acc1, m1) = preference(&model, Some(&out), &pairs);
     println!("held-out preference accuracy (log π(chosen) > log π(rejected)): base {:.0}% (mean margin {m0:.2} nats) → DPO {:.0}% ({m1:.2}); last step {}", acc0 * 100.0, acc1 * 100.0, last_step["metrics"]);

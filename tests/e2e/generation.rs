@@ -67,7 +67,7 @@ fn smollm2_cached_logprobs_equal_full_forward() {
     // Per-token log-probs from KV-cache decoding vs one forward over prompt + generated text.
     let b = bundle();
     let prompt = b.chat_prompt(&[Message::new("user", "Tell me about rivers.")]).unwrap();
-    let g = run(&b, &[prompt.clone()], &greedy(&b, 24)).remove(0);
+    let g = run(&b, std::slice::from_ref(&prompt), &greedy(&b, 24)).remove(0);
     let all: Vec<i64> = prompt.iter().chain(&g.ids).map(|&t| t as i64).collect();
     let logits = tch::no_grad(|| b.model.forward(&Tensor::from_slice(&all).unsqueeze(0), None, None)).unwrap();
     let lp = logits.get(0).to_kind(Kind::Double).log_softmax(-1, Kind::Double);
@@ -92,7 +92,7 @@ fn smollm2_batched_left_padded_equals_one_by_one() {
     let o = greedy(&b, 20);
     let batched = run(&b, &prompts, &o);
     for (p, got) in prompts.iter().zip(&batched) {
-        let alone = run(&b, &[p.clone()], &o).remove(0);
+        let alone = run(&b, std::slice::from_ref(p), &o).remove(0);
         assert_eq!(got.ids, alone.ids);
         assert_eq!(got.finish_reason, alone.finish_reason);
         for (x, y) in got.logprobs.iter().zip(&alone.logprobs) {
@@ -111,7 +111,7 @@ fn smollm2_seeded_sampling_is_reproducible() {
     let sample = |seed| {
         let mut o = o.clone();
         o.seed = seed;
-        run(&b, &[prompt.clone()], &o).remove(0).ids
+        run(&b, std::slice::from_ref(&prompt), &o).remove(0).ids
     };
     let (a, a2, c) = (sample(11), sample(11), sample(12));
     assert_eq!(a, a2, "same seed, same sample");
@@ -124,7 +124,7 @@ fn smollm2_stops_on_stop_string_and_length() {
     let prompt = b.chat_prompt(&[Message::new("user", "What is the capital of France?")]).unwrap();
     let mut o = greedy(&b, 40);
     o.stop_strings = vec![" Paris".into()];
-    let g = run(&b, &[prompt.clone()], &o).remove(0);
+    let g = run(&b, std::slice::from_ref(&prompt), &o).remove(0);
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert_eq!(g.text, "The capital of France is");
     let g = run(&b, &[prompt], &greedy(&b, 3)).remove(0);

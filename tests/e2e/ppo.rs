@@ -117,7 +117,7 @@ fn ppo_finishes_on_the_surviving_reward_replica() {
         .unwrap();
     let pid_of = |s: &Server| s.child.id().to_string();
     let (pa, pb) = (pid_of(&a), pid_of(&b));
-    let mut servers = vec![Some(a), Some(b)];
+    let mut servers = [Some(a), Some(b)];
     let mut killed: Option<String> = None;
     let mut after_kill = vec![];
     let mut last = serde_json::Value::Null;

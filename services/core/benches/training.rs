@@ -77,7 +77,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let repeats = env("REPEATS").and_then(|r| r.parse().ok()).unwrap_or(REPEATS).max(1);
     let mut rows = Vec::new();
     let mut lora_hf_rss = None;
-    let mut hf_cache: Vec<((&str, &str), Result<(f64, f64), String>)> = Vec::new();
+    // (targets, method) → PEFT's (tokens/s, peak RSS), measured once per pair.
+    type HfRun = Result<(f64, f64), String>;
+    let mut hf_cache: Vec<((&str, &str), HfRun)> = Vec::new();
     for (name, targets, method, gc) in SETTINGS {
         let cached = hf_cache.iter().find(|(k, _)| *k == (targets, method)).map(|(_, r)| r.clone());
         let (mut ours, mut hf) = (Vec::new(), Vec::new());

@@ -61,7 +61,7 @@ impl Policy {
 /// The request's sampling settings; 0 means "unset" (proto3), a negative or non-finite value is an error
 /// rather than a silent switch to greedy decoding.
 fn sampling(r: &GenerateRequest) -> Result<SamplingParams, Status> {
-    let s = r.sampling.clone().unwrap_or_default();
+    let s = r.sampling.unwrap_or_default();
     for (field, v) in [("temperature", s.temperature), ("top_p", s.top_p), ("repetition_penalty", s.repetition_penalty)]
     {
         if !v.is_finite() || v < 0.0 {

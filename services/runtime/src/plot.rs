@@ -5,8 +5,11 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+/// (step, value) points of one curve.
+pub type Series = Vec<(f64, f64)>;
+
 /// Reads (step, loss) and (step, eval_loss) series from a metrics file.
-pub fn read_series(metrics: &Path) -> anyhow::Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+pub fn read_series(metrics: &Path) -> anyhow::Result<(Series, Series)> {
     let text =
         ferrotune_core::fsx::read_to_string(metrics).map_err(|e| anyhow::anyhow!("{}: {e}", metrics.display()))?;
     let (mut train, mut eval) = (vec![], vec![]);

@@ -80,7 +80,7 @@ fn lora_model() -> CausalLm {
         let b = &mut lin.lora.as_mut().unwrap().b;
         let n = b.numel() as i64;
         let v = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.3).cos() * 0.05;
-        let _ = b.copy_(&v.view(b.size().as_slice()));
+        b.copy_(&v.view(b.size().as_slice()));
     }
     m
 }
@@ -126,7 +126,7 @@ fn direct_logp(m: &CausalLm, e: &SftExample) -> Tensor {
     let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for t in 1..e.input_ids.len() {
         if e.labels[t] != -100 {
-            total = total + lp.get(t as i64 - 1).get(e.input_ids[t] as i64);
+            total += lp.get(t as i64 - 1).get(e.input_ids[t] as i64);
         }
     }
     total
@@ -172,7 +172,7 @@ fn chunked_backward_equals_autograd_through_full_logits() {
                 }
                 DpoLoss::Hinge => unreachable!(),
             };
-            total = total + loss;
+            total += loss;
         }
         assert!(
             (total.double_value(&[]) - l.nll).abs() < 1e-4,

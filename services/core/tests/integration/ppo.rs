@@ -41,8 +41,7 @@ fn policy(zero_b: bool) -> CausalLm {
         for (_, lin) in m.linears_mut() {
             let b = &mut lin.lora.as_mut().unwrap().b;
             let n = b.numel() as i64;
-            let _ = b
-                .copy_(&((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.3).cos() * 0.05).view(b.size().as_slice()));
+            b.copy_(&((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.3).cos() * 0.05).view(b.size().as_slice()));
         }
     }
     m.add_value_head().unwrap();
@@ -158,7 +157,7 @@ fn first_update_losses_at_ratio_one() {
         let _g = tch::no_grad_guard();
         let h = m.score.as_mut().unwrap();
         let n = h.numel() as i64;
-        let _ = h.copy_(&((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7).sin() * 0.1).view(h.size().as_slice()));
+        h.copy_(&((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7).sin() * 0.1).view(h.size().as_slice()));
     }
     let obj = PpoObjective::new(cfg(5), 0, vec![EOS], &tok, scorer, 5);
     let ps = prompts(4, 2);

@@ -106,8 +106,8 @@ fn windowed_batched_perplexity_equals_naive_per_window_loss() {
         let end = (start + w).min(ids.len());
         let x = Tensor::from_slice(&ids[start..end].iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
         let lp = tch::no_grad(|| model.forward(&x, None, None)).unwrap().get(0).log_softmax(-1, Kind::Double);
-        for p in scored_to..end {
-            total -= lp.double_value(&[(p - start - 1) as i64, ids[p] as i64]);
+        for (p, &id) in ids.iter().enumerate().take(end).skip(scored_to) {
+            total -= lp.double_value(&[(p - start - 1) as i64, id as i64]);
             n += 1;
         }
         scored_to = end;

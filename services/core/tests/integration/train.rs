@@ -41,7 +41,7 @@ fn lora_model(dropout: f64) -> (CausalLm, LoraConfig) {
         let b = &mut lin.lora.as_mut().unwrap().b;
         let n = b.numel() as i64;
         let v = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7).sin() * 0.02;
-        let _ = b.copy_(&v.view(b.size().as_slice()));
+        b.copy_(&v.view(b.size().as_slice()));
     }
     drop(_g);
     (m, cfg)

@@ -276,7 +276,7 @@ impl JobManager {
         let now = now_ms();
         let id = format!(
             "{kind}-{now:x}-{:04x}",
-            (std::process::id() as u64 ^ now as u64 ^ COUNTER.fetch_add(1, Ordering::Relaxed) * 0x9E37) & 0xffff
+            (std::process::id() as u64 ^ now as u64 ^ (COUNTER.fetch_add(1, Ordering::Relaxed) * 0x9E37)) & 0xffff
         );
         let job = Job {
             id: id.clone(),
