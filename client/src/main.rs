@@ -495,9 +495,6 @@ async fn generate(a: &GenerateArgs, svc: &mut Services, json_out: bool) -> Resul
     if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t > 0.0)) {
         anyhow::bail!("--temperature must be a number > 0, got {t} (use --greedy for greedy decoding)");
     }
-    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
-        anyhow::bail!("--top-p must be in (0, 1], got {p}");
-    }
     if !(a.repetition_penalty.is_finite() && a.repetition_penalty > 0.0) {
         anyhow::bail!("--repetition-penalty must be a number > 0, got {}", a.repetition_penalty);
     }

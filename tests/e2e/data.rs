@@ -150,7 +150,7 @@ fn opts(inputs: Vec<std::path::PathBuf>, format: Format) -> BuildOptions {
         seed: 1,
         strict: false,
         pack: false,
-        max_record_bytes: ferrotune_data::read::DEFAULT_MAX_RECORD_BYTES,
+        max_text_bytes: ferrotune_data::read::DEFAULT_MAX_TEXT_BYTES,
     }
 }
 

@@ -40,7 +40,7 @@ fn smollm2_dpo_prefers_the_chosen_answers_on_held_out_pairs() {
         seed: 0,
         strict: true,
         pack: false,
-        max_record_bytes: ferrotune_data::read::DEFAULT_MAX_RECORD_BYTES,
+        max_text_bytes: ferrotune_data::read::DEFAULT_MAX_TEXT_BYTES,
     };
     build(&opts, &held).unwrap();
     let pairs = load_pairs(&held, "train").unwrap();

@@ -5,6 +5,7 @@ mod cli_errors;
 mod data;
 mod dpo;
 mod generation;
+mod hardening;
 mod ppo;
 mod reward;
 mod services;

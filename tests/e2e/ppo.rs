@@ -86,7 +86,11 @@ fn ppo_finishes_on_the_surviving_reward_replica() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
     std::fs::copy(repo("recipes/data/pirate-prefs-train.jsonl"), root.join("prompts.jsonl")).unwrap();
-    let (a, b) = (Server::start("reward", &root, &[]), Server::start("reward", &root, &[]));
+    // Replicas share the artifact root, each with its own job store.
+    let (a, b) = (
+        Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-a.sqlite")]),
+        Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-b.sqlite")]),
+    );
     let rewards = format!("{},{}", a.url, b.url);
     let policy = Server::start("policy", &root, &[("FERROTUNE__ENDPOINTS__REWARD", &rewards)]);
     let mut cli = Command::new(ferrotune_bin())

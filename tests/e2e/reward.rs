@@ -113,8 +113,9 @@ fn smollm2_reward_model_ranks_held_out_pairs_and_batches_concurrent_calls() {
 fn reward_pool_balances_over_replicas_and_fails_over() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
-    let a = Server::start("reward", &root, &[]);
-    let b = Server::start("reward", &root, &[]);
+    // Replicas share the artifact root, each with its own job store.
+    let a = Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-a.sqlite")]);
+    let b = Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-b.sqlite")]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let _in_runtime = rt.enter();
     let pool = ferrotune_reward::pool::RewardPool::new(

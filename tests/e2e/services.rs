@@ -424,6 +424,14 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
             .await
             .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("outside the vocabulary"), "{e:?}");
+        // A negative or NaN temperature is an error, not a silent switch to greedy decoding.
+        for t in [-1.0, f32::NAN] {
+            let hi = Prompt { kind: Some(prompt::Kind::Text("hi".into())) };
+            let sampling = Some(ferrotune_proto::v1::Sampling { temperature: t, ..Default::default() });
+            let req = GenerateRequest { model: m.clone(), prompts: vec![hi], sampling, ..Default::default() };
+            let e = policy.generate(req).await.unwrap_err();
+            assert!(e.code() == Code::InvalidArgument && e.message().starts_with("sampling.temperature"), "{e:?}");
+        }
         let seq = ScoredSequence { prompt_ids: vec![], completion_ids: vec![5] };
         let e = policy
             .log_probs(LogProbsRequest { model: m.clone(), sequences: vec![seq], ..Default::default() })

@@ -50,6 +50,9 @@ pub enum CoreError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The caller went away (or ran past its deadline) before the work finished.
+    #[error("cancelled: the caller went away")]
+    Cancelled,
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -123,6 +123,19 @@ pub fn generate(
     opts: &GenerateOptions,
     on_step: &mut dyn FnMut(&[StepToken]),
 ) -> Result<Vec<Generated>> {
+    generate_until(model, tok, prompts, opts, on_step, &|| false)
+}
+
+/// [`generate`] that gives up with [`CoreError::Cancelled`] before the next token once `cancelled` says so
+/// (a service's caller went away or ran past its deadline).
+pub fn generate_until(
+    model: &CausalLm,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    on_step: &mut dyn FnMut(&[StepToken]),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Generated>> {
     opts.sampling.validate()?;
     if prompts.is_empty() {
         return Err(CoreError::InvalidArgument("no prompts".into()));
@@ -192,6 +205,9 @@ pub fn generate(
         .collect();
     let mut done = vec![false; b];
     for step in 0..max_new {
+        if cancelled() {
+            return Err(CoreError::Cancelled);
+        }
         let host: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
         let v = host.len() / b;
         let mut next = vec![opts.pad_id as i64; b];

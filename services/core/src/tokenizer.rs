@@ -21,10 +21,10 @@ impl Tokenizer {
 
     /// Loads a tokenizer.json file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        if !crate::fsx::exists(path) {
-            return Err(CoreError::format(path, "tokenizer.json not found"));
-        }
-        let bytes = crate::fsx::read(path).map_err(|e| CoreError::io(path, e))?;
+        let bytes = crate::fsx::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => CoreError::format(path, "tokenizer.json not found"),
+            _ => CoreError::io(path, e),
+        })?;
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| CoreError::format(path, format!("cannot load tokenizer: {e}")))?;
         Ok(Self { inner })

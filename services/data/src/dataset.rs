@@ -47,8 +47,8 @@ pub struct BuildOptions {
     pub strict: bool,
     /// Pack several samples into each row of up to `max_seq_len` tokens (no attention across samples).
     pub pack: bool,
-    /// Longest record text, in bytes (see [`crate::read::DEFAULT_MAX_RECORD_BYTES`]).
-    pub max_record_bytes: usize,
+    /// Longest record text, in bytes (see [`crate::read::DEFAULT_MAX_TEXT_BYTES`]).
+    pub max_text_bytes: usize,
 }
 
 /// Counts reported in `stats.json`.
@@ -120,7 +120,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     let mut stats = Stats::default();
     let mut examples: Vec<TokenizedSample> = Vec::new();
     for file in &opts.inputs {
-        for rec in read_records(file, opts.max_record_bytes)? {
+        for rec in read_records(file, opts.max_text_bytes)? {
             stats.records += 1;
             let result = rec
                 .value

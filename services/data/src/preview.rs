@@ -45,7 +45,7 @@ pub fn preview(
     let r = Renderer { tokenizer: &tok, template: &tmpl, eos_id, eos_ids: &eos, mask };
     let mut out = vec![];
     for file in inputs {
-        for rec in read_records(file, crate::read::DEFAULT_MAX_RECORD_BYTES)? {
+        for rec in read_records(file, crate::read::DEFAULT_MAX_TEXT_BYTES)? {
             if out.len() == n {
                 return Ok(out);
             }

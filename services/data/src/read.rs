@@ -19,9 +19,9 @@ pub struct RawRecord {
     pub value: std::result::Result<Value, String>,
 }
 
-/// The default bound on one record's text, in bytes (`max_record_bytes`): a record past it is reported as
+/// The default bound on one record's text, in bytes (`max_text_bytes`): a record past it is reported as
 /// a bad record instead of being tokenized (tokenizing takes ~200 bytes of memory per byte of text).
-pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
 
 /// Bytes of text in a JSON value (its strings and keys; numbers count as 8).
 fn value_bytes(v: &Value) -> usize {
@@ -34,7 +34,7 @@ fn value_bytes(v: &Value) -> usize {
 }
 
 fn too_long(n: usize, max: usize) -> String {
-    format!("record of {n} bytes is longer than the limit of {max} bytes (max_record_bytes)")
+    format!("record of {n} bytes is longer than the limit of {max} bytes (max_text_bytes)")
 }
 
 /// Keeps a parsed record within `max` bytes of text.
@@ -46,9 +46,9 @@ fn bounded(value: std::result::Result<Value, String>, max: usize) -> std::result
 }
 
 /// Reads every record of `path`, choosing the reader by extension (`.jsonl`, `.json`, `.csv`); a record
-/// with more than `max_record_bytes` of text is a bad record (with its line).
-pub fn read_records(path: &Path, max_record_bytes: usize) -> Result<Vec<RawRecord>> {
-    let max = max_record_bytes;
+/// with more than `max_text_bytes` of text is a bad record (with its line).
+pub fn read_records(path: &Path, max_text_bytes: usize) -> Result<Vec<RawRecord>> {
+    let max = max_text_bytes;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let text = || ferrotune_core::fsx::read_to_string(path).map_err(|e| DataError::Core(CoreError::io(path, e)));
     match ext.as_str() {

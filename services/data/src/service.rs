@@ -29,15 +29,14 @@ pub fn data_status(e: &DataError) -> Status {
 pub struct Data {
     /// Path confinement.
     pub root: ArtifactRoot,
-    /// `limits.max_record_bytes`.
-    pub max_record_bytes: usize,
+    /// `limits.max_text_bytes`.
+    pub max_text_bytes: usize,
 }
 
 /// Adds DataService to a server being assembled.
 pub fn host(h: &mut Hosting) {
-    let svc =
-        DataServiceServer::new(Data { root: h.root.clone(), max_record_bytes: h.settings.limits.max_record_bytes })
-            .max_decoding_message_size(h.max_message());
+    let svc = DataServiceServer::new(Data { root: h.root.clone(), max_text_bytes: h.settings.limits.max_text_bytes })
+        .max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(svc));
     h.hosted("ferrotune.v1.DataService");
 }
@@ -123,7 +122,7 @@ impl DataService for Data {
             seed: r.seed,
             strict: r.strict,
             pack: r.pack,
-            max_record_bytes: self.max_record_bytes,
+            max_text_bytes: self.max_text_bytes,
         };
         let stats =
             blocking(move || build(&opts, &out).map(|s| stats_msg(s, &out)).map_err(|e| data_status(&e))).await?;
@@ -159,8 +158,8 @@ impl DataService for Data {
     async fn get_stats(&self, req: Request<GetStatsRequest>) -> Result<Response<DatasetStats>, Status> {
         let dir = self.root.resolve("path", &req.into_inner().path)?;
         let f = dir.join("stats.json");
-        let text = ferrotune_core::fsx::read_to_string(&f)
-            .map_err(|e| Status::not_found(format!("path: {}: {e}", f.display())))?;
+        let text =
+            ferrotune_core::fsx::read_to_string(&f).map_err(|e| core_status(&ferrotune_core::CoreError::io(&f, e)))?;
         let s: Stats =
             serde_json::from_str(&text).map_err(|e| Status::invalid_argument(format!("{}: {e}", f.display())))?;
         Ok(Response::new(stats_msg(s, &dir)))
@@ -168,6 +167,13 @@ impl DataService for Data {
 
     async fn tokenize(&self, req: Request<TokenizeRequest>) -> Result<Response<TokenIds>, Status> {
         let r = req.into_inner();
+        if r.text.len() > self.max_text_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "text: {} bytes is more than limits.max_text_bytes ({})",
+                r.text.len(),
+                self.max_text_bytes
+            )));
+        }
         let model = self.model(r.model.as_ref())?;
         let ids = blocking(move || {
             let tok = ferrotune_core::Tokenizer::from_dir(&model).map_err(|e| core_status(&e))?;

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use ferrotune_core::{generate, GenerateOptions, Message, SamplingParams};
+use ferrotune_core::generation::generate_until;
+use ferrotune_core::{GenerateOptions, Message, SamplingParams};
 use ferrotune_proto::v1::policy_service_server::PolicyService;
 use ferrotune_proto::v1::{
     prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest,
@@ -183,7 +184,8 @@ impl PolicyService for Policy {
                 let (prompts, chat) = prompt_ids(b, &r)?;
                 opts.eos_ids = b.defaults.eos_ids.clone();
                 opts.pad_id = b.defaults.pad_id;
-                let g = generate(&b.model, &b.tokenizer, &prompts, &opts, &mut |_| {}).status()?;
+                let cancelled = ferrotune_runtime::worker::cancelled;
+                let g = generate_until(&b.model, &b.tokenizer, &prompts, &opts, &mut |_| {}, &cancelled).status()?;
                 let tmpl = if chat { origin_name(b) } else { String::new() };
                 Ok(GenerateResponse { completions: completions(g, &prompts), chat_template: tmpl })
             })
@@ -203,6 +205,11 @@ impl PolicyService for Policy {
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateChunk, Status>>(256);
         self.worker.submit(move |m| {
+            // A stream whose client is gone never starts, and stops at the next token.
+            if tx.is_closed() {
+                return;
+            }
+            let gone = || tx.is_closed();
             let run = || -> Result<GenerateResponse, Status> {
                 let b = m.get(&model, adapter.as_deref())?;
                 let (prompts, chat) = prompt_ids(b, &r)?;
@@ -210,26 +217,35 @@ impl PolicyService for Policy {
                 opts.pad_id = b.defaults.pad_id;
                 let mut rows: Vec<(Vec<u32>, usize)> = vec![(vec![], 0); prompts.len()];
                 let tok = &b.tokenizer;
-                let g = generate(&b.model, tok, &prompts, &opts, &mut |step| {
-                    let tokens = step
-                        .iter()
-                        .map(|t| {
-                            let (ids, printed) = &mut rows[t.row];
-                            ids.push(t.id);
-                            let mut text = String::new();
-                            // A trailing U+FFFD means a multi-byte character is still incomplete.
-                            if let Ok(all) = tok.decode(ids, true) {
-                                if !all.ends_with('\u{FFFD}') && all.len() > *printed && all.is_char_boundary(*printed)
-                                {
-                                    text = all[*printed..].to_owned();
-                                    *printed = all.len();
+                let g = generate_until(
+                    &b.model,
+                    tok,
+                    &prompts,
+                    &opts,
+                    &mut |step| {
+                        let tokens = step
+                            .iter()
+                            .map(|t| {
+                                let (ids, printed) = &mut rows[t.row];
+                                ids.push(t.id);
+                                let mut text = String::new();
+                                // A trailing U+FFFD means a multi-byte character is still incomplete.
+                                if let Ok(all) = tok.decode(ids, true) {
+                                    if !all.ends_with('\u{FFFD}')
+                                        && all.len() > *printed
+                                        && all.is_char_boundary(*printed)
+                                    {
+                                        text = all[*printed..].to_owned();
+                                        *printed = all.len();
+                                    }
                                 }
-                            }
-                            StreamedToken { row: t.row as u32, id: t.id, text }
-                        })
-                        .collect();
-                    let _ = tx.blocking_send(Ok(GenerateChunk { tokens, done: None }));
-                })
+                                StreamedToken { row: t.row as u32, id: t.id, text }
+                            })
+                            .collect();
+                        let _ = tx.blocking_send(Ok(GenerateChunk { tokens, done: None }));
+                    },
+                    &gone,
+                )
                 .status()?;
                 let tmpl = if chat { origin_name(b) } else { String::new() };
                 Ok(GenerateResponse { completions: completions(g, &prompts), chat_template: tmpl })

@@ -107,7 +107,7 @@ pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<
                     seed: r.training.seed,
                     strict: false,
                     pack: r.data.pack,
-                    max_record_bytes: ferrotune_data::read::DEFAULT_MAX_RECORD_BYTES,
+                    max_text_bytes: ferrotune_data::read::DEFAULT_MAX_TEXT_BYTES,
                 },
                 &d,
             )?;

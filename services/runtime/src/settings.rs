@@ -110,15 +110,16 @@ pub struct Limits {
     pub request_timeout_s: u64,
     /// Requests in flight per connection; more wait.
     pub concurrency: usize,
-    /// Longest record text data formatting accepts, in bytes; longer records are reported and skipped.
-    pub max_record_bytes: usize,
+    /// Longest text of one record in data formatting (longer records are reported and skipped) and of one
+    /// Tokenize request (RESOURCE_EXHAUSTED), in bytes.
+    pub max_text_bytes: usize,
 }
 
 /// Job store.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Jobs {
-    /// SQLite file (default `<artifact_root>/.ferrotune/jobs.sqlite`).
+    /// SQLite file (default `<artifact_root>/.ferrotune/jobs.sqlite`; a relative path is under the root).
     pub db: Option<PathBuf>,
     /// Resume jobs that were running when the service last stopped.
     pub resume_on_start: bool,
@@ -203,7 +204,7 @@ impl Settings {
 
     /// The job database path.
     pub fn jobs_db(&self, root: &Path) -> PathBuf {
-        self.jobs.db.clone().unwrap_or_else(|| root.join(".ferrotune").join("jobs.sqlite"))
+        self.jobs.db.as_ref().map(|d| root.join(d)).unwrap_or_else(|| root.join(".ferrotune").join("jobs.sqlite"))
     }
 }
 

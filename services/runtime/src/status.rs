@@ -14,6 +14,7 @@ pub fn core_status(e: &CoreError) -> Status {
         },
         CoreError::Format { .. } | CoreError::Config { .. } | CoreError::Weight { .. } => Code::InvalidArgument,
         CoreError::InvalidArgument(_) | CoreError::Tokenizer(_) => Code::InvalidArgument,
+        CoreError::Cancelled => Code::Cancelled,
         CoreError::Torch(t) => {
             if t.to_string().contains("out of memory") {
                 Code::ResourceExhausted

@@ -2,9 +2,34 @@
 //! block: async handlers send closures here and await the reply, so the tokio runtime never blocks and
 //! the state is touched by one thread only.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tonic::Status;
 
 type Task<S> = Box<dyn FnOnce(&mut S) + Send>;
+
+thread_local! {
+    /// The cancellation flag of the call the worker thread is running.
+    static CURRENT: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+}
+
+/// Whether the caller of the work running on this worker thread has gone away (its client disconnected
+/// or its deadline passed: tonic drops the handler's future). Long work polls this between steps (tokens,
+/// batches) and stops with CANCELLED.
+pub fn cancelled() -> bool {
+    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|f| f.load(Ordering::Relaxed)))
+}
+
+/// Sets its flag when dropped: when the awaiting handler future is dropped before the work replied.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// The message of a caught panic (`panic!` payloads are a `String` or a `&str`).
 pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -44,14 +69,22 @@ impl<S: 'static> Worker<S> {
     }
 
     /// Runs `f` on the worker thread and returns its result. A panic in `f` becomes INTERNAL (the worker
-    /// keeps running).
+    /// keeps running). When the caller goes away first, queued work never starts and running work sees
+    /// [`cancelled`].
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut S) -> Result<R, Status> + Send + 'static,
     ) -> Result<R, Status> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let flag = Arc::new(AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(flag.clone());
         let task: Task<S> = Box::new(move |s: &mut S| {
+            if flag.load(Ordering::Relaxed) {
+                return;
+            }
+            CURRENT.with(|c| *c.borrow_mut() = Some(flag));
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
+            CURRENT.with(|c| *c.borrow_mut() = None);
             let r = r.unwrap_or_else(|p| {
                 Err(Status::internal(format!("internal error (panic): {}", panic_message(p.as_ref()))))
             });

@@ -212,6 +212,54 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     assert!(ckpts.contains(&"step-00000006".to_string()) && !ckpts.iter().any(|n| n.contains("tmp")), "{ckpts:?}");
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn resume_skips_a_corrupt_newest_checkpoint_and_another_runs_checkpoints() {
+    use ferrotune_core::train::run_dir;
+    let data = examples(10, 3);
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(6, 2, 2);
+    c.save_steps = 2;
+    let (full_dir, dir, other_dir) = (t.path().join("full"), t.path().join("resumed"), t.path().join("other"));
+    run_dir::claim(&full_dir, false, false, "full").unwrap();
+    let (mut a, lcfg) = lora_model(0.1);
+    run_training(&mut a, &lcfg, &c, &data, &full_dir, false, None);
+    // Another run's checkpoint, planted in the directory under a later step than any of this run's.
+    run_dir::claim(&other_dir, false, false, "other").unwrap();
+    let (mut o, _) = lora_model(0.1);
+    run_training(&mut o, &lcfg, &cfg(2, 2, 2), &data, &other_dir, false, Some(2));
+    // This run: stopped after step 5 (checkpoints 2, 4 and 5); the newest one is then damaged.
+    run_dir::claim(&dir, false, false, "mine").unwrap();
+    let (mut b, _) = lora_model(0.1);
+    let part = run_training(&mut b, &lcfg, &c, &data, &dir, false, Some(5));
+    assert!(part.stopped && part.position.step == 5);
+    copy_dir(&other_dir.join("checkpoints/step-00000002"), &dir.join("checkpoints/step-00000099"));
+    let newest = dir.join("checkpoints/step-00000005/adapter_model.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    // Resuming falls back to step 4, ignores step 99, and ends exactly where the uninterrupted run did.
+    assert_eq!(run_dir::claim(&dir, true, false, "new-job").unwrap(), "mine");
+    let (mut b2, _) = lora_model(0.1);
+    let rest = run_training(&mut b2, &lcfg, &c, &data, &dir, true, None);
+    assert_eq!(rest.position.step, 6);
+    assert!(adapter_bytes(&full_dir) == adapter_bytes(&dir), "resumed from the wrong checkpoint");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6], "metrics read as one run");
+    // The other run's checkpoint was neither restored nor pruned.
+    assert!(dir.join("checkpoints/step-00000099").is_dir());
+}
+
 #[test]
 fn loss_goes_down_when_memorising() {
     let data = examples(4, 4);
