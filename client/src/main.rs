@@ -311,13 +311,16 @@ fn run(cli: &Cli) -> Result<()> {
     if std::env::var_os("RUST_LOG").is_none() && !matches!(cli.cmd, Cmd::Serve(_)) {
         telemetry.log = "warn".into();
     }
-    rt.block_on(async {
+    let r = rt.block_on(async {
         let name = if matches!(cli.cmd, Cmd::Serve(_)) { "serve" } else { "cli" };
         let _guard = ferrotune_runtime::telemetry::init(&telemetry, name)?;
         let span = tracing::info_span!("ferrotune", command = %command_name(&cli.cmd));
         use tracing::Instrument;
         dispatch(cli, settings).instrument(span).await
-    })
+    });
+    // Never wait without end for a task that does not yield (a stuck call): the process is exiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    r
 }
 
 fn command_name(c: &Cmd) -> &'static str {

@@ -84,3 +84,23 @@ fn bad_ppo_recipes_and_prompt_files_are_named() {
         &["prompts.jsonl:2: missing field `prompt` (or `messages`)"],
     );
 }
+
+#[test]
+fn smollm2_empty_and_non_utf8_data_files_are_named() {
+    let m = ferrotune_tests::smollm2_dir();
+    let m = m.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let e = empty.to_str().unwrap();
+    fails_with(&["data", "preview", "--input", e, "--format", "messages", "--model", m], &["no records to preview"]);
+    let bad = tmp.path().join("latin1.jsonl");
+    std::fs::write(&bad, b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    let b = bad.to_str().unwrap();
+    let out = tmp.path().join("ds");
+    let o = out.to_str().unwrap();
+    fails_with(
+        &["data", "format", "--input", b, "--format", "text", "--model", m, "--out", o],
+        &["latin1.jsonl", "line 2: not UTF-8 text"],
+    );
+}

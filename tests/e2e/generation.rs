@@ -172,7 +172,7 @@ fn smollm2_cli_generate_bad_input() {
         (vec!["--prompt", "hi", "--top-p", "2"], "top_p"),
         (vec!["--prompt", "hi", "--top-p", "NaN"], "top_p"),
         (vec!["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        (vec!["--prompt", "hi", "--temperature", "-1"], "--temperature must be a number > 0"),
+        (vec!["--prompt", "hi", "--temperature=-1"], "--temperature must be a number > 0"),
         (vec!["--prompt", "hi", "--temperature", "NaN"], "--temperature must be a number > 0"),
     ];
     for (extra, needle) in cases {

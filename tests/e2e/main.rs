@@ -4,6 +4,7 @@
 mod cli_errors;
 mod data;
 mod dpo;
+mod fuzz;
 mod generation;
 mod hardening;
 mod ppo;

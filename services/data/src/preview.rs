@@ -71,6 +71,10 @@ pub fn preview(
             });
         }
     }
+    if out.is_empty() {
+        let names: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+        return Err(DataError::InvalidArgument(format!("{}: no records to preview", names.join(", "))));
+    }
     Ok(out)
 }
 

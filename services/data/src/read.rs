@@ -114,7 +114,10 @@ pub fn read_records(path: &Path, max_text_bytes: usize) -> Result<Vec<RawRecord>
                 })
                 .collect())
         }
-        "parquet" => read_parquet(path, max),
+        // The Parquet reader is a dependency's: a panic it raises on a damaged file is that file's error.
+        "parquet" => std::panic::catch_unwind(|| read_parquet(path, max)).unwrap_or_else(|_| {
+            Err(DataError::Core(CoreError::format(path, "invalid Parquet file: the reader failed on it")))
+        }),
         _ => Err(DataError::InvalidArgument(format!(
             "{}: unknown input type `.{ext}` (use .jsonl, .json, .csv or .parquet)",
             path.display()
@@ -128,13 +131,37 @@ fn read_parquet(path: &Path, max: usize) -> Result<Vec<RawRecord>> {
         DataError::Core(CoreError::format(path, format!("invalid Parquet file: {e}")))
     };
     let file = ferrotune_core::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
+    let len = file.metadata().map_err(|e| DataError::Core(CoreError::io(path, e)))?.len() as i64;
     let reader = SerializedFileReader::new(file).map_err(bad)?;
+    // Column chunks must lie inside the file (the reader panics on some that do not).
+    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
+        for c in rg.columns() {
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            let size = c.compressed_size();
+            if start < 0 || size < 0 || start.checked_add(size).is_none_or(|end| end > len) || rg.num_rows() < 0 {
+                return Err(DataError::Core(CoreError::format(
+                    path,
+                    format!("invalid Parquet file: row group {g}, column {}: bytes outside the file", c.column_path()),
+                )));
+            }
+        }
+    }
+    let declared = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
     let rows = reader.get_row_iter(None).map_err(bad)?;
-    Ok(rows
-        .enumerate()
-        .map(|(i, r)| RawRecord {
-            line: i + 1,
-            value: bounded(r.map(|row| row.to_json_value()).map_err(|e| format!("unreadable Parquet row: {e}")), max),
-        })
-        .collect())
+    // The row iterator of a damaged file can yield the same error forever: stop at the first one, and
+    // never read past the rows the footer declares.
+    let mut out = vec![];
+    for (i, r) in rows.take(declared).enumerate() {
+        match r {
+            Ok(row) => out.push(RawRecord { line: i + 1, value: bounded(Ok(row.to_json_value()), max) }),
+            Err(e) => {
+                out.push(RawRecord {
+                    line: i + 1,
+                    value: Err(format!("unreadable Parquet row (the rest of the file is skipped): {e}")),
+                });
+                break;
+            }
+        }
+    }
+    Ok(out)
 }

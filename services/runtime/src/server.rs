@@ -19,6 +19,8 @@ use crate::settings::Settings;
 
 /// How long a running job gets to checkpoint on shutdown.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(120);
+/// How long calls still in flight may run once a draining server's jobs have checkpointed.
+pub const CALL_DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Services being assembled into one server.
 pub struct Hosting {
@@ -156,24 +158,37 @@ impl Hosting {
         let jobs = self.jobs.take();
         let drains = std::mem::take(&mut self.drains);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        builder
-            .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(incoming, async move {
-                shutdown.await;
-                tracing::info!("draining");
-                readiness.abort();
-                for n in &all {
-                    reporter.set_service_status(n, ServingStatus::NotServing).await;
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = builder.add_routes(self.routes.routes()).serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            tracing::info!("draining");
+            readiness.abort();
+            for n in &all {
+                reporter.set_service_status(n, ServingStatus::NotServing).await;
+            }
+            if let Some(j) = jobs {
+                let _ = tokio::task::spawn_blocking(move || j.shutdown(DRAIN_GRACE)).await;
+            }
+            for d in drains {
+                d();
+            }
+            let _ = drained_tx.send(());
+        });
+        // Draining has a deadline: once the jobs have checkpointed, calls still in flight get CALL_DRAIN_GRACE,
+        // then the server returns without them (a stuck call must not keep a SIGTERMed server alive).
+        tokio::select! {
+            r = serve => r.map_err(|e| anyhow::anyhow!("server {addr}: {e}")),
+            _ = async {
+                if drained_rx.await.is_ok() {
+                    tokio::time::sleep(CALL_DRAIN_GRACE).await;
+                } else {
+                    std::future::pending::<()>().await;
                 }
-                if let Some(j) = jobs {
-                    let _ = tokio::task::spawn_blocking(move || j.shutdown(DRAIN_GRACE)).await;
-                }
-                for d in drains {
-                    d();
-                }
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("server {addr}: {e}"))
+            } => {
+                tracing::warn!("calls still in flight {CALL_DRAIN_GRACE:?} after draining; stopping without them");
+                Ok(())
+            }
+        }
     }
 }
 

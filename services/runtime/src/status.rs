@@ -10,6 +10,8 @@ pub fn core_status(e: &CoreError) -> Status {
         CoreError::Io { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => Code::NotFound,
             std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+            // Bytes that are not what they must be (not UTF-8 text, a FIFO or a directory named as a file).
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => Code::InvalidArgument,
             _ => Code::Internal,
         },
         CoreError::Format { .. } | CoreError::Config { .. } | CoreError::Weight { .. } => Code::InvalidArgument,
