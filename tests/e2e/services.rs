@@ -424,6 +424,11 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
             .await
             .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("outside the vocabulary"), "{e:?}");
+        // prompts × new tokens beyond policy.max_generated_tokens (65536): refused before any work.
+        let many: Vec<Prompt> = (0..64).map(|_| Prompt { kind: Some(prompt::Kind::Text("hi".into())) }).collect();
+        let req = GenerateRequest { model: m.clone(), prompts: many, max_new_tokens: 4096, ..Default::default() };
+        let e = policy.generate(req).await.unwrap_err();
+        assert!(e.code() == Code::ResourceExhausted && e.message().contains("policy.max_generated_tokens"), "{e:?}");
         // A negative or NaN temperature is an error, not a silent switch to greedy decoding.
         for t in [-1.0, f32::NAN] {
             let hi = Prompt { kind: Some(prompt::Kind::Text("hi".into())) };

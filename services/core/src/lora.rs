@@ -231,6 +231,17 @@ impl CausalLm {
     /// many. The base weights are frozen.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<usize> {
         cfg.validate()?;
+        // Checked before anything is allocated: a rank above min(in, out) adds parameters and nothing else.
+        for (path, lin) in self.linears_mut() {
+            let (out_dim, in_dim) = lin.dims();
+            if cfg.targets.matches(&path) && cfg.r > out_dim.min(in_dim) {
+                return Err(CoreError::InvalidArgument(format!(
+                    "adapter r = {} is larger than the smaller side of {path} ({out_dim} × {in_dim}); use r <= {}",
+                    cfg.r,
+                    out_dim.min(in_dim)
+                )));
+            }
+        }
         let dev = self.device();
         let mut n = 0;
         for (path, lin) in self.linears_mut() {

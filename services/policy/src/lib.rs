@@ -37,7 +37,13 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         device: h.settings.policy.device.clone(),
         has_reward: !endpoints.is_empty(),
     };
-    let svc = service::Policy { root: h.root.clone(), worker, jobs, device: h.settings.policy.device.clone() };
+    let svc = service::Policy {
+        root: h.root.clone(),
+        worker,
+        jobs,
+        device: h.settings.policy.device.clone(),
+        max_generated_tokens: h.settings.policy.max_generated_tokens,
+    };
     if let Some(m) = h.settings.policy.preload.clone() {
         let dir = svc
             .model_dir(Some(&ferrotune_proto::v1::ModelRef { path: m.clone() }))

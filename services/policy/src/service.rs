@@ -38,6 +38,8 @@ pub struct Policy {
     pub jobs: JobManager,
     /// The service's device (recipes run there).
     pub device: String,
+    /// `policy.max_generated_tokens`.
+    pub max_generated_tokens: usize,
 }
 
 impl Policy {
@@ -83,7 +85,7 @@ fn sampling(r: &GenerateRequest) -> Result<SamplingParams, Status> {
 }
 
 /// Checks a Generate request and returns its options (EOS and pad ids are filled in on the worker).
-fn check_generate(r: &GenerateRequest) -> Result<GenerateOptions, Status> {
+fn check_generate(r: &GenerateRequest, max_generated_tokens: usize) -> Result<GenerateOptions, Status> {
     if r.prompts.is_empty() || r.prompts.len() > MAX_PROMPTS {
         return Err(invalid("prompts", format!("{} prompts; send 1 to {MAX_PROMPTS}", r.prompts.len())));
     }
@@ -105,8 +107,15 @@ fn check_generate(r: &GenerateRequest) -> Result<GenerateOptions, Status> {
     }
     let sampling = sampling(r)?;
     sampling.validate().map_err(|e| invalid("sampling", e))?;
+    let max_new_tokens = if r.max_new_tokens == 0 { 128 } else { r.max_new_tokens as usize };
+    if r.prompts.len() * max_new_tokens > max_generated_tokens {
+        return Err(Status::resource_exhausted(format!(
+            "{} prompts × {max_new_tokens} new tokens is more than policy.max_generated_tokens ({max_generated_tokens})",
+            r.prompts.len()
+        )));
+    }
     Ok(GenerateOptions {
-        max_new_tokens: if r.max_new_tokens == 0 { 128 } else { r.max_new_tokens as usize },
+        max_new_tokens,
         sampling,
         seed: r.seed,
         eos_ids: vec![],
@@ -174,7 +183,7 @@ impl PolicyService for Policy {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let r = req.into_inner();
-        let mut opts = check_generate(&r)?;
+        let mut opts = check_generate(&r, self.max_generated_tokens)?;
         let model = self.model_dir(r.model.as_ref())?;
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
         let resp = self
@@ -200,7 +209,7 @@ impl PolicyService for Policy {
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let r = req.into_inner();
-        let mut opts = check_generate(&r)?;
+        let mut opts = check_generate(&r, self.max_generated_tokens)?;
         let model = self.model_dir(r.model.as_ref())?;
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateChunk, Status>>(256);

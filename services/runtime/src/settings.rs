@@ -138,6 +138,8 @@ pub struct Policy {
     /// A model (known name or path under the artifact root) loaded at start; health is NOT_SERVING until
     /// it is.
     pub preload: Option<String>,
+    /// Most tokens one generation call may ask for: prompts × max_new_tokens (beyond: RESOURCE_EXHAUSTED).
+    pub max_generated_tokens: usize,
 }
 
 impl Settings {

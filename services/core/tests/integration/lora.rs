@@ -141,6 +141,39 @@ fn bad_adapters_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("match no linear layer"), "{e}");
+    // An absurd rank is refused before anything is allocated.
+    let e = model.add_lora(&LoraConfig { r: 100_000, ..ok.clone() }, 0).unwrap_err().to_string();
+    assert!(e.contains("adapter r = 100000 is larger than the smaller side"), "{e}");
+    // Poisoned or integer-typed adapter weights are refused at load.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        lora_fixture("llama3-all-linear").join("adapter_config.json"),
+        tmp.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    let src = ferrotune_core::weights::WeightFiles::open_files(&[
+        lora_fixture("llama3-all-linear").join("adapter_model.safetensors")
+    ])
+    .unwrap();
+    let names: Vec<String> = src.names().map(str::to_owned).collect();
+    for (poison, needle) in [("nan", "NaN or infinite"), ("int", "floating-point")] {
+        let tensors: Vec<(String, tch::Tensor)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let t = src.load_raw(n).unwrap();
+                let t = match (i, poison) {
+                    (0, "nan") => t.full_like(f64::NAN),
+                    (0, _) => t.to_kind(Kind::Int64),
+                    _ => t,
+                };
+                (n.clone(), t)
+            })
+            .collect();
+        ferrotune_core::weights::save_safetensors(&tmp.path().join("adapter_model.safetensors"), &tensors).unwrap();
+        let e = load_peft(&mut model, tmp.path()).unwrap_err().to_string();
+        assert!(e.contains(needle), "{poison}: {e}");
+    }
     // A PEFT adapter for another model (head_dim 24 there, 16 here): shapes differ → names the tensor.
     let mut other = load_model(&tiny_dir("llama-linear-sharded"), Kind::Float, Device::Cpu).unwrap();
     let e = load_peft(&mut other, &lora_fixture("qwen2-qv-rslora")).unwrap_err().to_string();
