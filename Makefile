@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test test-learning lint demo bench bench-train bench-score fixtures clean-cache
+.PHONY: target-link all libtorch build build-cuda test test-learning lint demo bench bench-train bench-score bench-colocate fixtures clean-cache
 
 all: build
 
@@ -68,6 +68,10 @@ bench-train: libtorch target-link
 # Reward scoring over gRPC: throughput and p50/p99 latency at 1, 8, 32 clients, dynamic batching off and on.
 bench-score: libtorch target-link
 	$(CARGO) bench --locked -p ferrotune-reward --bench scoring
+
+# Two trainings side by side vs each alone, under each CPU setting (OpenMP wait policy, threads).
+bench-colocate: build
+	$(CARGO) bench --locked -p ferrotune-tests --bench colocate
 
 # Dev only: regenerates the tiny-model fixtures with HF transformers (see tests/fixtures/README.md).
 fixtures:

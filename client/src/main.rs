@@ -31,6 +31,10 @@ struct Cli {
     /// Configuration file (default: ./ferrotune.yaml when present); FERROTUNE__… variables override it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// CPU threads for the embedded (or served) policy and reward work (default: policy.threads /
+    /// reward.threads; 0 = the CPUs this process may use).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -243,10 +247,26 @@ enum EvalCmd {
 
 fn main() {
     let cli = Cli::parse();
+    apply_wait_policy(&cli);
     if let Err(e) = run(&cli) {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
+}
+
+/// GNU OpenMP reads `OMP_WAIT_POLICY` once, when libtorch is loaded (before `main`). Unless the environment
+/// sets it, the process restarts itself once with `cpu.wait_policy` set there (same pid, same arguments).
+fn apply_wait_policy(cli: &Cli) {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+        return;
+    }
+    let policy = ferrotune_runtime::Settings::load(cli.config.as_deref())
+        .map(|s| s.cpu.wait_policy.to_uppercase())
+        .unwrap_or_else(|_| "PASSIVE".into());
+    let Ok(exe) = std::env::current_exe() else { return };
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("OMP_WAIT_POLICY", policy).exec();
+    eprintln!("warning: could not restart with OMP_WAIT_POLICY set ({err}); continuing without it");
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -301,7 +321,11 @@ fn run(cli: &Cli) -> Result<()> {
         }
         _ => {}
     }
-    let settings = ferrotune_runtime::Settings::load(cli.config.as_deref())?;
+    let mut settings = ferrotune_runtime::Settings::load(cli.config.as_deref())?;
+    if let Some(n) = cli.threads {
+        settings.policy.threads = n;
+        settings.reward.threads = n;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

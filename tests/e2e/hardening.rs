@@ -248,3 +248,51 @@ fn smollm2_sigterm_ends_a_server_within_bounds_while_a_call_is_running() {
     assert!(status.success(), "{status:?}");
     call.abort();
 }
+
+/// Runs `ferrotune ARGS` in `dir` and returns its output with its own peak RSS in MB (wait4's rusage of
+/// that child only: other tests' processes do not count).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child cannot do for us
+fn run_measured(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String, f64) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = std::process::Command::new(ferrotune_tests::ferrotune_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child; `status` and `usage` are written by the kernel.
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+    (std::process::ExitStatus::from_raw(status), reader.join().unwrap(), usage.ru_maxrss as f64 / 1024.0)
+}
+
+#[test]
+fn smollm2_a_50_mb_record_is_refused_with_bounded_memory() {
+    let model = smollm2_dir();
+    let t = tempfile::tempdir().unwrap();
+    let good = r#"{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Ahoy!"}]}"#;
+    let huge = format!(
+        r#"{{"messages": [{{"role": "user", "content": "{}"}}, {{"role": "assistant", "content": "x"}}]}}"#,
+        "word ".repeat(10_000_000)
+    );
+    std::fs::write(t.path().join("in.jsonl"), format!("{good}\n{huge}\n{good}\n{good}\n")).unwrap();
+    let m = model.to_str().unwrap();
+    let args = ["data", "format", "--input", "in.jsonl", "--format", "messages", "--model", m, "--out", "ds"];
+    let (status, err, peak_mb) = run_measured(t.path(), &args);
+    println!("data format with a 50 MB record: peak RSS {peak_mb:.0} MB");
+    assert!(status.success(), "{err}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join("ds/stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["train"].as_u64().unwrap() + stats["eval"].as_u64().unwrap(), 3, "{stats}");
+    let errors = stats["errors"].to_string();
+    assert!(errors.contains("in.jsonl:2") && errors.contains("max_text_bytes"), "{stats}");
+    assert!(peak_mb < 1500.0, "peak RSS {peak_mb:.0} MB");
+}

@@ -21,6 +21,7 @@ pub mod perplexity;
 pub mod prompt_tuning;
 pub mod registry;
 pub mod sampling;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -295,13 +295,23 @@ impl CausalLm {
         }
     }
 
-    /// Enables or bypasses every adapter (disabled = the base model, as PEFT's `disable_adapter()`).
+    /// Enables or bypasses every LoRA adapter (disabled = the base model's linears).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, lin) in self.linears_mut() {
             if let Some(l) = &mut lin.lora {
                 l.enabled = enabled;
             }
         }
+    }
+
+    /// The base model: every adapter bypassed (LoRA and prompt tuning, as PEFT's `disable_adapter()`) for as
+    /// long as the guard lives; dropping it restores them exactly as they were, also when a panic unwinds.
+    pub fn adapters_disabled(&mut self) -> AdaptersDisabled<'_> {
+        let enabled: Vec<Option<bool>> =
+            self.linears_mut().into_iter().map(|(_, lin)| lin.lora.as_ref().map(|l| l.enabled)).collect();
+        self.set_adapters_enabled(false);
+        let prompt = self.prompt_embeddings.take();
+        AdaptersDisabled { model: self, enabled, prompt }
     }
 
     /// Folds every enabled adapter into its base weight (`W += s · B A`, computed in f32 and stored in the
@@ -536,6 +546,37 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         ));
     }
     Ok(cfg)
+}
+
+/// See [`CausalLm::adapters_disabled`]; derefs to the model.
+pub struct AdaptersDisabled<'a> {
+    model: &'a mut CausalLm,
+    enabled: Vec<Option<bool>>,
+    prompt: Option<Tensor>,
+}
+
+impl std::ops::Deref for AdaptersDisabled<'_> {
+    type Target = CausalLm;
+    fn deref(&self) -> &CausalLm {
+        self.model
+    }
+}
+
+impl std::ops::DerefMut for AdaptersDisabled<'_> {
+    fn deref_mut(&mut self) -> &mut CausalLm {
+        self.model
+    }
+}
+
+impl Drop for AdaptersDisabled<'_> {
+    fn drop(&mut self) {
+        for ((_, lin), was) in self.model.linears_mut().into_iter().zip(&self.enabled) {
+            if let (Some(l), Some(was)) = (&mut lin.lora, was) {
+                l.enabled = *was;
+            }
+        }
+        self.model.prompt_embeddings = self.prompt.take();
+    }
 }
 
 #[cfg(test)]

@@ -35,18 +35,14 @@ fn reference(
     batch: usize,
     chunk: i64,
 ) -> Result<Vec<(f64, f64)>> {
-    model.set_adapters_enabled(false);
+    let base = model.adapters_disabled();
     let mut out = Vec::with_capacity(pairs.len());
-    let result = (|| -> Result<()> {
-        for group in pairs.chunks(batch.max(1)) {
-            let seqs: Vec<&SftExample> = group.iter().flat_map(|(c, r)| [c, r]).collect();
-            let lps = sequence_logps(model, &seqs, pad_id, chunk)?;
-            out.extend(lps.chunks(2).map(|p| (p[0].0, p[1].0)));
-        }
-        Ok(())
-    })();
-    model.set_adapters_enabled(true);
-    result.map(|_| out)
+    for group in pairs.chunks(batch.max(1)) {
+        let seqs: Vec<&SftExample> = group.iter().flat_map(|(c, r)| [c, r]).collect();
+        let lps = sequence_logps(&base, &seqs, pad_id, chunk)?;
+        out.extend(lps.chunks(2).map(|p| (p[0].0, p[1].0)));
+    }
+    Ok(out)
 }
 
 /// The cached reference log-probs of a dataset split, when they were made for this base and quantization.

@@ -22,14 +22,18 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let cfg = h.settings.policy.clone();
     let device = ferrotune_core::parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("policy.device: {e}"))?;
     let kind = ferrotune_core::parse_dtype(&cfg.dtype).map_err(|e| anyhow::anyhow!("policy.dtype: {e}"))?;
-    let worker = Worker::spawn("ferrotune-policy", move || models::Models::new(device, kind, cfg.max_loaded_models))?;
+    let worker = Worker::spawn("ferrotune-policy", cfg.threads, move || {
+        models::Models::new(device, kind, cfg.max_loaded_models)
+    })?;
     let jobs = h.jobs()?;
-    jobs.register("sft", Arc::new(sft_job::SftRunner));
-    jobs.register("dpo", Arc::new(dpo_job::DpoRunner));
+    let threads = h.settings.policy.threads;
+    jobs.register("sft", Arc::new(sft_job::SftRunner), threads);
+    jobs.register("dpo", Arc::new(dpo_job::DpoRunner), threads);
     let endpoints = h.settings.endpoints.reward.clone();
     jobs.register(
         "ppo",
         Arc::new(ppo_job::PpoRunner { endpoints: endpoints.clone(), token: h.settings.auth.token.clone() }),
+        threads,
     );
     let align = align_service::Alignment {
         root: h.root.clone(),

@@ -283,16 +283,11 @@ impl PolicyService for Policy {
             .worker
             .call(move |m| {
                 let b = m.get(&model, adapter.as_deref())?;
-                let prompt = if disable { b.model.prompt_embeddings.take() } else { None };
                 if disable {
-                    b.model.set_adapters_enabled(false);
+                    ferrotune_core::logprobs::completion_logprobs(&b.model.adapters_disabled(), &pairs, 8).status()
+                } else {
+                    ferrotune_core::logprobs::completion_logprobs(&b.model, &pairs, 8).status()
                 }
-                let out = ferrotune_core::logprobs::completion_logprobs(&b.model, &pairs, 8);
-                if disable {
-                    b.model.set_adapters_enabled(true);
-                    b.model.prompt_embeddings = prompt;
-                }
-                out.status()
             })
             .await?;
         let sequences =

@@ -19,9 +19,10 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let device = ferrotune_core::parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("reward.device: {e}"))?;
     let kind = ferrotune_core::parse_dtype(&cfg.dtype).map_err(|e| anyhow::anyhow!("reward.dtype: {e}"))?;
     let max = cfg.max_loaded_models;
-    let worker = Worker::spawn("ferrotune-reward", move || scorer::Scorers::new(device, kind, max))?;
+    let worker =
+        Worker::spawn("ferrotune-reward", h.settings.reward.threads, move || scorer::Scorers::new(device, kind, max))?;
     let jobs = h.jobs()?;
-    jobs.register("reward", Arc::new(job::RewardRunner));
+    jobs.register("reward", Arc::new(job::RewardRunner), h.settings.reward.threads);
     let svc = service::Reward::new(h.root.clone(), worker, jobs, cfg);
     let server = RewardServiceServer::new(svc).max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(server));

@@ -87,6 +87,11 @@ async fn batch_loop(mut rx: mpsc::Receiver<Pending>, worker: Worker<Scorers>, ma
             let key = batch[0].key.clone();
             let (same, rest): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.key == key);
             batch = rest;
+            // Calls whose caller went away (disconnected, past its deadline) are not scored.
+            let same: Vec<Pending> = same.into_iter().filter(|p| !p.reply.is_closed()).collect();
+            if same.is_empty() {
+                continue;
+            }
             let items: Vec<(String, String)> = same.iter().flat_map(|p| p.items.iter().cloned()).collect();
             let total = items.len() as u32;
             let (base, adapter) = key.clone();

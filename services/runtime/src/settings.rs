@@ -35,6 +35,18 @@ pub struct Settings {
     pub policy: Policy,
     /// The reward service's device, models and batching.
     pub reward: RewardSettings,
+    /// How CPU threads wait.
+    pub cpu: Cpu,
+}
+
+/// CPU scheduling of the process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cpu {
+    /// `passive`: idle OpenMP threads sleep at once; `active`: they spin first (GNU OpenMP's default),
+    /// which is faster alone but steals cores from other processes on a shared host. Applied at start
+    /// (`OMP_WAIT_POLICY`, which the environment may set itself).
+    pub wait_policy: String,
 }
 
 /// Reward service.
@@ -51,6 +63,8 @@ pub struct RewardSettings {
     pub max_batch_size: usize,
     /// Dynamic batching: longest wait for more calls after the first, in milliseconds.
     pub max_wait_ms: u64,
+    /// CPU threads for scoring and reward training (0 = the CPUs this process may use).
+    pub threads: usize,
 }
 
 /// Remote endpoints (`http://host:port` or `https://…`).
@@ -140,6 +154,8 @@ pub struct Policy {
     pub preload: Option<String>,
     /// Most tokens one generation call may ask for: prompts × max_new_tokens (beyond: RESOURCE_EXHAUSTED).
     pub max_generated_tokens: usize,
+    /// CPU threads for generation, log-probs and training jobs (0 = the CPUs this process may use).
+    pub threads: usize,
 }
 
 impl Settings {
@@ -192,6 +208,12 @@ impl Settings {
         }
         if self.policy.max_loaded_models == 0 {
             anyhow::bail!("configuration: policy.max_loaded_models must be positive");
+        }
+        if !["passive", "active"].contains(&self.cpu.wait_policy.as_str()) {
+            anyhow::bail!("configuration: cpu.wait_policy must be passive or active, not `{}`", self.cpu.wait_policy);
+        }
+        if self.policy.threads > 1024 || self.reward.threads > 1024 {
+            anyhow::bail!("configuration: policy.threads and reward.threads must be at most 1024 (0 = all CPUs)");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             anyhow::bail!("configuration: tls.cert and tls.key go together");

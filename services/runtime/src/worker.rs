@@ -53,12 +53,14 @@ impl<S> Clone for Worker<S> {
 }
 
 impl<S: 'static> Worker<S> {
-    /// Starts the thread; `init` builds the state on it.
-    pub fn spawn(name: &str, init: impl FnOnce() -> S + Send + 'static) -> anyhow::Result<Self> {
+    /// Starts the thread with `threads` CPU threads for its libtorch work (0 = all this process may use);
+    /// `init` builds the state on it.
+    pub fn spawn(name: &str, threads: usize, init: impl FnOnce() -> S + Send + 'static) -> anyhow::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Task<S>>();
         std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                ferrotune_core::threads::set_for_this_thread(ferrotune_core::threads::resolve(threads));
                 let mut state = init();
                 while let Ok(task) = rx.recv() {
                     task(&mut state);

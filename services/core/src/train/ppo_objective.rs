@@ -365,10 +365,8 @@ impl<'a> PpoObjective<'a> {
         let mut rs = self.sample(model, prompts, rollout_seed(self.seed, step))?;
         let seqs: Vec<SftExample> = rs.iter().map(Rollout::example).collect();
         let pol = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, Pass::Rollout)?;
-        model.set_adapters_enabled(false);
-        let reference = token_stats(model, &seqs, self.pad_id, self.cfg.temperature, Pass::Reference);
-        model.set_adapters_enabled(true);
-        let reference = reference?;
+        let reference =
+            token_stats(&model.adapters_disabled(), &seqs, self.pad_id, self.cfg.temperature, Pass::Reference)?;
         let (logp, ref_logp) = (split(&to_vec(&pol.logp)?, &pol.counts), split(&to_vec(&reference.logp)?, &pol.counts));
         let values = split(&to_vec(pol.values.as_ref().expect("asked for values"))?, &pol.counts);
         let entropy = split(&to_vec(pol.entropy.as_ref().expect("rollout pass"))?, &pol.counts);

@@ -104,10 +104,8 @@ fn pairs(m: &mut CausalLm, n: usize, seed: u64) -> Vec<DpoExample> {
         let (c, r) = (seq(&prompt, 3 + i % 4), seq(&prompt, 5 - i % 3));
         out.push(DpoExample { chosen: c, rejected: r, ref_chosen: 0.0, ref_rejected: 0.0 });
     }
-    m.set_adapters_enabled(false);
     let seqs: Vec<&SftExample> = out.iter().flat_map(|e| [&e.chosen, &e.rejected]).collect();
-    let refs = sequence_logps(m, &seqs, 0, 5).unwrap();
-    m.set_adapters_enabled(true);
+    let refs = sequence_logps(&m.adapters_disabled(), &seqs, 0, 5).unwrap();
     for (i, e) in out.iter_mut().enumerate() {
         e.ref_chosen = refs[2 * i].0;
         e.ref_rejected = refs[2 * i + 1].0;

@@ -32,10 +32,35 @@ fn peft_adapters_reproduce_peft_logits() {
         let d = max_abs_diff(&got, &want);
         assert!(d < 1e-5, "{case}: max |Δ| {d}");
         assert!(max_abs_diff(&want, &base_logits) > 1e-3, "{case}: the adapter must change the output");
-        model.set_adapters_enabled(false);
-        let off = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
-        assert!(max_abs_diff(&off, &base_logits) < 1e-5, "{case}: disabled adapter = base model");
+        {
+            let base = model.adapters_disabled();
+            let off = tch::no_grad(|| base.forward(&ids, None, None)).unwrap();
+            assert!(max_abs_diff(&off, &base_logits) < 1e-5, "{case}: disabled adapter = base model");
+        }
+        let again = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+        assert!(max_abs_diff(&again, &want) < 1e-5, "{case}: the guard restores the adapter");
     }
+}
+
+#[test]
+fn a_panic_inside_the_adapters_disabled_scope_restores_them() {
+    let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
+    load_peft(&mut model, &lora_fixture("llama3-all-linear")).unwrap();
+    // One adapter turned off by the caller stays off; the others come back.
+    let (first, _) =
+        model.linears_mut().into_iter().next().map(|(p, l)| (p, l.lora.as_mut().map(|l| l.enabled = false))).unwrap();
+    let (ids, _) = reference("llama3-rope");
+    let before = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _base = model.adapters_disabled();
+        panic!("a failure while the base model is in use");
+    }));
+    assert!(caught.is_err());
+    let after = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+    assert!(max_abs_diff(&after, &before) == 0.0, "the adapters were not restored after the panic");
+    let states: Vec<(String, bool)> =
+        model.linears_mut().into_iter().filter_map(|(p, l)| l.lora.as_ref().map(|l| (p, l.enabled))).collect();
+    assert!(states.iter().all(|(p, on)| *on == (*p != first)), "{states:?}");
 }
 
 fn randomise_b(model: &mut ferrotune_core::CausalLm) {

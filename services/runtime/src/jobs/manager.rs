@@ -77,9 +77,13 @@ struct Live {
     tx: broadcast::Sender<JobEvent>,
 }
 
+/// A registered runner and its CPU threads.
+type Registered = (Arc<dyn JobRunner>, usize);
+
 struct Inner {
     store: Mutex<Store>,
-    runners: Mutex<HashMap<String, Arc<dyn JobRunner>>>,
+    /// Each kind's runner and the CPU threads its jobs use (0 = all this process may use).
+    runners: Mutex<HashMap<String, Registered>>,
     live: Mutex<HashMap<String, Live>>,
     queue: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -153,7 +157,7 @@ impl Inner {
         let resumes = stored.job.resumes + u32::from(resume);
         self.set_state(&id, JobState::Running, String::new(), vec![], Some(resumes));
         let runner = self.runners.lock().expect("lock").get(&stored.job.kind).cloned();
-        let Some(runner) = runner else {
+        let Some((runner, threads)) = runner else {
             self.set_state(
                 &id,
                 JobState::Failed,
@@ -177,6 +181,7 @@ impl Inner {
         if resume {
             ctx.log("resuming from the newest checkpoint");
         }
+        ferrotune_core::threads::set_for_this_thread(ferrotune_core::threads::resolve(threads));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&ctx)));
         let cancelled = self.live.lock().expect("lock").get(&id).is_some_and(|l| l.cancelled);
         let (state, error, artifacts) = match result {
@@ -224,9 +229,9 @@ impl JobManager {
         Ok(Self(inner))
     }
 
-    /// Runs jobs of `kind` with `runner`.
-    pub fn register(&self, kind: &str, runner: Arc<dyn JobRunner>) {
-        self.0.runners.lock().expect("lock").insert(kind.to_owned(), runner);
+    /// Runs jobs of `kind` with `runner` on `threads` CPU threads (0 = all this process may use).
+    pub fn register(&self, kind: &str, runner: Arc<dyn JobRunner>, threads: usize) {
+        self.0.runners.lock().expect("lock").insert(kind.to_owned(), (runner, threads));
     }
 
     /// Queues again the jobs that were queued, running or interrupted when the service last stopped (and

@@ -65,7 +65,7 @@ mod tests {
 
     fn manager(db: &std::path::Path, ck: &Arc<Mutex<HashMap<String, u64>>>, runs: &Arc<AtomicUsize>) -> JobManager {
         let m = JobManager::start(Store::open(db).unwrap()).unwrap();
-        m.register("count", Arc::new(Counter { checkpoints: ck.clone(), runs: runs.clone() }));
+        m.register("count", Arc::new(Counter { checkpoints: ck.clone(), runs: runs.clone() }), 1);
         m
     }
 
