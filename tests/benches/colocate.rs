@@ -9,18 +9,22 @@ use std::time::Instant;
 
 use ferrotune_tests::{ferrotune_bin, repo, smollm2_dir};
 
+/// `wait` is an OpenMP wait policy (`PASSIVE`, `ACTIVE`) or `spin:N`: GNU OpenMP's default policy with
+/// `GOMP_SPINCOUNT=N` (its default count is 300000).
 fn start(out: &Path, steps: usize, wait: &str, threads: usize) -> Child {
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
-    Command::new(ferrotune_bin())
-        .args(["--threads", &threads.to_string(), "train", "sft", "--recipe", recipe.to_str().unwrap()])
+    let mut cmd = Command::new(ferrotune_bin());
+    cmd.args(["--threads", &threads.to_string(), "train", "sft", "--recipe", recipe.to_str().unwrap()])
         .args(["--output-dir", out.to_str().unwrap(), "--set", &data, "--max-steps", &steps.to_string(), "--json"])
-        .env("OMP_WAIT_POLICY", wait)
         .env_remove("OMP_NUM_THREADS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ferrotune")
+        .env_remove("GOMP_SPINCOUNT");
+    match wait.strip_prefix("spin:") {
+        // ferrotune sets OMP_WAIT_POLICY itself unless the environment does: an empty value is GOMP's default.
+        Some(n) => cmd.env("OMP_WAIT_POLICY", "").env("GOMP_SPINCOUNT", n),
+        None => cmd.env("OMP_WAIT_POLICY", wait),
+    };
+    cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("start ferrotune")
 }
 
 /// Wall seconds of `n` trainings started together (each one's own time).
@@ -48,7 +52,14 @@ fn main() {
     println!("{steps} LoRA SFT steps of SmolLM2 per training, {cores} CPUs; wall seconds per training\n");
     println!("| wait policy | threads each | alone s | side by side s (each) | slowdown |");
     println!("|:--|--:|--:|--:|--:|");
-    for (wait, threads) in [("PASSIVE", cores), ("ACTIVE", cores), ("PASSIVE", (cores / 2).max(1))] {
+    let configs = [
+        ("PASSIVE", cores),
+        ("ACTIVE", cores),
+        ("spin:300000", cores),
+        ("spin:20000", cores),
+        ("PASSIVE", (cores / 2).max(1)),
+    ];
+    for (wait, threads) in configs {
         let tag = format!("{wait}-{threads}");
         let alone = run(tmp.path(), &tag, 1, steps, wait, threads)[0];
         let pair = run(tmp.path(), &tag, 2, steps, wait, threads);
