@@ -36,7 +36,7 @@ pub(crate) struct SftArgs {
 }
 
 /// The recipe text, the overrides (with --output-dir / --max-steps), and the validated recipe.
-fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_policy::recipe::SftRecipe)> {
+fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_training::recipe::SftRecipe)> {
     let mut sets = a.sets.clone();
     if let Some(d) = &a.output_dir {
         sets.push(format!("output_dir={}", d.display()));
@@ -48,7 +48,7 @@ fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_policy::recipe::S
         sets.push("training.overwrite_output_dir=true".into());
     }
     let text = std::fs::read_to_string(&a.recipe).with_context(|| format!("{}", a.recipe.display()))?;
-    let r = ferrotune_policy::recipe::parse(&text, &a.recipe, &sets)?;
+    let r = ferrotune_training::recipe::parse(&text, &a.recipe, &sets)?;
     Ok((text, sets, r))
 }
 

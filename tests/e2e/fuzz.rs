@@ -192,8 +192,8 @@ fn fuzz_peft_adapters() {
 fn fuzz_recipes() {
     fuzz("recipe", |p| {
         let text = String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned();
-        let _ = ferrotune_policy::recipe::parse(&text, p, &[]);
-        let _ = ferrotune_policy::recipe::parse(&text, p, &["training.max_steps=3".into(), "adapter.r=4".into()]);
+        let _ = ferrotune_training::recipe::parse(&text, p, &[]);
+        let _ = ferrotune_training::recipe::parse(&text, p, &["training.max_steps=3".into(), "adapter.r=4".into()]);
     });
 }
 

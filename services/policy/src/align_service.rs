@@ -7,7 +7,7 @@ use ferrotune_runtime::jobs::JobManager;
 use ferrotune_runtime::ArtifactRoot;
 use tonic::{Request, Response, Status};
 
-use crate::service::queue_recipe_job;
+use ferrotune_training::queue_recipe_job;
 
 /// The service state.
 pub struct Alignment {

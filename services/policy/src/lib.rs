@@ -3,12 +3,8 @@
 //! AlignmentService (DPO and PPO jobs) is hosted beside it: both train the policy on the same device.
 
 pub mod align_service;
-pub mod dpo_job;
 pub mod models;
-pub mod ppo_job;
-pub mod recipe;
 pub mod service;
-pub mod sft_job;
 
 use std::sync::Arc;
 
@@ -27,12 +23,15 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     })?;
     let jobs = h.jobs()?;
     let threads = h.settings.policy.threads;
-    jobs.register("sft", Arc::new(sft_job::SftRunner), threads);
-    jobs.register("dpo", Arc::new(dpo_job::DpoRunner), threads);
+    jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
+    jobs.register("dpo", Arc::new(ferrotune_training::dpo::DpoRunner), threads);
     let endpoints = h.settings.endpoints.reward.clone();
     jobs.register(
         "ppo",
-        Arc::new(ppo_job::PpoRunner { endpoints: endpoints.clone(), token: h.settings.auth.token.clone() }),
+        Arc::new(ferrotune_training::ppo::PpoRunner {
+            endpoints: endpoints.clone(),
+            token: h.settings.auth.token.clone(),
+        }),
         threads,
     );
     let align = align_service::Alignment {

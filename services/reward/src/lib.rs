@@ -1,7 +1,6 @@
 //! RewardService: reward-model training jobs (Bradley–Terry on the shared training loop) and scoring, with
 //! concurrent Score calls gathered into batches on the service's own device.
 
-pub mod job;
 /// The balanced, failing-over client of reward replicas (in the runtime, so that the policy side can use it).
 pub use ferrotune_runtime::reward_pool as pool;
 pub mod scorer;
@@ -22,7 +21,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let worker =
         Worker::spawn("ferrotune-reward", h.settings.reward.threads, move || scorer::Scorers::new(device, kind, max))?;
     let jobs = h.jobs()?;
-    jobs.register("reward", Arc::new(job::RewardRunner), h.settings.reward.threads);
+    jobs.register("reward", Arc::new(ferrotune_training::reward::RewardRunner), h.settings.reward.threads);
     let svc = service::Reward::new(h.root.clone(), worker, jobs, cfg);
     let server = RewardServiceServer::new(svc).max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(server));

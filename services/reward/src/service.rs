@@ -117,7 +117,7 @@ impl RewardService for Reward {
         req: Request<StartRecipeJobRequest>,
     ) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
-        let job = ferrotune_policy::service::queue_recipe_job(
+        let job = ferrotune_training::queue_recipe_job(
             "reward",
             &r.recipe_yaml,
             &r.overrides,

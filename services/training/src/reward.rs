@@ -2,11 +2,11 @@
 //! loop with the Bradley–Terry objective → a PEFT SEQ_CLS adapter with the head. Eval metrics report the
 //! held-out pairwise accuracy (`eval_rewards/accuracies`).
 
+use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 use anyhow::{Context, Result};
 use ferrotune_core::train::reward::{RewardExample, RewardObjective, RewardState};
 use ferrotune_core::train::Run;
 use ferrotune_data::load_pairs;
-use ferrotune_policy::sft_job::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
 /// Runs `reward` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.

@@ -15,7 +15,7 @@ use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use serde_json::json;
 
 use crate::recipe::{Method, SftRecipe};
-use crate::sft_job::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
+use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 
 /// Runs `dpo` jobs; the spec is `{"recipe": <resolved recipe with a dpo section>, "resume": bool}`.
 pub struct DpoRunner;

@@ -20,7 +20,7 @@ use ferrotune_runtime::reward_pool::RewardPool;
 use serde_json::json;
 
 use crate::recipe::{Method, SftRecipe};
-use crate::sft_job::{finish, job_recipe, load_base, model_dir, train_job, write_provenance};
+use crate::scaffold::{finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 
 /// Runs `ppo` jobs; the spec is `{"recipe": <resolved recipe with a ppo section>, "resume": bool}`.
 pub struct PpoRunner {

@@ -1,25 +1,19 @@
-//! The SFT job: formats the data (unless the recipe names a formatted dataset), loads the base (NF4 for
-//! QLoRA), adds the adapter, runs the training loop, and reports every step as a job event. The adapter
-//! lands in the output dir in PEFT format with checkpoints, metrics, a loss plot, the chat template and the
-//! resolved recipe beside it.
+//! The job scaffold every training runner shares (SFT, DPO, reward, PPO): the job's recipe and the claim on
+//! its output dir, the model and dataset directories, the base model (NF4 for QLoRA), the training loop run
+//! as a job (every step a job event, stopping on cancel or drain), provenance files and the artifacts of a
+//! finished run.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use ferrotune_core::prompt_tuning::{PromptInit, PromptState, PromptTuningConfig};
-use ferrotune_core::train::full::FullState;
-use ferrotune_core::train::sft::{LoraState, SftObjective};
 use ferrotune_core::train::{train, Objective, Run, StepEvent, TrainSummary};
 use ferrotune_core::CausalLm;
 use ferrotune_core::{registry, ChatTemplate};
-use ferrotune_data::{build, load_split, BuildOptions};
-use ferrotune_runtime::jobs::{Artifact, JobContext, JobOutcome, JobRunner, Progress};
+use ferrotune_data::{build, BuildOptions};
+use ferrotune_runtime::jobs::{Artifact, JobContext, Progress};
 use serde_json::json;
 
 use crate::recipe::{Method, SftRecipe};
-
-/// Runs `sft` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
-pub struct SftRunner;
 
 /// The Progress of a step event.
 pub fn progress_of(ev: &StepEvent) -> Progress {
@@ -74,13 +68,6 @@ pub fn train_job<O: Objective>(
         return Ok(None);
     }
     Ok(Some(summary))
-}
-
-impl JobRunner for SftRunner {
-    fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
-        let (r, resume) = job_recipe(ctx)?;
-        run_sft(&r, resume, ctx)
-    }
 }
 
 /// The recipe's model directory (pulled when it names a known model).
@@ -178,54 +165,4 @@ pub fn finish(out: &Path, dataset: &Path, kind: &str, title: &str, ctx: &JobCont
         artifacts.push(art("plot", &plot));
     }
     artifacts
-}
-
-fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
-    let out = r.output_dir.clone();
-    ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
-    let model_dir = model_dir(r)?;
-    let dataset = dataset_dir(r, &model_dir, ctx)?;
-    let train_set = load_split(&dataset, "train")?;
-    let eval_set = if dataset.join("eval.jsonl").exists() { load_split(&dataset, "eval")? } else { vec![] };
-    let (mut model, qlora) = load_base(r, &model_dir, ctx)?;
-    let method = r.adapter.method()?;
-    let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
-    let state: Box<dyn ferrotune_core::train::TrainableState> = match method {
-        Method::Full => {
-            FullState::prepare(&mut model)?;
-            Box::new(FullState { base_dir: model_dir.clone() })
-        }
-        Method::PromptTuning => {
-            let init = match &r.adapter.prompt_tuning_init_text {
-                Some(t) => PromptInit::Text(t.clone()),
-                None => PromptInit::Random,
-            };
-            let cfg = PromptTuningConfig { num_virtual_tokens: r.adapter.num_virtual_tokens, init: init.clone() };
-            model.add_prompt_tuning(&cfg, Some(&tok), r.training.seed)?;
-            Box::new(PromptState { init, base_model: model_dir.display().to_string() })
-        }
-        Method::Lora | Method::Qlora => {
-            let lcfg = r.adapter.lora()?;
-            model.add_lora(&lcfg, r.training.seed)?;
-            Box::new(LoraState { cfg: lcfg, base_model: model_dir.display().to_string() })
-        }
-    };
-    let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
-    write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
-    let objective = SftObjective::new(pad_id, &r.training);
-    let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
-    let run = Run {
-        objective: &objective,
-        train: &train_set,
-        eval: &eval_set,
-        state: state.as_ref(),
-        cfg: &r.training,
-        output_dir: &out,
-        tokens_of: &tokens_of,
-    };
-    if train_job(&mut model, &run, resume, ctx, &mut |_| {})?.is_none() {
-        return Ok(JobOutcome::Stopped);
-    }
-    let kind = if method == Method::Full { "model" } else { "adapter" };
-    Ok(JobOutcome::Finished(finish(&out, &dataset, kind, &format!("SFT ({})", r.adapter.method), ctx)))
 }
