@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
+use ferrotune_core::data::formats::{parse, Columns, Format, MaskMode};
+use ferrotune_core::data::tokenize::{Renderer, Tokenized, TokenizedSample};
+use ferrotune_core::data::{build, load_split, BuildOptions};
 use ferrotune_core::generation::ModelDefaults;
 use ferrotune_core::{ChatTemplate, Message, Tokenizer};
-use ferrotune_data::formats::{parse, Columns, Format, MaskMode};
-use ferrotune_data::tokenize::{Renderer, Tokenized, TokenizedSample};
-use ferrotune_data::{build, load_split, BuildOptions};
 use ferrotune_tests::{run_cli, smollm2_dir};
 use serde_json::json;
 
@@ -150,7 +150,7 @@ fn opts(inputs: Vec<std::path::PathBuf>, format: Format) -> BuildOptions {
         seed: 1,
         strict: false,
         pack: false,
-        max_text_bytes: ferrotune_data::read::DEFAULT_MAX_TEXT_BYTES,
+        max_text_bytes: ferrotune_core::data::read::DEFAULT_MAX_TEXT_BYTES,
     }
 }
 

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use ferrotune_core::data::{build, load_pairs, BuildOptions};
 use ferrotune_core::train::dpo::sequence_logps;
 use ferrotune_core::train::sft::SftExample;
-use ferrotune_data::{build, load_pairs, BuildOptions};
 use ferrotune_tests::{repo, run_cli, smollm2_dir};
 
 /// Share of held-out pairs where log π(chosen) > log π(rejected), and the mean margin.
@@ -31,7 +31,7 @@ fn smollm2_dpo_prefers_the_chosen_answers_on_held_out_pairs() {
     let held = t.path().join("held");
     let opts = BuildOptions {
         inputs: vec![repo("recipes/data/pirate-prefs-eval.jsonl")],
-        format: ferrotune_data::Format::Preference,
+        format: ferrotune_core::data::Format::Preference,
         columns: Default::default(),
         model: model.clone(),
         mask: Default::default(),
@@ -40,7 +40,7 @@ fn smollm2_dpo_prefers_the_chosen_answers_on_held_out_pairs() {
         seed: 0,
         strict: true,
         pack: false,
-        max_text_bytes: ferrotune_data::read::DEFAULT_MAX_TEXT_BYTES,
+        max_text_bytes: ferrotune_core::data::read::DEFAULT_MAX_TEXT_BYTES,
     };
     build(&opts, &held).unwrap();
     let pairs = load_pairs(&held, "train").unwrap();

@@ -140,7 +140,7 @@ fn fuzz(target: &str, parse: impl Fn(&Path) + Send + Sync + 'static) {
 fn fuzz_records() {
     for target in ["jsonl", "json", "csv", "parquet"] {
         fuzz(target, |p| {
-            let _ = ferrotune_data::read::read_records(p, 1 << 20);
+            let _ = ferrotune_core::data::read::read_records(p, 1 << 20);
         });
     }
 }

@@ -7,6 +7,7 @@ mod dpo;
 mod fuzz;
 mod generation;
 mod hardening;
+mod layout;
 mod ppo;
 mod reward;
 mod services;

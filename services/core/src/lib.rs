@@ -6,6 +6,7 @@ mod alloc;
 pub mod bundle;
 pub mod chat;
 pub mod combine;
+pub mod data;
 pub mod error;
 pub mod fsx;
 pub mod generation;

@@ -13,8 +13,8 @@ use ferrotune_runtime::worker::blocking;
 use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
 use tonic::{Request, Response, Status};
 
-use crate::formats::{Columns, Format, MaskMode};
-use crate::{build, BuildOptions, DataError, Stats};
+use ferrotune_core::data::formats::{Columns, Format, MaskMode};
+use ferrotune_core::data::{build, BuildOptions, DataError, Stats};
 
 /// The status of a data error.
 pub fn data_status(e: &DataError) -> Status {
@@ -137,7 +137,7 @@ impl DataService for Data {
         let n = r.n.max(1) as usize;
         let src = self.source(r.source)?;
         let items = blocking(move || {
-            crate::preview::preview(&src.inputs, src.format, &src.model, src.mask, &src.columns, n)
+            ferrotune_core::data::preview::preview(&src.inputs, src.format, &src.model, src.mask, &src.columns, n)
                 .map_err(|e| data_status(&e))
         })
         .await?;

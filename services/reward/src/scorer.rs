@@ -5,11 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
+use ferrotune_core::data::formats::{MaskMode, Sample};
+use ferrotune_core::data::tokenize::{Renderer, TokenizedSample};
 use ferrotune_core::train::reward::{load_reward_model, score_sequences};
 use ferrotune_core::train::sft::SftExample;
 use ferrotune_core::{Message, ModelBundle};
-use ferrotune_data::formats::{MaskMode, Sample};
-use ferrotune_data::tokenize::{Renderer, TokenizedSample};
 use ferrotune_runtime::lru::Lru;
 use ferrotune_runtime::StatusExt;
 use tch::{Device, Kind};

@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use ferrotune_core::data::load_pairs;
 use ferrotune_core::train::dpo::{sequence_logps, DpoExample, DpoObjective};
 use ferrotune_core::train::sft::{LoraState, SftExample};
 use ferrotune_core::train::Run;
 use ferrotune_core::CausalLm;
-use ferrotune_data::load_pairs;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use serde_json::json;
 

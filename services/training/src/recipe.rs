@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use ferrotune_core::data::formats::{Format, MaskMode};
 use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::train::TrainConfig;
-use ferrotune_data::formats::{Format, MaskMode};
 use serde::{Deserialize, Serialize};
 
 /// A whole SFT recipe.

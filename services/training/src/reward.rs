@@ -4,9 +4,9 @@
 
 use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 use anyhow::{Context, Result};
+use ferrotune_core::data::load_pairs;
 use ferrotune_core::train::reward::{RewardExample, RewardObjective, RewardState};
 use ferrotune_core::train::Run;
-use ferrotune_data::load_pairs;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
 /// Runs `reward` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use ferrotune_core::data::{build, BuildOptions};
 use ferrotune_core::train::{train, Objective, Run, StepEvent, TrainSummary};
 use ferrotune_core::CausalLm;
 use ferrotune_core::{registry, ChatTemplate};
-use ferrotune_data::{build, BuildOptions};
 use ferrotune_runtime::jobs::{Artifact, JobContext, Progress};
 use serde_json::json;
 
@@ -94,7 +94,7 @@ pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<
                     seed: r.training.seed,
                     strict: false,
                     pack: r.data.pack,
-                    max_text_bytes: ferrotune_data::read::DEFAULT_MAX_TEXT_BYTES,
+                    max_text_bytes: ferrotune_core::data::read::DEFAULT_MAX_TEXT_BYTES,
                 },
                 &d,
             )?;

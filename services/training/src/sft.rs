@@ -4,11 +4,11 @@
 //! metrics, a loss plot, the chat template and the resolved recipe beside it.
 
 use anyhow::{Context, Result};
+use ferrotune_core::data::load_split;
 use ferrotune_core::prompt_tuning::{PromptInit, PromptState, PromptTuningConfig};
 use ferrotune_core::train::full::FullState;
 use ferrotune_core::train::sft::{LoraState, SftObjective};
 use ferrotune_core::train::Run;
-use ferrotune_data::load_split;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
 use crate::recipe::{Method, SftRecipe};

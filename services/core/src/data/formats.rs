@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use ferrotune_core::Message;
+use crate::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use ferrotune_core::generation::ModelDefaults;
-use ferrotune_core::{ChatTemplate, Tokenizer};
+use crate::generation::ModelDefaults;
+use crate::{ChatTemplate, Tokenizer};
 
-use crate::formats::{parse, Columns, Format, MaskMode};
-use crate::read::read_records;
-use crate::tokenize::{Renderer, Tokenized, TokenizedSample};
-use crate::{DataError, Result};
+use crate::data::formats::{parse, Columns, Format, MaskMode};
+use crate::data::read::read_records;
+use crate::data::tokenize::{Renderer, Tokenized, TokenizedSample};
+use crate::data::{DataError, Result};
 
 /// One previewed record.
 #[derive(Debug, Clone, Default)]
@@ -45,7 +45,7 @@ pub fn preview(
     let r = Renderer { tokenizer: &tok, template: &tmpl, eos_id, eos_ids: &eos, mask };
     let mut out = vec![];
     for file in inputs {
-        for rec in read_records(file, crate::read::DEFAULT_MAX_TEXT_BYTES)? {
+        for rec in read_records(file, crate::data::read::DEFAULT_MAX_TEXT_BYTES)? {
             if out.len() == n {
                 return Ok(out);
             }

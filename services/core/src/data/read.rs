@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use ferrotune_core::CoreError;
+use crate::CoreError;
 use serde_json::Value;
 
-use crate::{DataError, Result};
+use crate::data::{DataError, Result};
 
 /// One raw record and where it came from.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ fn bounded(value: std::result::Result<Value, String>, max: usize) -> std::result
 pub fn read_records(path: &Path, max_text_bytes: usize) -> Result<Vec<RawRecord>> {
     let max = max_text_bytes;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let text = || ferrotune_core::fsx::read_to_string(path).map_err(|e| DataError::Core(CoreError::io(path, e)));
+    let text = || crate::fsx::read_to_string(path).map_err(|e| DataError::Core(CoreError::io(path, e)));
     match ext.as_str() {
         "jsonl" | "ndjson" => Ok(text()?
             .lines()
@@ -88,7 +88,7 @@ pub fn read_records(path: &Path, max_text_bytes: usize) -> Result<Vec<RawRecord>
                 .collect())
         }
         "csv" => {
-            let file = ferrotune_core::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
+            let file = crate::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
             let mut rdr = csv::Reader::from_reader(std::io::BufReader::new(file));
             let headers = rdr.headers().map_err(|e| DataError::Core(CoreError::format(path, e.to_string())))?.clone();
             Ok(rdr
@@ -130,7 +130,7 @@ fn read_parquet(path: &Path, max: usize) -> Result<Vec<RawRecord>> {
     let bad = |e: parquet::errors::ParquetError| {
         DataError::Core(CoreError::format(path, format!("invalid Parquet file: {e}")))
     };
-    let file = ferrotune_core::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
+    let file = crate::fsx::open(path).map_err(|e| DataError::Core(CoreError::io(path, e)))?;
     let len = file.metadata().map_err(|e| DataError::Core(CoreError::io(path, e)))?.len() as i64;
     let reader = SerializedFileReader::new(file).map_err(bad)?;
     // Column chunks must lie inside the file (the reader panics on some that do not).

@@ -4,10 +4,10 @@
 //! all others −100. Each assistant turn's end-of-turn token lies inside its span and so **is** trained;
 //! labels are explicit, so a pad id equal to EOS can never mask it out.
 
-use ferrotune_core::train::loss::IGNORE_INDEX;
-use ferrotune_core::{ChatTemplate, Message, Tokenizer};
+use crate::train::loss::IGNORE_INDEX;
+use crate::{ChatTemplate, Message, Tokenizer};
 
-use crate::formats::{MaskMode, Sample};
+use crate::data::formats::{MaskMode, Sample};
 
 /// Ids and aligned labels of one sequence.
 #[derive(Debug, Clone, PartialEq)]

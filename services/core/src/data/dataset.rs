@@ -12,17 +12,17 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ferrotune_core::chat::TemplateOrigin;
-use ferrotune_core::generation::ModelDefaults;
-use ferrotune_core::sampling::Rng;
-use ferrotune_core::train::sft::SftExample;
-use ferrotune_core::{ChatTemplate, CoreError, Tokenizer};
+use crate::chat::TemplateOrigin;
+use crate::generation::ModelDefaults;
+use crate::sampling::Rng;
+use crate::train::sft::SftExample;
+use crate::{ChatTemplate, CoreError, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::formats::{parse, Columns, Format, MaskMode};
-use crate::read::read_records;
-use crate::tokenize::{Renderer, Tokenized, TokenizedSample};
-use crate::{DataError, Result};
+use crate::data::formats::{parse, Columns, Format, MaskMode};
+use crate::data::read::read_records;
+use crate::data::tokenize::{Renderer, Tokenized, TokenizedSample};
+use crate::data::{DataError, Result};
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub struct BuildOptions {
     pub strict: bool,
     /// Pack several samples into each row of up to `max_seq_len` tokens (no attention across samples).
     pub pack: bool,
-    /// Longest record text, in bytes (see [`crate::read::DEFAULT_MAX_TEXT_BYTES`]).
+    /// Longest record text, in bytes (see [`crate::data::read::DEFAULT_MAX_TEXT_BYTES`]).
     pub max_text_bytes: usize,
 }
 
@@ -158,7 +158,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
     let n_eval = ((examples.len() as f64) * opts.eval_fraction).round() as usize;
     let n_eval = if opts.eval_fraction > 0.0 { n_eval.clamp(1, examples.len().saturating_sub(1)) } else { 0 };
     let (eval, train) = examples.split_at(n_eval);
-    ferrotune_core::fsx::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
+    crate::fsx::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
     if opts.pack {
         let (tr, ev) = (pack(train, opts.max_seq_len)?, pack(eval, opts.max_seq_len)?);
         stats.packed_rows = tr.len() + ev.len();
@@ -186,7 +186,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
         chat_template: template.origin(),
         inputs: opts.inputs.clone(),
     };
-    let write = |name: &str, bytes: &[u8]| ferrotune_core::weights::write_atomically(&out.join(name), bytes);
+    let write = |name: &str, bytes: &[u8]| crate::weights::write_atomically(&out.join(name), bytes);
     write("stats.json", serde_json::to_string_pretty(&stats).expect("stats serialize").as_bytes())?;
     write("dataset_info.json", serde_json::to_string_pretty(&info).expect("info serializes").as_bytes())?;
     write("chat_template.jinja", template.source().as_bytes())?;
@@ -249,7 +249,7 @@ fn write_rows(path: &Path, rows: &[SftExample]) -> Result<()> {
         let line = serde_json::json!({"input_ids": r.input_ids, "labels": r.labels, "segment_ids": r.segment_ids});
         writeln!(buf, "{line}").expect("writing to a Vec");
     }
-    Ok(ferrotune_core::weights::write_atomically(path, &buf)?)
+    Ok(crate::weights::write_atomically(path, &buf)?)
 }
 
 fn write_split(path: &Path, examples: &[TokenizedSample]) -> Result<()> {
@@ -264,13 +264,13 @@ fn write_split(path: &Path, examples: &[TokenizedSample]) -> Result<()> {
         };
         writeln!(buf, "{line}").expect("writing to a Vec");
     }
-    Ok(ferrotune_core::weights::write_atomically(path, &buf)?)
+    Ok(crate::weights::write_atomically(path, &buf)?)
 }
 
 /// Reads `split` (`train` or `eval`) of a dataset directory as SFT examples.
 pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
     let path = dir.join(format!("{split}.jsonl"));
-    let text = ferrotune_core::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    let text = crate::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
     #[derive(Deserialize)]
     struct Line {
         input_ids: Vec<u32>,
@@ -303,7 +303,7 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
 /// Reads `split` of a preference dataset directory as (chosen, rejected) pairs, completions labelled.
 pub fn load_pairs(dir: &Path, split: &str) -> Result<Vec<(SftExample, SftExample)>> {
     let path = dir.join(format!("{split}.jsonl"));
-    let text = ferrotune_core::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    let text = crate::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
     #[derive(Deserialize)]
     struct Line {
         chosen_input_ids: Vec<u32>,

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use ferrotune_core::{CoreError, Message};
+use crate::{CoreError, Message};
 use serde_json::Value;
 
-use crate::{DataError, Result};
+use crate::data::{DataError, Result};
 
 fn messages(v: &Value) -> Option<Vec<Message>> {
     v.as_array()?.iter().map(|m| Some(Message::new(m.get("role")?.as_str()?, m.get("content")?.as_str()?))).collect()
@@ -15,7 +15,7 @@ fn messages(v: &Value) -> Option<Vec<Message>> {
 
 /// The prompts of `path`, each as chat messages ending with a user (or system) turn.
 pub fn load_prompts(path: &Path) -> Result<Vec<Vec<Message>>> {
-    let text = ferrotune_core::fsx::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    let text = crate::fsx::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -58,7 +58,7 @@ mod tests {
     fn formats_and_errors() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("p.jsonl");
-        ferrotune_core::fsx::write(&p, "{\"prompt\": \"Hi?\", \"chosen\": \"a\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n{\"prompt\": [{\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", \"content\": \"U\"}]}\n").unwrap();
+        crate::fsx::write(&p, "{\"prompt\": \"Hi?\", \"chosen\": \"a\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"Q\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n{\"prompt\": [{\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", \"content\": \"U\"}]}\n").unwrap();
         let ps = load_prompts(&p).unwrap();
         assert_eq!(ps.len(), 3);
         assert_eq!((ps[0][0].role.as_str(), ps[0][0].content.as_str()), ("user", "Hi?"));
@@ -69,7 +69,7 @@ mod tests {
             ("{\"prompt\": 3}", "p.jsonl:2: `prompt` must be"),
             ("not json", "p.jsonl:2: invalid JSON"),
         ] {
-            ferrotune_core::fsx::write(&p, format!("{{\"prompt\": \"ok\"}}\n{body}\n")).unwrap();
+            crate::fsx::write(&p, format!("{{\"prompt\": \"ok\"}}\n{body}\n")).unwrap();
             let e = load_prompts(&p).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
