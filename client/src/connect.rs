@@ -125,12 +125,31 @@ impl Services {
     }
 
     /// Only the JobService of a remote policy service (for `ferrotune jobs`).
-    pub(crate) async fn jobs_only(s: &Settings) -> Result<JobServiceClient<Ch>> {
-        let url = s.endpoints.policy.clone().context(
-            "no policy endpoint is configured, and jobs live in the service that runs them: set endpoints.policy in ferrotune.yaml or FERROTUNE__ENDPOINTS__POLICY=http://HOST:PORT (a running `ferrotune serve`)",
-        )?;
+    /// The JobService of every configured service that runs jobs: the policy endpoint (SFT, DPO, PPO) and
+    /// each reward endpoint (reward-model training), as (endpoint, client). Jobs live in the service that
+    /// runs them.
+    pub(crate) async fn job_services(s: &Settings) -> Result<Vec<(String, JobServiceClient<Ch>)>> {
+        let mut urls: Vec<String> = s.endpoints.policy.iter().cloned().collect();
+        for u in &s.endpoints.reward {
+            if !urls.contains(u) {
+                urls.push(u.clone());
+            }
+        }
+        if urls.is_empty() {
+            anyhow::bail!(
+                "no policy or reward endpoint is configured, and jobs live in the service that runs them: set endpoints.policy / endpoints.reward in ferrotune.yaml or FERROTUNE__ENDPOINTS__POLICY=http://HOST:PORT (a running `ferrotune serve`)"
+            );
+        }
         let auth = ClientAuth::new(s.auth.token.as_deref())?;
-        Ok(JobServiceClient::with_interceptor(channel(&url, s).await?, auth).max_decoding_message_size(MAX_RESPONSE))
+        let mut out = vec![];
+        for url in urls {
+            let ch = channel(&url, s).await?;
+            out.push((
+                url,
+                JobServiceClient::with_interceptor(ch, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
+            ));
+        }
+        Ok(out)
     }
 }
 

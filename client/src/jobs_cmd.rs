@@ -1,4 +1,5 @@
-//! `ferrotune jobs list | get | watch | cancel` against a running policy service, and the job follower
+//! `ferrotune jobs list | get | watch | cancel` against every service that runs jobs (the policy endpoint and
+//! the reward endpoints: a job lives in the service that runs it), and the job follower
 //! that `train sft` uses: a progress bar with loss, lr and tokens/s (or JSON lines with `--json`) from
 //! WatchJob events.
 
@@ -19,7 +20,7 @@ type Client = JobServiceClient<
 /// `ferrotune jobs …`.
 #[derive(clap::Subcommand)]
 pub(crate) enum JobsCmd {
-    /// Jobs of the policy service, newest first.
+    /// Jobs of the policy and reward services, newest first.
     List {
         /// Only running (and queued) jobs.
         #[arg(long)]
@@ -70,11 +71,39 @@ pub(crate) fn progress_json(p: &Progress) -> Value {
            "metrics": p.metrics.iter().collect::<std::collections::BTreeMap<_, _>>()})
 }
 
-pub(crate) async fn run(cmd: &JobsCmd, mut c: Client, json_out: bool) -> Result<()> {
+/// The service holding job `id`: the first whose JobService knows it (NOT_FOUND elsewhere).
+async fn locate(services: &mut [(String, Client)], id: &str) -> Result<Client> {
+    for (url, c) in services.iter_mut() {
+        match c.get_job(GetJobRequest { id: id.to_owned() }).await {
+            Ok(_) => return Ok(c.clone()),
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(status_error(s).context(url.clone())),
+        }
+    }
+    let urls: Vec<&str> = services.iter().map(|(u, _)| u.as_str()).collect();
+    anyhow::bail!("job `{id}` not found on {}", urls.join(", "))
+}
+
+pub(crate) async fn run(cmd: &JobsCmd, mut services: Vec<(String, Client)>, json_out: bool) -> Result<()> {
+    let id = match cmd {
+        JobsCmd::Get { id } | JobsCmd::Watch { id } | JobsCmd::Cancel { id } => Some(id.as_str()),
+        JobsCmd::List { .. } => None,
+    };
+    let mut c = match id {
+        Some(id) => locate(&mut services, id).await?,
+        None => services[0].1.clone(),
+    };
     match cmd {
         JobsCmd::List { active } => {
             let states = if *active { vec![JobState::Queued as i32, JobState::Running as i32] } else { vec![] };
-            let jobs = c.list_jobs(ListJobsRequest { states, limit: 0 }).await.map_err(status_error)?.into_inner().jobs;
+            let mut jobs = vec![];
+            for (url, c) in services.iter_mut() {
+                let req = ListJobsRequest { states: states.clone(), limit: 0 };
+                jobs.extend(
+                    c.list_jobs(req).await.map_err(|s| status_error(s).context(url.clone()))?.into_inner().jobs,
+                );
+            }
+            jobs.sort_by_key(|j| std::cmp::Reverse(j.created_ms));
             if json_out {
                 println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
             } else {

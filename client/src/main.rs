@@ -380,7 +380,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
     let none = EmbeddedPolicy::default();
     match &cli.cmd {
         Cmd::Serve(a) => return serve_cmd::serve(a, settings).await,
-        Cmd::Jobs { cmd } => return jobs_cmd::run(cmd, Services::jobs_only(&settings).await?, cli.json).await,
+        Cmd::Jobs { cmd } => return jobs_cmd::run(cmd, Services::job_services(&settings).await?, cli.json).await,
         _ => {}
     }
     let opts = match &cli.cmd {

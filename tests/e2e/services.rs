@@ -562,3 +562,36 @@ fn smollm2_services_over_tls() {
     assert!(!o.status.success(), "plaintext against TLS must fail");
     assert_eq!(String::from_utf8_lossy(&o.stderr).trim_end().lines().count(), 1);
 }
+
+#[test]
+fn smollm2_jobs_commands_reach_reward_jobs_too() {
+    smollm2_dir();
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().canonicalize().unwrap();
+    std::fs::copy(repo("recipes/data/pirate-prefs-train.jsonl"), root.join("prefs.jsonl")).unwrap();
+    std::fs::copy(repo("recipes/reward.yaml"), root.join("reward.yaml")).unwrap();
+    let policy = Server::start("policy", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-policy.sqlite")]);
+    let reward = Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-reward.sqlite")]);
+    let env =
+        [("FERROTUNE__ENDPOINTS__POLICY", policy.url.as_str()), ("FERROTUNE__ENDPOINTS__REWARD", reward.url.as_str())];
+    let args = ["train", "reward", "--recipe", "reward.yaml", "--output-dir", "rm", "--set", "data.path=prefs.jsonl"];
+    let o = run_cli_env(&root, &env, &[&args[..], &["--max-steps", "1", "--json"]].concat());
+    let out = ok(&o);
+    let id = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["job_id"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no job id in {out}"));
+    // `jobs list` gathers the policy's and the reward service's jobs; get finds the reward job there.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&run_cli_env(&root, &env, &["jobs", "list", "--json"]))).unwrap();
+    let kinds: Vec<(&str, &str)> =
+        list.as_array().unwrap().iter().map(|j| (j["id"].as_str().unwrap(), j["kind"].as_str().unwrap())).collect();
+    assert!(kinds.contains(&(id.as_str(), "reward")), "{kinds:?}");
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(&run_cli_env(&root, &env, &["jobs", "get", &id, "--json"]))).unwrap();
+    assert_eq!((got["kind"].as_str(), got["state"].as_str()), (Some("reward"), Some("succeeded")));
+    let o = run_cli_env(&root, &env, &["jobs", "get", "no-such-job"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not found on") && err.contains(&reward.url), "{err}");
+}
