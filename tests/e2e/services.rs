@@ -335,6 +335,7 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
         ("FERROTUNE__AUTH__TOKEN", "s3cret"),
         ("FERROTUNE__POLICY__PRELOAD", "smollm2-135m-instruct"),
         ("FERROTUNE__LIMITS__MAX_MESSAGE_BYTES", "65536"),
+        ("FERROTUNE__LIMITS__MAX_TEXT_BYTES", "1000"),
     ];
     let server = Server::start("data,policy,merge", &root, &env);
     let url = server.url.clone();
@@ -397,6 +398,22 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
         }
+        // The older reflection version (grpcio-reflection's client, older grpcurl) is served too.
+        {
+            use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+            let mut old = ServerReflectionClient::with_interceptor(ch.clone(), bearer("s3cret"));
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut resp = old.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+            let msg = tokio_stream::StreamExt::next(&mut resp).await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("no list") };
+            assert!(list.service.iter().any(|s| s.name == "ferrotune.v1.PolicyService"), "{:?}", list.service);
+        }
         // Path traversal.
         for bad in ["../outside", "/etc"] {
             let e = data
@@ -424,6 +441,13 @@ fn smollm2_services_health_reflection_auth_and_bad_requests() {
             .await
             .unwrap_err();
         assert!(e.code() == Code::InvalidArgument && e.message().contains("outside the vocabulary"), "{e:?}");
+        // Texts beyond limits.max_text_bytes (1000 here): refused before tokenizing.
+        let long = Prompt { kind: Some(prompt::Kind::Text("x".repeat(2000))) };
+        let e = policy.generate(GenerateRequest { model: m.clone(), prompts: vec![long], ..Default::default() }).await;
+        let e = e.unwrap_err();
+        assert!(e.code() == Code::ResourceExhausted && e.message().contains("limits.max_text_bytes"), "{e:?}");
+        let e = data.tokenize(TokenizeRequest { model: m.clone(), text: "x".repeat(2000) }).await.unwrap_err();
+        assert!(e.code() == Code::ResourceExhausted && e.message().contains("limits.max_text_bytes"), "{e:?}");
         // prompts × new tokens beyond policy.max_generated_tokens (65536): refused before any work.
         let many: Vec<Prompt> = (0..64).map(|_| Prompt { kind: Some(prompt::Kind::Text("hi".into())) }).collect();
         let req = GenerateRequest { model: m.clone(), prompts: many, max_new_tokens: 4096, ..Default::default() };

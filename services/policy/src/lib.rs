@@ -46,6 +46,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         jobs,
         device: h.settings.policy.device.clone(),
         max_generated_tokens: h.settings.policy.max_generated_tokens,
+        max_text_bytes: h.settings.limits.max_text_bytes,
     };
     if let Some(m) = h.settings.policy.preload.clone() {
         let dir = svc

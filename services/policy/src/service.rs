@@ -41,6 +41,8 @@ pub struct Policy {
     pub device: String,
     /// `policy.max_generated_tokens`.
     pub max_generated_tokens: usize,
+    /// `limits.max_text_bytes`: the longest text of one prompt.
+    pub max_text_bytes: usize,
 }
 
 impl Policy {
@@ -86,7 +88,11 @@ fn sampling(r: &GenerateRequest) -> Result<SamplingParams, Status> {
 }
 
 /// Checks a Generate request and returns its options (EOS and pad ids are filled in on the worker).
-fn check_generate(r: &GenerateRequest, max_generated_tokens: usize) -> Result<GenerateOptions, Status> {
+fn check_generate(
+    r: &GenerateRequest,
+    max_generated_tokens: usize,
+    max_text_bytes: usize,
+) -> Result<GenerateOptions, Status> {
     if r.prompts.is_empty() || r.prompts.len() > MAX_PROMPTS {
         return Err(invalid("prompts", format!("{} prompts; send 1 to {MAX_PROMPTS}", r.prompts.len())));
     }
@@ -101,6 +107,16 @@ fn check_generate(r: &GenerateRequest, max_generated_tokens: usize) -> Result<Ge
                 return Err(invalid(&format!("prompts[{i}].chat"), "no messages"))
             }
             _ => {}
+        }
+        let text_bytes = match &p.kind {
+            Some(prompt::Kind::Text(t)) => t.len(),
+            Some(prompt::Kind::Chat(c)) => c.messages.iter().map(|m| m.content.len()).sum(),
+            _ => 0,
+        };
+        if text_bytes > max_text_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "prompts[{i}]: {text_bytes} bytes of text is more than limits.max_text_bytes ({max_text_bytes})"
+            )));
         }
     }
     if r.max_new_tokens > MAX_NEW_TOKENS {
@@ -184,7 +200,7 @@ impl PolicyService for Policy {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
         let r = req.into_inner();
-        let mut opts = check_generate(&r, self.max_generated_tokens)?;
+        let mut opts = check_generate(&r, self.max_generated_tokens, self.max_text_bytes)?;
         let model = self.model_dir(r.model.as_ref())?;
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
         let resp = self
@@ -210,7 +226,7 @@ impl PolicyService for Policy {
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let r = req.into_inner();
-        let mut opts = check_generate(&r, self.max_generated_tokens)?;
+        let mut opts = check_generate(&r, self.max_generated_tokens, self.max_text_bytes)?;
         let model = self.model_dir(r.model.as_ref())?;
         let adapter = self.root.resolve_opt("adapter", &r.adapter)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateChunk, Status>>(256);

@@ -22,7 +22,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         Worker::spawn("ferrotune-reward", h.settings.reward.threads, move || scorer::Scorers::new(device, kind, max))?;
     let jobs = h.jobs()?;
     jobs.register("reward", Arc::new(ferrotune_training::reward::RewardRunner), h.settings.reward.threads);
-    let svc = service::Reward::new(h.root.clone(), worker, jobs, cfg);
+    let svc = service::Reward::new(h.root.clone(), worker, jobs, cfg, h.settings.limits.max_text_bytes);
     let server = RewardServiceServer::new(svc).max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(server));
     h.hosted("ferrotune.v1.RewardService");

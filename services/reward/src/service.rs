@@ -42,17 +42,25 @@ pub struct Reward {
     jobs: JobManager,
     cfg: RewardSettings,
     batcher: Option<mpsc::Sender<Pending>>,
+    /// `limits.max_text_bytes`: the longest prompt or response of a Score item.
+    max_text_bytes: usize,
 }
 
 impl Reward {
     /// The service; with `cfg.max_batch_size > 1`, a batcher task gathers concurrent calls.
-    pub fn new(root: ArtifactRoot, worker: Worker<Scorers>, jobs: JobManager, cfg: RewardSettings) -> Self {
+    pub fn new(
+        root: ArtifactRoot,
+        worker: Worker<Scorers>,
+        jobs: JobManager,
+        cfg: RewardSettings,
+        max_text_bytes: usize,
+    ) -> Self {
         let batcher = (cfg.max_batch_size > 1).then(|| {
             let (tx, rx) = mpsc::channel(1024);
             tokio::spawn(batch_loop(rx, worker.clone(), cfg.max_batch_size, Duration::from_millis(cfg.max_wait_ms)));
             tx
         });
-        Self { root, worker, jobs, cfg, batcher }
+        Self { root, worker, jobs, cfg, batcher, max_text_bytes }
     }
 
     fn base_dir(&self, p: &str) -> Result<PathBuf, Status> {
@@ -133,6 +141,12 @@ impl RewardService for Reward {
         let r = req.into_inner();
         if r.items.is_empty() || r.items.len() > MAX_ITEMS {
             return Err(invalid("items", format!("{} items; send 1 to {MAX_ITEMS}", r.items.len())));
+        }
+        if let Some(i) = r.items.iter().position(|i| i.prompt.len().max(i.response.len()) > self.max_text_bytes) {
+            return Err(Status::resource_exhausted(format!(
+                "items[{i}]: a text is longer than limits.max_text_bytes ({})",
+                self.max_text_bytes
+            )));
         }
         let kind = r.model.and_then(|m| m.kind).ok_or_else(|| invalid("model", "set learned or rule"))?;
         let items: Vec<(String, String)> = r.items.into_iter().map(|i| (i.prompt, i.response)).collect();

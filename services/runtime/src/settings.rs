@@ -124,8 +124,8 @@ pub struct Limits {
     pub request_timeout_s: u64,
     /// Requests in flight per connection; more wait.
     pub concurrency: usize,
-    /// Longest text of one record in data formatting (longer records are reported and skipped) and of one
-    /// Tokenize request (RESOURCE_EXHAUSTED), in bytes.
+    /// Longest text of one record in data formatting (longer records are reported and skipped), of a
+    /// Tokenize call, a Generate prompt or a Score item (RESOURCE_EXHAUSTED), in bytes.
     pub max_text_bytes: usize,
 }
 
