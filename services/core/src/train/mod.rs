@@ -21,6 +21,7 @@ pub mod run_dir;
 pub mod scaler;
 pub mod schedule;
 pub mod sft;
+pub mod trainer;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,8 +33,8 @@ use crate::error::{CoreError, Result};
 use crate::models::CausalLm;
 use crate::sampling::Rng;
 pub use loss::LossSum;
-use optim::{AdamW, AdamWConfig};
 use schedule::{lr_at, ScheduleKind};
+pub use trainer::{Trainer, UpdateStats};
 
 /// How a batch of examples is turned into a loss.
 pub trait Objective {
@@ -359,18 +360,10 @@ pub fn train<O: Objective>(
     if let Some(dir) = &resume_from {
         run.state.load(model, dir)?;
     }
-    let adam = AdamWConfig {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamW::new(run.state.params(model), adam)?;
-    if opt.params.is_empty() {
-        return Err(CoreError::InvalidArgument("nothing to train: the model has no trainable parameters".into()));
-    }
+    let mut trainer = Trainer::new(run.state.params(model), cfg)?;
     if let Some(dir) = &resume_from {
-        pos = checkpoint::load(dir, &mut opt)?;
+        pos = checkpoint::load(dir, &mut trainer.opt)?;
+        trainer.restore(&pos);
         if let Some(v) = pos.carried {
             run.objective.restore_carried(v);
         }
@@ -386,7 +379,7 @@ pub fn train<O: Objective>(
         if should_stop() {
             // Asked to stop (SIGINT/SIGTERM, job cancelled): keep the progress so `--resume` loses nothing.
             if pos.step > checkpointed {
-                checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit, run_id)?;
+                checkpoint::save(&ckpt_root, model, run.state, &trainer.opt, &pos, cfg.save_total_limit, run_id)?;
             }
             stopped = true;
             break;
@@ -413,39 +406,15 @@ pub fn train<O: Objective>(
         let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, pos.step, cfg.warmup_steps, cfg.max_steps);
         let (mut sum, mut units, mut grad_norm, mut skipped, mut amp) = (0.0, 0usize, 0.0, false, 1.0);
         for group in &updates {
-            // f16 compute: dynamic loss scaling (see `scaler`).
-            let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| {
-                pos.loss_scale.map_or(
-                    scaler::LossScale { log2: cfg.init_loss_scale.log2() as i32, good_steps: 0 },
-                    |(log2, good_steps)| scaler::LossScale { log2, good_steps },
-                )
-            });
-            amp = loss_scale.map_or(1.0, |s| s.scale());
             let group_units: usize = group.iter().map(|&i| run.objective.micro_units(i, &micro[i])).sum();
-            let scale = amp / group_units.max(1) as f64;
-            opt.zero_grad()?;
-            for &i in group {
-                model.set_dropout_seed(cfg.seed ^ pos.micro_batches.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                pos.micro_batches += 1;
-                sum += run.objective.backward_micro(model, i, &micro[i], scale)?.nll;
-            }
-            units += group_units;
-            if amp != 1.0 {
-                opt.scale_grads(1.0 / amp)?;
-            }
-            grad_norm = opt.clip_grad_norm(cfg.max_grad_norm)?;
-            skipped = match &mut loss_scale {
-                Some(s) => {
-                    let step = s.update(grad_norm.is_finite());
-                    pos.loss_scale = Some((s.log2, s.good_steps));
-                    !step
-                }
-                None => false,
-            };
-            if !skipped {
-                opt.step(lr)?;
-            }
+            let u = trainer.update(model, group.len(), group_units, lr, &mut |m, k, scale| {
+                run.objective.backward_micro(m, group[k], &micro[group[k]], scale)
+            })?;
+            sum += u.loss_sum;
+            units += u.units;
+            (grad_norm, skipped, amp) = (u.grad_norm, u.skipped, u.amp);
         }
+        trainer.record(&mut pos);
         pos.carried = run.objective.carried();
         pos.step += 1;
         pos.units += units as u64;
@@ -467,7 +436,7 @@ pub fn train<O: Objective>(
         };
         let checkpoint = if last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0) {
             checkpointed = pos.step;
-            Some(checkpoint::save(&ckpt_root, model, run.state, &opt, &pos, cfg.save_total_limit, run_id)?)
+            Some(checkpoint::save(&ckpt_root, model, run.state, &trainer.opt, &pos, cfg.save_total_limit, run_id)?)
         } else {
             None
         };

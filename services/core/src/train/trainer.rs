@@ -1,0 +1,122 @@
+//! The [`Trainer`]: one optimizer update at a time, from micro-batches whose forward and backward passes the
+//! caller runs. It owns what an update needs and what must be checkpointed with it: AdamW and its moments,
+//! the dynamic loss scale of f16 compute, gradient clipping, and the count of micro-batches run (each
+//! micro-batch's dropout is seeded from the run seed and that count, so a resumed run replays exactly).
+//! The data loop ([`super::train`]) and anything that drives training from outside (PPO's rollouts, a
+//! remote orchestrator) call [`Trainer::update`].
+
+use tch::Tensor;
+
+use super::optim::{AdamW, AdamWConfig};
+use super::{scaler, LossSum, Position, TrainConfig};
+use crate::error::{CoreError, Result};
+use crate::models::CausalLm;
+
+/// What one optimizer update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateStats {
+    /// Σ loss over the update's micro-batches (unscaled).
+    pub loss_sum: f64,
+    /// The units the loss was normalised by.
+    pub units: usize,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// f16 compute: the update was skipped (gradients overflowed; the loss scale shrank).
+    pub skipped: bool,
+    /// The loss scale used (1 unless f16).
+    pub amp: f64,
+}
+
+/// Optimizer, loss scaler, clipping and dropout seeding for one trained state.
+pub struct Trainer {
+    /// AdamW over the trainable parameters.
+    pub opt: AdamW,
+    max_grad_norm: f64,
+    init_loss_scale: f64,
+    seed: u64,
+    /// Micro-batches run so far (seeds dropout).
+    pub micro_batches: u64,
+    /// f16 compute: log2 of the dynamic loss scale and good steps since it last changed.
+    pub loss_scale: Option<(i32, u64)>,
+}
+
+impl Trainer {
+    /// A trainer of `params` with the optimizer settings of `cfg`.
+    pub fn new(params: Vec<(String, Tensor)>, cfg: &TrainConfig) -> Result<Self> {
+        let adam = AdamWConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        };
+        let opt = AdamW::new(params, adam)?;
+        if opt.params.is_empty() {
+            return Err(CoreError::InvalidArgument("nothing to train: the model has no trainable parameters".into()));
+        }
+        Ok(Self {
+            opt,
+            max_grad_norm: cfg.max_grad_norm,
+            init_loss_scale: cfg.init_loss_scale,
+            seed: cfg.seed,
+            micro_batches: 0,
+            loss_scale: None,
+        })
+    }
+
+    /// Takes up the counters a checkpoint recorded (the optimizer's moments are loaded separately).
+    pub fn restore(&mut self, pos: &Position) {
+        self.micro_batches = pos.micro_batches;
+        self.loss_scale = pos.loss_scale;
+    }
+
+    /// Records the counters into `pos`, which checkpoints carry.
+    pub fn record(&self, pos: &mut Position) {
+        pos.micro_batches = self.micro_batches;
+        pos.loss_scale = self.loss_scale;
+    }
+
+    /// One optimizer update at learning rate `lr` from `n` micro-batches, normalised by `units` (the units of
+    /// all of them, so that accumulating equals one big batch). `backward(model, i, scale)` runs micro-batch
+    /// `i`'s forward and the backward of `scale × Σ loss`, and returns its unscaled loss sum.
+    pub fn update(
+        &mut self,
+        model: &mut CausalLm,
+        n: usize,
+        units: usize,
+        lr: f64,
+        backward: &mut dyn FnMut(&CausalLm, usize, f64) -> Result<LossSum>,
+    ) -> Result<UpdateStats> {
+        // f16 compute: dynamic loss scaling (see `scaler`).
+        let mut loss_scale = (model.kind() == tch::Kind::Half).then(|| {
+            self.loss_scale.map_or(
+                scaler::LossScale { log2: self.init_loss_scale.log2() as i32, good_steps: 0 },
+                |(log2, good_steps)| scaler::LossScale { log2, good_steps },
+            )
+        });
+        let amp = loss_scale.map_or(1.0, |s| s.scale());
+        let scale = amp / units.max(1) as f64;
+        self.opt.zero_grad()?;
+        let mut loss_sum = 0.0;
+        for i in 0..n {
+            model.set_dropout_seed(self.seed ^ self.micro_batches.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            self.micro_batches += 1;
+            loss_sum += backward(model, i, scale)?.nll;
+        }
+        if amp != 1.0 {
+            self.opt.scale_grads(1.0 / amp)?;
+        }
+        let grad_norm = self.opt.clip_grad_norm(self.max_grad_norm)?;
+        let skipped = match &mut loss_scale {
+            Some(s) => {
+                let step = s.update(grad_norm.is_finite());
+                self.loss_scale = Some((s.log2, s.good_steps));
+                !step
+            }
+            None => false,
+        };
+        if !skipped {
+            self.opt.step(lr)?;
+        }
+        Ok(UpdateStats { loss_sum, units, grad_norm, skipped, amp })
+    }
+}
