@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use ferrotune_core::data::prompts::load_prompts;
 use ferrotune_core::train::ppo_objective::{PolicyValueState, PpoObjective, PpoPrompt, RewardSource};
-use ferrotune_core::train::{evaluate, Objective, Run};
+use ferrotune_core::train::{evaluate, Algorithm, Run};
 use ferrotune_core::{ChatTemplate, CoreError, ModelDefaults, Tokenizer};
 use ferrotune_proto::v1::reward_model_ref::Kind as RewardKind;
 use ferrotune_proto::v1::{LearnedReward, ModelRef, RewardModelRef, ScoreItem, ScoreRequest};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use ferrotune_core::data::{build, BuildOptions};
-use ferrotune_core::train::{train, Objective, Run, StepEvent, TrainSummary};
+use ferrotune_core::train::{train, Algorithm, Run, StepEvent, TrainSummary};
 use ferrotune_core::CausalLm;
 use ferrotune_core::{registry, ChatTemplate};
 use ferrotune_runtime::jobs::{Artifact, JobContext, Progress};
@@ -46,7 +46,7 @@ pub fn job_recipe(ctx: &JobContext) -> Result<(SftRecipe, bool)> {
 
 /// Runs the training loop as a job: every step reported as a job event (after `on_step`), stopping when the
 /// job is cancelled or the server drains. `None` when it stopped early (its checkpoint saved, and logged).
-pub fn train_job<O: Objective>(
+pub fn train_job<O: Algorithm>(
     model: &mut CausalLm,
     run: &Run<'_, O>,
     resume: bool,

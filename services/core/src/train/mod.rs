@@ -1,7 +1,8 @@
-//! The one training loop. SFT, reward modelling, DPO and PPO differ only in their [`Objective`] (how a
-//! micro-batch's loss is computed and what it is normalised by) and in what is trainable
-//! ([`TrainableState`]); the loop owns the optimizer, schedule, gradient accumulation, clipping, evaluation,
-//! metrics, checkpoints and exact resume.
+//! The one data loop. SFT, reward modelling and DPO differ only in their [`Objective`] (how a micro-batch's
+//! loss is computed and what it is normalised by: losses only) and in what is trainable
+//! ([`TrainableState`]); PPO is an [`Algorithm`] of its own that drives the [`Trainer`] through several
+//! updates per step. The loop owns the data order, schedule, evaluation, metrics, checkpoints and exact
+//! resume; the [`Trainer`] owns one optimizer update (AdamW, accumulation, clipping, f16 loss scaling).
 //!
 //! Gradient accumulation normalises by the total units (trained tokens for SFT) of all micro-batches of an
 //! optimizer step, so accumulating k micro-batches equals one batch k times larger (the trap of averaging per
@@ -51,27 +52,60 @@ pub trait Objective {
     fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
         Default::default()
     }
-    /// Called once per optimizer step with the step's micro-batches, before any backward pass (PPO samples
-    /// its rollouts here, with the adapters as trained so far). Returns the step's updates: each a list of
-    /// micro-batch indices whose accumulated gradients make one optimizer update. The default is one update
-    /// over all of them; PPO returns `ppo_epochs × num_mini_batches` updates over the same rollouts.
-    fn prepare(&self, _model: &mut CausalLm, micro: &[Vec<&Self::Example>], _step: usize) -> Result<Vec<Vec<usize>>> {
-        Ok(vec![(0..micro.len()).collect()])
+}
+
+/// What the data loop asks of a training algorithm once per optimizer step. Every [`Objective`] is one: a step
+/// is one [`Trainer`] update over all the step's micro-batches. PPO is another: a step samples rollouts with
+/// the policy as trained so far, then drives the trainer through several updates over them.
+pub trait Algorithm {
+    /// One training example.
+    type Example;
+    /// Runs optimizer step `step` on its micro-batches (in data order) at learning rate `lr`; the loss sum,
+    /// units and the last update's statistics.
+    fn step(
+        &self,
+        model: &mut CausalLm,
+        trainer: &mut Trainer,
+        micro: &[Vec<&Self::Example>],
+        step: usize,
+        lr: f64,
+    ) -> Result<UpdateStats>;
+    /// Loss without gradients.
+    fn eval(&self, model: &CausalLm, batch: &[&Self::Example]) -> Result<LossSum>;
+    /// Metrics averaged since the last call, reported with each step.
+    fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        Default::default()
     }
-    /// Units of micro-batch `index` of the current step (the normaliser); by default Σ [`Objective::units`].
-    fn micro_units(&self, _index: usize, batch: &[&Self::Example]) -> usize {
-        batch.iter().map(|e| self.units(e)).sum()
-    }
-    /// Backward of micro-batch `index` of the current step; by default [`Objective::backward`].
-    fn backward_micro(&self, model: &CausalLm, _index: usize, batch: &[&Self::Example], scale: f64) -> Result<LossSum> {
-        self.backward(model, batch, scale)
-    }
-    /// A number the objective carries from step to step (PPO's adaptive KL coefficient), kept in checkpoints.
+    /// A number the algorithm carries from step to step (PPO's adaptive KL coefficient), kept in checkpoints.
     fn carried(&self) -> Option<f64> {
         None
     }
-    /// Restores [`Objective::carried`] on resume.
+    /// Restores [`Algorithm::carried`] on resume.
     fn restore_carried(&self, _value: f64) {}
+}
+
+impl<O: Objective> Algorithm for O {
+    type Example = O::Example;
+
+    fn step(
+        &self,
+        model: &mut CausalLm,
+        trainer: &mut Trainer,
+        micro: &[Vec<&O::Example>],
+        _step: usize,
+        lr: f64,
+    ) -> Result<UpdateStats> {
+        let units: usize = micro.iter().flatten().map(|e| self.units(e)).sum();
+        trainer.update(model, micro.len(), units, lr, &mut |m, i, scale| self.backward(m, &micro[i], scale))
+    }
+
+    fn eval(&self, model: &CausalLm, batch: &[&O::Example]) -> Result<LossSum> {
+        Objective::eval(self, model, batch)
+    }
+
+    fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        Objective::take_metrics(self)
+    }
 }
 
 /// Running means of named per-example metrics, for [`Objective::take_metrics`]. Objectives record during
@@ -294,8 +328,8 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 }
 
 /// Everything the loop needs besides the model.
-pub struct Run<'a, O: Objective> {
-    /// The objective.
+pub struct Run<'a, O: Algorithm> {
+    /// The objective (or algorithm).
     pub objective: &'a O,
     /// Training examples.
     pub train: &'a [O::Example],
@@ -339,7 +373,7 @@ fn newest_intact(ckpt_root: &Path, run_id: Option<&str>) -> Result<Option<PathBu
 }
 
 /// Runs (or, with `resume`, continues from the newest intact checkpoint) the training loop.
-pub fn train<O: Objective>(
+pub fn train<O: Algorithm>(
     model: &mut CausalLm,
     run: &Run<'_, O>,
     resume: bool,
@@ -401,19 +435,10 @@ pub fn train<O: Objective>(
             micro.push(mb);
         }
         let tokens: usize = micro.iter().flatten().map(|e| (run.tokens_of)(e)).sum();
-        let updates = run.objective.prepare(model, &micro, pos.step)?;
         model.set_training(true);
         let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, pos.step, cfg.warmup_steps, cfg.max_steps);
-        let (mut sum, mut units, mut grad_norm, mut skipped, mut amp) = (0.0, 0usize, 0.0, false, 1.0);
-        for group in &updates {
-            let group_units: usize = group.iter().map(|&i| run.objective.micro_units(i, &micro[i])).sum();
-            let u = trainer.update(model, group.len(), group_units, lr, &mut |m, k, scale| {
-                run.objective.backward_micro(m, group[k], &micro[group[k]], scale)
-            })?;
-            sum += u.loss_sum;
-            units += u.units;
-            (grad_norm, skipped, amp) = (u.grad_norm, u.skipped, u.amp);
-        }
+        let u = run.objective.step(model, &mut trainer, &micro, pos.step, lr)?;
+        let (sum, units, grad_norm, skipped, amp) = (u.loss_sum, u.units, u.grad_norm, u.skipped, u.amp);
         trainer.record(&mut pos);
         pos.carried = run.objective.carried();
         pos.step += 1;
@@ -470,7 +495,7 @@ pub fn train<O: Objective>(
 }
 
 /// Mean loss per unit over `examples` (dropout off).
-pub fn evaluate<O: Objective>(model: &mut CausalLm, obj: &O, examples: &[O::Example], batch: usize) -> Result<f64> {
+pub fn evaluate<O: Algorithm>(model: &mut CausalLm, obj: &O, examples: &[O::Example], batch: usize) -> Result<f64> {
     model.set_training(false);
     let refs: Vec<&O::Example> = examples.iter().collect();
     let mut total = LossSum::default();

@@ -24,7 +24,7 @@ use super::dpo::scored_rows;
 use super::loss::LossSum;
 use super::ppo::{gae, policy_loss, token_kl, token_rewards, value_loss, whiten, AdaptiveKl, KlEstimator};
 use super::sft::{SftExample, SftObjective};
-use super::{epoch_order, MetricSums, Objective, TrainableState};
+use super::{epoch_order, Algorithm, MetricSums, TrainableState, Trainer, UpdateStats};
 use crate::error::{CoreError, Result};
 use crate::generation::{generate, FinishReason, GenerateOptions};
 use crate::lora::{load_peft, save_peft, LoraConfig};
@@ -470,18 +470,14 @@ impl<'a> PpoObjective<'a> {
     }
 }
 
-impl Objective for PpoObjective<'_> {
-    type Example = PpoPrompt;
-
-    fn units(&self, _: &PpoPrompt) -> usize {
-        1
-    }
-
-    fn prepare(&self, model: &mut CausalLm, micro: &[Vec<&PpoPrompt>], step: usize) -> Result<Vec<Vec<usize>>> {
+impl PpoObjective<'_> {
+    /// Samples the step's rollouts (with the adapters as trained so far) and returns its updates: each a
+    /// list of micro-batch indices whose accumulated gradients make one optimizer update — `ppo_epochs`
+    /// passes, each over the micro-batches in a fresh order split into `num_mini_batches` updates.
+    pub fn prepare(&self, model: &mut CausalLm, micro: &[Vec<&PpoPrompt>], step: usize) -> Result<Vec<Vec<usize>>> {
         let prompts: Vec<&PpoPrompt> = micro.iter().flatten().copied().collect();
         let mut all = self.rollouts(model, &prompts, step)?.into_iter();
         *self.rollouts.borrow_mut() = micro.iter().map(|mb| all.by_ref().take(mb.len()).collect()).collect();
-        // ppo_epochs passes; in each, the micro-batches in a fresh order split into num_mini_batches updates.
         let k = micro.len();
         let per = k.div_ceil(self.cfg.num_mini_batches.min(k));
         let mut updates = vec![];
@@ -492,11 +488,13 @@ impl Objective for PpoObjective<'_> {
         Ok(updates)
     }
 
-    fn micro_units(&self, index: usize, _: &[&PpoPrompt]) -> usize {
+    /// Response tokens of micro-batch `index`'s rollouts (an update's normaliser).
+    pub fn micro_units(&self, index: usize) -> usize {
         self.rollouts.borrow().get(index).map_or(0, |rs| rs.iter().map(|r| r.response.len()).sum())
     }
 
-    fn backward_micro(&self, model: &CausalLm, index: usize, _: &[&PpoPrompt], scale: f64) -> Result<LossSum> {
+    /// Backward of `scale ×` the PPO loss of micro-batch `index`'s rollouts.
+    pub fn backward_micro(&self, model: &CausalLm, index: usize, scale: f64) -> Result<LossSum> {
         let rollouts = self.rollouts.borrow();
         let rs = rollouts
             .get(index)
@@ -506,9 +504,31 @@ impl Objective for PpoObjective<'_> {
         loss.f_mul_scalar(scale)?.f_backward()?;
         Ok(LossSum { nll: value, tokens: n })
     }
+}
 
-    fn backward(&self, _: &CausalLm, _: &[&PpoPrompt], _: f64) -> Result<LossSum> {
-        Err(CoreError::InvalidArgument("PPO updates need the step's rollouts (the loop's prepare)".into()))
+/// PPO drives the [`Trainer`] itself: rollouts, then `ppo_epochs × num_mini_batches` updates over them.
+impl Algorithm for PpoObjective<'_> {
+    type Example = PpoPrompt;
+
+    fn step(
+        &self,
+        model: &mut CausalLm,
+        trainer: &mut Trainer,
+        micro: &[Vec<&PpoPrompt>],
+        step: usize,
+        lr: f64,
+    ) -> Result<UpdateStats> {
+        let updates = self.prepare(model, micro, step)?;
+        model.set_training(true);
+        let mut total = UpdateStats { loss_sum: 0.0, units: 0, grad_norm: 0.0, skipped: false, amp: 1.0 };
+        for group in &updates {
+            let units: usize = group.iter().map(|&i| self.micro_units(i)).sum();
+            let u = trainer
+                .update(model, group.len(), units, lr, &mut |m, k, scale| self.backward_micro(m, group[k], scale))?;
+            // Each update's loss is a mean over its units; the step reports their mean.
+            total = UpdateStats { loss_sum: total.loss_sum + u.loss_sum, units: total.units + u.units, ..u };
+        }
+        Ok(total)
     }
 
     fn eval(&self, model: &CausalLm, batch: &[&PpoPrompt]) -> Result<LossSum> {

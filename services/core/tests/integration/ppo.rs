@@ -11,7 +11,7 @@ use ferrotune_core::train::ppo::KlEstimator;
 use ferrotune_core::train::ppo_objective::{
     rollout_seed, PolicyValueState, PpoConfig, PpoObjective, PpoPrompt, RewardSource, Scorer,
 };
-use ferrotune_core::train::{evaluate, train, Objective, Run, TrainConfig};
+use ferrotune_core::train::{evaluate, train, Algorithm, Run, TrainConfig};
 use ferrotune_core::{CausalLm, Tokenizer};
 use tch::{Device, Kind, Tensor};
 
@@ -165,8 +165,8 @@ fn first_update_losses_at_ratio_one() {
     let updates = obj.prepare(&mut m, &micro, 0).unwrap();
     assert_eq!(updates, vec![vec![0], vec![0]], "2 epochs × 1 mini-batch");
     let _ = obj.take_metrics();
-    let n = obj.micro_units(0, &micro[0]);
-    let l = obj.backward_micro(&m, 0, &micro[0], 1.0 / n as f64).unwrap();
+    let n = obj.micro_units(0);
+    let l = obj.backward_micro(&m, 0, 1.0 / n as f64).unwrap();
     let mt = obj.take_metrics();
     // At ratio 1 the clipped policy loss is −mean(advantage) = 0 (whitened) and nothing is clipped; the value
     // loss is ½·mean((V − R)²) with V the rollout's own values.
