@@ -189,3 +189,15 @@ fn smollm2_cli_generate_bad_input() {
     let out = run_cli(&["generate", "--model", m.to_str().unwrap(), "--chat-file", bad.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role `wizard`"));
 }
+
+#[test]
+fn smollm2_stream_decoder_pieces_concatenate_to_the_text() {
+    let tok = ferrotune_core::Tokenizer::from_dir(&smollm2_dir()).unwrap();
+    for text in ["Ahoy! It is Cairo.", "café 😀 naïve — 東京", "  spaces\\tand\nlines "] {
+        let ids = tok.encode(text).unwrap();
+        let mut d = ferrotune_core::tokenizer::StreamDecoder::default();
+        let pieces: Vec<String> = ids.iter().map(|&id| d.push(&tok, id)).collect();
+        assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap(), "{text:?}: {pieces:?}");
+        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{text:?}: {pieces:?}");
+    }
+}

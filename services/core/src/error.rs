@@ -50,6 +50,9 @@ pub enum CoreError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A service this work depends on (a reward replica) could not be reached or answered in time.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The caller went away (or ran past its deadline) before the work finished.
     #[error("cancelled: the caller went away")]
     Cancelled,

@@ -188,6 +188,49 @@ fn fill_dropout_mask(out: &mut [u8], state: u64, keep: f64, threads: usize) {
     });
 }
 
+/// An adapter directory found by [`find_adapters`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundAdapter {
+    /// The directory.
+    pub path: std::path::PathBuf,
+    /// `peft_type` (`LORA`, `PROMPT_TUNING`; empty when the config does not say).
+    pub peft_type: String,
+    /// `base_model_name_or_path`.
+    pub base_model: String,
+    /// The LoRA rank (0 for prompt tuning).
+    pub r: u32,
+    /// Trained by ferrotune on an NF4 base (QLoRA).
+    pub nf4_base: bool,
+}
+
+/// The adapters (directories holding `adapter_config.json`) in `dir` and up to `depth` levels below it,
+/// sorted by path. Listings go through [`crate::fsx`], so a server never follows a symlink out of its root.
+pub fn find_adapters(dir: &Path, depth: usize) -> Vec<FoundAdapter> {
+    let mut found = vec![];
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, level)) = stack.pop() {
+        let cfg = d.join("adapter_config.json");
+        if crate::fsx::is_file(&cfg) {
+            let v: serde_json::Value =
+                crate::fsx::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            found.push(FoundAdapter {
+                peft_type: v["peft_type"].as_str().unwrap_or("").to_owned(),
+                base_model: v["base_model_name_or_path"].as_str().unwrap_or("").to_owned(),
+                r: v["r"].as_u64().unwrap_or(0) as u32,
+                nf4_base: trained_on_nf4(&d).unwrap_or(false),
+                path: d.clone(),
+            });
+        }
+        if level < depth {
+            if let Ok(entries) = crate::fsx::read_dir(&d) {
+                stack.extend(entries.into_iter().filter(|e| e.is_dir).map(|e| (e.path, level + 1)));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}
+
 /// Whether the adapter in `dir` was trained by ferrotune on an NF4 base (QLoRA), as recorded in its
 /// `ferrotune_train.json`; false when that file is absent (e.g. an adapter made by PEFT).
 pub fn trained_on_nf4(dir: &Path) -> Result<bool> {

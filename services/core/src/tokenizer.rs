@@ -64,3 +64,25 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 }
+/// Text of a token stream as it grows, for streaming: each [`StreamDecoder::push`] returns the text the new
+/// token completes. A multi-byte character split over several byte-level tokens is held back until it is
+/// whole (the decoded text then ends in U+FFFD), so streamed pieces always concatenate to the full text.
+#[derive(Debug, Clone, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl StreamDecoder {
+    /// Adds token `id`; the text it completes (empty while a character is incomplete).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let Ok(all) = tok.decode(&self.ids, true) else { return String::new() };
+        if all.ends_with('\u{FFFD}') || all.len() <= self.printed || !all.is_char_boundary(self.printed) {
+            return String::new();
+        }
+        let text = all[self.printed..].to_owned();
+        self.printed = all.len();
+        text
+    }
+}

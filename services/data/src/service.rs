@@ -9,20 +9,13 @@ use ferrotune_proto::v1::{
     TokenizeRequest,
 };
 use ferrotune_runtime::server::Hosting;
+use ferrotune_runtime::status::data_status;
 use ferrotune_runtime::worker::blocking;
 use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
 use tonic::{Request, Response, Status};
 
 use ferrotune_core::data::formats::{Columns, Format, MaskMode};
-use ferrotune_core::data::{build, BuildOptions, DataError, Stats};
-
-/// The status of a data error.
-pub fn data_status(e: &DataError) -> Status {
-    match e {
-        DataError::Record { .. } | DataError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-        DataError::Core(c) => core_status(c),
-    }
-}
+use ferrotune_core::data::{build, BuildOptions, Stats};
 
 /// The DataService handlers.
 #[derive(Clone)]

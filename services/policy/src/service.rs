@@ -241,7 +241,7 @@ impl PolicyService for Policy {
                 let (prompts, chat) = prompt_ids(b, &r)?;
                 opts.eos_ids = b.defaults.eos_ids.clone();
                 opts.pad_id = b.defaults.pad_id;
-                let mut rows: Vec<(Vec<u32>, usize)> = vec![(vec![], 0); prompts.len()];
+                let mut rows = vec![ferrotune_core::tokenizer::StreamDecoder::default(); prompts.len()];
                 let tok = &b.tokenizer;
                 let g = generate_until(
                     &b.model,
@@ -251,22 +251,7 @@ impl PolicyService for Policy {
                     &mut |step| {
                         let tokens = step
                             .iter()
-                            .map(|t| {
-                                let (ids, printed) = &mut rows[t.row];
-                                ids.push(t.id);
-                                let mut text = String::new();
-                                // A trailing U+FFFD means a multi-byte character is still incomplete.
-                                if let Ok(all) = tok.decode(ids, true) {
-                                    if !all.ends_with('\u{FFFD}')
-                                        && all.len() > *printed
-                                        && all.is_char_boundary(*printed)
-                                    {
-                                        text = all[*printed..].to_owned();
-                                        *printed = all.len();
-                                    }
-                                }
-                                StreamedToken { row: t.row as u32, id: t.id, text }
-                            })
+                            .map(|t| StreamedToken { row: t.row as u32, id: t.id, text: rows[t.row].push(tok, t.id) })
                             .collect();
                         let _ = tx.blocking_send(Ok(GenerateChunk { tokens, done: None }));
                     },
@@ -338,33 +323,19 @@ impl PolicyService for Policy {
 
     async fn list_adapters(&self, req: Request<ListAdaptersRequest>) -> Result<Response<ListAdaptersResponse>, Status> {
         let dir = self.root.resolve("dir", &req.into_inner().dir)?;
-        if !dir.is_dir() {
+        if !ferrotune_core::fsx::is_dir(&dir) {
             return Err(Status::not_found(format!("dir: {} is not a directory", dir.display())));
         }
-        let mut found = vec![];
-        let mut stack = vec![(dir, 0usize)];
-        while let Some((d, depth)) = stack.pop() {
-            let cfg = d.join("adapter_config.json");
-            if ferrotune_core::fsx::is_file(&cfg) {
-                let v: serde_json::Value = ferrotune_core::fsx::read_to_string(&cfg)
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or_default();
-                found.push(AdapterInfo {
-                    path: d.display().to_string(),
-                    peft_type: v["peft_type"].as_str().unwrap_or("").to_owned(),
-                    base_model: v["base_model_name_or_path"].as_str().unwrap_or("").to_owned(),
-                    r: v["r"].as_u64().unwrap_or(0) as u32,
-                    nf4_base: ferrotune_core::lora::trained_on_nf4(&d).unwrap_or(false),
-                });
-            }
-            if depth < 2 {
-                if let Ok(rd) = ferrotune_core::fsx::read_dir(&d) {
-                    stack.extend(rd.into_iter().filter(|e| e.is_dir).map(|e| (e.path, depth + 1)));
-                }
-            }
-        }
-        found.sort_by(|a, b| a.path.cmp(&b.path));
+        let found = ferrotune_core::lora::find_adapters(&dir, 2)
+            .into_iter()
+            .map(|a| AdapterInfo {
+                path: a.path.display().to_string(),
+                peft_type: a.peft_type,
+                base_model: a.base_model,
+                r: a.r,
+                nf4_base: a.nf4_base,
+            })
+            .collect();
         Ok(Response::new(ListAdaptersResponse { adapters: found }))
     }
 }

@@ -17,6 +17,7 @@ pub fn core_status(e: &CoreError) -> Status {
         CoreError::Format { .. } | CoreError::Config { .. } | CoreError::Weight { .. } => Code::InvalidArgument,
         CoreError::InvalidArgument(_) | CoreError::Tokenizer(_) => Code::InvalidArgument,
         CoreError::Cancelled => Code::Cancelled,
+        CoreError::Unavailable(_) => Code::Unavailable,
         CoreError::Torch(t) => {
             if t.to_string().contains("out of memory") {
                 Code::ResourceExhausted
@@ -26,6 +27,15 @@ pub fn core_status(e: &CoreError) -> Status {
         }
     };
     Status::new(code, one_line(&e.to_string()))
+}
+
+/// The status for an error of the dataset library: bad records and options are the caller's input.
+pub fn data_status(e: &ferrotune_core::data::DataError) -> Status {
+    use ferrotune_core::data::DataError;
+    match e {
+        DataError::Record { .. } | DataError::InvalidArgument(_) => Status::invalid_argument(one_line(&e.to_string())),
+        DataError::Core(c) => core_status(c),
+    }
 }
 
 /// INVALID_ARGUMENT naming the field.
@@ -66,6 +76,9 @@ pub fn anyhow_status(e: &anyhow::Error) -> Status {
         if let Some(c) = cause.downcast_ref::<CoreError>() {
             return Status::new(core_status(c).code(), msg);
         }
+        if let Some(d) = cause.downcast_ref::<ferrotune_core::data::DataError>() {
+            return Status::new(data_status(d).code(), msg);
+        }
     }
     Status::invalid_argument(msg)
 }
@@ -87,5 +100,17 @@ mod tests {
         assert_eq!(s.message(), "loading the model: c.json: no hidden_size");
         let st = anyhow::Error::new(Status::not_found("job x")).context("watch");
         assert_eq!(anyhow_status(&st).code(), Code::NotFound);
+        // A reward replica that cannot be reached stays UNAVAILABLE; a denied path PERMISSION_DENIED.
+        assert_eq!(core_status(&CoreError::Unavailable("reward".into())).code(), Code::Unavailable);
+        let denied = CoreError::io("/r/x", std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(core_status(&denied).code(), Code::PermissionDenied);
+        assert_eq!(core_status(&CoreError::Cancelled).code(), Code::Cancelled);
+        // Dataset errors: bad records are the caller's; a file that cannot be read keeps its I/O code.
+        use ferrotune_core::data::DataError;
+        let rec = DataError::Record { file: "a.jsonl".into(), line: 3, reason: "missing field".into() };
+        assert_eq!(data_status(&rec).code(), Code::InvalidArgument);
+        assert_eq!(data_status(&DataError::Core(nf)).code(), Code::NotFound);
+        let chained = anyhow::Error::new(DataError::Core(denied)).context("formatting");
+        assert_eq!(anyhow_status(&chained).code(), Code::PermissionDenied);
     }
 }

@@ -98,9 +98,15 @@ impl PpoRunner {
                 model: Some(model_ref.clone()),
                 items: items.iter().map(|(p, r)| ScoreItem { prompt: p.clone(), response: r.clone() }).collect(),
             };
-            let resp = rt
-                .block_on(pool.score(req))
-                .map_err(|s| CoreError::InvalidArgument(format!("reward service: {} ({:?})", s.message(), s.code())))?;
+            let resp = rt.block_on(pool.score(req)).map_err(|s| {
+                let msg = format!("reward service: {} ({:?})", s.message(), s.code());
+                match s.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                        CoreError::Unavailable(msg)
+                    }
+                    _ => CoreError::InvalidArgument(msg),
+                }
+            })?;
             replicas.lock().expect("replica set").insert(resp.replica.clone());
             Ok(resp.scores.into_iter().map(f64::from).collect())
         };
