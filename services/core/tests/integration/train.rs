@@ -140,6 +140,15 @@ fn run_training(
     train(m, &run, resume, &mut |_| done.set(done.get() + 1), &|| stop_after.is_some_and(|s| done.get() >= s)).unwrap()
 }
 
+/// The steps `metrics.jsonl` in `dir` records, in order.
+fn metric_steps(dir: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect()
+}
+
 fn adapter_bytes(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
 }
@@ -199,12 +208,7 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     }
     assert!(adapter_bytes(&t.path().join("full")) == adapter_bytes(&t.path().join("resumed")), "final adapters differ");
     assert_eq!(rest.final_loss.to_bits(), full.final_loss.to_bits());
-    let metrics = std::fs::read_to_string(t.path().join("resumed/metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6], "metrics read as one run");
+    assert_eq!(metric_steps(&t.path().join("resumed")), vec![1, 2, 3, 4, 5, 6], "metrics read as one run");
     let ckpts: Vec<_> = std::fs::read_dir(t.path().join("full/checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -250,12 +254,7 @@ fn resume_skips_a_corrupt_newest_checkpoint_and_another_runs_checkpoints() {
     let rest = run_training(&mut b2, &lcfg, &c, &data, &dir, true, None);
     assert_eq!(rest.position.step, 6);
     assert!(adapter_bytes(&full_dir) == adapter_bytes(&dir), "resumed from the wrong checkpoint");
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6], "metrics read as one run");
+    assert_eq!(metric_steps(&dir), vec![1, 2, 3, 4, 5, 6], "metrics read as one run");
     // The other run's checkpoint was neither restored nor pruned.
     assert!(dir.join("checkpoints/step-00000099").is_dir());
 }
