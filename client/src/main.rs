@@ -127,18 +127,18 @@ enum Cmd {
 #[derive(Subcommand)]
 enum TrainCmd {
     /// Supervised fine-tuning with LoRA or QLoRA from a YAML recipe.
-    Sft(train_cmd::SftArgs),
+    Sft(train_cmd::RecipeArgs),
     /// A reward model (LoRA/QLoRA + score head, Bradley–Terry) from a recipe on preference data.
-    Reward(train_cmd::SftArgs),
+    Reward(train_cmd::RecipeArgs),
 }
 
 #[derive(Subcommand)]
 enum AlignCmd {
     /// DPO with LoRA or QLoRA from a YAML recipe with a `dpo` section (see recipes/dpo.yaml).
-    Dpo(train_cmd::SftArgs),
+    Dpo(train_cmd::RecipeArgs),
     /// RLHF with PPO from a recipe with a `ppo` section (see recipes/ppo.yaml): rollouts from the policy,
     /// scores from the reward service(s), LoRA + value head updates.
-    Ppo(train_cmd::SftArgs),
+    Ppo(train_cmd::RecipeArgs),
 }
 
 #[derive(clap::Args)]

@@ -12,9 +12,9 @@ use serde_json::json;
 use crate::connect::{status_error, EmbeddedPolicy, Services};
 use crate::jobs_cmd::{finish_message, follow};
 
-/// Arguments of `train sft`.
+/// Arguments of every recipe command (`train sft`, `train reward`, `align dpo`, `align ppo`).
 #[derive(clap::Args)]
-pub(crate) struct SftArgs {
+pub(crate) struct RecipeArgs {
     /// The recipe (YAML).
     #[arg(long)]
     recipe: PathBuf,
@@ -36,7 +36,7 @@ pub(crate) struct SftArgs {
 }
 
 /// The recipe text, the overrides (with --output-dir / --max-steps), and the validated recipe.
-fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_training::recipe::SftRecipe)> {
+fn load(a: &RecipeArgs) -> Result<(String, Vec<String>, ferrotune_training::recipe::Recipe)> {
     let mut sets = a.sets.clone();
     if let Some(d) = &a.output_dir {
         sets.push(format!("output_dir={}", d.display()));
@@ -53,7 +53,7 @@ fn load(a: &SftArgs) -> Result<(String, Vec<String>, ferrotune_training::recipe:
 }
 
 /// The embedded policy service runs on the recipe's device (a remote one uses its own).
-pub(crate) fn embedded_policy(a: &SftArgs) -> Result<EmbeddedPolicy> {
+pub(crate) fn embedded_policy(a: &RecipeArgs) -> Result<EmbeddedPolicy> {
     Ok(EmbeddedPolicy { device: Some(load(a)?.2.device), dtype: None })
 }
 
@@ -70,7 +70,7 @@ pub(crate) enum Kind {
     Reward,
 }
 
-pub(crate) async fn run(kind: Kind, a: &SftArgs, svc: &mut Services, json_out: bool) -> Result<()> {
+pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out: bool) -> Result<()> {
     let (text, sets, _) = load(a)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let embedded = if kind == Kind::Reward { svc.reward_embedded } else { svc.policy_embedded };

@@ -9,6 +9,17 @@ use crate::models::CausalLm;
 /// log p(completion[i] | prompt, completion[..i]) for every completion token of every pair, in batches of
 /// at most `batch` sequences. Prompts must be non-empty.
 pub fn completion_logprobs(model: &CausalLm, pairs: &[(Vec<u32>, Vec<u32>)], batch: usize) -> Result<Vec<Vec<f32>>> {
+    completion_logprobs_until(model, pairs, batch, &|| false)
+}
+
+/// [`completion_logprobs`] that gives up with [`CoreError::Cancelled`] before the next batch once
+/// `cancelled` says so (the caller went away).
+pub fn completion_logprobs_until(
+    model: &CausalLm,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    batch: usize,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Vec<f32>>> {
     let max_pos = model.cfg.max_position_embeddings as usize;
     for (i, (p, c)) in pairs.iter().enumerate() {
         if p.is_empty() {
@@ -33,6 +44,9 @@ pub fn completion_logprobs(model: &CausalLm, pairs: &[(Vec<u32>, Vec<u32>)], bat
     let dev = model.device();
     let mut out = Vec::with_capacity(pairs.len());
     for group in pairs.chunks(batch.max(1)) {
+        if cancelled() {
+            return Err(CoreError::Cancelled);
+        }
         let len = group.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(0);
         let b = group.len();
         let mut flat = vec![0i64; b * len];

@@ -35,7 +35,7 @@ pub struct Policy {
     pub root: ArtifactRoot,
     /// The models' thread.
     pub worker: Worker<Models>,
-    /// SFT jobs.
+    /// The jobs of this process (SFT here; DPO and PPO through AlignmentService).
     pub jobs: JobManager,
     /// The service's device (recipes run there).
     pub device: String,
@@ -285,10 +285,12 @@ impl PolicyService for Policy {
             .worker
             .call(move |m| {
                 let b = m.get(&model, adapter.as_deref())?;
+                use ferrotune_core::logprobs::completion_logprobs_until as logprobs;
+                let cancelled = ferrotune_runtime::worker::cancelled;
                 if disable {
-                    ferrotune_core::logprobs::completion_logprobs(&b.model.adapters_disabled(), &pairs, 8).status()
+                    logprobs(&b.model.adapters_disabled(), &pairs, 8, &cancelled).status()
                 } else {
-                    ferrotune_core::logprobs::completion_logprobs(&b.model, &pairs, 8).status()
+                    logprobs(&b.model, &pairs, 8, &cancelled).status()
                 }
             })
             .await?;

@@ -14,7 +14,7 @@ use ferrotune_core::CausalLm;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use serde_json::json;
 
-use crate::recipe::{Method, SftRecipe};
+use crate::recipe::{Method, Recipe};
 use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 
 /// Runs `dpo` jobs; the spec is `{"recipe": <resolved recipe with a dpo section>, "resume": bool}`.
@@ -56,7 +56,7 @@ fn cached(dataset: &Path, key: &serde_json::Value, split: &str, n: usize) -> Opt
     (rows.len() == n).then_some(rows)
 }
 
-fn run_dpo(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
+fn run_dpo(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
     let cfg = r.dpo.context("recipe: the dpo section is missing")?;
     let method = r.adapter.method()?;
     if !matches!(method, Method::Lora | Method::Qlora) {

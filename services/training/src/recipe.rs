@@ -9,10 +9,11 @@ use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
-/// A whole SFT recipe.
+/// A training recipe: model, data, adapter, loop settings, and the section of its objective when it is not
+/// SFT (`dpo`, `reward`, `ppo`; the command that starts it says which one runs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SftRecipe {
+pub struct Recipe {
     /// A known model name (pulled if needed) or a model directory.
     pub model: String,
     /// The adapter to train.
@@ -207,19 +208,19 @@ fn apply_set(root: &mut serde_yaml::Value, set: &str) -> Result<()> {
 }
 
 /// Reads a recipe file and applies `--set` overrides (and `--output-dir`, `--max-steps`).
-pub fn load(path: &Path, sets: &[String]) -> Result<SftRecipe> {
+pub fn load(path: &Path, sets: &[String]) -> Result<Recipe> {
     let text = ferrotune_core::fsx::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     parse(&text, path, sets)
 }
 
 /// Parses recipe text (`path` names it in errors), applies overrides and validates.
-pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
+pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Recipe> {
     let mut v: serde_yaml::Value =
         serde_yaml::from_str(text).with_context(|| format!("{}: invalid YAML", path.display()))?;
     for s in sets {
         apply_set(&mut v, s)?;
     }
-    let r: SftRecipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let r: Recipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
     if let Some(d) = &r.dpo {
         d.validate().with_context(|| format!("{}", path.display()))?;
@@ -260,7 +261,7 @@ pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<SftRecipe> {
     Ok(r)
 }
 
-impl SftRecipe {
+impl Recipe {
     /// Resolves the recipe's paths under the artifact root (a model given by a known name is left for the
     /// registry); the device is the service's.
     pub fn resolve_paths(&mut self, root: &ferrotune_runtime::ArtifactRoot, device: &str) -> Result<(), tonic::Status> {

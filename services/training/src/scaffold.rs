@@ -13,7 +13,7 @@ use ferrotune_core::{registry, ChatTemplate};
 use ferrotune_runtime::jobs::{Artifact, JobContext, Progress};
 use serde_json::json;
 
-use crate::recipe::{Method, SftRecipe};
+use crate::recipe::{Method, Recipe};
 
 /// The Progress of a step event.
 pub fn progress_of(ev: &StepEvent) -> Progress {
@@ -37,8 +37,8 @@ pub fn progress_of(ev: &StepEvent) -> Progress {
 /// from the newest checkpoint (asked for, or the job itself is being resumed after a restart).
 /// The job claims the recipe's output dir here (see [`ferrotune_core::train::run_dir`]), before it writes
 /// anything there; a fresh run is that job's run.
-pub fn job_recipe(ctx: &JobContext) -> Result<(SftRecipe, bool)> {
-    let r: SftRecipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
+pub fn job_recipe(ctx: &JobContext) -> Result<(Recipe, bool)> {
+    let r: Recipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
     let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
     ferrotune_core::train::run_dir::claim(&r.output_dir, resume, r.training.overwrite_output_dir, &ctx.id)?;
     Ok((r, resume))
@@ -71,12 +71,12 @@ pub fn train_job<O: Algorithm>(
 }
 
 /// The recipe's model directory (pulled when it names a known model).
-pub fn model_dir(r: &SftRecipe) -> Result<PathBuf> {
+pub fn model_dir(r: &Recipe) -> Result<PathBuf> {
     Ok(if Path::new(&r.model).is_dir() { PathBuf::from(&r.model) } else { registry::pull(&r.model)? })
 }
 
 /// The recipe's dataset directory: formats `data.path` into `OUTPUT_DIR/dataset` unless `data.dataset` names one.
-pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<PathBuf> {
+pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<PathBuf> {
     let out = &r.output_dir;
     Ok(match (&r.data.dataset, &r.data.path) {
         (Some(d), _) => d.clone(),
@@ -112,7 +112,7 @@ pub fn dataset_dir(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<
 }
 
 /// Loads the base in the recipe's dtype and device, NF4-quantized for QLoRA.
-pub fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
+pub fn load_base(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
     let mut model = ferrotune_core::load_model(model_dir, kind, device)?;
@@ -130,7 +130,7 @@ pub fn load_base(r: &SftRecipe, model_dir: &Path, ctx: &JobContext) -> Result<(f
 
 /// The template used for the data, the resolved recipe and `ferrotune_train.json`, beside the output.
 pub fn write_provenance(
-    r: &SftRecipe,
+    r: &Recipe,
     model_dir: &Path,
     dataset: &Path,
     qlora: bool,

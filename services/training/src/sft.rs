@@ -11,7 +11,7 @@ use ferrotune_core::train::sft::{LoraState, SftObjective};
 use ferrotune_core::train::Run;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
-use crate::recipe::{Method, SftRecipe};
+use crate::recipe::{Method, Recipe};
 use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
 
 /// Runs `sft` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
@@ -24,7 +24,7 @@ impl JobRunner for SftRunner {
     }
 }
 
-fn run_sft(r: &SftRecipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
+fn run_sft(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
     let out = r.output_dir.clone();
     ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
     let model_dir = model_dir(r)?;
