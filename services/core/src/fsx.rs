@@ -48,6 +48,10 @@ pub fn confine(root: &Path, read_only: &[&Path]) -> io::Result<()> {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         roots.push(Root { dir, fd: fd.into(), writable });
     }
+    // For tests of the fallback on kernels that have openat2.
+    if std::env::var_os("FERROTUNE_FSX_NO_OPENAT2").is_some() {
+        NO_OPENAT2.store(true, Ordering::Relaxed);
+    }
     ROOTS.set(roots).map_err(|_| io::Error::other("file confinement is already set"))
 }
 
@@ -122,10 +126,12 @@ fn open_beneath(root: &Root, rel: &Path, flags: i32, mode: u32) -> io::Result<Ow
                 size_of::<OpenHow>(),
             )
         };
-        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
-            return owned(r);
+        // ENOSYS: a kernel before 5.6; EPERM: a seccomp profile that does not know openat2 (older container
+        // runtimes). Either way every later open takes the fallback, which checks what it opened.
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS | libc::EPERM) if r < 0 => NO_OPENAT2.store(true, Ordering::Relaxed),
+            _ => return owned(r),
         }
-        NO_OPENAT2.store(true, Ordering::Relaxed);
     }
     // Fallback: a created file's final component is never followed (O_NOFOLLOW) under a verified parent;
     // whatever was opened is checked by its real path.

@@ -13,6 +13,22 @@ fn denied<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{what}: {e}");
 }
 
+/// The same probes once more in a child process that uses the fallback for kernels without `openat2`
+/// (component-wise parent opens, `O_NOFOLLOW`, and a check of every opened descriptor's real path).
+#[test]
+fn the_fallback_without_openat2_confines_as_well() {
+    if std::env::var_os("FERROTUNE_FSX_NO_OPENAT2").is_some() {
+        return; // this is the child
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "symlinks_inside_the_root_cannot_lead_outside", "--test-threads", "1"])
+        .env("FERROTUNE_FSX_NO_OPENAT2", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn symlinks_inside_the_root_cannot_lead_outside() {
     let t = tempfile::tempdir().unwrap();
