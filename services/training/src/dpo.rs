@@ -15,7 +15,9 @@ use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use serde_json::json;
 
 use crate::recipe::{Method, Recipe};
-use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
+use crate::scaffold::{
+    dataset_dir, finish, job_recipe, load_base, model_dir, splits, train_job, write_provenance, Base,
+};
 
 /// Runs `dpo` jobs; the spec is `{"recipe": <resolved recipe with a dpo section>, "resume": bool}`.
 pub struct DpoRunner;
@@ -66,11 +68,8 @@ fn run_dpo(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
     ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
     let model_dir = model_dir(r)?;
     let dataset = dataset_dir(r, &model_dir, ctx)?;
-    let train_pairs = load_pairs(&dataset, "train")?;
-    let eval_pairs = if dataset.join("eval.jsonl").exists() { load_pairs(&dataset, "eval")? } else { vec![] };
-    let (mut model, qlora) = load_base(r, &model_dir, ctx)?;
-    let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
-    let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
+    let (train_pairs, eval_pairs) = splits(&dataset, load_pairs)?;
+    let Base { mut model, qlora, pad_id, .. } = load_base(r, &model_dir, ctx)?;
     let lcfg = r.adapter.lora()?;
     model.add_lora(&lcfg, r.training.seed)?;
     let chunk = r.training.loss_chunk_tokens as i64;

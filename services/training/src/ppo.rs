@@ -20,7 +20,7 @@ use ferrotune_runtime::reward_pool::RewardPool;
 use serde_json::json;
 
 use crate::recipe::{Method, Recipe};
-use crate::scaffold::{finish, job_recipe, load_base, model_dir, train_job, write_provenance};
+use crate::scaffold::{finish, job_recipe, load_model, model_dir, train_job, write_provenance};
 
 /// Runs `ppo` jobs; the spec is `{"recipe": <resolved recipe with a ppo section>, "resume": bool}`.
 pub struct PpoRunner {
@@ -81,7 +81,7 @@ impl PpoRunner {
             Some(p) => render(p)?,
             None => vec![],
         };
-        let (mut model, qlora) = load_base(r, &model_dir, ctx)?;
+        let (mut model, qlora) = load_model(r, &model_dir, ctx)?;
         let lcfg = r.adapter.lora()?;
         model.add_lora(&lcfg, r.training.seed)?;
         model.add_value_head()?;

@@ -2,12 +2,17 @@
 //! loop with the Bradley–Terry objective → a PEFT SEQ_CLS adapter with the head. Eval metrics report the
 //! held-out pairwise accuracy (`eval_rewards/accuracies`).
 
-use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use ferrotune_core::data::load_pairs;
 use ferrotune_core::train::reward::{RewardExample, RewardObjective, RewardState};
 use ferrotune_core::train::Run;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
+
+use crate::scaffold::{
+    dataset_dir, finish, job_recipe, load_base, model_dir, splits, train_job, write_provenance, Base,
+};
 
 /// Runs `reward` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
 pub struct RewardRunner;
@@ -20,17 +25,11 @@ impl JobRunner for RewardRunner {
         ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
         let model_dir = model_dir(&r)?;
         let dataset = dataset_dir(&r, &model_dir, ctx)?;
-        let pairs = |split: &str| -> Result<Vec<RewardExample>> {
-            Ok(load_pairs(&dataset, split)?
-                .into_iter()
-                .map(|(chosen, rejected)| RewardExample { chosen, rejected })
-                .collect())
+        let pairs = |d: &Path, split: &str| -> Result<Vec<RewardExample>> {
+            Ok(load_pairs(d, split)?.into_iter().map(|(chosen, rejected)| RewardExample { chosen, rejected }).collect())
         };
-        let train_set = pairs("train")?;
-        let eval_set = if dataset.join("eval.jsonl").exists() { pairs("eval")? } else { vec![] };
-        let (mut model, qlora) = load_base(&r, &model_dir, ctx)?;
-        let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
-        let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
+        let (train_set, eval_set) = splits(&dataset, pairs)?;
+        let Base { mut model, qlora, pad_id, .. } = load_base(&r, &model_dir, ctx)?;
         let lcfg = r.adapter.lora()?;
         model.add_lora(&lcfg, r.training.seed)?;
         model.add_score_head(r.training.seed)?;

@@ -112,7 +112,7 @@ pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Pat
 }
 
 /// Loads the base in the recipe's dtype and device, NF4-quantized for QLoRA.
-pub fn load_base(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
+pub fn load_model(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
     let mut model = ferrotune_core::load_model(model_dir, kind, device)?;
@@ -126,6 +126,40 @@ pub fn load_base(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferr
         ));
     }
     Ok((model, qlora))
+}
+
+/// A recipe's base model loaded for training ([`load_model`]) with its tokenizer and pad id.
+pub struct Base {
+    /// The model (NF4 for QLoRA).
+    pub model: CausalLm,
+    /// Whether the base was quantized to NF4.
+    pub qlora: bool,
+    /// Its tokenizer.
+    pub tokenizer: ferrotune_core::Tokenizer,
+    /// Its pad id (generation defaults).
+    pub pad_id: u32,
+}
+
+/// Loads the base, its tokenizer and its pad id.
+pub fn load_base(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Base> {
+    let (model, qlora) = load_model(r, model_dir, ctx)?;
+    let tokenizer = ferrotune_core::Tokenizer::from_dir(model_dir)?;
+    let pad_id = ferrotune_core::ModelDefaults::from_dir(model_dir, &tokenizer)?.pad_id;
+    Ok(Base { model, qlora, tokenizer, pad_id })
+}
+
+/// A dataset's train and eval splits loaded with `load`; the eval split is empty when the dataset has none.
+pub fn splits<T, E: Into<anyhow::Error>>(
+    dataset: &Path,
+    load: impl Fn(&Path, &str) -> std::result::Result<Vec<T>, E>,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let train = load(dataset, "train").map_err(Into::into)?;
+    let eval = if ferrotune_core::fsx::exists(dataset.join("eval.jsonl")) {
+        load(dataset, "eval").map_err(Into::into)?
+    } else {
+        vec![]
+    };
+    Ok((train, eval))
 }
 
 /// The template used for the data, the resolved recipe and `ferrotune_train.json`, beside the output.

@@ -12,7 +12,9 @@ use ferrotune_core::train::Run;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
 use crate::recipe::{Method, Recipe};
-use crate::scaffold::{dataset_dir, finish, job_recipe, load_base, model_dir, train_job, write_provenance};
+use crate::scaffold::{
+    dataset_dir, finish, job_recipe, load_base, model_dir, splits, train_job, write_provenance, Base,
+};
 
 /// Runs `sft` jobs; the spec is `{"recipe": <resolved recipe>, "resume": bool}`.
 pub struct SftRunner;
@@ -29,11 +31,9 @@ fn run_sft(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
     ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
     let model_dir = model_dir(r)?;
     let dataset = dataset_dir(r, &model_dir, ctx)?;
-    let train_set = load_split(&dataset, "train")?;
-    let eval_set = if dataset.join("eval.jsonl").exists() { load_split(&dataset, "eval")? } else { vec![] };
-    let (mut model, qlora) = load_base(r, &model_dir, ctx)?;
+    let (train_set, eval_set) = splits(&dataset, load_split)?;
+    let Base { mut model, qlora, tokenizer: tok, pad_id } = load_base(r, &model_dir, ctx)?;
     let method = r.adapter.method()?;
-    let tok = ferrotune_core::Tokenizer::from_dir(&model_dir)?;
     let state: Box<dyn ferrotune_core::train::TrainableState> = match method {
         Method::Full => {
             FullState::prepare(&mut model)?;
@@ -54,7 +54,6 @@ fn run_sft(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
             Box::new(LoraState { cfg: lcfg, base_model: model_dir.display().to_string() })
         }
     };
-    let pad_id = ferrotune_core::ModelDefaults::from_dir(&model_dir, &tok)?.pad_id;
     write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
     let objective = SftObjective::new(pad_id, &r.training);
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
