@@ -14,7 +14,7 @@ use ferrotune_core::CausalLm;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use serde_json::json;
 
-use crate::recipe::{Method, Recipe};
+use crate::recipe::{Method, Objective, Recipe};
 use crate::scaffold::{
     dataset_dir, finish, job_recipe, load_base, model_dir, splits, train_job, write_provenance, Base,
 };
@@ -59,7 +59,7 @@ fn cached(dataset: &Path, key: &serde_json::Value, split: &str, n: usize) -> Opt
 }
 
 fn run_dpo(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
-    let cfg = r.dpo.context("recipe: the dpo section is missing")?;
+    let Objective::Dpo(cfg) = r.objective() else { anyhow::bail!("recipe: the dpo section is missing") };
     let method = r.adapter.method()?;
     if !matches!(method, Method::Lora | Method::Qlora) {
         anyhow::bail!("adapter.method `{}`: DPO trains lora or qlora adapters (the reference is the base with the adapter disabled)", r.adapter.method);

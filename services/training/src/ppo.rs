@@ -19,7 +19,7 @@ use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 use ferrotune_runtime::reward_pool::RewardPool;
 use serde_json::json;
 
-use crate::recipe::{Method, Recipe};
+use crate::recipe::{Method, Objective, Recipe};
 use crate::scaffold::{finish, job_recipe, load_model, model_dir, train_job, write_provenance};
 
 /// Runs `ppo` jobs; the spec is `{"recipe": <resolved recipe with a ppo section>, "resume": bool}`.
@@ -55,7 +55,7 @@ fn mean_metrics(m: &std::collections::BTreeMap<String, f64>) -> serde_json::Valu
 
 impl PpoRunner {
     fn run_ppo(&self, r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
-        let cfg = r.ppo.clone().context("recipe: the ppo section is missing")?;
+        let Objective::Ppo(cfg) = r.objective() else { anyhow::bail!("recipe: the ppo section is missing") };
         if !matches!(r.adapter.method()?, Method::Lora | Method::Qlora) {
             anyhow::bail!("adapter.method `{}`: PPO trains lora or qlora adapters (the reference is the base with the adapter disabled)", r.adapter.method);
         }

@@ -23,50 +23,7 @@ pub fn queue_recipe_job(
         return Err(invalid("recipe_yaml", "empty"));
     }
     let mut recipe = crate::recipe::parse(yaml, Path::new("recipe"), overrides).status()?;
-    match kind {
-        "ppo" => {
-            if recipe.ppo.is_none() {
-                return Err(invalid("ppo", "missing: a PPO recipe needs a ppo section with its reward (ppo.reward.rule, or ppo.reward.model and ppo.reward.adapter)"));
-            }
-            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora)
-            {
-                return Err(invalid(
-                    "adapter.method",
-                    format!("`{}`: ppo trains lora or qlora adapters", recipe.adapter.method),
-                ));
-            }
-        }
-        _ if recipe.ppo.is_some() => {
-            return Err(invalid(
-                "ppo",
-                "this recipe has a ppo section: run it with align ppo (AlignmentService.StartPpo)",
-            ))
-        }
-        "dpo" | "reward" => {
-            if kind == "dpo" {
-                recipe.dpo.get_or_insert_with(Default::default);
-            } else {
-                recipe.reward.get_or_insert_with(Default::default);
-            }
-            if !matches!(recipe.adapter.method().status()?, crate::recipe::Method::Lora | crate::recipe::Method::Qlora)
-            {
-                return Err(invalid(
-                    "adapter.method",
-                    format!("`{}`: {kind} trains lora or qlora adapters", recipe.adapter.method),
-                ));
-            }
-        }
-        _ if recipe.dpo.is_some() => {
-            return Err(invalid(
-                "dpo",
-                "this recipe has a dpo section: run it with align dpo (AlignmentService.StartDpo)",
-            ))
-        }
-        _ if recipe.reward.is_some() => {
-            return Err(invalid("reward", "this recipe has a reward section: run it with train reward (RewardService)"))
-        }
-        _ => {}
-    }
+    recipe.settle_objective(kind).map_err(|(field, msg)| invalid(field, msg))?;
     recipe.resolve_paths(root, device)?;
     if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
         return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));

@@ -213,6 +213,80 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Recipe> {
     parse(&text, path, sets)
 }
 
+/// What a recipe trains: its objective, with the settings of that objective's section.
+#[derive(Debug, Clone)]
+pub enum Objective {
+    /// Supervised fine-tuning (no section).
+    Sft,
+    /// DPO (`dpo:`).
+    Dpo(ferrotune_core::train::dpo::DpoConfig),
+    /// A reward model (`reward:`).
+    Reward(ferrotune_core::train::reward::RewardConfig),
+    /// PPO (`ppo:`).
+    Ppo(ferrotune_core::train::ppo_objective::PpoConfig),
+}
+
+impl Objective {
+    /// `sft`, `dpo`, `reward` or `ppo`: the job kind that runs it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Dpo(_) => "dpo",
+            Self::Reward(_) => "reward",
+            Self::Ppo(_) => "ppo",
+        }
+    }
+}
+
+impl Recipe {
+    /// The objective the recipe's sections give (at most one of them is present after [`parse`]).
+    pub fn objective(&self) -> Objective {
+        match (&self.dpo, &self.reward, &self.ppo) {
+            (Some(d), _, _) => Objective::Dpo(*d),
+            (_, Some(r), _) => Objective::Reward(*r),
+            (_, _, Some(p)) => Objective::Ppo(p.clone()),
+            _ => Objective::Sft,
+        }
+    }
+
+    /// Checks the recipe against the `kind` of job asked to run it (`sft`, `dpo`, `reward`, `ppo`) — the one
+    /// place that does — and settles its objective: a section of another objective is refused, DPO, reward
+    /// and PPO train LoRA or QLoRA adapters only, PPO needs its section (DPO's and reward's default). The
+    /// refusal names the field at fault.
+    pub fn settle_objective(&mut self, kind: &str) -> std::result::Result<Objective, (&'static str, String)> {
+        let lora_only = |r: &Self, what: &str| -> std::result::Result<(), (&'static str, String)> {
+            match r.adapter.method().map_err(|e| ("adapter.method", e.to_string()))? {
+                Method::Lora | Method::Qlora => Ok(()),
+                _ => Err(("adapter.method", format!("`{}`: {what} trains lora or qlora adapters", r.adapter.method))),
+            }
+        };
+        let other = |field: &'static str, how: &str| {
+            Err((field, format!("this recipe has a {field} section: run it with {how}")))
+        };
+        match kind {
+            "ppo" => {
+                if self.ppo.is_none() {
+                    return Err(("ppo", "missing: a PPO recipe needs a ppo section with its reward (ppo.reward.rule, or ppo.reward.model and ppo.reward.adapter)".into()));
+                }
+                lora_only(self, "ppo")?;
+            }
+            _ if self.ppo.is_some() => return other("ppo", "align ppo (AlignmentService.StartPpo)"),
+            "dpo" | "reward" => {
+                if kind == "dpo" {
+                    self.dpo.get_or_insert_with(Default::default);
+                } else {
+                    self.reward.get_or_insert_with(Default::default);
+                }
+                lora_only(self, kind)?;
+            }
+            _ if self.dpo.is_some() => return other("dpo", "align dpo (AlignmentService.StartDpo)"),
+            _ if self.reward.is_some() => return other("reward", "train reward (RewardService)"),
+            _ => {}
+        }
+        Ok(self.objective())
+    }
+}
+
 /// Parses recipe text (`path` names it in errors), applies overrides and validates.
 pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Recipe> {
     let mut v: serde_yaml::Value =
@@ -281,5 +355,32 @@ impl Recipe {
         self.output_dir = root.resolve("output_dir", &s(&self.output_dir))?;
         self.device = device.to_owned();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(extra: &[&str]) -> Recipe {
+        let yaml =
+            "model: m\noutput_dir: out\nadapter: {method: lora, r: 4}\ndata: {path: d.jsonl, format: messages}\n";
+        let sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        parse(yaml, Path::new("r.yaml"), &sets).unwrap()
+    }
+
+    #[test]
+    fn one_place_settles_the_objective_for_the_job_that_runs_it() {
+        assert_eq!(recipe(&[]).settle_objective("sft").unwrap().name(), "sft");
+        assert_eq!(recipe(&[]).settle_objective("dpo").unwrap().name(), "dpo", "dpo defaults its section");
+        assert_eq!(recipe(&[]).settle_objective("reward").unwrap().name(), "reward");
+        let (field, msg) = recipe(&[]).settle_objective("ppo").unwrap_err();
+        assert!(field == "ppo" && msg.starts_with("missing"), "{field}: {msg}");
+        let (field, msg) = recipe(&["dpo.beta=0.2"]).settle_objective("sft").unwrap_err();
+        assert!(field == "dpo" && msg.contains("align dpo"), "{field}: {msg}");
+        let (field, msg) = recipe(&["adapter.method=full"]).settle_objective("dpo").unwrap_err();
+        assert!(field == "adapter.method" && msg.contains("lora or qlora"), "{field}: {msg}");
+        let r = recipe(&["dpo.beta=0.2"]);
+        assert!(matches!(r.objective(), Objective::Dpo(c) if c.beta == 0.2));
     }
 }

@@ -10,6 +10,7 @@ use ferrotune_core::train::reward::{RewardExample, RewardObjective, RewardState}
 use ferrotune_core::train::Run;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
 
+use crate::recipe::Objective;
 use crate::scaffold::{
     dataset_dir, finish, job_recipe, load_base, model_dir, splits, train_job, write_provenance, Base,
 };
@@ -20,7 +21,10 @@ pub struct RewardRunner;
 impl JobRunner for RewardRunner {
     fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
         let (r, resume) = job_recipe(ctx)?;
-        let cfg = r.reward.unwrap_or_default();
+        let cfg = match r.objective() {
+            Objective::Reward(cfg) => cfg,
+            _ => Default::default(),
+        };
         let out = r.output_dir.clone();
         ferrotune_core::fsx::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
         let model_dir = model_dir(&r)?;

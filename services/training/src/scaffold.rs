@@ -179,7 +179,7 @@ pub fn write_provenance(
         out.join("ferrotune_train.json"),
         serde_json::to_string_pretty(
             &json!({"base_model": model_dir, "method": r.adapter.method, "base_quantization": if qlora { "nf4" } else { "none" },
-            "objective": if r.dpo.is_some() { "dpo" } else if r.reward.is_some() { "reward" } else if r.ppo.is_some() { "ppo" } else { "sft" }, "chat_template": template.origin(), "dataset": dataset,
+            "objective": r.objective().name(), "chat_template": template.origin(), "dataset": dataset,
             "train_examples": counts.0, "eval_examples": counts.1}),
         )?,
     )?;
