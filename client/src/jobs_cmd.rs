@@ -71,11 +71,11 @@ pub(crate) fn progress_json(p: &Progress) -> Value {
            "metrics": p.metrics.iter().collect::<std::collections::BTreeMap<_, _>>()})
 }
 
-/// The service holding job `id`: the first whose JobService knows it (NOT_FOUND elsewhere).
-async fn locate(services: &mut [(String, Client)], id: &str) -> Result<Client> {
+/// The service holding job `id` (the first whose JobService knows it; NOT_FOUND elsewhere) and the job.
+async fn locate(services: &mut [(String, Client)], id: &str) -> Result<(Client, Job)> {
     for (url, c) in services.iter_mut() {
         match c.get_job(GetJobRequest { id: id.to_owned() }).await {
-            Ok(_) => return Ok(c.clone()),
+            Ok(j) => return Ok((c.clone(), j.into_inner())),
             Err(s) if s.code() == tonic::Code::NotFound => {}
             Err(s) => return Err(status_error(s).context(url.clone())),
         }
@@ -85,14 +85,6 @@ async fn locate(services: &mut [(String, Client)], id: &str) -> Result<Client> {
 }
 
 pub(crate) async fn run(cmd: &JobsCmd, mut services: Vec<(String, Client)>, json_out: bool) -> Result<()> {
-    let id = match cmd {
-        JobsCmd::Get { id } | JobsCmd::Watch { id } | JobsCmd::Cancel { id } => Some(id.as_str()),
-        JobsCmd::List { .. } => None,
-    };
-    let mut c = match id {
-        Some(id) => locate(&mut services, id).await?,
-        None => services[0].1.clone(),
-    };
     match cmd {
         JobsCmd::List { active } => {
             let states = if *active { vec![JobState::Queued as i32, JobState::Running as i32] } else { vec![] };
@@ -118,13 +110,14 @@ pub(crate) async fn run(cmd: &JobsCmd, mut services: Vec<(String, Client)>, json
             }
         }
         JobsCmd::Get { id } => {
-            let j = c.get_job(GetJobRequest { id: id.clone() }).await.map_err(status_error)?.into_inner();
+            let (_, j) = locate(&mut services, id).await?;
             println!(
                 "{}",
                 if json_out { job_json(&j).to_string() } else { serde_json::to_string_pretty(&job_json(&j))? }
             );
         }
         JobsCmd::Cancel { id } => {
+            let (mut c, _) = locate(&mut services, id).await?;
             let j = c.cancel_job(CancelJobRequest { id: id.clone() }).await.map_err(status_error)?.into_inner();
             if json_out {
                 println!("{}", job_json(&j));
@@ -133,6 +126,7 @@ pub(crate) async fn run(cmd: &JobsCmd, mut services: Vec<(String, Client)>, json
             }
         }
         JobsCmd::Watch { id } => {
+            let (mut c, _) = locate(&mut services, id).await?;
             let j = follow(&mut c, id, json_out, None).await?;
             finish_message(&j, json_out)?;
         }

@@ -77,6 +77,29 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
     Ok(ImportReport { path: out_dir.to_path_buf(), architecture: arch, tensors, skipped })
 }
 
+/// What an output directory holds, as far as replacing it is concerned.
+#[derive(PartialEq)]
+enum OutDir {
+    /// Nothing there.
+    Missing,
+    /// An empty directory.
+    Empty,
+    /// An earlier import (it holds [`IMPORT_MARKER`]).
+    EarlierImport,
+    /// Something else: never replaced.
+    Other,
+}
+
+fn out_dir_state(out_dir: &Path) -> Result<OutDir> {
+    Ok(match crate::fsx::read_dir(out_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => OutDir::Missing,
+        Err(e) => return Err(CoreError::io(out_dir, e)),
+        Ok(entries) if entries.is_empty() => OutDir::Empty,
+        Ok(entries) if entries.iter().any(|e| e.name == IMPORT_MARKER) => OutDir::EarlierImport,
+        Ok(_) => OutDir::Other,
+    })
+}
+
 /// Refuses an output directory an import must not replace (see [`import_gguf`]), before any work is done.
 fn check_output_dir(gguf_path: &Path, out_dir: &Path) -> Result<()> {
     let refuse = |why: &str| Err(CoreError::InvalidArgument(format!("--out {}: {why}", out_dir.display())));
@@ -91,8 +114,7 @@ fn check_output_dir(gguf_path: &Path, out_dir: &Path) -> Result<()> {
     if gguf_path.canonicalize().is_ok_and(|g| g.starts_with(&real)) {
         return refuse("holds the input GGUF; name a new directory for the model");
     }
-    let entries = crate::fsx::read_dir(out_dir).map_err(|e| CoreError::io(out_dir, e))?;
-    if !entries.is_empty() && !entries.iter().any(|e| e.name == IMPORT_MARKER) {
+    if out_dir_state(out_dir)? == OutDir::Other {
         return refuse("holds files that are not an earlier import; name a new or empty directory");
     }
     Ok(())
@@ -102,18 +124,18 @@ fn check_output_dir(gguf_path: &Path, out_dir: &Path) -> Result<()> {
 /// import is first moved aside, then removed once the new one is in place.
 fn replace_dir(tmp: &Path, out_dir: &Path) -> Result<()> {
     let io = |e| CoreError::io(out_dir, e);
-    let old = match crate::fsx::read_dir(out_dir) {
-        Err(_) => None,
-        Ok(entries) if entries.is_empty() => {
+    let old = match out_dir_state(out_dir)? {
+        OutDir::Missing => None,
+        OutDir::Empty => {
             std::fs::remove_dir(out_dir).map_err(io)?;
             None
         }
-        Ok(entries) if entries.iter().any(|e| e.name == IMPORT_MARKER) => {
+        OutDir::EarlierImport => {
             let aside = tmp.with_extension("replaced");
             crate::fsx::rename(out_dir, &aside).map_err(io)?;
             Some(aside)
         }
-        Ok(_) => {
+        OutDir::Other => {
             return Err(CoreError::InvalidArgument(format!(
                 "--out {}: files appeared there during the import; nothing was replaced",
                 out_dir.display()
