@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ferrotune_clients::ClientAuth;
 use ferrotune_proto::v1::alignment_service_client::AlignmentServiceClient;
 use ferrotune_proto::v1::data_service_client::DataServiceClient;
 use ferrotune_proto::v1::job_service_client::JobServiceClient;
 use ferrotune_proto::v1::merge_service_client::MergeServiceClient;
 use ferrotune_proto::v1::policy_service_client::PolicyServiceClient;
 use ferrotune_proto::v1::reward_service_client::RewardServiceClient;
-use ferrotune_runtime::auth::ClientAuth;
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::{ArtifactRoot, Settings};
 use tonic::service::interceptor::InterceptedService;

@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use crate::connect::status_error;
 
 type Client = JobServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ferrotune_runtime::auth::ClientAuth>,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ferrotune_clients::ClientAuth>,
 >;
 
 /// `ferrotune jobs …`.
@@ -59,7 +59,7 @@ pub(crate) fn job_json(j: &Job) -> Value {
     json!({
         "id": j.id, "kind": j.kind, "state": state_name(j.state), "created_ms": j.created_ms, "updated_ms": j.updated_ms,
         "step": j.progress.as_ref().map(|p| p.step), "total": j.progress.as_ref().map(|p| p.total),
-        "loss": j.progress.as_ref().map(|p| p.loss), "error": j.error, "output_dir": j.output_dir, "resumes": j.resumes,
+        "loss": j.progress.as_ref().map(|p| p.loss), "error": j.error, "error_code": code_name(j.error_code), "output_dir": j.output_dir, "resumes": j.resumes,
         "artifacts": j.artifacts.iter().map(|a| json!({"kind": a.kind, "path": a.path})).collect::<Vec<_>>(),
     })
 }
@@ -204,10 +204,26 @@ pub(crate) async fn follow(
     Ok(job)
 }
 
+/// The name of a job's failure code (`UNAVAILABLE`, …; empty when it did not fail).
+fn code_name(code: i32) -> String {
+    if code == 0 {
+        return String::new();
+    }
+    // `InvalidArgument` → `INVALID_ARGUMENT`, as gRPC spells the codes.
+    let mut name = String::new();
+    for (i, ch) in format!("{:?}", tonic::Code::from(code)).chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(ch.to_ascii_uppercase());
+    }
+    name
+}
+
 /// Prints how a job ended; an error when it failed.
 pub(crate) fn finish_message(j: &Job, json_out: bool) -> Result<()> {
     match JobState::try_from(j.state).unwrap_or(JobState::Unspecified) {
-        JobState::Failed => anyhow::bail!("job {} failed: {}", j.id, j.error),
+        JobState::Failed => anyhow::bail!("job {} failed ({}): {}", j.id, code_name(j.error_code), j.error),
         JobState::Succeeded => {
             let p = j.progress.clone().unwrap_or_default();
             if json_out {

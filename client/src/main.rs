@@ -70,7 +70,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TrainCmd,
     },
-    /// Align: `dpo` (direct preference optimisation on preference pairs).
+    /// Align: `dpo` (direct preference optimisation on preference pairs) or `ppo` (RLHF with a reward service).
     Align {
         #[command(subcommand)]
         cmd: AlignCmd,
@@ -117,7 +117,7 @@ enum Cmd {
     },
     /// Run services as a gRPC server (any subset on one port).
     Serve(serve_cmd::ServeArgs),
-    /// Jobs of a running policy service: list, get, watch, cancel.
+    /// Jobs of the services that run them (policy and reward): list, get, watch, cancel.
     Jobs {
         #[command(subcommand)]
         cmd: jobs_cmd::JobsCmd,

@@ -1,5 +1,7 @@
 //! The crate graph (`cargo metadata`): no service crate depends on another, and neither do the libraries
-//! the services share (core, runtime, training, proto). Only the CLI and the tests gather the services.
+//! the services share (core, runtime, training, proto, clients). Only the CLI and the tests gather the
+//! services. The clients of the services live in `ferrotune-clients`, which links only the contracts (no
+//! libtorch, no server runtime).
 
 use std::collections::BTreeMap;
 
@@ -38,6 +40,11 @@ fn no_service_crate_depends_on_another() {
         let bad: Vec<&String> = deps.iter().filter(|d| SERVICES.contains(&d.as_str())).collect();
         assert!(bad.is_empty(), "{name} depends on the service crate(s) {bad:?}");
     }
+    let clients = &graph["ferrotune-clients"];
+    for lib in ["ferrotune-core", "ferrotune-runtime", "ferrotune-training", "tch", "torch-sys"] {
+        assert!(!clients.contains(&lib.to_owned()), "ferrotune-clients depends on {lib}");
+    }
+    assert!(graph["ferrotune-training"].contains(&"ferrotune-clients".to_owned()), "PPO's reward calls");
     assert!(graph["ferrotune-policy"].contains(&"ferrotune-training".to_owned()));
     assert!(graph["ferrotune-reward"].contains(&"ferrotune-training".to_owned()));
 }

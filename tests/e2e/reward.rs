@@ -118,11 +118,9 @@ fn reward_pool_balances_over_replicas_and_fails_over() {
     let b = Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-b.sqlite")]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let _in_runtime = rt.enter();
-    let pool = ferrotune_reward::pool::RewardPool::new(
-        &[a.url.clone(), b.url.clone()],
-        ferrotune_runtime::auth::ClientAuth::default(),
-    )
-    .unwrap();
+    let pool =
+        ferrotune_clients::RewardPool::new(&[a.url.clone(), b.url.clone()], ferrotune_clients::ClientAuth::default())
+            .unwrap();
     let req = || ScoreRequest {
         model: Some(RewardModelRef { kind: Some(reward_model_ref::Kind::Rule("length".into())) }),
         items: vec![ScoreItem { prompt: "q".into(), response: "four".into() }],

@@ -12,7 +12,7 @@ use ferrotune_proto::v1::{
     prompt, GenerateRequest, GetJobRequest, LogProbsRequest, ModelRef, Prompt, ScoredSequence, StartRecipeJobRequest,
     TokenizeRequest,
 };
-use ferrotune_tests::{repo, run_cli_env, smollm2_dir, Server};
+use ferrotune_tests::{repo, run_cli_env, smollm2_dir, tiny_chat_in, Server};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -22,13 +22,15 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-/// A small QLoRA recipe with paths relative to the artifact root.
-fn recipe(root: &Path, out: &str, steps: u32) -> std::path::PathBuf {
+/// A small QLoRA recipe on the tiny chat model (copied into the root), paths relative to the artifact root.
+fn recipe(root: &Path, out: &str, steps: u32, save_steps: u32) -> std::path::PathBuf {
     std::fs::copy(repo("recipes/data/pirate-train.jsonl"), root.join("pirate-train.jsonl")).unwrap();
+    let model = tiny_chat_in(root);
     let text = format!(
-        "model: smollm2-135m-instruct\nadapter: {{method: qlora, r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}}\n\
+        "model: {model}\nadapter: {{method: qlora, r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}}\n\
          data: {{path: pirate-train.jsonl, format: messages, max_seq_len: 256}}\n\
-         training: {{learning_rate: 1.0e-3, max_steps: {steps}, micro_batch_size: 2, save_steps: 2, seed: 7}}\noutput_dir: {out}\n"
+         training: {{learning_rate: 1.0e-3, max_steps: {steps}, micro_batch_size: 2, save_steps: {save_steps}, seed: 7}}\n\
+         output_dir: {out}\n"
     );
     let p = root.join(format!("{}.yaml", out.replace('/', "-")));
     std::fs::write(&p, text).unwrap();
@@ -45,8 +47,7 @@ fn last_json(stdout: &str) -> serde_json::Value {
 }
 
 #[test]
-fn smollm2_services_sft_generate_merge_through_separate_servers() {
-    smollm2_dir();
+fn services_sft_generate_merge_through_separate_servers() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
     let (data, policy, merge) =
@@ -57,7 +58,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
         ("FERROTUNE__ENDPOINTS__MERGE", merge.url.as_str()),
     ];
     // Data service: format with relative paths (resolved under the server's root).
-    let r = recipe(&root, "runs/q", 4);
+    let r = recipe(&root, "runs/q", 4, 2);
     let s = last_json(&ok(&run_cli_env(
         &root,
         &env,
@@ -69,7 +70,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
             "--format",
             "messages",
             "--model",
-            "smollm2-135m-instruct",
+            "tiny-chat",
             "--out",
             "ds",
             "--json",
@@ -111,7 +112,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
         &[
             "generate",
             "--model",
-            "smollm2-135m-instruct",
+            "tiny-chat",
             "--adapter",
             "runs/q",
             "--chat",
@@ -135,8 +136,8 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
             .adapters;
         assert_eq!(list.len(), 1, "{list:?}");
         assert_eq!((list[0].peft_type.as_str(), list[0].r, list[0].nf4_base), ("LORA", 8, true));
-        let m = Some(ModelRef { path: "smollm2-135m-instruct".into() });
-        let seq = ScoredSequence { prompt_ids: vec![1, 9690, 198], completion_ids: vec![19556, 28, 905] };
+        let m = Some(ModelRef { path: "tiny-chat".into() });
+        let seq = ScoredSequence { prompt_ids: vec![1, 400, 198], completion_ids: vec![300, 28, 305] };
         let call = |disable: bool| {
             let req = LogProbsRequest {
                 model: m.clone(),
@@ -158,24 +159,21 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
         &[
             "merge",
             "--model",
-            "smollm2-135m-instruct",
+            "tiny-chat",
             "--adapter",
             "runs/q",
             "--out",
             "merged",
             "--max-shard-bytes",
-            "200000000",
+            "1048576",
             "--json",
         ],
     )));
     assert_eq!(m["merge_base"], "nf4_dequantized");
-    // SmolLM2 in f32 is ~540 MB: three shards and the index transformers reads.
-    assert_eq!(m["shards"], 3);
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("merged/model.safetensors.index.json")).unwrap())
-            .unwrap();
-    assert_eq!(index["weight_map"]["model.norm.weight"], "model-00003-of-00003.safetensors");
-    assert!(!root.join("merged/model.safetensors").exists());
+    // The tiny model in f32 is ~430 KB: one file under a 1 MiB shard limit (sharding itself is a unit test of
+    // `weights::save_sharded`).
+    assert_eq!(m["shards"], 1);
+    assert!(root.join("merged/model.safetensors").exists());
     std::fs::write(
         root.join("t.txt"),
         "The quick brown fox jumps over the lazy dog. Pirates say ahoy to every sailor they meet.",
@@ -190,17 +188,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     let b = last_json(&ok(&run_cli_env(
         &root,
         &env,
-        &[
-            "eval",
-            "perplexity",
-            "--model",
-            "smollm2-135m-instruct",
-            "--adapter",
-            "runs/q",
-            "--text-file",
-            "t.txt",
-            "--json",
-        ],
+        &["eval", "perplexity", "--model", "tiny-chat", "--adapter", "runs/q", "--text-file", "t.txt", "--json"],
     )));
     let (na, nb) = (a["mean_nll"].as_f64().unwrap(), b["mean_nll"].as_f64().unwrap());
     println!("merged model NLL {na:.6} vs base+adapter {nb:.6}");
@@ -209,7 +197,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     let o = run_cli_env(
         &root,
         &env,
-        &["merge", "--model", "smollm2-135m-instruct", "--adapter", "runs/q", "--out", "../escape", "--json"],
+        &["merge", "--model", "tiny-chat", "--adapter", "runs/q", "--out", "../escape", "--json"],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -221,18 +209,7 @@ fn smollm2_services_sft_generate_merge_through_separate_servers() {
     let o = run_cli_env(
         &root,
         &env,
-        &[
-            "data",
-            "format",
-            "--input",
-            "/etc/passwd",
-            "--format",
-            "text",
-            "--model",
-            "smollm2-135m-instruct",
-            "--out",
-            "x",
-        ],
+        &["data", "format", "--input", "/etc/passwd", "--format", "text", "--model", "tiny-chat", "--out", "x"],
     );
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("outside the artifact root"));
 }
@@ -258,15 +235,14 @@ fn wait_job(
 }
 
 #[test]
-fn smollm2_services_policy_restart_resumes_the_job() {
-    smollm2_dir();
+fn services_policy_restart_resumes_the_job() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
     let policy = Server::start("policy", &root, &[]);
     let addr = policy.addr().to_owned();
     let env = [("FERROTUNE__ENDPOINTS__POLICY", policy.url.clone())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let r = recipe(&root, "runs/r", 8);
+    let r = recipe(&root, "runs/r", 300, 20);
     // Start through the CLI, which detaches when killed: the job lives in the server.
     let mut cli = std::process::Command::new(ferrotune_tests::ferrotune_bin())
         .args(["train", "sft", "--recipe", r.to_str().unwrap(), "--json"])
@@ -280,17 +256,18 @@ fn smollm2_services_policy_restart_resumes_the_job() {
     let id = serde_json::from_str::<serde_json::Value>(&first).unwrap()["job_id"].as_str().unwrap().to_owned();
     cli.kill().unwrap();
     cli.wait().unwrap();
-    // Crash the server (SIGKILL) after the step-2 checkpoint, before the end.
-    wait_job(&root, &env, &id, |j| j["step"].as_u64().unwrap_or(0) >= 3);
+    // Crash the server (SIGKILL) after the step-20 checkpoint, before the end.
+    wait_job(&root, &env, &id, |j| j["step"].as_u64().unwrap_or(0) >= 21);
     drop(policy);
-    assert!(root.join("runs/r/checkpoints/step-00000002").exists());
+    assert!(root.join("runs/r/checkpoints/step-00000020").exists());
+    assert!(!root.join("runs/r/adapter_model.safetensors").exists(), "killed too late to test anything");
     // Same root, same port: the job resumes from its newest checkpoint.
     let policy = Server::start_on("policy", &root, &[], &addr);
     let w = ok(&run_cli_env(&root, &env, &["jobs", "watch", &id, "--json"]));
     let j = wait_job(&root, &env, &id, |j| j["state"] != "running" && j["state"] != "queued");
     assert_eq!(
         (j["state"].as_str(), j["step"].as_u64(), j["resumes"].as_u64()),
-        (Some("succeeded"), Some(8), Some(1)),
+        (Some("succeeded"), Some(300), Some(1)),
         "{j}\n{w}"
     );
     assert!(w.contains("resuming from the newest checkpoint"), "{w}");
@@ -299,13 +276,12 @@ fn smollm2_services_policy_restart_resumes_the_job() {
 }
 
 #[test]
-fn smollm2_services_cancel_a_running_job() {
-    smollm2_dir();
+fn services_cancel_a_running_job() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
     let policy = Server::start("policy", &root, &[]);
     let env = [("FERROTUNE__ENDPOINTS__POLICY", policy.url.as_str())];
-    let r = recipe(&root, "runs/c", 200);
+    let r = recipe(&root, "runs/c", 1_000_000, 2);
     let text = std::fs::read_to_string(&r).unwrap();
     let id = rt().block_on(async {
         let mut p = PolicyServiceClient::connect(policy.url.clone()).await.unwrap();
@@ -322,7 +298,7 @@ fn smollm2_services_cancel_a_running_job() {
     let w = ok(&run_cli_env(&root, &env, &["jobs", "watch", &id, "--json"]));
     assert!(w.contains("\"state\":\"cancelled\""), "{w}");
     let j = wait_job(&root, &env, &id, |j| j["state"] == "cancelled");
-    assert!(j["step"].as_u64().unwrap() < 200);
+    assert!(j["step"].as_u64().unwrap() < 1_000_000);
     assert!(root.join("runs/c/checkpoints").exists(), "a cancelled job keeps a checkpoint");
 }
 
@@ -588,17 +564,28 @@ fn smollm2_services_over_tls() {
 }
 
 #[test]
-fn smollm2_jobs_commands_reach_reward_jobs_too() {
-    smollm2_dir();
+fn jobs_commands_reach_reward_jobs_too() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
+    let model = format!("model={}", tiny_chat_in(&root));
     std::fs::copy(repo("recipes/data/pirate-prefs-train.jsonl"), root.join("prefs.jsonl")).unwrap();
     std::fs::copy(repo("recipes/reward.yaml"), root.join("reward.yaml")).unwrap();
     let policy = Server::start("policy", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-policy.sqlite")]);
     let reward = Server::start("reward", &root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-reward.sqlite")]);
     let env =
         [("FERROTUNE__ENDPOINTS__POLICY", policy.url.as_str()), ("FERROTUNE__ENDPOINTS__REWARD", reward.url.as_str())];
-    let args = ["train", "reward", "--recipe", "reward.yaml", "--output-dir", "rm", "--set", "data.path=prefs.jsonl"];
+    let args = [
+        "train",
+        "reward",
+        "--recipe",
+        "reward.yaml",
+        "--output-dir",
+        "rm",
+        "--set",
+        "data.path=prefs.jsonl",
+        "--set",
+        &model,
+    ];
     let o = run_cli_env(&root, &env, &[&args[..], &["--max-steps", "1", "--json"]].concat());
     let out = ok(&o);
     let id = out

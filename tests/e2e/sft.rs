@@ -1,12 +1,13 @@
-//! Supervised fine-tuning end to end on SmolLM2 through the CLI: the learning proof (a persona the base
-//! model does not follow, learned with LoRA and with QLoRA, measured on held-out questions), and a run
-//! killed with SIGKILL then resumed, which must end with the same adapter as an uninterrupted run.
+//! Supervised fine-tuning end to end through the CLI: the learning proofs on SmolLM2 (a persona the base
+//! model does not follow, learned with LoRA, QLoRA, full fine-tuning and prompt tuning, measured on held-out
+//! questions), and the plumbing on the tiny chat model: a run killed with SIGKILL then resumed, which must
+//! end with the same adapter as an uninterrupted run; SIGINT; merges equal to base + adapter.
 
 use std::path::Path;
 use std::process::Command;
 
 use ferrotune_core::{generate, GenerateOptions, Message, ModelBundle, SamplingParams};
-use ferrotune_tests::{ferrotune_bin, repo, run_cli, smollm2_dir};
+use ferrotune_tests::{ferrotune_bin, repo, run_cli, smollm2_dir, tiny_chat_dir};
 use tch::{Device, Kind};
 
 /// Fraction of held-out questions whose greedy answer starts with "Ahoy!" (and the answers).
@@ -87,14 +88,22 @@ fn smollm2_sft_lora_and_qlora_learn_a_held_out_persona() {
     assert_eq!(std::fs::read_to_string(lora.join("metrics.jsonl")).unwrap().lines().count(), 30);
 }
 
+/// `--set model=…` for the tiny chat model: the plumbing tests train it instead of SmolLM2.
+fn tiny() -> String {
+    format!("model={}", tiny_chat_dir().display())
+}
+
 #[test]
-fn smollm2_sft_killed_with_sigkill_and_resumed_equals_uninterrupted() {
+fn sft_killed_with_sigkill_and_resumed_equals_uninterrupted() {
     let t = tempfile::tempdir().unwrap();
+    let model = tiny();
     let small = [
-        "--max-steps",
-        "8",
         "--set",
-        "training.save_steps=2",
+        &model,
+        "--max-steps",
+        "160",
+        "--set",
+        "training.save_steps=20",
         "--set",
         "training.micro_batch_size=1",
         "--set",
@@ -123,7 +132,7 @@ fn smollm2_sft_killed_with_sigkill_and_resumed_equals_uninterrupted() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let ckpt = resumed.join("checkpoints/step-00000004");
+    let ckpt = resumed.join("checkpoints/step-00000040");
     let start = std::time::Instant::now();
     while !ckpt.exists() {
         assert!(start.elapsed().as_secs() < 300, "no checkpoint appeared");
@@ -132,7 +141,7 @@ fn smollm2_sft_killed_with_sigkill_and_resumed_equals_uninterrupted() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!resumed.join("checkpoints/step-00000008").exists(), "killed too late to test anything");
+    assert!(!resumed.join("adapter_model.safetensors").exists(), "killed too late to test anything");
     args.push("--resume");
     let o = run_cli(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -216,8 +225,9 @@ fn smollm2_sft_prompt_tuning_learns_the_persona() {
 }
 
 #[test]
-fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
+fn sft_sigint_checkpoints_and_exits_cleanly() {
     let t = tempfile::tempdir().unwrap();
+    let model = tiny();
     let out = t.path().join("int");
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
@@ -230,8 +240,10 @@ fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
         out.to_str().unwrap(),
         "--set",
         &data,
+        "--set",
+        &model,
         "--max-steps",
-        "200",
+        "1000000",
         "--set",
         "training.save_steps=1",
         "--set",
@@ -257,15 +269,15 @@ fn smollm2_sft_sigint_checkpoints_and_exits_cleanly() {
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["stopped"], true);
     let step = last["step"].as_u64().unwrap();
-    assert!(step < 200 && out.join(format!("checkpoints/step-{step:08}")).exists(), "checkpoint of step {step}");
+    assert!(step < 1_000_000 && out.join(format!("checkpoints/step-{step:08}")).exists(), "checkpoint of step {step}");
 }
 
 #[test]
-fn smollm2_merge_gives_the_perplexity_of_base_plus_adapter() {
+fn merge_gives_the_perplexity_of_base_plus_adapter() {
     let t = tempfile::tempdir().unwrap();
     let q = t.path().join("qlora");
-    train(&q, &["--max-steps", "5", "--set", "adapter.method=qlora"]);
-    let m = smollm2_dir();
+    train(&q, &["--max-steps", "5", "--set", "adapter.method=qlora", "--set", &tiny()]);
+    let m = tiny_chat_dir();
     let text = t.path().join("t.txt");
     std::fs::write(&text, "Ahoy! The capital of Kenya is Nairobi. Arr. What is 2 plus 2? Ahoy! 2 plus 2 is 4. Arr.")
         .unwrap();
@@ -291,7 +303,7 @@ fn smollm2_merge_gives_the_perplexity_of_base_plus_adapter() {
         }
         let r = ferrotune_tests::run_json(&args);
         assert_eq!(r["merge_base"], want);
-        assert_eq!(r["merged_layers"], 210, "all-linear on 30 layers");
+        assert_eq!(r["merged_layers"], 14, "all-linear on 2 layers");
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["ferrotune_merge"]["merge_base"], want);

@@ -43,6 +43,25 @@ pub fn smollm2_dir() -> PathBuf {
     .clone()
 }
 
+/// The tiny chat model committed under `tests/fixtures/tiny-chat` (SmolLM2's tokenizer cut to 512 ids, its
+/// chat template, random weights: 2 layers, hidden 64): the model of the end-to-end plumbing tests, which
+/// assert resume equalities, merges and the services, not learning.
+pub fn tiny_chat_dir() -> PathBuf {
+    fixture("tiny-chat")
+}
+
+/// Copies the tiny chat model into `root/tiny-chat` (services resolve models under their artifact root) and
+/// returns that relative name.
+pub fn tiny_chat_in(root: &Path) -> &'static str {
+    let to = root.join("tiny-chat");
+    std::fs::create_dir_all(&to).expect("create tiny-chat");
+    for e in std::fs::read_dir(tiny_chat_dir()).expect("tests/fixtures/tiny-chat") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy the tiny chat model");
+    }
+    "tiny-chat"
+}
+
 /// `tests/fixtures/smollm2/hf-reference.json` (HF transformers reference numbers; a copy of the shared fixture).
 pub fn hf_reference() -> serde_json::Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2/hf-reference.json");

@@ -29,7 +29,7 @@ pub mod weights;
 
 pub use bundle::ModelBundle;
 pub use chat::{ChatTemplate, Message};
-pub use error::{CoreError, Result};
+pub use error::{CoreError, ErrorKind, Kinded, Result};
 pub use generation::{generate, GenerateOptions, Generated, ModelDefaults};
 pub use models::{load_model, parse_device, parse_dtype, CausalLm, DecoderConfig};
 pub use perplexity::{perplexity, Perplexity, PerplexityOptions};

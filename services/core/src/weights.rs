@@ -367,3 +367,42 @@ pub fn save_sharded(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u
     )?;
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_sharded_fills_shards_in_order_and_reloads() {
+        let d = tempfile::tempdir().unwrap();
+        let t = |n: i64, v: f64| Tensor::full([n], v, (Kind::Float, Device::Cpu));
+        // 400 + 200 bytes fit one 700-byte shard; 1200 bytes get a shard of their own; then 40.
+        let tensors = vec![
+            ("a".to_owned(), t(100, 1.0)),
+            ("b".to_owned(), t(50, 2.0)),
+            ("c".to_owned(), t(300, 3.0)),
+            ("d".to_owned(), t(10, 4.0)),
+        ];
+        assert_eq!(save_sharded(d.path(), &tensors, 700).unwrap(), 3);
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join("model.safetensors.index.json")).unwrap())
+                .unwrap();
+        assert_eq!(index["metadata"]["total_size"], 1840);
+        let file = |n: &str| index["weight_map"][n].as_str().unwrap().to_owned();
+        assert_eq!(
+            [file("a"), file("b"), file("c"), file("d")],
+            [1, 1, 2, 3].map(|i| format!("model-{i:05}-of-00003.safetensors"))
+        );
+        let w = WeightFiles::open_dir(d.path()).unwrap();
+        for (name, want) in &tensors {
+            assert!(w.load_raw(name).unwrap().equal(want), "{name}");
+        }
+        // Saving again into the same dir as one file leaves no stale shard or index behind.
+        assert_eq!(save_sharded(d.path(), &tensors, 1 << 20).unwrap(), 1);
+        let mut names: Vec<String> =
+            std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        names.sort();
+        assert_eq!(names, ["model.safetensors"]);
+        assert!(save_sharded(d.path(), &tensors, 0).is_err());
+    }
+}

@@ -9,9 +9,8 @@ use ferrotune_proto::v1::{
     TokenizeRequest,
 };
 use ferrotune_runtime::server::Hosting;
-use ferrotune_runtime::status::data_status;
 use ferrotune_runtime::worker::blocking;
-use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
+use ferrotune_runtime::{invalid, ArtifactRoot, StatusExt};
 use tonic::{Request, Response, Status};
 
 use ferrotune_core::data::formats::{Columns, Format, MaskMode};
@@ -117,8 +116,7 @@ impl DataService for Data {
             pack: r.pack,
             max_text_bytes: self.max_text_bytes,
         };
-        let stats =
-            blocking(move || build(&opts, &out).map(|s| stats_msg(s, &out)).map_err(|e| data_status(&e))).await?;
+        let stats = blocking(move || build(&opts, &out).map(|s| stats_msg(s, &out)).status()).await?;
         Ok(Response::new(stats))
     }
 
@@ -131,7 +129,7 @@ impl DataService for Data {
         let src = self.source(r.source)?;
         let items = blocking(move || {
             ferrotune_core::data::preview::preview(&src.inputs, src.format, &src.model, src.mask, &src.columns, n)
-                .map_err(|e| data_status(&e))
+                .status()
         })
         .await?;
         let samples = items
@@ -152,7 +150,7 @@ impl DataService for Data {
         let dir = self.root.resolve("path", &req.into_inner().path)?;
         let f = dir.join("stats.json");
         let text =
-            ferrotune_core::fsx::read_to_string(&f).map_err(|e| core_status(&ferrotune_core::CoreError::io(&f, e)))?;
+            ferrotune_core::fsx::read_to_string(&f).map_err(|e| ferrotune_core::CoreError::io(&f, e)).status()?;
         let s: Stats =
             serde_json::from_str(&text).map_err(|e| Status::invalid_argument(format!("{}: {e}", f.display())))?;
         Ok(Response::new(stats_msg(s, &dir)))
@@ -169,8 +167,8 @@ impl DataService for Data {
         }
         let model = self.model(r.model.as_ref())?;
         let ids = blocking(move || {
-            let tok = ferrotune_core::Tokenizer::from_dir(&model).map_err(|e| core_status(&e))?;
-            tok.encode(&r.text).map_err(|e| core_status(&e))
+            let tok = ferrotune_core::Tokenizer::from_dir(&model).status()?;
+            tok.encode(&r.text).status()
         })
         .await?;
         Ok(Response::new(TokenIds { ids }))

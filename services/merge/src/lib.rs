@@ -6,7 +6,7 @@ use ferrotune_proto::v1::merge_service_server::{MergeService, MergeServiceServer
 use ferrotune_proto::v1::{CombineRequest, CombineResponse, MergeRequest, MergeResponse};
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::worker::blocking;
-use ferrotune_runtime::{core_status, invalid, ArtifactRoot};
+use ferrotune_runtime::{invalid, ArtifactRoot, StatusExt};
 use tonic::{Request, Response, Status};
 
 /// The MergeService handlers.
@@ -57,10 +57,8 @@ impl MergeService for Merge {
         if shard < 1 << 20 {
             return Err(invalid("max_shard_bytes", format!("{shard} is less than 1 MiB")));
         }
-        let report = blocking(move || {
-            ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard).map_err(|e| core_status(&e))
-        })
-        .await?;
+        let report =
+            blocking(move || ferrotune_core::merge::merge_adapter_sharded(&m, &a, &o, nf4, shard).status()).await?;
         let merge_base = serde_json::to_value(report.merge_base)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -105,8 +103,7 @@ impl MergeService for Merge {
             return Err(invalid("out", "must differ from the input adapters"));
         }
         let o = out.clone();
-        let rank =
-            blocking(move || ferrotune_core::combine::combine(&adapters, how, &o).map_err(|e| core_status(&e))).await?;
+        let rank = blocking(move || ferrotune_core::combine::combine(&adapters, how, &o).status()).await?;
         Ok(Response::new(CombineResponse { path: out.display().to_string(), r: rank as u32 }))
     }
 }

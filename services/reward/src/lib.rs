@@ -2,7 +2,6 @@
 //! concurrent Score calls gathered into batches on the service's own device.
 
 /// The balanced, failing-over client of reward replicas (in the runtime, so that the policy side can use it).
-pub use ferrotune_runtime::reward_pool as pool;
 pub mod scorer;
 pub mod service;
 

@@ -1,9 +1,8 @@
-//! Bearer-token authentication (server interceptor) and the client-side interceptor that adds the token
-//! and the current trace context to every call.
+//! Bearer-token authentication: the server interceptor. (The client side, which adds the token and the
+//! trace context to every call, is `ferrotune_clients::ClientAuth`.)
 
 use std::sync::Arc;
 
-use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
@@ -34,35 +33,6 @@ impl Interceptor for BearerAuth {
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata")),
         }
-    }
-}
-
-/// Client side: adds the bearer token (when configured) and the W3C trace context of the current span.
-#[derive(Clone, Default)]
-pub struct ClientAuth {
-    header: Option<MetadataValue<tonic::metadata::Ascii>>,
-}
-
-impl ClientAuth {
-    /// With `token`, sends it on every call.
-    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        let header = match token {
-            Some(t) => Some(
-                format!("Bearer {t}").parse().map_err(|_| anyhow::anyhow!("auth.token: not a valid header value"))?,
-            ),
-            None => None,
-        };
-        Ok(Self { header })
-    }
-}
-
-impl Interceptor for ClientAuth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(h) = &self.header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        crate::telemetry::inject_context(req.metadata_mut());
-        Ok(req)
     }
 }
 

@@ -1,4 +1,4 @@
-//! What every ferrotune service shares: layered configuration, telemetry, the server bootstrap (health,
+//! What every ferrotune service hosts (the server side; clients of the services are `ferrotune-clients`): layered configuration, telemetry, the server bootstrap (health,
 //! reflection, TLS, auth, limits, graceful shutdown), the job store and runner, artifact-path confinement,
 //! the domain-error → gRPC status mapping, and the worker thread that owns a service's libtorch state.
 
@@ -7,7 +7,6 @@ pub mod jobs;
 pub mod lru;
 pub mod paths;
 pub mod plot;
-pub mod reward_pool;
 pub mod server;
 pub mod settings;
 pub mod status;
@@ -16,4 +15,4 @@ pub mod worker;
 
 pub use paths::ArtifactRoot;
 pub use settings::Settings;
-pub use status::{core_status, invalid, StatusExt};
+pub use status::{invalid, StatusExt};

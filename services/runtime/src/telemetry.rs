@@ -3,7 +3,7 @@
 //! context travels in gRPC metadata (`traceparent`), so a trace started by the CLI continues in every
 //! service it calls.
 
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TracerProvider as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -64,16 +64,6 @@ pub fn init(t: &Telemetry, service_name: &str) -> anyhow::Result<TelemetryGuard>
     Ok(TelemetryGuard { provider })
 }
 
-struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
 struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -83,12 +73,6 @@ impl Extractor for HeaderExtractor<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
     }
-}
-
-/// Writes the current span's trace context into outgoing metadata.
-pub fn inject_context(md: &mut tonic::metadata::MetadataMap) {
-    let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(md)));
 }
 
 /// The server span of one gRPC request, child of the caller's trace when `traceparent` is present.

@@ -8,15 +8,15 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
+use ferrotune_clients::ClientAuth;
+use ferrotune_clients::RewardPool;
 use ferrotune_core::data::prompts::load_prompts;
 use ferrotune_core::train::ppo_objective::{PolicyValueState, PpoObjective, PpoPrompt, RewardSource};
 use ferrotune_core::train::{evaluate, Algorithm, Run};
 use ferrotune_core::{ChatTemplate, CoreError, ModelDefaults, Tokenizer};
 use ferrotune_proto::v1::reward_model_ref::Kind as RewardKind;
 use ferrotune_proto::v1::{LearnedReward, ModelRef, RewardModelRef, ScoreItem, ScoreRequest};
-use ferrotune_runtime::auth::ClientAuth;
 use ferrotune_runtime::jobs::{JobContext, JobOutcome, JobRunner};
-use ferrotune_runtime::reward_pool::RewardPool;
 use serde_json::json;
 
 use crate::recipe::{Method, Objective, Recipe};

@@ -287,8 +287,19 @@ impl Recipe {
     }
 }
 
-/// Parses recipe text (`path` names it in errors), applies overrides and validates.
+/// Parses recipe text (`path` names it in errors), applies overrides and validates. Every refusal is the
+/// caller's input: INVALID_ARGUMENT unless the chain already knows its kind.
 pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Recipe> {
+    parse_unclassified(text, path, sets).map_err(|e| {
+        if ferrotune_core::error::kind_in_chain(e.chain()).is_some() {
+            e
+        } else {
+            anyhow::Error::new(ferrotune_core::CoreError::InvalidArgument(format!("{e:#}")))
+        }
+    })
+}
+
+fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe> {
     let mut v: serde_yaml::Value =
         serde_yaml::from_str(text).with_context(|| format!("{}: invalid YAML", path.display()))?;
     for s in sets {

@@ -34,6 +34,15 @@ pub enum DataError {
     InvalidArgument(String),
 }
 
+impl crate::error::Kinded for DataError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            DataError::Record { .. } | DataError::InvalidArgument(_) => crate::error::ErrorKind::InvalidArgument,
+            DataError::Core(c) => c.kind(),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 

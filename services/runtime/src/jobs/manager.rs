@@ -94,6 +94,14 @@ struct Inner {
 #[derive(Clone)]
 pub struct JobManager(Arc<Inner>);
 
+/// Why a job failed, as the status a call would have answered (None: it did not fail).
+type Failure = Option<tonic::Status>;
+
+/// UNAVAILABLE: another replica (or this one, restarted) can take the work.
+fn shutting_down() -> anyhow::Error {
+    ferrotune_core::CoreError::Unavailable("the service is shutting down".into()).into()
+}
+
 fn db_err(e: rusqlite::Error) -> anyhow::Error {
     anyhow::anyhow!("job store: {e}")
 }
@@ -120,13 +128,16 @@ impl Inner {
         ev
     }
 
-    fn set_state(&self, id: &str, state: JobState, error: String, artifacts: Vec<Artifact>, resumes: Option<u32>) {
+    fn set_state(&self, id: &str, state: JobState, error: Failure, artifacts: Vec<Artifact>, resumes: Option<u32>) {
         let mut job = match self.store.lock().expect("lock").get(id) {
             Ok(Some(j)) => j.job,
             _ => return,
         };
         job.state = state as i32;
-        job.error = error;
+        (job.error, job.error_code) = match error {
+            Some(s) => (s.message().to_owned(), s.code() as i32),
+            None => (String::new(), 0),
+        };
         if !artifacts.is_empty() {
             job.artifacts = artifacts;
         }
@@ -155,16 +166,11 @@ impl Inner {
             return;
         }
         let resumes = stored.job.resumes + u32::from(resume);
-        self.set_state(&id, JobState::Running, String::new(), vec![], Some(resumes));
+        self.set_state(&id, JobState::Running, None, vec![], Some(resumes));
         let runner = self.runners.lock().expect("lock").get(&stored.job.kind).cloned();
         let Some((runner, threads)) = runner else {
-            self.set_state(
-                &id,
-                JobState::Failed,
-                format!("this service cannot run `{}` jobs", stored.job.kind),
-                vec![],
-                None,
-            );
+            let msg = format!("this service cannot run `{}` jobs", stored.job.kind);
+            self.set_state(&id, JobState::Failed, Some(tonic::Status::failed_precondition(msg)), vec![], None);
             self.live.lock().expect("lock").remove(&id);
             return;
         };
@@ -185,13 +191,16 @@ impl Inner {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&ctx)));
         let cancelled = self.live.lock().expect("lock").get(&id).is_some_and(|l| l.cancelled);
         let (state, error, artifacts) = match result {
-            Ok(Ok(JobOutcome::Finished(a))) => (JobState::Succeeded, String::new(), a),
-            Ok(Ok(JobOutcome::Stopped)) if cancelled => (JobState::Cancelled, String::new(), vec![]),
-            Ok(Ok(JobOutcome::Stopped)) => (JobState::Interrupted, String::new(), vec![]),
-            Ok(Err(e)) => (JobState::Failed, format!("{e:#}").replace('\n', " "), vec![]),
+            Ok(Ok(JobOutcome::Finished(a))) => (JobState::Succeeded, None, a),
+            Ok(Ok(JobOutcome::Stopped)) if cancelled => (JobState::Cancelled, None, vec![]),
+            Ok(Ok(JobOutcome::Stopped)) => (JobState::Interrupted, None, vec![]),
+            Ok(Err(e)) => (JobState::Failed, Some(crate::status::to_status(&e)), vec![]),
             Err(p) => (
                 JobState::Failed,
-                format!("internal error (panic): {}", crate::worker::panic_message(p.as_ref())),
+                Some(tonic::Status::internal(format!(
+                    "internal error (panic): {}",
+                    crate::worker::panic_message(p.as_ref())
+                ))),
                 vec![],
             ),
         };
@@ -264,7 +273,7 @@ impl JobManager {
             .expect("lock")
             .insert(id.to_owned(), Live { stop: Arc::new(AtomicBool::new(false)), cancelled: false, resume, seq, tx });
         let q = self.0.queue.lock().expect("lock");
-        q.as_ref().context_send()?.send(id.to_owned()).map_err(|_| anyhow::anyhow!("the service is shutting down"))?;
+        q.as_ref().context_send()?.send(id.to_owned()).map_err(|_| shutting_down())?;
         Ok(())
     }
 
@@ -276,7 +285,7 @@ impl JobManager {
     /// Queues a new job and returns it (QUEUED).
     pub fn submit(&self, kind: &str, spec: serde_json::Value, output_dir: PathBuf) -> anyhow::Result<Job> {
         if self.0.shutting_down.load(Ordering::Relaxed) {
-            anyhow::bail!("the service is shutting down");
+            return Err(shutting_down());
         }
         let now = now_ms();
         let id = format!(
@@ -327,7 +336,7 @@ impl JobManager {
         };
         // Not started yet (queued, or interrupted and not resumed here): cancelled right away.
         if !live || job.state() == JobState::Queued {
-            self.0.set_state(id, JobState::Cancelled, String::new(), vec![], None);
+            self.0.set_state(id, JobState::Cancelled, None, vec![], None);
         }
         self.get(id)
     }
@@ -377,6 +386,6 @@ trait SendContext<T> {
 
 impl<T> SendContext<T> for Option<T> {
     fn context_send(self) -> anyhow::Result<T> {
-        self.ok_or_else(|| anyhow::anyhow!("the service is shutting down"))
+        self.ok_or_else(shutting_down)
     }
 }

@@ -74,6 +74,15 @@ impl Store {
                job_id TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (job_id, seq));",
         )
         .map_err(|e| anyhow::anyhow!("job store {}: {e}", path.display()))?;
+        // Stores written before failures carried their code gain the column (0: not failed, or unknown).
+        let has_code = db
+            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'error_code'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(|e| anyhow::anyhow!("job store {}: {e}", path.display()))?;
+        if !has_code {
+            db.execute_batch("ALTER TABLE jobs ADD COLUMN error_code INTEGER NOT NULL DEFAULT 0;")
+                .map_err(|e| anyhow::anyhow!("job store {}: {e}", path.display()))?;
+        }
         Ok(Self { db, _lock: lock })
     }
 
@@ -126,8 +135,9 @@ impl Store {
                 let job = s.job.clone().unwrap_or_default();
                 let artifacts = ArtifactList { items: job.artifacts.clone() }.encode_to_vec();
                 tx.execute(
-                    "UPDATE jobs SET state = ?2, updated_ms = ?3, error = ?4, artifacts = ?5, resumes = ?6 WHERE id = ?1",
-                    params![ev.job_id, s.state, ev.time_ms, job.error, artifacts, job.resumes],
+                    "UPDATE jobs SET state = ?2, updated_ms = ?3, error = ?4, artifacts = ?5, resumes = ?6, error_code = ?7 \
+                     WHERE id = ?1",
+                    params![ev.job_id, s.state, ev.time_ms, job.error, artifacts, job.resumes, job.error_code],
                 )?;
             }
             _ => {}
@@ -174,7 +184,8 @@ struct ArtifactList {
     items: Vec<Artifact>,
 }
 
-const COLUMNS: &str = "id, kind, state, created_ms, updated_ms, spec, output_dir, error, artifacts, progress, resumes";
+const COLUMNS: &str =
+    "id, kind, state, created_ms, updated_ms, spec, output_dir, error, artifacts, progress, resumes, error_code";
 
 fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
     let spec: String = r.get(5)?;
@@ -191,6 +202,7 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredJob> {
         artifacts: artifacts.and_then(|b| ArtifactList::decode(b.as_slice()).ok()).map(|l| l.items).unwrap_or_default(),
         progress: progress.and_then(|b| Progress::decode(b.as_slice()).ok()),
         resumes: r.get(10)?,
+        error_code: r.get(11)?,
     };
     Ok(StoredJob { job, spec: serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null) })
 }
@@ -208,5 +220,26 @@ mod tests {
         assert!(e.contains("in use by another ferrotune server") && e.contains(&std::process::id().to_string()), "{e}");
         drop(first);
         Store::open(&db).expect("free again once the first owner is gone");
+    }
+
+    #[test]
+    fn a_store_of_an_older_version_gains_the_error_code_column() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("jobs.sqlite");
+        let old = Connection::open(&db).unwrap();
+        old.execute_batch(
+            "CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, state INTEGER NOT NULL,
+               created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, spec TEXT NOT NULL, output_dir TEXT NOT NULL,
+               error TEXT NOT NULL DEFAULT '', artifacts BLOB, progress BLOB, resumes INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO jobs (id, kind, state, created_ms, updated_ms, spec, output_dir, error)
+               VALUES ('j', 'sft', 5, 1, 1, '{}', '/o', 'boom');",
+        )
+        .unwrap();
+        drop(old);
+        let s = Store::open(&db).unwrap();
+        let j = s.get("j").unwrap().unwrap().job;
+        assert_eq!((j.error.as_str(), j.error_code), ("boom", 0));
+        drop(s);
+        Store::open(&db).expect("opening again does not add the column twice");
     }
 }
