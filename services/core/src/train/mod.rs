@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod dpo;
+pub mod grpo;
 pub mod full;
 pub mod loss;
 pub mod optim;
