@@ -591,6 +591,33 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
     Ok(cfg)
 }
 
+impl PeftConfig {
+    /// The adapter's settings as a [`LoraConfig`] (to train it further and save it again); `dir` names it in
+    /// errors. Per-module rank or alpha patterns and regex targets are not carried over.
+    pub fn lora_config(&self, dir: &Path) -> Result<LoraConfig> {
+        let unsupported = |what: &str| {
+            Err(CoreError::config(dir.join("adapter_config.json"), format!("{what}: cannot be trained further here")))
+        };
+        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
+            return unsupported("rank_pattern / alpha_pattern");
+        }
+        let targets = match &self.target_modules {
+            serde_json::Value::String(s) if s == "all-linear" => Targets::AllLinear,
+            serde_json::Value::Array(a) => Targets::Names(
+                a.iter().map(|v| v.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>().unwrap_or_default(),
+            ),
+            other => return unsupported(&format!("target_modules {other}")),
+        };
+        Ok(LoraConfig {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets,
+            use_rslora: self.use_rslora,
+        })
+    }
+}
+
 /// See [`CausalLm::adapters_disabled`]; derefs to the model.
 pub struct AdaptersDisabled<'a> {
     model: &'a mut CausalLm,

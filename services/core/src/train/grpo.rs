@@ -174,7 +174,8 @@ pub fn micro_batch_loss(
         LossType::Grpo => {
             // Σ over completions of (Σ tokens / count); an all-masked completion counts with a zero mean
             // (TRL clamps its denominator at 1).
-            let seg: Vec<i64> = counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i as i64, c)).collect();
+            let seg: Vec<i64> =
+                counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i as i64, c)).collect();
             let seg = Tensor::from_slice(&seg).to_device(per_token.device());
             let sums = Tensor::f_zeros([counts.len() as i64], (Kind::Float, per_token.device()))?.f_index_add(
                 0,

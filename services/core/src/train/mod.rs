@@ -12,8 +12,8 @@
 
 pub mod checkpoint;
 pub mod dpo;
-pub mod grpo;
 pub mod full;
+pub mod grpo;
 pub mod loss;
 pub mod optim;
 pub mod ppo;
@@ -22,6 +22,7 @@ pub mod reward;
 pub mod run_dir;
 pub mod scaler;
 pub mod schedule;
+pub mod session;
 pub mod sft;
 pub mod trainer;
 
@@ -363,7 +364,7 @@ pub struct TrainSummary {
 
 /// The newest checkpoint of run `run_id` that [`checkpoint::verify`] accepts; a corrupt newer one is skipped
 /// with a warning on stderr.
-fn newest_intact(ckpt_root: &Path, run_id: Option<&str>) -> Result<Option<PathBuf>> {
+pub(crate) fn newest_intact(ckpt_root: &Path, run_id: Option<&str>) -> Result<Option<PathBuf>> {
     for dir in checkpoint::candidates(ckpt_root, run_id)? {
         match checkpoint::verify(&dir) {
             Ok(()) => return Ok(Some(dir)),

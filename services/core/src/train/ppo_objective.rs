@@ -207,7 +207,7 @@ pub type Scorer<'a> = dyn Fn(&[(String, String)]) -> Result<Vec<f64>> + 'a;
 
 /// Which teacher-forced pass over rollouts: what it computes besides the log-probs.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Pass {
+pub(crate) enum Pass {
     /// The policy when sampling: values and entropies (for metrics), no gradients.
     Rollout,
     /// The reference (adapters disabled): log-probs only.
@@ -218,15 +218,22 @@ enum Pass {
 
 /// Per-token log-probs (logits / temperature), entropies and values of `seqs`' labelled tokens, flat in
 /// sequence order, as the [`Pass`] asks; values need the value head.
-struct TokenStats {
-    logp: Tensor,
+pub(crate) struct TokenStats {
+    pub(crate) logp: Tensor,
     entropy: Option<Tensor>,
     values: Option<Tensor>,
     /// Tokens of each sequence.
-    counts: Vec<usize>,
+    pub(crate) counts: Vec<usize>,
 }
 
-fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: f64, pass: Pass) -> Result<TokenStats> {
+/// With [`Pass::Rollout`] or [`Pass::Update`], values come from the value head when the model has one.
+pub(crate) fn token_stats(
+    model: &CausalLm,
+    seqs: &[SftExample],
+    pad_id: u32,
+    temperature: f64,
+    pass: Pass,
+) -> Result<TokenStats> {
     let refs: Vec<&SftExample> = seqs.iter().collect();
     let c = SftObjective { pad_id, chunk: 1, gradient_checkpointing: false }.collate(model, &refs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
@@ -239,12 +246,11 @@ fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: 
     } else {
         None
     };
-    let values = if pass != Pass::Reference {
-        let head =
-            model.score.as_ref().ok_or_else(|| CoreError::InvalidArgument("the policy has no value head".into()))?;
-        Some(rows.f_to_kind(Kind::Float)?.f_linear::<Tensor>(head, None)?.f_squeeze_dim(1)?)
-    } else {
-        None
+    let values = match (&model.score, pass) {
+        (Some(head), Pass::Rollout | Pass::Update) => {
+            Some(rows.f_to_kind(Kind::Float)?.f_linear::<Tensor>(head, None)?.f_squeeze_dim(1)?)
+        }
+        _ => None,
     };
     Ok(TokenStats {
         logp,
@@ -254,11 +260,15 @@ fn token_stats(model: &CausalLm, seqs: &[SftExample], pad_id: u32, temperature: 
     })
 }
 
-fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
+fn no_value_head() -> CoreError {
+    CoreError::InvalidArgument("the policy has no value head".into())
+}
+
+pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
     Ok(Vec::<f64>::try_from(&t.f_detach()?.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?)
 }
 
-fn split(flat: &[f64], counts: &[usize]) -> Vec<Vec<f64>> {
+pub(crate) fn split(flat: &[f64], counts: &[usize]) -> Vec<Vec<f64>> {
     let mut out = Vec::with_capacity(counts.len());
     let mut at = 0;
     for &n in counts {
@@ -368,7 +378,7 @@ impl<'a> PpoObjective<'a> {
         let reference =
             token_stats(&model.adapters_disabled(), &seqs, self.pad_id, self.cfg.temperature, Pass::Reference)?;
         let (logp, ref_logp) = (split(&to_vec(&pol.logp)?, &pol.counts), split(&to_vec(&reference.logp)?, &pol.counts));
-        let values = split(&to_vec(pol.values.as_ref().expect("asked for values"))?, &pol.counts);
+        let values = split(&to_vec(pol.values.as_ref().ok_or_else(no_value_head)?)?, &pol.counts);
         let entropy = split(&to_vec(pol.entropy.as_ref().expect("rollout pass"))?, &pol.counts);
         let beta = self.kl_coef.get();
         let mut rewards = Vec::with_capacity(rs.len());
@@ -435,7 +445,7 @@ impl<'a> PpoObjective<'a> {
             (flat(&|r| &r.logp)?, flat(&|r| &r.advantages)?, flat(&|r| &r.returns)?, flat(&|r| &r.values)?);
         let n: usize = st.counts.iter().sum();
         let mask = Tensor::f_ones([n as i64], (Kind::Float, dev))?;
-        let values = st.values.as_ref().expect("asked for values");
+        let values = st.values.as_ref().ok_or_else(no_value_head)?;
         let (pg, clipfrac) = policy_loss(&st.logp, &old, &adv, &mask, self.cfg.cliprange)?;
         let vf = value_loss(values, &old_v, &ret, &mask, self.cfg.cliprange_value)?;
         let loss = pg.f_add(&vf.f_mul_scalar(self.cfg.vf_coef)?)?.f_mul_scalar(n as f64)?;

@@ -38,6 +38,8 @@ pub struct Trainer {
     pub micro_batches: u64,
     /// f16 compute: log2 of the dynamic loss scale and good steps since it last changed.
     pub loss_scale: Option<(i32, u64)>,
+    /// The settings it was built with.
+    pub config: TrainConfig,
 }
 
 impl Trainer {
@@ -60,6 +62,7 @@ impl Trainer {
             seed: cfg.seed,
             micro_batches: 0,
             loss_scale: None,
+            config: cfg.clone(),
         })
     }
 

@@ -12,5 +12,6 @@ mod lora;
 mod nf4;
 mod ppo;
 mod reward;
+mod session;
 mod tiny_models;
 mod train;
