@@ -5,6 +5,7 @@
 pub mod align_service;
 pub mod models;
 pub mod service;
+pub mod sessions;
 
 use std::sync::Arc;
 
@@ -18,8 +19,9 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let cfg = h.settings.policy.clone();
     let device = ferrotune_core::parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("policy.device: {e}"))?;
     let kind = ferrotune_core::parse_dtype(&cfg.dtype).map_err(|e| anyhow::anyhow!("policy.dtype: {e}"))?;
+    let sessions = sessions::Sessions::new(cfg.max_sessions, std::time::Duration::from_secs(cfg.session_idle_s));
     let worker = Worker::spawn("ferrotune-policy", cfg.threads, move || {
-        models::Models::new(device, kind, cfg.max_loaded_models)
+        models::Models::new(device, kind, cfg.max_loaded_models, sessions)
     })?;
     let jobs = h.jobs()?;
     let threads = h.settings.policy.threads;
@@ -45,6 +47,8 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         worker,
         jobs,
         device: h.settings.policy.device.clone(),
+        device_of: device,
+        kind,
         max_generated_tokens: h.settings.policy.max_generated_tokens,
         max_text_bytes: h.settings.limits.max_text_bytes,
     };

@@ -11,17 +11,19 @@ use tonic::Status;
 
 type Key = (PathBuf, Option<PathBuf>);
 
-/// Loaded models.
+/// Loaded models and the open training sessions (both on the worker thread).
 pub struct Models {
     device: Device,
     kind: Kind,
     cache: Lru<Key, ModelBundle>,
+    /// Training sessions.
+    pub sessions: crate::sessions::Sessions,
 }
 
 impl Models {
-    /// Empty; models load on `device` in `kind`, at most `max` kept.
-    pub fn new(device: Device, kind: Kind, max: usize) -> Self {
-        Self { device, kind, cache: Lru::new(max) }
+    /// Empty; models load on `device` in `kind`, at most `max` kept; `sessions` bounds the sessions.
+    pub fn new(device: Device, kind: Kind, max: usize, sessions: crate::sessions::Sessions) -> Self {
+        Self { device, kind, cache: Lru::new(max), sessions }
     }
 
     /// The bundle for `model` + `adapter`, loading it when needed.

@@ -8,9 +8,11 @@ use ferrotune_core::generation::generate_until;
 use ferrotune_core::{GenerateOptions, Message, SamplingParams};
 use ferrotune_proto::v1::policy_service_server::PolicyService;
 use ferrotune_proto::v1::{
-    prompt, AdapterInfo, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest,
-    ListAdaptersResponse, LogProbsRequest, LogProbsResponse, PerplexityRequest, PerplexityResult, SequenceLogProbs,
-    StartJobResponse, StartRecipeJobRequest, StreamedToken,
+    prompt, AdapterInfo, CheckpointSessionRequest, CheckpointSessionResponse, CloseSessionRequest,
+    CloseSessionResponse, Completion, GenerateChunk, GenerateRequest, GenerateResponse, ListAdaptersRequest,
+    ListAdaptersResponse, LogProbsRequest, LogProbsResponse, OpenSessionRequest, PerplexityRequest, PerplexityResult,
+    RolloutRequest, RolloutResponse, SequenceLogProbs, SessionInfo, StartJobResponse, StartRecipeJobRequest,
+    StreamedToken, UpdateRequest, UpdateResponse,
 };
 use ferrotune_runtime::jobs::JobManager;
 use ferrotune_runtime::worker::Worker;
@@ -39,6 +41,10 @@ pub struct Policy {
     pub jobs: JobManager,
     /// The service's device (recipes run there).
     pub device: String,
+    /// The same, parsed (sessions are pinned there).
+    pub device_of: tch::Device,
+    /// The compute dtype of sessions (`policy.dtype`).
+    pub kind: tch::Kind,
     /// `policy.max_generated_tokens`.
     pub max_generated_tokens: usize,
     /// `limits.max_text_bytes`: the longest text of one prompt.
@@ -66,8 +72,8 @@ impl Policy {
 
 /// The request's sampling settings; 0 means "unset" (proto3), a negative or non-finite value is an error
 /// rather than a silent switch to greedy decoding.
-fn sampling(r: &GenerateRequest) -> Result<SamplingParams, Status> {
-    let s = r.sampling.unwrap_or_default();
+pub(crate) fn sampling(s: Option<ferrotune_proto::v1::Sampling>) -> Result<SamplingParams, Status> {
+    let s = s.unwrap_or_default();
     for (field, v) in [("temperature", s.temperature), ("top_p", s.top_p), ("repetition_penalty", s.repetition_penalty)]
     {
         if !v.is_finite() || v < 0.0 {
@@ -122,7 +128,7 @@ fn check_generate(
     if r.max_new_tokens > MAX_NEW_TOKENS {
         return Err(invalid("max_new_tokens", format!("{} is more than {MAX_NEW_TOKENS}", r.max_new_tokens)));
     }
-    let sampling = sampling(r)?;
+    let sampling = sampling(r.sampling)?;
     sampling.validate().map_err(|e| invalid("sampling", e))?;
     let max_new_tokens = if r.max_new_tokens == 0 { 128 } else { r.max_new_tokens as usize };
     if r.prompts.len() * max_new_tokens > max_generated_tokens {
@@ -193,6 +199,29 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Se
 
 #[tonic::async_trait]
 impl PolicyService for Policy {
+    async fn open_session(&self, req: Request<OpenSessionRequest>) -> Result<Response<SessionInfo>, Status> {
+        self.session_open(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn rollout(&self, req: Request<RolloutRequest>) -> Result<Response<RolloutResponse>, Status> {
+        self.session_rollout(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn update(&self, req: Request<UpdateRequest>) -> Result<Response<UpdateResponse>, Status> {
+        self.session_update(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn checkpoint_session(
+        &self,
+        req: Request<CheckpointSessionRequest>,
+    ) -> Result<Response<CheckpointSessionResponse>, Status> {
+        self.session_checkpoint(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn close_session(&self, req: Request<CloseSessionRequest>) -> Result<Response<CloseSessionResponse>, Status> {
+        self.session_close(req.into_inner()).await.map(Response::new)
+    }
+
     async fn start_sft(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
         let r = req.into_inner();
         self.start_job("sft", &r.recipe_yaml, &r.overrides, r.resume).await

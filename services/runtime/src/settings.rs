@@ -156,6 +156,10 @@ pub struct Policy {
     pub max_generated_tokens: usize,
     /// CPU threads for generation, log-probs and training jobs (0 = the CPUs this process may use).
     pub threads: usize,
+    /// Training sessions open at once.
+    pub max_sessions: usize,
+    /// Seconds after which an unused session is closed.
+    pub session_idle_s: u64,
 }
 
 impl Settings {
@@ -206,8 +210,10 @@ impl Settings {
         if self.reward.max_loaded_models == 0 || self.reward.max_batch_size == 0 {
             anyhow::bail!("configuration: reward.max_loaded_models and reward.max_batch_size must be positive");
         }
-        if self.policy.max_loaded_models == 0 {
-            anyhow::bail!("configuration: policy.max_loaded_models must be positive");
+        if self.policy.max_loaded_models == 0 || self.policy.max_sessions == 0 || self.policy.session_idle_s == 0 {
+            anyhow::bail!(
+                "configuration: policy.max_loaded_models, policy.max_sessions and policy.session_idle_s must be positive"
+            );
         }
         if !["passive", "active"].contains(&self.cpu.wait_policy.as_str()) {
             anyhow::bail!("configuration: cpu.wait_policy must be passive or active, not `{}`", self.cpu.wait_policy);

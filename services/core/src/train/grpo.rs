@@ -1,7 +1,8 @@
 //! The clipped policy losses of group-baseline RL (TRL's `GRPOTrainer._compute_loss`): per completion token,
 //! `ratio = exp(logp − old_logp)`, the surrogate `−min(ratio·A, clamp(ratio, 1 − ε_low, 1 + ε_high)·A)`,
-//! plus `β · k3` with `k3 = exp(ref − logp) − (ref − logp) − 1` when β > 0; then normalised as `loss_type`
-//! says:
+//! plus `β · k3` with `k3 = exp(ref − logp) − (ref − logp) − 1` when β > 0 (times the ratio with TRL's
+//! default `use_bias_correction_kl`); then normalised as `loss_type` says (checked against TRL 1.16's own
+//! `_compute_loss` on the fixture `tests/fixtures/grpo/trl-reference.json`):
 //!
 //! - `grpo`: each completion's mean over its tokens, averaged over the completions;
 //! - `bnpo`: the sum over the micro-batch's tokens / its token count;
@@ -62,6 +63,11 @@ pub struct PolicyLoss {
     pub beta: f64,
     /// `dr_grpo`'s constant length.
     pub max_completion_length: usize,
+    /// Multiply the k3 KL by the importance ratio (TRL's `use_bias_correction_kl`, on by default there).
+    pub bias_correction_kl: bool,
+    /// One importance ratio per completion, from its mean token log-ratio (GSPO; TRL's
+    /// `importance_sampling_level: sequence`), instead of one per token.
+    pub sequence_level: bool,
 }
 
 impl PolicyLoss {
@@ -138,7 +144,21 @@ pub fn micro_batch_loss(
             adv.size()
         )));
     }
-    let ratio = logp.f_sub(old_logp)?.f_exp()?;
+    let device = logp.device();
+    let seg: Vec<i64> = counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i as i64, c)).collect();
+    let seg = Tensor::from_slice(&seg).to_device(device);
+    let denom: Vec<f64> = counts.iter().map(|&c| c.max(1) as f64).collect();
+    let denom = Tensor::from_slice(&denom).to_device(device).f_to_kind(logp.kind())?;
+    // Each completion's Σ over its tokens of `x` / its count.
+    let per_completion_mean = |x: &Tensor| -> Result<Tensor> {
+        let sums = Tensor::f_zeros([counts.len() as i64], (x.kind(), device))?.f_index_add(0, &seg, x)?;
+        Ok(sums.f_div(&denom)?)
+    };
+    let mut log_ratio = logp.f_sub(old_logp)?;
+    if cfg.sequence_level {
+        log_ratio = per_completion_mean(&log_ratio)?.f_index_select(0, &seg)?;
+    }
+    let ratio = log_ratio.f_exp()?;
     let clipped = ratio.f_clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
     let surrogate = ratio.f_mul(adv)?.f_min_other(&clipped.f_mul(adv)?)?;
     let mut per_token = surrogate.f_neg()?;
@@ -149,7 +169,10 @@ pub fn micro_batch_loss(
             return Err(CoreError::InvalidArgument(format!("reference log-probs {:?} for {n} tokens", r.size())));
         }
         let d = r.f_sub(logp)?;
-        let kl = d.f_exp()?.f_sub(&d)?.f_sub_scalar(1.0)?;
+        let mut kl = d.f_exp()?.f_sub(&d)?.f_sub_scalar(1.0)?;
+        if cfg.bias_correction_kl {
+            kl = kl.f_mul(&ratio)?;
+        }
         kl_sum = kl.f_detach()?.f_sum(Kind::Double)?.f_double_value(&[])?;
         per_token = per_token.f_add(&kl.f_mul_scalar(cfg.beta)?)?;
     }
@@ -166,26 +189,14 @@ pub fn micro_batch_loss(
         }
     };
     let loss = match cfg.loss_type {
-        LossType::Dapo => per_token.f_sum(Kind::Float)?,
-        LossType::Bnpo => per_token.f_sum(Kind::Float)?.f_div_scalar(n.max(1) as f64)?,
+        LossType::Dapo => per_token.f_sum(per_token.kind())?,
+        LossType::Bnpo => per_token.f_sum(per_token.kind())?.f_div_scalar(n.max(1) as f64)?,
         LossType::DrGrpo => {
-            per_token.f_sum(Kind::Float)?.f_div_scalar((counts.len() * cfg.max_completion_length).max(1) as f64)?
+            per_token.f_sum(per_token.kind())?.f_div_scalar((counts.len() * cfg.max_completion_length).max(1) as f64)?
         }
-        LossType::Grpo => {
-            // Σ over completions of (Σ tokens / count); an all-masked completion counts with a zero mean
-            // (TRL clamps its denominator at 1).
-            let seg: Vec<i64> =
-                counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i as i64, c)).collect();
-            let seg = Tensor::from_slice(&seg).to_device(per_token.device());
-            let sums = Tensor::f_zeros([counts.len() as i64], (Kind::Float, per_token.device()))?.f_index_add(
-                0,
-                &seg,
-                &per_token.f_to_kind(Kind::Float)?,
-            )?;
-            let denom: Vec<f32> = counts.iter().map(|&c| c.max(1) as f32).collect();
-            let denom = Tensor::from_slice(&denom).to_device(per_token.device());
-            sums.f_div(&denom)?.f_sum(Kind::Float)?.f_div_scalar(counts.len().max(1) as f64)?
-        }
+        // The mean over completions of each one's token mean; an all-masked completion counts with a zero
+        // mean (TRL clamps its denominator at 1).
+        LossType::Grpo => per_completion_mean(&per_token)?.f_mean(per_token.kind())?,
     };
     Ok((loss, stats))
 }
@@ -216,7 +227,15 @@ mod tests {
                 s + beta * (d.exp() - d - 1.0)
             })
             .collect();
-        let cfg = |lt| PolicyLoss { loss_type: lt, epsilon_low: el, epsilon_high: eh, beta, max_completion_length: 4 };
+        let cfg = |lt| PolicyLoss {
+            loss_type: lt,
+            epsilon_low: el,
+            epsilon_high: eh,
+            beta,
+            max_completion_length: 4,
+            bias_correction_kl: false,
+            sequence_level: false,
+        };
         let want = [
             (LossType::Grpo, ((per[0] + per[1]) / 2.0 + per[2]) / 2.0),
             (LossType::Bnpo, per.iter().sum::<f64>() / 3.0),
@@ -238,5 +257,63 @@ mod tests {
         assert!(micro_batch_loss(&c, &t(&logp), &t(&old), None, &t(&adv), &counts).is_ok());
         assert!(micro_batch_loss(&c, &t(&logp), &t(&old), None, &t(&adv), &[1, 1]).is_err());
         assert!(LossType::parse("ppo").is_err());
+    }
+
+    /// TRL 1.16's `_compute_loss` on fixed inputs (tests/fixtures/make_grpo.py): the loss and its gradient
+    /// with respect to the per-token log-probs, for every loss type, clip setting, β, the KL bias correction
+    /// on and off, gradient accumulation, and sequence-level ratios (GSPO).
+    #[test]
+    fn losses_equal_trl() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/grpo/trl-reference.json");
+        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let g = &fx["grpo"];
+        let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+                .collect()
+        };
+        let inp = &g["loss_inputs"];
+        let mask = rows(&inp["completion_mask"]);
+        let counts: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m > 0.0).count()).collect();
+        // Flat over the unmasked tokens (each completion's mask is a prefix).
+        let flat = |v: &serde_json::Value| -> Vec<f64> {
+            rows(v).iter().zip(&counts).flat_map(|(r, &c)| r[..c].to_vec()).collect()
+        };
+        let adv_seq: Vec<f64> = inp["advantages"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let adv: Vec<f64> = adv_seq.iter().zip(&counts).flat_map(|(&a, &c)| std::iter::repeat_n(a, c)).collect();
+        let max_len = inp["max_completion_length"].as_u64().unwrap() as usize;
+        let cases = g["loss_cases"].as_array().unwrap();
+        assert!(cases.len() >= 20);
+        for (i, c) in cases.iter().enumerate() {
+            let old = flat(c.get("old_per_token_logps").unwrap_or(&inp["old_per_token_logps"]));
+            let cfg = PolicyLoss {
+                loss_type: LossType::parse(c["loss_type"].as_str().unwrap()).unwrap(),
+                epsilon_low: c["epsilon_low_used"].as_f64().unwrap(),
+                epsilon_high: c["epsilon_high_used"].as_f64().unwrap(),
+                beta: c["beta"].as_f64().unwrap(),
+                max_completion_length: max_len,
+                bias_correction_kl: c["use_bias_correction_kl"].as_bool().unwrap(),
+                sequence_level: c["importance_sampling_level"] == "sequence",
+            };
+            let logp = t(&flat(&inp["per_token_logps"])).set_requires_grad(true);
+            let refp = t(&flat(&inp["ref_per_token_logps"]));
+            let (l, _) = micro_batch_loss(&cfg, &logp, &t(&old), Some(&refp), &t(&adv), &counts).unwrap();
+            // The update divides by `units`: gradient accumulation steps (micro-batches) for grpo, bnpo and
+            // dr_grpo, the generation batch's token count for dapo.
+            let ga = c["gradient_accumulation_steps"].as_u64().unwrap() as usize;
+            let items = c["num_items_in_batch"].as_f64().unwrap() as usize;
+            let l = l / cfg.units(ga, items) as f64;
+            let want = c["loss"].as_f64().unwrap();
+            assert!((l.double_value(&[]) - want).abs() < 1e-12, "case {i} {c}: {} vs {want}", l.double_value(&[]));
+            l.backward();
+            let grad = Vec::<f64>::try_from(&logp.grad()).unwrap();
+            let want_grad = flat(&c["grad_per_token_logps"]);
+            for (a, b) in grad.iter().zip(&want_grad) {
+                assert!((a - b).abs() < 1e-12, "case {i}: gradient {grad:?} vs {want_grad:?}");
+            }
+        }
     }
 }
