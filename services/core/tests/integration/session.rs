@@ -68,6 +68,8 @@ const LOSS: PolicyLoss = PolicyLoss {
     epsilon_high: 0.28,
     beta: 0.04,
     max_completion_length: 6,
+    bias_correction_kl: true,
+    sequence_level: false,
 };
 
 #[test]
