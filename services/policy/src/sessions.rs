@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferrotune_core::lora::{LoraConfig, Targets};
-use ferrotune_core::train::grpo::{LossType, PolicyLoss};
+use ferrotune_core::train::grpo::{LossType, PolicyLoss, RatioLevel};
 use ferrotune_core::train::session::{AdapterInit, PolicySession, RolloutSpec, SessionSpec, UpdateSample};
 use ferrotune_core::train::TrainConfig;
 use ferrotune_proto::v1::{
@@ -135,10 +135,16 @@ fn loss(r: &UpdateRequest) -> Result<PolicyLoss, Status> {
         beta: l.beta,
         max_completion_length: l.max_completion_length as usize,
         bias_correction_kl: !l.no_bias_correction_kl,
-        sequence_level: match l.importance_sampling_level.as_str() {
-            "" | "token" => false,
-            "sequence" => true,
-            other => return Err(invalid("loss.importance_sampling_level", format!("`{other}`: token or sequence"))),
+        ratio: match l.importance_sampling_level.as_str() {
+            "" | "token" => RatioLevel::Token,
+            "sequence" => RatioLevel::SequenceMean,
+            "sequence_sum" => RatioLevel::SequenceSum,
+            other => {
+                return Err(invalid(
+                    "loss.importance_sampling_level",
+                    format!("`{other}`: token, sequence or sequence_sum"),
+                ))
+            }
         },
     };
     cfg.validate().map_err(|e| invalid("loss", e))?;

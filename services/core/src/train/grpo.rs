@@ -65,9 +65,21 @@ pub struct PolicyLoss {
     pub max_completion_length: usize,
     /// Multiply the k3 KL by the importance ratio (TRL's `use_bias_correction_kl`, on by default there).
     pub bias_correction_kl: bool,
-    /// One importance ratio per completion, from its mean token log-ratio (GSPO; TRL's
-    /// `importance_sampling_level: sequence`), instead of one per token.
-    pub sequence_level: bool,
+    /// Where the importance ratio is taken.
+    pub ratio: RatioLevel,
+}
+
+/// Where the importance ratio is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RatioLevel {
+    /// One ratio per token (GRPO).
+    #[default]
+    Token,
+    /// One per completion from its mean token log-ratio (GSPO; TRL's `importance_sampling_level: sequence`).
+    SequenceMean,
+    /// One per completion from its summed log-ratio, i.e. the ratio of the completion's probabilities
+    /// (TRL's RLOO, whose loss is then the mean over completions: use `loss_type: grpo`).
+    SequenceSum,
 }
 
 impl PolicyLoss {
@@ -155,8 +167,14 @@ pub fn micro_batch_loss(
         Ok(sums.f_div(&denom)?)
     };
     let mut log_ratio = logp.f_sub(old_logp)?;
-    if cfg.sequence_level {
-        log_ratio = per_completion_mean(&log_ratio)?.f_index_select(0, &seg)?;
+    match cfg.ratio {
+        RatioLevel::Token => {}
+        RatioLevel::SequenceMean => log_ratio = per_completion_mean(&log_ratio)?.f_index_select(0, &seg)?,
+        RatioLevel::SequenceSum => {
+            let sums =
+                Tensor::f_zeros([counts.len() as i64], (log_ratio.kind(), device))?.f_index_add(0, &seg, &log_ratio)?;
+            log_ratio = sums.f_index_select(0, &seg)?;
+        }
     }
     let ratio = log_ratio.f_exp()?;
     let clipped = ratio.f_clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
@@ -234,7 +252,7 @@ mod tests {
             beta,
             max_completion_length: 4,
             bias_correction_kl: false,
-            sequence_level: false,
+            ratio: RatioLevel::Token,
         };
         let want = [
             (LossType::Grpo, ((per[0] + per[1]) / 2.0 + per[2]) / 2.0),
@@ -296,7 +314,11 @@ mod tests {
                 beta: c["beta"].as_f64().unwrap(),
                 max_completion_length: max_len,
                 bias_correction_kl: c["use_bias_correction_kl"].as_bool().unwrap(),
-                sequence_level: c["importance_sampling_level"] == "sequence",
+                ratio: if c["importance_sampling_level"] == "sequence" {
+                    RatioLevel::SequenceMean
+                } else {
+                    RatioLevel::Token
+                },
             };
             let logp = t(&flat(&inp["per_token_logps"])).set_requires_grad(true);
             let refp = t(&flat(&inp["ref_per_token_logps"]));
@@ -311,6 +333,60 @@ mod tests {
             l.backward();
             let grad = Vec::<f64>::try_from(&logp.grad()).unwrap();
             let want_grad = flat(&c["grad_per_token_logps"]);
+            for (a, b) in grad.iter().zip(&want_grad) {
+                assert!((a - b).abs() < 1e-12, "case {i}: gradient {grad:?} vs {want_grad:?}");
+            }
+        }
+    }
+
+    /// TRL 1.16's RLOO loss: the ratio of each completion's probabilities, the clipped surrogate, the mean
+    /// over completions (`SequenceSum` ratios with `grpo` normalisation), no KL term.
+    #[test]
+    fn rloo_loss_equals_trl() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/grpo/trl-reference.json");
+        let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let r = &fx["rloo"];
+        let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+                .collect()
+        };
+        let nums =
+            |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+        let inp = &r["loss_inputs"];
+        let mask = rows(&inp["completion_mask"]);
+        let counts: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m > 0.0).count()).collect();
+        let logp_rows = rows(&inp["per_token_logps"]);
+        let logp: Vec<f64> = logp_rows.iter().zip(&counts).flat_map(|(r, &c)| r[..c].to_vec()).collect();
+        let adv: Vec<f64> =
+            nums(&inp["advantages"]).iter().zip(&counts).flat_map(|(&a, &c)| std::iter::repeat_n(a, c)).collect();
+        for (i, c) in r["loss_cases"].as_array().unwrap().iter().enumerate() {
+            // Only each completion's summed old log-prob matters: put it on its first token.
+            let old: Vec<f64> = nums(&c["old_logps"])
+                .iter()
+                .zip(&counts)
+                .flat_map(|(&o, &n)| std::iter::once(o).chain(std::iter::repeat_n(0.0, n - 1)))
+                .collect();
+            let cfg = PolicyLoss {
+                loss_type: LossType::Grpo,
+                epsilon_low: c["epsilon_low_used"].as_f64().unwrap(),
+                epsilon_high: c["epsilon_high_used"].as_f64().unwrap(),
+                beta: 0.0,
+                max_completion_length: 0,
+                bias_correction_kl: false,
+                ratio: RatioLevel::SequenceSum,
+            };
+            let lp = t(&logp).set_requires_grad(true);
+            let (l, _) = micro_batch_loss(&cfg, &lp, &t(&old), None, &t(&adv), &counts).unwrap();
+            let want = c["loss"].as_f64().unwrap();
+            assert!((l.double_value(&[]) - want).abs() < 1e-12, "case {i}: {} vs {want}", l.double_value(&[]));
+            l.backward();
+            let grad = Vec::<f64>::try_from(&lp.grad()).unwrap();
+            let want_grad: Vec<f64> =
+                rows(&c["grad_per_token_logps"]).iter().zip(&counts).flat_map(|(r, &n)| r[..n].to_vec()).collect();
             for (a, b) in grad.iter().zip(&want_grad) {
                 assert!((a - b).abs() < 1e-12, "case {i}: gradient {grad:?} vs {want_grad:?}");
             }

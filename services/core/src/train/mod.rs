@@ -10,6 +10,7 @@
 //! index, and the data order per epoch from the seed and the epoch, so a resumed run replays exactly the
 //! same computation as an uninterrupted one.
 
+pub mod advantages;
 pub mod checkpoint;
 pub mod dpo;
 pub mod full;

@@ -69,7 +69,7 @@ const LOSS: PolicyLoss = PolicyLoss {
     beta: 0.04,
     max_completion_length: 6,
     bias_correction_kl: true,
-    sequence_level: false,
+    ratio: ferrotune_core::train::grpo::RatioLevel::Token,
 };
 
 #[test]
