@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferrotune_core::data::formats::{Format, MaskMode};
 use ferrotune_core::lora::{LoraConfig, Targets};
+use ferrotune_core::train::group_rl::{GroupAlgorithm, GroupRlConfig};
 use ferrotune_core::train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,12 @@ pub struct Recipe {
     /// PPO settings (`align ppo`; absent otherwise). `data.path` is then a prompt file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ppo: Option<ferrotune_core::train::ppo_objective::PpoConfig>,
+    /// GRPO settings (`align grpo`; absent otherwise). `data.path` is then a prompt file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GroupRlConfig>,
+    /// RLOO settings (`align rloo`; absent otherwise). `data.path` is then a prompt file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rloo: Option<GroupRlConfig>,
 }
 
 fn cpu() -> String {
@@ -224,6 +231,8 @@ pub enum Objective {
     Reward(ferrotune_core::train::reward::RewardConfig),
     /// PPO (`ppo:`).
     Ppo(ferrotune_core::train::ppo_objective::PpoConfig),
+    /// GRPO or RLOO (`grpo:` / `rloo:`), run by the alignment service's orchestrator.
+    GroupRl(GroupAlgorithm, GroupRlConfig),
 }
 
 impl Objective {
@@ -234,6 +243,8 @@ impl Objective {
             Self::Dpo(_) => "dpo",
             Self::Reward(_) => "reward",
             Self::Ppo(_) => "ppo",
+            Self::GroupRl(GroupAlgorithm::Grpo, _) => "grpo",
+            Self::GroupRl(GroupAlgorithm::Rloo, _) => "rloo",
         }
     }
 }
@@ -241,10 +252,12 @@ impl Objective {
 impl Recipe {
     /// The objective the recipe's sections give (at most one of them is present after [`parse`]).
     pub fn objective(&self) -> Objective {
-        match (&self.dpo, &self.reward, &self.ppo) {
-            (Some(d), _, _) => Objective::Dpo(*d),
-            (_, Some(r), _) => Objective::Reward(*r),
-            (_, _, Some(p)) => Objective::Ppo(p.clone()),
+        match (&self.dpo, &self.reward, &self.ppo, &self.grpo, &self.rloo) {
+            (Some(d), ..) => Objective::Dpo(*d),
+            (_, Some(r), ..) => Objective::Reward(*r),
+            (_, _, Some(p), ..) => Objective::Ppo(p.clone()),
+            (_, _, _, Some(g), _) => Objective::GroupRl(GroupAlgorithm::Grpo, g.clone()),
+            (.., Some(g)) => Objective::GroupRl(GroupAlgorithm::Rloo, g.clone()),
             _ => Objective::Sft,
         }
     }
@@ -264,6 +277,21 @@ impl Recipe {
             Err((field, format!("this recipe has a {field} section: run it with {how}")))
         };
         match kind {
+            "grpo" | "rloo" => {
+                let present = if kind == "grpo" { self.grpo.is_some() } else { self.rloo.is_some() };
+                if !present {
+                    return Err((
+                        if kind == "grpo" { "grpo" } else { "rloo" },
+                        format!(
+                            "missing: a {} recipe needs a {kind} section with its rewards (see recipes/{kind}.yaml)",
+                            kind.to_uppercase()
+                        ),
+                    ));
+                }
+                lora_only(self, kind)?;
+            }
+            _ if self.grpo.is_some() => return other("grpo", "align grpo (AlignmentService.StartGrpo)"),
+            _ if self.rloo.is_some() => return other("rloo", "align rloo (AlignmentService.StartRloo)"),
             "ppo" => {
                 if self.ppo.is_none() {
                     return Err(("ppo", "missing: a PPO recipe needs a ppo section with its reward (ppo.reward.rule, or ppo.reward.model and ppo.reward.adapter)".into()));
@@ -316,16 +344,33 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
     }
+    let sections = [r.dpo.is_some(), r.reward.is_some(), r.ppo.is_some(), r.grpo.is_some(), r.rloo.is_some()];
+    if sections.iter().filter(|&&x| x).count() > 1 {
+        bail!("{}: a recipe has at most one of the dpo, reward, ppo, grpo and rloo sections", path.display());
+    }
+    for (name, g) in [("grpo", &r.grpo), ("rloo", &r.rloo)] {
+        if let Some(g) = g {
+            g.validate(name).with_context(|| format!("{}", path.display()))?;
+            let completions = r.training.micro_batch_size * r.training.gradient_accumulation_steps;
+            if completions % g.num_generations != 0 {
+                bail!(
+                    "{}: training.micro_batch_size × gradient_accumulation_steps ({completions}) completions per step \
+                     must be a multiple of {name}.num_generations ({})",
+                    path.display(),
+                    g.num_generations
+                );
+            }
+        }
+    }
     if let Some(p) = &r.ppo {
         p.validate().with_context(|| format!("{}", path.display()))?;
+    }
+    if r.ppo.is_some() || r.grpo.is_some() || r.rloo.is_some() {
         if r.data.path.is_none() || r.data.dataset.is_some() {
             bail!(
-                "{}: PPO reads prompts from data.path (a JSONL file with `prompt` or `messages`), not data.dataset",
+                "{}: online RL reads prompts from data.path (a JSONL file with `prompt` or `messages`), not data.dataset",
                 path.display()
             );
-        }
-        if [r.dpo.is_some(), r.reward.is_some()].contains(&true) {
-            bail!("{}: a recipe has at most one of the ppo, dpo and reward sections", path.display());
         }
         return Ok(r);
     }
@@ -393,5 +438,26 @@ mod tests {
         assert!(field == "adapter.method" && msg.contains("lora or qlora"), "{field}: {msg}");
         let r = recipe(&["dpo.beta=0.2"]);
         assert!(matches!(r.objective(), Objective::Dpo(c) if c.beta == 0.2));
+    }
+
+    #[test]
+    fn group_rl_sections() {
+        let yaml = "model: m\noutput_dir: out\nadapter: {method: lora, r: 4}\ndata: {path: p.jsonl}\n\
+                    training: {micro_batch_size: 4}\n\
+                    grpo: {num_generations: 4, rewards: [{rule: 'regex:^A', weight: 0.5, name: starts}, {model: rm, adapter: rm/a}]}\n";
+        let mut r = parse(yaml, Path::new("g.yaml"), &[]).unwrap();
+        let Objective::GroupRl(GroupAlgorithm::Grpo, g) = r.settle_objective("grpo").unwrap() else { panic!() };
+        assert_eq!((g.rewards.len(), g.rewards[0].weight, g.rewards[1].weight), (2, 0.5, 1.0));
+        assert_eq!(g.rewards[0].name.as_deref(), Some("starts"));
+        assert_eq!(r.settle_objective("sft").unwrap_err().0, "grpo");
+        let err = |y: &str| format!("{:#}", parse(y, Path::new("g.yaml"), &[]).unwrap_err());
+        let e = err(&yaml.replace("num_generations: 4", "num_generations: 1"));
+        assert!(e.contains("grpo.num_generations must be in 2..=64"), "{e}");
+        let e = err(&yaml.replace("num_generations: 4", "num_generations: 3"));
+        assert!(e.contains("must be a multiple of grpo.num_generations"), "{e}");
+        let e = err(&yaml.replace("rule: 'regex:^A'", "rulez: 'x'"));
+        assert!(e.contains("rulez") || e.contains("rewards[0]"), "{e}");
+        let e = err(&yaml.replace("rewards: [", "loss_type: magic, rewards: ["));
+        assert!(e.contains("magic"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ pub mod advantages;
 pub mod checkpoint;
 pub mod dpo;
 pub mod full;
+pub mod group_rl;
 pub mod grpo;
 pub mod loss;
 pub mod optim;
