@@ -177,6 +177,7 @@ impl Policy {
             device: self.device_of,
         };
         let device = self.device.clone();
+        let restore = r.restore_updates;
         self.worker
             .call(move |m| {
                 let s = &mut m.sessions;
@@ -192,7 +193,7 @@ impl Policy {
                 }
                 let checkpoints = out.join("session");
                 let mut session = PolicySession::open(&spec).status()?;
-                let restored = session.restore(&checkpoints).status()?;
+                let restored = restore != 0 && session.restore(&checkpoints, &id, Some(restore as usize)).status()?;
                 let info = SessionInfo {
                     session_id: id.clone(),
                     updates: session.updates() as u32,
@@ -340,7 +341,7 @@ impl Policy {
         self.worker
             .call(move |m| {
                 let o = m.sessions.get(&id)?;
-                let dir = o.session.checkpoint(&o.checkpoints, KEEP).status()?;
+                let dir = o.session.checkpoint(&o.checkpoints, KEEP, &id).status()?;
                 Ok(CheckpointSessionResponse {
                     checkpoint_dir: dir.display().to_string(),
                     updates: o.session.updates() as u32,

@@ -282,18 +282,33 @@ impl PolicySession {
         })
     }
 
-    /// Saves the adapter, the optimizer and the counters into `root/step-<updates>` (the newest `keep`
-    /// kept) and returns that directory; its adapter is a PEFT adapter.
-    pub fn checkpoint(&mut self, root: &Path, keep: usize) -> Result<PathBuf> {
+    /// Saves the adapter, the optimizer and the counters into `root/step-<updates>` as run `run_id` (the
+    /// newest `keep` of that run kept) and returns that directory; its adapter is a PEFT adapter.
+    pub fn checkpoint(&mut self, root: &Path, keep: usize, run_id: &str) -> Result<PathBuf> {
         let mut pos = Position { step: self.updates, ..Default::default() };
         self.trainer.record(&mut pos);
-        checkpoint::save(root, &mut self.model, &self.state, &self.trainer.opt, &pos, keep, None)
+        checkpoint::save(root, &mut self.model, &self.state, &self.trainer.opt, &pos, keep, Some(run_id))
     }
 
-    /// Restores the newest intact checkpoint under `root` (written by [`Self::checkpoint`]); false when
-    /// there is none.
-    pub fn restore(&mut self, root: &Path) -> Result<bool> {
-        let Some(dir) = super::newest_intact(root, None)? else { return Ok(false) };
+    /// Restores run `run_id`'s checkpoint of `updates` updates under `root` (written by [`Self::checkpoint`]),
+    /// or its newest intact one when `updates` is None; false when there is none.
+    pub fn restore(&mut self, root: &Path, run_id: &str, updates: Option<usize>) -> Result<bool> {
+        let dir = match updates {
+            None => super::newest_intact(root, Some(run_id))?,
+            Some(n) => {
+                let dir = root.join(format!("step-{n:08}"));
+                let ours = checkpoint::candidates(root, Some(run_id))?.contains(&dir);
+                if !ours {
+                    return Err(CoreError::FailedPrecondition(format!(
+                        "{}: no checkpoint of session `{run_id}` after {n} updates",
+                        root.display()
+                    )));
+                }
+                checkpoint::verify(&dir)?;
+                Some(dir)
+            }
+        };
+        let Some(dir) = dir else { return Ok(false) };
         self.state.load(&mut self.model, &dir)?;
         self.trainer = Trainer::new(self.state.params(&mut self.model), &self.trainer_cfg())?;
         let pos = checkpoint::load(&dir, &mut self.trainer.opt)?;

@@ -109,10 +109,13 @@ fn sessions_roll_out_update_and_resume_exactly() {
     let d = tempfile::tempdir().unwrap();
     let mut a = PolicySession::open(&spec()).unwrap();
     a.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
-    a.checkpoint(d.path(), 2).unwrap();
+    a.checkpoint(d.path(), 2, "run-a").unwrap();
     let ra = a.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
     let mut c = PolicySession::open(&spec()).unwrap();
-    assert!(c.restore(d.path()).unwrap());
+    assert!(c.restore(d.path(), "run-a", Some(1)).is_ok_and(|x| x));
+    // Another run's checkpoints are not this one's; a step that was not saved is refused.
+    assert!(!PolicySession::open(&spec()).unwrap().restore(d.path(), "run-b", None).unwrap());
+    assert!(PolicySession::open(&spec()).unwrap().restore(d.path(), "run-a", Some(2)).is_err());
     assert_eq!(c.updates(), 1);
     let rc = c.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
     assert_eq!(ra, rc, "a restored session continues bit-identically");
