@@ -28,8 +28,10 @@ pub(crate) struct Services {
     pub data: DataServiceClient<Ch>,
     /// PolicyService.
     pub policy: PolicyServiceClient<Ch>,
-    /// AlignmentService (hosted with the policy service).
+    /// AlignmentService (`endpoints.alignment`, else where the policy service runs).
     pub align: AlignmentServiceClient<Ch>,
+    /// JobService where the alignment service runs (DPO, PPO, GRPO, RLOO jobs).
+    pub align_jobs: JobServiceClient<Ch>,
     /// JobService (where the policy service runs).
     pub jobs: JobServiceClient<Ch>,
     /// MergeService.
@@ -42,6 +44,8 @@ pub(crate) struct Services {
     pub policy_embedded: bool,
     /// Whether the reward service runs in this process.
     pub reward_embedded: bool,
+    /// Whether the alignment service runs in this process.
+    pub alignment_embedded: bool,
     _embedded: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -107,12 +111,17 @@ impl Services {
         let policy = channel(&pick(&e.policy), s).await?;
         let merge = channel(&pick(&e.merge), s).await?;
         let reward = channel(&pick(&e.reward.first().cloned()), s).await?;
+        let align = match &e.alignment {
+            Some(url) => channel(url, s).await?,
+            None => policy.clone(),
+        };
         Ok(Self {
             data: DataServiceClient::with_interceptor(data, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             jobs: JobServiceClient::with_interceptor(policy.clone(), auth.clone())
                 .max_decoding_message_size(MAX_RESPONSE),
-            align: AlignmentServiceClient::with_interceptor(policy.clone(), auth.clone())
+            align: AlignmentServiceClient::with_interceptor(align.clone(), auth.clone())
                 .max_decoding_message_size(MAX_RESPONSE),
+            align_jobs: JobServiceClient::with_interceptor(align, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             policy: PolicyServiceClient::with_interceptor(policy, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             merge: MergeServiceClient::with_interceptor(merge, auth.clone()).max_decoding_message_size(MAX_RESPONSE),
             reward_jobs: JobServiceClient::with_interceptor(reward.clone(), auth.clone())
@@ -120,6 +129,7 @@ impl Services {
             reward: RewardServiceClient::with_interceptor(reward, auth).max_decoding_message_size(MAX_RESPONSE),
             policy_embedded: e.policy.is_none(),
             reward_embedded: e.reward.is_empty(),
+            alignment_embedded: e.alignment.is_none() && e.policy.is_none(),
             _embedded: stop,
         })
     }
@@ -130,7 +140,7 @@ impl Services {
     /// runs them.
     pub(crate) async fn job_services(s: &Settings) -> Result<Vec<(String, JobServiceClient<Ch>)>> {
         let mut urls: Vec<String> = s.endpoints.policy.iter().cloned().collect();
-        for u in &s.endpoints.reward {
+        for u in s.endpoints.alignment.iter().chain(&s.endpoints.reward) {
             if !urls.contains(u) {
                 urls.push(u.clone());
             }
@@ -182,13 +192,17 @@ async fn start_embedded(
     // The embedded policy's PPO jobs score on the embedded reward service (reward is embedded only when no
     // replicas are configured).
     cfg.score_on_self(services.contains(&"reward"), url.clone());
+    cfg.policy_on_self(services.contains(&"policy"), url.clone());
+    let services =
+        ferrotune_runtime::settings::hosted_services(&services.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let mut h = Hosting::new(cfg, root);
-    for name in services {
-        match *name {
+    for name in &services {
+        match name.as_str() {
             "data" => ferrotune_data::service::host(&mut h),
             "policy" => ferrotune_policy::host(&mut h)?,
             "merge" => ferrotune_merge::host(&mut h),
             "reward" => ferrotune_reward::host(&mut h)?,
+            "alignment" => ferrotune_alignment::host(&mut h)?,
             _ => unreachable!(),
         }
     }

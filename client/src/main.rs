@@ -70,7 +70,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TrainCmd,
     },
-    /// Align: `dpo` (direct preference optimisation on preference pairs) or `ppo` (RLHF with a reward service).
+    /// Align: `dpo` (preference pairs), `ppo` (RLHF), `grpo` / `rloo` (group-baseline online RL) — through
+    /// AlignmentService.
     Align {
         #[command(subcommand)]
         cmd: AlignCmd,
@@ -139,6 +140,11 @@ enum AlignCmd {
     /// RLHF with PPO from a recipe with a `ppo` section (see recipes/ppo.yaml): rollouts from the policy,
     /// scores from the reward service(s), LoRA + value head updates.
     Ppo(train_cmd::RecipeArgs),
+    /// GRPO from a recipe with a `grpo` section (see recipes/grpo.yaml): the alignment service's orchestrator
+    /// drives a policy training session, scoring groups of samples on the reward service(s).
+    Grpo(train_cmd::RecipeArgs),
+    /// RLOO from a recipe with an `rloo` section (see recipes/rloo.yaml): leave-one-out baselines.
+    Rloo(train_cmd::RecipeArgs),
 }
 
 #[derive(clap::Args)]
@@ -386,7 +392,8 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
     let opts = match &cli.cmd {
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
-        Cmd::Train { cmd: TrainCmd::Sft(a) } | Cmd::Align { cmd: AlignCmd::Dpo(a) | AlignCmd::Ppo(a) }
+        Cmd::Train { cmd: TrainCmd::Sft(a) }
+        | Cmd::Align { cmd: AlignCmd::Dpo(a) | AlignCmd::Ppo(a) | AlignCmd::Grpo(a) | AlignCmd::Rloo(a) }
             if settings.endpoints.policy.is_none() =>
         {
             train_cmd::embedded_policy(a)?
@@ -463,6 +470,12 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         }
         Cmd::Align { cmd: AlignCmd::Ppo(args) } => {
             train_cmd::run(train_cmd::Kind::Ppo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Grpo(args) } => {
+            train_cmd::run(train_cmd::Kind::Grpo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Rloo(args) } => {
+            train_cmd::run(train_cmd::Kind::Rloo, args, &mut svc, cli.json).await?
         }
         Cmd::Train { cmd: TrainCmd::Reward(args) } => {
             train_cmd::run(train_cmd::Kind::Reward, args, &mut svc, cli.json).await?

@@ -36,8 +36,10 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
         .context("confining file access to the artifact root")?;
     let listener = tokio::net::TcpListener::bind(&s.listen).await.with_context(|| format!("listen {}", s.listen))?;
     let addr = listener.local_addr()?;
-    let services = s.services.clone();
-    s.score_on_self(services.iter().any(|x| x == "reward"), format!("http://127.0.0.1:{}", addr.port()));
+    let services = ferrotune_runtime::settings::hosted_services(&s.services);
+    let me = format!("http://127.0.0.1:{}", addr.port());
+    s.score_on_self(services.iter().any(|x| x == "reward"), me.clone());
+    s.policy_on_self(services.iter().any(|x| x == "policy"), me);
     let mut h = Hosting::new(s, root);
     for name in &services {
         match name.as_str() {
@@ -45,6 +47,7 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
             "policy" => ferrotune_policy::host(&mut h)?,
             "merge" => ferrotune_merge::host(&mut h),
             "reward" => ferrotune_reward::host(&mut h)?,
+            "alignment" => ferrotune_alignment::host(&mut h)?,
             other => anyhow::bail!("unknown service `{other}`"),
         }
     }

@@ -1,4 +1,4 @@
-//! `ferrotune train sft|reward --recipe R.yaml` and `ferrotune align dpo|ppo --recipe R.yaml`: validates the recipe here
+//! `ferrotune train sft|reward --recipe R.yaml` and `ferrotune align dpo|ppo|grpo|rloo --recipe R.yaml`: validates the recipe here
 //! (errors name the file), starts the job on the policy service (embedded or remote) and follows it. With the embedded service, SIGINT /
 //! SIGTERM cancel the job after it checkpoints (`--resume` continues); against a remote service the job
 //! keeps running when the CLI stops (`ferrotune jobs watch ID`).
@@ -66,6 +66,10 @@ pub(crate) enum Kind {
     Dpo,
     /// `align ppo`.
     Ppo,
+    /// `align grpo` (the alignment service's orchestrator).
+    Grpo,
+    /// `align rloo`.
+    Rloo,
     /// `train reward` (on the reward service).
     Reward,
 }
@@ -73,7 +77,11 @@ pub(crate) enum Kind {
 pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out: bool) -> Result<()> {
     let (text, sets, _) = load(a)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let embedded = if kind == Kind::Reward { svc.reward_embedded } else { svc.policy_embedded };
+    let embedded = match kind {
+        Kind::Reward => svc.reward_embedded,
+        Kind::Grpo | Kind::Rloo => svc.alignment_embedded,
+        _ => svc.policy_embedded,
+    };
     if embedded {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
@@ -84,6 +92,8 @@ pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out
         Kind::Sft => svc.policy.start_sft(req).await,
         Kind::Dpo => svc.align.start_dpo(req).await,
         Kind::Ppo => svc.align.start_ppo(req).await,
+        Kind::Grpo => svc.align.start_grpo(req).await,
+        Kind::Rloo => svc.align.start_rloo(req).await,
         Kind::Reward => svc.reward.start_reward_training(req).await,
     };
     let job = started.map_err(status_error)?.into_inner().job.context("the service returned no job")?;
@@ -93,7 +103,11 @@ pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out
         eprintln!("job {} → {}", job.id, job.output_dir);
     }
     let cancel = embedded.then_some(stop);
-    let jobs = if kind == Kind::Reward { &mut svc.reward_jobs } else { &mut svc.jobs };
+    let jobs = match kind {
+        Kind::Reward => &mut svc.reward_jobs,
+        Kind::Dpo | Kind::Ppo | Kind::Grpo | Kind::Rloo => &mut svc.align_jobs,
+        Kind::Sft => &mut svc.jobs,
+    };
     let j = follow(jobs, &job.id, json_out, cancel).await?;
     finish_message(&j, json_out)
 }

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 /// The crates that host a gRPC service.
-const SERVICES: [&str; 4] = ["ferrotune-data", "ferrotune-policy", "ferrotune-reward", "ferrotune-merge"];
+const SERVICES: [&str; 5] =
+    ["ferrotune-data", "ferrotune-policy", "ferrotune-reward", "ferrotune-merge", "ferrotune-alignment"];
 
 #[test]
 fn no_service_crate_depends_on_another() {
@@ -45,6 +46,8 @@ fn no_service_crate_depends_on_another() {
         assert!(!clients.contains(&lib.to_owned()), "ferrotune-clients depends on {lib}");
     }
     assert!(graph["ferrotune-training"].contains(&"ferrotune-clients".to_owned()), "PPO's reward calls");
+    // The orchestrator reaches policy and reward only through their clients.
+    assert!(graph["ferrotune-alignment"].contains(&"ferrotune-clients".to_owned()));
     assert!(graph["ferrotune-policy"].contains(&"ferrotune-training".to_owned()));
     assert!(graph["ferrotune-reward"].contains(&"ferrotune-training".to_owned()));
 }

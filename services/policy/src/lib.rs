@@ -1,15 +1,14 @@
-//! PolicyService: owns the policy model(s) on the service's device; runs SFT jobs (LoRA, QLoRA, prompt
-//! tuning, full fine-tuning), generation (batched and streaming) and log-probs with the adapter on or off.
-//! AlignmentService (DPO and PPO jobs) is hosted beside it: both train the policy on the same device.
+//! PolicyService: owns the policy model(s) on the service's device; runs SFT, DPO and PPO jobs (LoRA,
+//! QLoRA, prompt tuning, full fine-tuning), generation (batched and streaming), log-probs with the adapter
+//! on or off, and the training sessions an RL orchestrator drives. DPO and PPO jobs are started through
+//! AlignmentService (the alignment crate), which a server hosting the policy hosts too.
 
-pub mod align_service;
 pub mod models;
 pub mod service;
 pub mod sessions;
 
 use std::sync::Arc;
 
-use ferrotune_proto::v1::alignment_service_server::AlignmentServiceServer;
 use ferrotune_proto::v1::policy_service_server::PolicyServiceServer;
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::worker::Worker;
@@ -27,21 +26,14 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let threads = h.settings.policy.threads;
     jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
     jobs.register("dpo", Arc::new(ferrotune_training::dpo::DpoRunner), threads);
-    let endpoints = h.settings.endpoints.reward.clone();
     jobs.register(
         "ppo",
         Arc::new(ferrotune_training::ppo::PpoRunner {
-            endpoints: endpoints.clone(),
+            endpoints: h.settings.endpoints.reward.clone(),
             token: h.settings.auth.token.clone(),
         }),
         threads,
     );
-    let align = align_service::Alignment {
-        root: h.root.clone(),
-        jobs: jobs.clone(),
-        device: h.settings.policy.device.clone(),
-        has_reward: !endpoints.is_empty(),
-    };
     let svc = service::Policy {
         root: h.root.clone(),
         worker,
@@ -68,7 +60,5 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let server = PolicyServiceServer::new(svc).max_decoding_message_size(h.max_message());
     h.routes.add_service(h.authed(server));
     h.hosted("ferrotune.v1.PolicyService");
-    h.routes.add_service(h.authed(AlignmentServiceServer::new(align).max_decoding_message_size(h.max_message())));
-    h.hosted("ferrotune.v1.AlignmentService");
     Ok(())
 }

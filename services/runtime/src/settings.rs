@@ -80,6 +80,8 @@ pub struct Endpoints {
     /// RewardService replicas (the first is used by `train reward`; alignment balances over all).
     #[serde(default)]
     pub reward: Vec<String>,
+    /// AlignmentService (its own process; unset = where the policy runs).
+    pub alignment: Option<String>,
 }
 
 /// Authentication.
@@ -195,7 +197,15 @@ impl Settings {
     /// replicas are configured (plaintext only: the reward pool does not speak TLS).
     pub fn score_on_self(&mut self, hosts_reward: bool, url: String) {
         if hosts_reward && self.endpoints.reward.is_empty() && self.tls.cert.is_none() {
-            self.endpoints.reward = vec![url];
+            self.endpoints.reward = vec![url.clone()];
+        }
+    }
+
+    /// Points `endpoints.policy` at this server (over loopback) when it hosts the policy and none is set,
+    /// so that a co-hosted alignment orchestrator drives the local policy through the same client code.
+    pub fn policy_on_self(&mut self, hosts_policy: bool, url: String) {
+        if hosts_policy && self.endpoints.policy.is_none() && self.tls.cert.is_none() {
+            self.endpoints.policy = Some(url);
         }
     }
 
@@ -239,7 +249,17 @@ impl Settings {
 }
 
 /// Services a server can host.
-pub const KNOWN_SERVICES: &[&str] = &["data", "policy", "merge", "reward"];
+pub const KNOWN_SERVICES: &[&str] = &["data", "policy", "merge", "reward", "alignment"];
+
+/// The services a server hosts for a `services` list: AlignmentService comes with the policy (DPO and PPO
+/// are policy jobs started through it), so `policy` implies `alignment`.
+pub fn hosted_services(services: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = services.to_vec();
+    if out.iter().any(|s| s == "policy") && !out.iter().any(|s| s == "alignment") {
+        out.push("alignment".into());
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {

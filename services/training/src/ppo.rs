@@ -38,7 +38,8 @@ impl JobRunner for PpoRunner {
 }
 
 /// The ScoreRequest's model of a recipe's reward.
-fn reward_ref(src: &RewardSource) -> RewardModelRef {
+/// The reward service's reference to a reward source (a rule or a learned reward model).
+pub fn reward_ref(src: &RewardSource) -> RewardModelRef {
     let kind = match (&src.rule, &src.model, &src.adapter) {
         (Some(rule), _, _) => RewardKind::Rule(rule.clone()),
         (None, m, a) => RewardKind::Learned(LearnedReward {

@@ -352,7 +352,7 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
         if let Some(g) = g {
             g.validate(name).with_context(|| format!("{}", path.display()))?;
             let completions = r.training.micro_batch_size * r.training.gradient_accumulation_steps;
-            if completions % g.num_generations != 0 {
+            if !completions.is_multiple_of(g.num_generations) {
                 bail!(
                     "{}: training.micro_batch_size × gradient_accumulation_steps ({completions}) completions per step \
                      must be a multiple of {name}.num_generations ({})",

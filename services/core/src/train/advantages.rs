@@ -80,7 +80,7 @@ fn check(funcs: &[Vec<f64>], weights: &[f64], g: usize) -> Result<usize> {
             funcs.iter().map(Vec::len).collect::<Vec<_>>()
         )));
     }
-    if g < 2 || n == 0 || n % g != 0 {
+    if g < 2 || n == 0 || !n.is_multiple_of(g) {
         return Err(CoreError::InvalidArgument(format!("{n} completions do not form groups of {g} (>= 2)")));
     }
     if funcs.iter().flatten().chain(weights).any(|v| !v.is_finite()) {

@@ -1,0 +1,52 @@
+//! AlignmentService in its own crate: the RL orchestrator. GRPO and RLOO jobs run here and reach the policy
+//! (a training session) and the reward replicas only through their gRPC clients — over the network when
+//! the alignment service runs alone (`serve --services alignment` with `endpoints.policy` and
+//! `endpoints.reward`), over loopback when it is hosted with them. DPO and PPO are started here too and run
+//! as jobs of a co-hosted policy.
+
+pub mod orchestrator;
+pub mod service;
+
+use std::sync::Arc;
+
+use ferrotune_core::train::group_rl::GroupAlgorithm;
+use ferrotune_proto::v1::alignment_service_server::AlignmentServiceServer;
+use ferrotune_runtime::server::Hosting;
+
+/// A client of the reward replicas (none configured: None). Built inside the server's runtime, lazily
+/// connected.
+fn reward_pool(h: &Hosting) -> anyhow::Result<Option<ferrotune_clients::RewardPool>> {
+    if h.settings.endpoints.reward.is_empty() {
+        return Ok(None);
+    }
+    let auth = ferrotune_clients::ClientAuth::new(h.settings.auth.token.as_deref())?;
+    Ok(Some(ferrotune_clients::RewardPool::new(&h.settings.endpoints.reward, auth)?))
+}
+
+/// Adds AlignmentService (and its GRPO / RLOO jobs) to a server being assembled.
+pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
+    let jobs = h.jobs()?;
+    for algo in [GroupAlgorithm::Grpo, GroupAlgorithm::Rloo] {
+        let runner = orchestrator::GroupRlRunner {
+            algo,
+            policy: h.settings.endpoints.policy.clone(),
+            rewards: h.settings.endpoints.reward.clone(),
+            token: h.settings.auth.token.clone(),
+            root: h.root.root().to_path_buf(),
+        };
+        let kind = if algo == GroupAlgorithm::Grpo { "grpo" } else { "rloo" };
+        // The orchestrator computes no tensors: one thread is plenty.
+        jobs.register(kind, Arc::new(runner), 1);
+    }
+    let svc = service::Alignment {
+        root: h.root.clone(),
+        jobs,
+        device: h.settings.policy.device.clone(),
+        has_reward: !h.settings.endpoints.reward.is_empty(),
+        has_policy: h.settings.endpoints.policy.is_some(),
+        rewards: reward_pool(h)?,
+    };
+    h.routes.add_service(h.authed(AlignmentServiceServer::new(svc).max_decoding_message_size(h.max_message())));
+    h.hosted("ferrotune.v1.AlignmentService");
+    Ok(())
+}

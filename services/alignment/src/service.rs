@@ -1,0 +1,96 @@
+//! AlignmentService: one front door for every `align` command. GRPO and RLOO run here as orchestrator jobs
+//! (this process's job manager) that drive a policy session and the reward replicas over gRPC; DPO and PPO
+//! run as jobs of the policy co-hosted in this server (they train on the policy's job thread).
+
+use ferrotune_proto::v1::alignment_service_server::AlignmentService;
+use ferrotune_proto::v1::{StartJobResponse, StartRecipeJobRequest};
+use ferrotune_runtime::jobs::JobManager;
+use ferrotune_runtime::ArtifactRoot;
+use ferrotune_training::queue_recipe_job;
+use tonic::{Request, Response, Status};
+
+/// The service state.
+pub struct Alignment {
+    /// Where recipe paths resolve.
+    pub root: ArtifactRoot,
+    /// This process's jobs.
+    pub jobs: JobManager,
+    /// The policy device (DPO and PPO jobs run there).
+    pub device: String,
+    /// Whether reward replicas are configured (PPO, GRPO and RLOO score on them).
+    pub has_reward: bool,
+    /// Whether a policy endpoint is configured (GRPO and RLOO drive a session there).
+    pub has_policy: bool,
+    /// The reward replicas, to check a recipe's reward functions before its job is queued.
+    pub rewards: Option<ferrotune_clients::RewardPool>,
+}
+
+const NO_REWARD: &str = "scores rollouts on reward services, and none is configured: set endpoints.reward (or FERROTUNE__ENDPOINTS__REWARD=http://HOST:PORT,…), or host reward in this server (serve --services policy,reward)";
+
+impl Alignment {
+    /// Scores one empty completion with each of the recipe's reward functions: a bad rule or an unknown
+    /// reward model is refused now (INVALID_ARGUMENT / NOT_FOUND naming it), not at the first step.
+    async fn check_rewards(&self, kind: &str, r: &StartRecipeJobRequest) -> Result<(), Status> {
+        let (Some(pool), Ok(recipe)) = (
+            &self.rewards,
+            ferrotune_training::recipe::parse(&r.recipe_yaml, std::path::Path::new("recipe"), &r.overrides),
+        ) else {
+            return Ok(()); // recipe errors are reported by queue_recipe_job
+        };
+        let cfg = if kind == "grpo" { recipe.grpo } else { recipe.rloo };
+        for (i, f) in cfg.map(|c| c.rewards).unwrap_or_default().iter().enumerate() {
+            let req = ferrotune_proto::v1::ScoreRequest {
+                model: Some(ferrotune_training::ppo::reward_ref(&f.source)),
+                items: vec![ferrotune_proto::v1::ScoreItem { prompt: String::new(), response: String::new() }],
+            };
+            if let Err(s) = pool.score(req).await {
+                if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) {
+                    return Err(Status::new(s.code(), format!("{kind}.rewards[{i}]: {}", s.message())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&self, kind: &str, r: StartRecipeJobRequest) -> Result<Response<StartJobResponse>, Status> {
+        if !self.jobs.runs(kind) {
+            return Err(Status::failed_precondition(format!(
+                "{} runs as a job of the policy service, which this server does not host: start it where the policy runs (serve --services policy,… hosts AlignmentService too)",
+                kind.to_uppercase()
+            )));
+        }
+        if kind != "dpo" && !self.has_reward {
+            return Err(Status::failed_precondition(format!("{} {NO_REWARD}", kind.to_uppercase())));
+        }
+        if matches!(kind, "grpo" | "rloo") && !self.has_policy {
+            return Err(Status::failed_precondition(format!(
+                "{} drives a training session on a policy service, and none is configured: set endpoints.policy (FERROTUNE__ENDPOINTS__POLICY=http://HOST:PORT) or host policy in this server",
+                kind.to_uppercase()
+            )));
+        }
+        if matches!(kind, "grpo" | "rloo") {
+            self.check_rewards(kind, &r).await?;
+        }
+        let job = queue_recipe_job(kind, &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.device, &self.jobs)?;
+        Ok(Response::new(StartJobResponse { job: Some(job) }))
+    }
+}
+
+#[tonic::async_trait]
+impl AlignmentService for Alignment {
+    async fn start_dpo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("dpo", req.into_inner()).await
+    }
+
+    async fn start_ppo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("ppo", req.into_inner()).await
+    }
+
+    async fn start_grpo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("grpo", req.into_inner()).await
+    }
+
+    async fn start_rloo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("rloo", req.into_inner()).await
+    }
+}
