@@ -55,6 +55,7 @@ fn smollm2_reward_model_ranks_held_out_pairs_and_batches_concurrent_calls() {
                 .map(|k| ScoreItem {
                     prompt: p["prompt"].as_str().unwrap().into(),
                     response: p[k].as_str().unwrap().into(),
+                    reference: String::new(),
                 })
                 .to_vec();
             let model = learned.clone();
@@ -77,8 +78,8 @@ fn smollm2_reward_model_ranks_held_out_pairs_and_batches_concurrent_calls() {
         let mut c = client.clone();
         let rule = |r: &str| Some(RewardModelRef { kind: Some(reward_model_ref::Kind::Rule(r.into())) });
         let items = vec![
-            ScoreItem { prompt: "q".into(), response: "Ahoy! Cairo. Arr.".into() },
-            ScoreItem { prompt: "q".into(), response: "Cairo.".into() },
+            ScoreItem { prompt: "q".into(), response: "Ahoy! Cairo. Arr.".into(), reference: String::new() },
+            ScoreItem { prompt: "q".into(), response: "Cairo.".into(), reference: String::new() },
         ];
         let r = c
             .score(ScoreRequest { model: rule("regex:^Ahoy!.*Arr.$"), items: items.clone() })
@@ -123,7 +124,7 @@ fn reward_pool_balances_over_replicas_and_fails_over() {
             .unwrap();
     let req = || ScoreRequest {
         model: Some(RewardModelRef { kind: Some(reward_model_ref::Kind::Rule("length".into())) }),
-        items: vec![ScoreItem { prompt: "q".into(), response: "four".into() }],
+        items: vec![ScoreItem { prompt: "q".into(), response: "four".into(), reference: String::new() }],
     };
     let mut before = std::collections::BTreeSet::new();
     for _ in 0..24 {

@@ -66,10 +66,23 @@ struct State {
     updates: u32,
 }
 
-/// A prompt: its ids and the user's text (what the reward functions see as the prompt).
+/// A prompt: its ids, the user's text (what the reward functions see as the prompt) and its record (where
+/// the reference answers of `answer:…` rules come from).
 struct PromptRow {
     ids: Vec<u32>,
     text: String,
+    record: serde_json::Value,
+}
+
+impl PromptRow {
+    /// The reference answer in `field` (a string, or a number / boolean as written).
+    fn reference(&self, field: &str) -> Option<String> {
+        match self.record.get(field)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => Some(v.to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// The codes that mean "the policy (or its session) is gone for now", not "the request is wrong".
@@ -142,13 +155,30 @@ impl<'a> Orchestration<'a> {
         let model_dir = ferrotune_training::scaffold::model_dir(r)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
         let template = ChatTemplate::from_dir(&model_dir)?;
+        let fields: Vec<&str> = cfg.rewards.iter().filter_map(|f| f.reference_field.as_deref()).collect();
         let render = |path: &Path| -> Result<Vec<PromptRow>> {
+            // The records, in the order load_prompts reads them (blank lines skipped).
+            let text = ferrotune_core::fsx::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            let records: Vec<(usize, serde_json::Value)> = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| (i + 1, serde_json::from_str(l).unwrap_or(serde_json::Value::Null)))
+                .collect();
             ferrotune_core::data::prompts::load_prompts(path)?
                 .into_iter()
-                .map(|msgs: Vec<Message>| {
+                .zip(records)
+                .map(|(msgs, (line, record)): (Vec<Message>, _)| {
                     let ids = tok.encode_no_special(&template.render(&msgs, true)?)?;
                     let text = msgs.last().map(|m| m.content.clone()).unwrap_or_default();
-                    Ok(PromptRow { ids, text })
+                    let row = PromptRow { ids, text, record };
+                    if let Some(f) = fields.iter().find(|f| row.reference(f).is_none()) {
+                        return Err(anyhow::Error::new(CoreError::InvalidArgument(format!(
+                            "{}:{line}: no `{f}` field with the reference answer (a string or a number)",
+                            path.display()
+                        ))));
+                    }
+                    Ok(row)
                 })
                 .collect()
         };
@@ -273,24 +303,30 @@ impl<'a> Orchestration<'a> {
 
     /// Scores every completion with every reward function: `funcs[k][i]`.
     fn score(&self, rows: &[&PromptRow], samples: &[RolloutSample]) -> Result<Vec<Vec<f64>>> {
-        let items: Vec<ScoreItem> = samples
-            .iter()
-            .map(|s| ScoreItem { prompt: rows[s.prompt as usize].text.clone(), response: s.text.clone() })
-            .collect();
         let mut funcs = vec![];
         for (k, f) in self.cfg.rewards.iter().enumerate() {
-            let req =
-                ScoreRequest { model: Some(ferrotune_training::ppo::reward_ref(&f.source)), items: items.clone() };
+            let items: Vec<ScoreItem> = samples
+                .iter()
+                .map(|s| {
+                    let row = rows[s.prompt as usize];
+                    ScoreItem {
+                        prompt: row.text.clone(),
+                        response: s.text.clone(),
+                        reference: f.reference_field.as_deref().and_then(|x| row.reference(x)).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            let req = ScoreRequest { model: Some(ferrotune_training::ppo::reward_ref(&f.source)), items };
             let resp = self
                 .rt
                 .block_on(self.pool.score(req))
                 .map_err(|s| status_err(&format!("reward function {}", self.reward_name(k)), s))?;
             anyhow::ensure!(
-                resp.scores.len() == items.len(),
+                resp.scores.len() == samples.len(),
                 "reward function {}: {} scores for {} completions",
                 self.reward_name(k),
                 resp.scores.len(),
-                items.len()
+                samples.len()
             );
             funcs.push(resp.scores.into_iter().map(f64::from).collect());
         }

@@ -41,7 +41,11 @@ impl Alignment {
         for (i, f) in cfg.map(|c| c.rewards).unwrap_or_default().iter().enumerate() {
             let req = ferrotune_proto::v1::ScoreRequest {
                 model: Some(ferrotune_training::ppo::reward_ref(&f.source)),
-                items: vec![ferrotune_proto::v1::ScoreItem { prompt: String::new(), response: String::new() }],
+                items: vec![ferrotune_proto::v1::ScoreItem {
+                    prompt: String::new(),
+                    response: String::new(),
+                    reference: if f.reference_field.is_some() { "0".into() } else { String::new() },
+                }],
             };
             if let Err(s) = pool.score(req).await {
                 if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) {

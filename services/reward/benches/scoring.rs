@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
                     items: vec![ScoreItem {
                         prompt: format!("What is {i} plus {i}?"),
                         response: format!("Ahoy! {i} plus {i} is {}. Arr.", 2 * i),
+                        reference: String::new(),
                     }],
                 };
                 client.clone().score(req(0)).await?;

@@ -2,6 +2,7 @@
 //! concurrent Score calls gathered into batches on the service's own device.
 
 /// The balanced, failing-over client of reward replicas (in the runtime, so that the policy side can use it).
+pub mod rules;
 pub mod scorer;
 pub mod service;
 

@@ -92,23 +92,6 @@ impl Scorers {
     }
 }
 
-/// A rule reward: `regex:`, `exact:`, `prefix:` or `length`.
-pub fn rule_score(rule: &str, response: &str) -> Result<f32, Status> {
-    if rule == "length" {
-        return Ok(response.chars().count() as f32);
-    }
-    if let Some(t) = rule.strip_prefix("exact:") {
-        return Ok(f32::from(u8::from(response.trim() == t)));
-    }
-    if let Some(t) = rule.strip_prefix("prefix:") {
-        return Ok(f32::from(u8::from(response.trim_start().starts_with(t))));
-    }
-    if let Some(p) = rule.strip_prefix("regex:") {
-        return regex_search(p, response).map(|m| f32::from(u8::from(m)));
-    }
-    Err(Status::invalid_argument(format!("model.rule `{rule}`: use regex:PATTERN, exact:TEXT, prefix:TEXT or length")))
-}
-
 /// The longest `regex:` pattern a rule may hold, in bytes.
 pub const MAX_REGEX_BYTES: usize = 1024;
 /// The most memory one compiled `regex:` pattern may take.
@@ -117,7 +100,7 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Whether `pattern` matches anywhere in `text` (Python's `re.search`), with the `regex` crate's syntax.
 /// A pattern that does not compile, or compiles too large, is INVALID_ARGUMENT: scoring every response 0
 /// would train on a reward that says nothing. Compiled patterns are cached (a few hundred at most).
-fn regex_search(pattern: &str, text: &str) -> Result<bool, Status> {
+pub(crate) fn regex_search(pattern: &str, text: &str) -> Result<bool, Status> {
     static CACHE: std::sync::Mutex<Option<std::collections::HashMap<String, regex::Regex>>> =
         std::sync::Mutex::new(None);
     if pattern.is_empty() {
@@ -155,6 +138,7 @@ mod tests {
 
     #[test]
     fn rules() {
+        let rule_score = |r: &str, t: &str| crate::rules::rule_score(r, t, "");
         assert_eq!(rule_score("length", "héllo").unwrap(), 5.0);
         assert_eq!(rule_score("exact:42", " 42 ").unwrap(), 1.0);
         assert_eq!(rule_score("exact:42", "43").unwrap(), 0.0);

@@ -12,7 +12,8 @@ use ferrotune_runtime::{invalid, ArtifactRoot};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::scorer::{rule_score, Scorers};
+use crate::rules::rule_score;
+use crate::scorer::Scorers;
 
 /// This process as a replica: host name and process id.
 fn replica() -> String {
@@ -149,10 +150,24 @@ impl RewardService for Reward {
             )));
         }
         let kind = r.model.and_then(|m| m.kind).ok_or_else(|| invalid("model", "set learned or rule"))?;
+        if let reward_model_ref::Kind::Rule(rule) = &kind {
+            let scores = r
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| {
+                    rule_score(rule, &it.response, &it.reference)
+                        .map_err(|e| Status::new(e.code(), format!("items[{i}]: {}", e.message())))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let n = scores.len() as u32;
+            return Ok(Response::new(ScoreResponse { scores, batch_size: n, replica: replica() }));
+        }
         let items: Vec<(String, String)> = r.items.into_iter().map(|i| (i.prompt, i.response)).collect();
         match kind {
             reward_model_ref::Kind::Rule(rule) => {
-                let scores = items.iter().map(|(_, resp)| rule_score(&rule, resp)).collect::<Result<Vec<_>, _>>()?;
+                let scores =
+                    items.iter().map(|(_, resp)| rule_score(&rule, resp, "")).collect::<Result<Vec<_>, _>>()?;
                 let n = scores.len() as u32;
                 Ok(Response::new(ScoreResponse { scores, batch_size: n, replica: replica() }))
             }

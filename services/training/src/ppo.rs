@@ -97,7 +97,10 @@ impl PpoRunner {
         let scorer = |items: &[(String, String)]| -> ferrotune_core::Result<Vec<f64>> {
             let req = ScoreRequest {
                 model: Some(model_ref.clone()),
-                items: items.iter().map(|(p, r)| ScoreItem { prompt: p.clone(), response: r.clone() }).collect(),
+                items: items
+                    .iter()
+                    .map(|(p, r)| ScoreItem { prompt: p.clone(), response: r.clone(), reference: String::new() })
+                    .collect(),
             };
             let resp = rt.block_on(pool.score(req)).map_err(|s| {
                 let msg = format!("reward service: {} ({:?})", s.message(), s.code());

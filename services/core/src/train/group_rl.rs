@@ -32,6 +32,9 @@ pub struct RewardFunc {
     /// Weight in the sum (default 1).
     #[serde(default = "one")]
     pub weight: f64,
+    /// The field of each prompt record holding the reference answer that `answer:…` rules compare with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_field: Option<String>,
 }
 
 fn one() -> f64 {
@@ -128,6 +131,12 @@ impl GroupRlConfig {
             }
             if !r.weight.is_finite() {
                 return bad(format!("rewards[{i}].weight must be a number"));
+            }
+            let answer_rule = r.source.rule.as_deref().is_some_and(|x| x.starts_with("answer:"));
+            if answer_rule != r.reference_field.is_some() {
+                return bad(format!(
+                    "rewards[{i}]: an answer:… rule needs reference_field (the prompt records' field with the answer), and only it uses one"
+                ));
             }
         }
         if self.num_generations < 2 || self.num_generations > 64 {
