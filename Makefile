@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test test-learning lint demo bench bench-train bench-score bench-colocate fixtures clean-cache
+.PHONY: target-link all libtorch build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
 
 all: build
 
@@ -64,6 +64,10 @@ bench: libtorch target-link
 # Training throughput and peak RSS vs HF PEFT (HF side only where a dev Python with peft exists).
 bench-train: libtorch target-link
 	$(CARGO) bench --locked -p ferrotune-core --bench training
+
+# Group rollouts (8 prompts × 8 samples) vs HF generate(num_return_sequences=8), and QLoRA vs LoRA sessions.
+bench-rollout: libtorch target-link
+	$(CARGO) bench --locked -p ferrotune-core --bench rollout
 
 # Reward scoring over gRPC: throughput and p50/p99 latency at 1, 8, 32 clients, dynamic batching off and on.
 bench-score: libtorch target-link

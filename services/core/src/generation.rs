@@ -136,6 +136,30 @@ pub fn generate_until(
     on_step: &mut dyn FnMut(&[StepToken]),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<Generated>> {
+    generate_groups(model, tok, prompts, 1, opts, on_step, cancelled)
+}
+
+/// Compact the batch once this share of its rows has finished (dropping rows copies the KV cache).
+const COMPACT_FRACTION: usize = 8;
+
+/// Generates `n` continuations of each prompt — the rollout engine of group RL. Each prompt is prefilled once
+/// and its KV cache shared by its `n` samples; sequences that finish leave the batch (the cache compacted
+/// once an eighth of the rows has finished), so no compute goes to padding; every row is sampled in one pass
+/// over the step's logits. Sample `j` of prompt `p` is row `p × n + j` of the output and draws from sampling
+/// stream (`seed`, that row) — the same stream as row `p × n + j` of [`generate_until`] on the prompts
+/// repeated `n` times. `on_step` sees the rows' new tokens.
+pub fn generate_groups(
+    model: &CausalLm,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    n: usize,
+    opts: &GenerateOptions,
+    on_step: &mut dyn FnMut(&[StepToken]),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Generated>> {
+    if n == 0 {
+        return Err(CoreError::InvalidArgument("samples per prompt must be at least 1".into()));
+    }
     opts.sampling.validate()?;
     if prompts.is_empty() {
         return Err(CoreError::InvalidArgument("no prompts".into()));
@@ -161,69 +185,81 @@ pub fn generate_until(
         )));
     }
     let max_new = opts.max_new_tokens.min(ctx - longest);
-    let b = prompts.len();
+    let p = prompts.len();
+    let b = p * n;
     let cap = longest + max_new;
     let dev = model.device();
     let _guard = tch::no_grad_guard();
 
-    // Left-pad into [b, longest]; the mask covers the whole capacity and grows one column per step.
-    let padded = prompts.iter().any(|p| p.len() != longest);
-    let mut ids = vec![opts.pad_id as i64; b * longest];
-    let mut mask = vec![0i64; b * cap];
-    for (r, p) in prompts.iter().enumerate() {
-        let off = longest - p.len();
-        for (j, &t) in p.iter().enumerate() {
+    // Left-pad the prompts into [p, longest]; each row's mask covers the whole capacity (a row's mask is its
+    // prompt's) and grows one column per step.
+    let padded = prompts.iter().any(|x| x.len() != longest);
+    let mut ids = vec![opts.pad_id as i64; p * longest];
+    let mut mask = vec![0i64; p * cap];
+    for (r, x) in prompts.iter().enumerate() {
+        let off = longest - x.len();
+        for (j, &t) in x.iter().enumerate() {
             ids[r * longest + off + j] = t as i64;
         }
         for j in off..cap {
             mask[r * cap + j] = 1;
         }
     }
-    let mask_upto = |len: usize| -> Result<Option<Tensor>> {
+    // The mask of output rows `rows` up to column `len`.
+    let mask_upto = |rows: &[usize], len: usize| -> Result<Option<Tensor>> {
         if !padded {
             return Ok(None);
         }
-        let m = Tensor::f_from_slice(&mask)?.f_view([b as i64, cap as i64])?.f_narrow(1, 0, len as i64)?;
-        Ok(Some(m.f_to_device(dev)?))
+        let m: Vec<i64> = rows.iter().flat_map(|&r| mask[(r / n) * cap..(r / n) * cap + len].iter().copied()).collect();
+        Ok(Some(Tensor::f_from_slice(&m)?.f_view([rows.len() as i64, len as i64])?.f_to_device(dev)?))
     };
-    let mut cache = model.new_cache(b as i64, cap as i64)?;
-    let input = Tensor::f_from_slice(&ids)?.f_view([b as i64, longest as i64])?.f_to_device(dev)?;
-    let hidden = model.forward_hidden_cached(&input, mask_upto(longest)?.as_ref(), None, Some(&mut cache))?;
+    let prompt_rows: Vec<usize> = (0..p).map(|r| r * n).collect();
+    let mut cache = model.new_cache(p as i64, cap as i64)?;
+    let input = Tensor::f_from_slice(&ids)?.f_view([p as i64, longest as i64])?.f_to_device(dev)?;
+    let hidden =
+        model.forward_hidden_cached(&input, mask_upto(&prompt_rows, longest)?.as_ref(), None, Some(&mut cache))?;
     let mut logits = model.logits(&hidden.f_select(1, longest as i64 - 1)?)?;
+    if n > 1 {
+        let rows =
+            Tensor::f_arange(p as i64, (tch::Kind::Int64, dev))?.f_repeat_interleave_self_int(n as i64, 0, None)?;
+        cache.select_rows(&rows)?;
+        logits = logits.f_index_select(0, &rows)?;
+    }
 
     let mut rngs: Vec<Rng> = (0..b).map(|r| Rng::for_row(opts.seed, r)).collect();
-    let mut seen: Vec<Vec<u32>> = prompts.to_vec();
-    let mut out: Vec<Generated> = prompts
-        .iter()
-        .map(|p| Generated {
+    let mut seen: Vec<Vec<u32>> = (0..b).map(|r| prompts[r / n].clone()).collect();
+    let mut out: Vec<Generated> = (0..b)
+        .map(|r| Generated {
             ids: vec![],
             text: String::new(),
             logprobs: vec![],
             finish_reason: FinishReason::Length,
-            prompt_tokens: p.len(),
+            prompt_tokens: prompts[r / n].len(),
         })
         .collect();
+    // The output rows in the batch, in batch order; finished rows stay until the next compaction.
+    let mut batch: Vec<usize> = (0..b).collect();
     let mut done = vec![false; b];
     for step in 0..max_new {
         if cancelled() {
             return Err(CoreError::Cancelled);
         }
         let host: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
-        let v = host.len() / b;
-        let mut next = vec![opts.pad_id as i64; b];
-        let mut events = Vec::with_capacity(b);
-        for r in 0..b {
+        let v = host.len() / batch.len();
+        let mut next = vec![opts.pad_id as i64; batch.len()];
+        let mut events = Vec::with_capacity(batch.len());
+        for (i, &r) in batch.iter().enumerate() {
             if done[r] {
                 continue;
             }
-            let row = &host[r * v..(r + 1) * v];
+            let row = &host[i * v..(i + 1) * v];
             let mut work = row.to_vec();
             let id = choose(&mut work, &seen[r], &opts.sampling, &mut rngs[r]);
             let g = &mut out[r];
             g.ids.push(id);
             g.logprobs.push(log_prob(row, id as usize));
             seen[r].push(id);
-            next[r] = id as i64;
+            next[i] = id as i64;
             events.push(StepToken { row: r, id });
             if opts.eos_ids.contains(&id) {
                 g.finish_reason = FinishReason::Eos;
@@ -237,12 +273,24 @@ pub fn generate_until(
             }
         }
         on_step(&events);
-        if done.iter().all(|&d| d) || step + 1 == max_new {
+        let live = batch.iter().filter(|&&r| !done[r]).count();
+        if live == 0 || step + 1 == max_new {
             break;
         }
-        let input = Tensor::f_from_slice(&next)?.f_view([b as i64, 1])?.f_to_device(dev)?;
-        let hidden =
-            model.forward_hidden_cached(&input, mask_upto(longest + step + 1)?.as_ref(), None, Some(&mut cache))?;
+        // Finished rows leave the batch once enough have gathered.
+        if (batch.len() - live) * COMPACT_FRACTION >= batch.len() {
+            let keep: Vec<i64> = (0..batch.len()).filter(|&i| !done[batch[i]]).map(|i| i as i64).collect();
+            cache.select_rows(&Tensor::f_from_slice(&keep)?.f_to_device(dev)?)?;
+            next = keep.iter().map(|&i| next[i as usize]).collect();
+            batch = keep.iter().map(|&i| batch[i as usize]).collect();
+        }
+        let input = Tensor::f_from_slice(&next)?.f_view([batch.len() as i64, 1])?.f_to_device(dev)?;
+        let hidden = model.forward_hidden_cached(
+            &input,
+            mask_upto(&batch, longest + step + 1)?.as_ref(),
+            None,
+            Some(&mut cache),
+        )?;
         logits = model.logits(&hidden.f_select(1, 0)?)?;
     }
     for g in &mut out {

@@ -81,7 +81,7 @@ fn last_number(text: &str) -> Option<f64> {
     let mut end = b.len();
     while end > 0 {
         // The last digit, then back over digits, separators and a decimal point.
-        let Some(last) = b[..end].iter().rposition(u8::is_ascii_digit) else { return None };
+        let last = b[..end].iter().rposition(u8::is_ascii_digit)?;
         let mut start = last;
         while start > 0 && (b[start - 1].is_ascii_digit() || matches!(b[start - 1], b'.' | b',')) {
             start -= 1;

@@ -36,13 +36,16 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Optional adapter ([`crate::lora`]).
     pub lora: Option<Lora>,
+    /// A dense copy of an NF4 base, held for a phase of forward passes without gradients (rollouts) so
+    /// that they do not dequantize every weight on every token ([`Linear::hold_dense`]).
+    held: Option<Tensor>,
 }
 
 impl Linear {
     fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = cpu_column_major(vb.get(&[out_dim, in_dim], "weight")?)?;
         let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
-        Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None })
+        Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None, held: None })
     }
 
     /// `(out, in)`.
@@ -75,11 +78,24 @@ impl Linear {
         })
     }
 
+    /// With `on`, keeps a dense copy of an NF4 base weight for forward passes without gradients (the
+    /// memory of a dense weight, in its compute kind); without, drops it. Returns the bytes held.
+    pub fn hold_dense(&mut self, on: bool) -> Result<usize> {
+        self.held = match (&self.base, on) {
+            (BaseWeight::Nf4 { q, kind }, true) => Some(cpu_column_major(q.dequantize(*kind)?)?),
+            _ => None,
+        };
+        Ok(self.held.as_ref().map_or(0, |w| w.numel() * w.kind().elt_size_in_bytes()))
+    }
+
     /// # Shapes
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.base {
             BaseWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            BaseWeight::Nf4 { .. } if !x.requires_grad() && self.held.is_some() => {
+                x.f_linear(self.held.as_ref().expect("held"), self.bias.as_ref())?
+            }
             BaseWeight::Nf4 { q, kind } if x.requires_grad() => {
                 // Training: the dequantized weight is not kept for the backward pass but dequantized again.
                 let shape = x.size();
@@ -707,5 +723,21 @@ impl KvCache {
     /// Forgets every cached position (the buffers are kept for reuse).
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// Sequences cached.
+    pub fn batch(&self) -> i64 {
+        self.batch
+    }
+
+    /// Keeps the sequences `rows` (indices into the batch, in the new order; repeats allowed): a prompt's
+    /// cache shared by its samples, finished sequences dropped from a batch.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for l in &mut self.layers {
+            l.k = l.k.f_index_select(0, rows)?;
+            l.v = l.v.f_index_select(0, rows)?;
+        }
+        self.batch = rows.size()[0];
+        Ok(())
     }
 }

@@ -16,7 +16,7 @@ use super::ppo_objective::{split, to_vec, token_stats, Pass};
 use super::sft::{LoraState, SftExample};
 use super::{checkpoint, LossSum, Position, TrainConfig, TrainableState, Trainer};
 use crate::error::{CoreError, Result};
-use crate::generation::{generate_until, FinishReason, GenerateOptions, ModelDefaults};
+use crate::generation::{generate_groups, FinishReason, GenerateOptions, ModelDefaults};
 use crate::lora::LoraConfig;
 use crate::models::CausalLm;
 use crate::sampling::SamplingParams;
@@ -160,7 +160,6 @@ impl PolicySession {
         }
         let _g = tch::no_grad_guard();
         self.model.set_training(false);
-        let rows: Vec<Vec<u32>> = spec.prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), spec.n)).collect();
         let opts = GenerateOptions {
             max_new_tokens: spec.max_new_tokens,
             sampling: spec.sampling,
@@ -169,7 +168,12 @@ impl PolicySession {
             stop_strings: spec.stop.clone(),
             pad_id: self.defaults.pad_id,
         };
-        let gen = generate_until(&self.model, &self.tokenizer, &rows, &opts, &mut |_| {}, cancelled)?;
+        // QLoRA: the rollout phase runs on dense copies of the NF4 weights (freed afterwards), not on weights
+        // dequantized again at every token.
+        self.model.hold_dense(true)?;
+        let gen = generate_groups(&self.model, &self.tokenizer, &spec.prompts, spec.n, &opts, &mut |_| {}, cancelled);
+        self.model.hold_dense(false)?;
+        let gen = gen?;
         let mut samples: Vec<Sample> = gen
             .into_iter()
             .enumerate()
@@ -182,7 +186,7 @@ impl PolicySession {
                 ref_logp: vec![],
             })
             .collect();
-        let seqs: Vec<SftExample> = samples.iter().map(|s| example(&rows[s.prompt * spec.n], &s.ids)).collect();
+        let seqs: Vec<SftExample> = samples.iter().map(|s| example(&spec.prompts[s.prompt], &s.ids)).collect();
         let temperature = if spec.sampling.greedy { 1.0 } else { f64::from(spec.sampling.temperature) };
         let pad = self.defaults.pad_id;
         let pol = token_stats(&self.model, &seqs, pad, temperature, Pass::Reference)?;

@@ -12,6 +12,7 @@ mod lora;
 mod nf4;
 mod ppo;
 mod reward;
+mod rollout;
 mod session;
 mod tiny_models;
 mod train;
