@@ -1,7 +1,7 @@
 //! Online RL through the alignment service in its own process, on the tiny chat model: GRPO and RLOO driven
-//! over gRPC (alignment → a policy training session, alignment → reward), and the faults — the orchestrator
-//! SIGKILLed and restarted, the policy SIGKILLed and restarted — after which the job ends with exactly the
-//! adapter of an uninterrupted run.
+//! over gRPC (alignment → a policy training session, alignment → two reward replicas), and the faults — the
+//! orchestrator SIGKILLed and restarted, the policy SIGKILLed and restarted, a reward replica SIGKILLed —
+//! after which the job ends with exactly the adapter of an uninterrupted run.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -32,25 +32,29 @@ fn recipe(root: &Path, section: &str) -> std::path::PathBuf {
 
 struct Stack {
     policy: Server,
-    reward: Server,
+    rewards: [Option<Server>; 2],
     alignment: Server,
 }
 
 fn stack(root: &Path) -> Stack {
     let policy = Server::start("policy", root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-policy.sqlite")]);
-    let reward = Server::start("reward", root, &[("FERROTUNE__JOBS__DB", ".ferrotune/jobs-reward.sqlite")]);
-    let alignment = alignment(root, &policy, &reward, "127.0.0.1:0");
-    Stack { policy, reward, alignment }
+    let rewards = [1, 2].map(|i| {
+        let db = format!(".ferrotune/jobs-reward{i}.sqlite");
+        Some(Server::start("reward", root, &[("FERROTUNE__JOBS__DB", db.as_str())]))
+    });
+    let urls = rewards.iter().map(|r| r.as_ref().unwrap().url.clone()).collect::<Vec<_>>().join(",");
+    let alignment = alignment(root, &policy, &urls, "127.0.0.1:0");
+    Stack { policy, rewards, alignment }
 }
 
-fn alignment(root: &Path, policy: &Server, reward: &Server, listen: &str) -> Server {
+fn alignment(root: &Path, policy: &Server, rewards: &str, listen: &str) -> Server {
     Server::start_on(
         "alignment",
         root,
         &[
             ("FERROTUNE__JOBS__DB", ".ferrotune/jobs-alignment.sqlite"),
             ("FERROTUNE__ENDPOINTS__POLICY", &policy.url),
-            ("FERROTUNE__ENDPOINTS__REWARD", &reward.url),
+            ("FERROTUNE__ENDPOINTS__REWARD", rewards),
         ],
         listen,
     )
@@ -122,7 +126,8 @@ fn wait_done(root: &Path, alignment: &Server, id: &str) -> serde_json::Value {
 fn grpo_and_rloo_through_three_processes_and_resume_after_sigkill() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
-    let Stack { policy, reward, alignment: a } = stack(&root);
+    let Stack { policy, mut rewards, alignment: a } = stack(&root);
+    let reward_urls = rewards.iter().map(|r| r.as_ref().unwrap().url.clone()).collect::<Vec<_>>().join(",");
 
     // Uninterrupted GRPO: the policy learns (reward and loss reported per step), the adapter is written.
     let o = align(&root, &a, "grpo", "runs/u");
@@ -158,7 +163,7 @@ fn grpo_and_rloo_through_three_processes_and_resume_after_sigkill() {
     let addr = a.addr().to_owned();
     drop(a); // SIGKILL
     assert!(!root.join("runs/k/adapter_model.safetensors").exists(), "killed too late to test anything");
-    let a = alignment(&root, &policy, &reward, &addr);
+    let a = alignment(&root, &policy, &reward_urls, &addr);
     let j = wait_done(&root, &a, &id);
     assert_eq!((j["state"].as_str(), j["resumes"].as_u64()), (Some("succeeded"), Some(1)), "{j}");
     assert!(adapter(&root, "runs/k") == want, "the resumed run's adapter differs from the uninterrupted run's");
@@ -175,11 +180,61 @@ fn grpo_and_rloo_through_three_processes_and_resume_after_sigkill() {
     assert_eq!(j["state"].as_str(), Some("succeeded"), "{j}");
     assert!(adapter(&root, "runs/p") == want, "the run across a policy restart differs from the uninterrupted run");
 
+    // A reward replica SIGKILLed mid-run: the survivor scores every step after it (a step is scored whole
+    // or retried), and the run ends as the uninterrupted one.
+    let id = start(&root, &a, "runs/r");
+    wait_state(&root, "runs/r", 8);
+    drop(rewards[0].take());
+    assert!(!root.join("runs/r/adapter_model.safetensors").exists(), "killed too late to test anything");
+    let j = wait_done(&root, &a, &id);
+    assert_eq!(j["state"].as_str(), Some("succeeded"), "{j}");
+    assert!(adapter(&root, "runs/r") == want, "the run across a reward replica's death differs");
+
     // RLOO on the same stack.
     let o = align(&root, &a, "rloo", "runs/rloo");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(adapter(&root, "runs/rloo") != want);
-    drop(reward);
+}
+
+/// DPO started on an alignment service that runs alone: it runs as a job of the policy server, followed by a
+/// job of the alignment service that the CLI watches there.
+#[test]
+fn dpo_through_a_standalone_alignment_service() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().canonicalize().unwrap();
+    let Stack { policy: _policy, rewards: _rewards, alignment: a } = stack(&root);
+    std::fs::copy(repo("recipes/data/pirate-prefs-train.jsonl"), root.join("prefs.jsonl")).unwrap();
+    let model = format!("model={}", tiny_chat_in(&root));
+    let o = run_cli_env(
+        &root,
+        &[("FERROTUNE__ENDPOINTS__ALIGNMENT", &a.url)],
+        &[
+            "align",
+            "dpo",
+            "--recipe",
+            repo("recipes/dpo.yaml").to_str().unwrap(),
+            "--output-dir",
+            "dpo",
+            "--set",
+            "data.path=prefs.jsonl",
+            "--set",
+            &model,
+            "--max-steps",
+            "3",
+            "--json",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let steps = out.lines().filter(|l| l.contains("\"loss\"") && !l.contains("\"done\"")).count();
+    assert_eq!(steps, 3, "the follower mirrors every step: {out}");
+    assert!(out.contains("following policy job dpo-"), "{out}");
+    assert!(root.join("dpo/adapter_model.safetensors").exists());
+    // The follower's job is the alignment service's; the DPO job itself the policy's.
+    let list = run_cli_env(&root, &[("FERROTUNE__ENDPOINTS__ALIGNMENT", &a.url)], &["jobs", "list", "--json"]);
+    let jobs: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let kinds: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["follow"], "{jobs}");
 }
 
 #[test]

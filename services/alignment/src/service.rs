@@ -2,11 +2,14 @@
 //! (this process's job manager) that drive a policy session and the reward replicas over gRPC; DPO and PPO
 //! run as jobs of the policy co-hosted in this server (they train on the policy's job thread).
 
+use ferrotune_proto::v1::alignment_service_client::AlignmentServiceClient;
 use ferrotune_proto::v1::alignment_service_server::AlignmentService;
 use ferrotune_proto::v1::{StartJobResponse, StartRecipeJobRequest};
 use ferrotune_runtime::jobs::JobManager;
 use ferrotune_runtime::ArtifactRoot;
 use ferrotune_training::queue_recipe_job;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The service state.
@@ -23,6 +26,8 @@ pub struct Alignment {
     pub has_policy: bool,
     /// The reward replicas, to check a recipe's reward functions before its job is queued.
     pub rewards: Option<ferrotune_clients::RewardPool>,
+    /// The policy server's AlignmentService, where DPO and PPO start when the policy is not hosted here.
+    pub remote: Option<AlignmentServiceClient<InterceptedService<Channel, ferrotune_clients::ClientAuth>>>,
 }
 
 const NO_REWARD: &str = "scores rollouts on reward services, and none is configured: set endpoints.reward (or FERROTUNE__ENDPOINTS__REWARD=http://HOST:PORT,…), or host reward in this server (serve --services policy,reward)";
@@ -57,6 +62,11 @@ impl Alignment {
     }
 
     async fn start(&self, kind: &str, r: StartRecipeJobRequest) -> Result<Response<StartJobResponse>, Status> {
+        if matches!(kind, "dpo" | "ppo") && !self.jobs.runs(kind) {
+            if let Some(remote) = &self.remote {
+                return self.start_on_policy(kind, r, remote.clone()).await;
+            }
+        }
         if !self.jobs.runs(kind) {
             return Err(Status::failed_precondition(format!(
                 "{} runs as a job of the policy service, which this server does not host: start it where the policy runs (serve --services policy,… hosts AlignmentService too)",
@@ -77,6 +87,26 @@ impl Alignment {
         }
         let job = queue_recipe_job(kind, &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.device, &self.jobs)?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
+    }
+}
+
+impl Alignment {
+    /// DPO / PPO on the policy server, followed here by a job of this service (see [`crate::follow`]).
+    async fn start_on_policy(
+        &self,
+        kind: &str,
+        r: StartRecipeJobRequest,
+        mut remote: AlignmentServiceClient<InterceptedService<Channel, ferrotune_clients::ClientAuth>>,
+    ) -> Result<Response<StartJobResponse>, Status> {
+        let started = if kind == "dpo" { remote.start_dpo(r).await } else { remote.start_ppo(r).await };
+        let job = started?.into_inner().job.ok_or_else(|| Status::internal("the policy returned no job"))?;
+        let spec = serde_json::json!({"remote": job.id, "kind": kind});
+        let local = self
+            .jobs
+            .submit("follow", spec, job.output_dir.into())
+            .map_err(|e| ferrotune_runtime::status::to_status(&e))?;
+        tracing::info!(job = %local.id, remote = %job.id, "following a policy job");
+        Ok(Response::new(StartJobResponse { job: Some(local) }))
     }
 }
 

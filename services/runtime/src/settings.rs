@@ -253,9 +253,10 @@ pub const KNOWN_SERVICES: &[&str] = &["data", "policy", "merge", "reward", "alig
 
 /// The services a server hosts for a `services` list: AlignmentService comes with the policy (DPO and PPO
 /// are policy jobs started through it), so `policy` implies `alignment`.
+/// AlignmentService is hosted last, once the services whose jobs it starts are registered.
 pub fn hosted_services(services: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = services.to_vec();
-    if out.iter().any(|s| s == "policy") && !out.iter().any(|s| s == "alignment") {
+    let mut out: Vec<String> = services.iter().filter(|s| *s != "alignment").cloned().collect();
+    if services.iter().any(|s| s == "policy" || s == "alignment") {
         out.push("alignment".into());
     }
     out

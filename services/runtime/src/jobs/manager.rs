@@ -63,6 +63,10 @@ impl JobContext {
     pub fn should_stop(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+    /// True once the job was cancelled (not merely stopped because the service drains).
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.live.lock().expect("lock").get(&self.id).is_some_and(|l| l.cancelled)
+    }
     /// The flag behind [`Self::should_stop`].
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
