@@ -62,6 +62,16 @@ pub fn tiny_chat_in(root: &Path) -> &'static str {
     "tiny-chat"
 }
 
+/// The step of the newest complete checkpoint in `run_dir/checkpoints` (`step-NNNNNNNN`), if any. Older ones
+/// are pruned as training goes on (and the tiny model trains fast), so tests wait for "at least step N"
+/// rather than for one directory.
+pub fn newest_checkpoint(run_dir: &Path) -> Option<u64> {
+    std::fs::read_dir(run_dir.join("checkpoints"))
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
+}
+
 /// `tests/fixtures/smollm2/hf-reference.json` (HF transformers reference numbers; a copy of the shared fixture).
 pub fn hf_reference() -> serde_json::Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2/hf-reference.json");
