@@ -6,6 +6,7 @@
 
 pub mod follow;
 pub mod orchestrator;
+mod ppo;
 pub mod service;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use ferrotune_core::train::group_rl::GroupAlgorithm;
 use ferrotune_proto::v1::alignment_service_server::AlignmentServiceServer;
 use ferrotune_runtime::server::Hosting;
+use orchestrator::AlignKind;
 
 /// A client of the reward replicas (none configured: None). Built inside the server's runtime, lazily
 /// connected.
@@ -57,7 +59,11 @@ fn remote_alignment(
 /// Adds AlignmentService (and its GRPO / RLOO jobs) to a server being assembled.
 pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let jobs = h.jobs()?;
-    for algo in [GroupAlgorithm::Grpo, GroupAlgorithm::Rloo] {
+    for (kind, algo) in [
+        ("grpo", AlignKind::Group(GroupAlgorithm::Grpo)),
+        ("rloo", AlignKind::Group(GroupAlgorithm::Rloo)),
+        ("ppo", AlignKind::Ppo),
+    ] {
         let runner = orchestrator::GroupRlRunner {
             algo,
             policy: h.settings.endpoints.policy.clone(),
@@ -65,7 +71,6 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
             token: h.settings.auth.token.clone(),
             root: h.root.root().to_path_buf(),
         };
-        let kind = if algo == GroupAlgorithm::Grpo { "grpo" } else { "rloo" };
         // The orchestrator computes no tensors: one thread is plenty.
         jobs.register(kind, Arc::new(runner), 1);
     }

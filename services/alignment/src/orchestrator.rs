@@ -44,10 +44,19 @@ const STATE: &str = "orchestrator_state.json";
 /// How long a lost policy is waited for before the job fails.
 const POLICY_PATIENCE: Duration = Duration::from_secs(120);
 
-/// Runs GRPO or RLOO jobs.
+/// What an orchestrator job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlignKind {
+    /// GRPO or RLOO.
+    Group(GroupAlgorithm),
+    /// PPO with the value head on the policy session.
+    Ppo,
+}
+
+/// Runs GRPO, RLOO or PPO jobs.
 pub struct GroupRlRunner {
     /// Which algorithm.
-    pub algo: GroupAlgorithm,
+    pub algo: AlignKind,
     /// The policy service (`endpoints.policy`).
     pub policy: Option<String>,
     /// The reward replicas (`endpoints.reward`).
@@ -59,18 +68,21 @@ pub struct GroupRlRunner {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-struct State {
+pub(crate) struct State {
     /// Steps done.
-    step: usize,
+    pub(crate) step: usize,
     /// Session updates done (the session checkpoint of that count goes with it).
-    updates: u32,
+    pub(crate) updates: u32,
+    /// PPO: the (adaptive) KL coefficient after that step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) kl_coef: Option<f64>,
 }
 
 /// A prompt: its ids, the user's text (what the reward functions see as the prompt) and its record (where
 /// the reference answers of `answer:…` rules come from).
-struct PromptRow {
-    ids: Vec<u32>,
-    text: String,
+pub(crate) struct PromptRow {
+    pub(crate) ids: Vec<u32>,
+    pub(crate) text: String,
     record: serde_json::Value,
 }
 
@@ -90,7 +102,7 @@ fn lost(s: &Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::NotFound | Code::Unknown | Code::Cancelled | Code::Aborted)
 }
 
-fn status_err(what: &str, s: Status) -> anyhow::Error {
+pub(crate) fn status_err(what: &str, s: Status) -> anyhow::Error {
     let msg = format!("{what}: {} ({:?})", s.message(), s.code());
     anyhow::Error::new(match s.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => CoreError::Unavailable(msg),
@@ -110,26 +122,32 @@ impl JobRunner for GroupRlRunner {
     fn run(&self, ctx: &JobContext) -> Result<JobOutcome> {
         let (r, resume) = ferrotune_training::scaffold::job_recipe(ctx)?;
         let run_id = ferrotune_core::train::run_dir::run_id(&r.output_dir)?.unwrap_or_else(|| ctx.id.clone());
-        let Objective::GroupRl(algo, cfg) = r.objective() else {
-            anyhow::bail!("recipe: the grpo / rloo section is missing")
+        let (kind, cfg, ppo) = match r.objective() {
+            Objective::GroupRl(algo, cfg) => (AlignKind::Group(algo), cfg, None),
+            Objective::Ppo(p) => (AlignKind::Ppo, crate::ppo::as_group(&p), Some(p)),
+            _ => anyhow::bail!("recipe: the grpo / rloo / ppo section is missing"),
         };
-        anyhow::ensure!(algo == self.algo, "this runner runs {:?}, the recipe is {algo:?}", self.algo);
+        anyhow::ensure!(kind == self.algo, "this runner runs {:?}, the recipe is {kind:?}", self.algo);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("client runtime")?;
-        let run = Orchestration::new(self, &r, cfg, run_id, &rt)?;
+        let mut run = Orchestration::new(self, &r, cfg, run_id, &rt)?;
+        run.ppo = ppo;
         run.run(ctx, resume)
     }
 }
 
-struct Orchestration<'a> {
-    runner: &'a GroupRlRunner,
-    r: &'a Recipe,
-    cfg: GroupRlConfig,
-    run_id: String,
-    rt: &'a tokio::runtime::Runtime,
-    policy: Policy,
-    pool: RewardPool,
-    prompts: Vec<PromptRow>,
-    eval: Vec<PromptRow>,
+pub(crate) struct Orchestration<'a> {
+    pub(crate) runner: &'a GroupRlRunner,
+    pub(crate) r: &'a Recipe,
+    pub(crate) cfg: GroupRlConfig,
+    pub(crate) run_id: String,
+    pub(crate) rt: &'a tokio::runtime::Runtime,
+    pub(crate) policy: Policy,
+    pub(crate) pool: RewardPool,
+    pub(crate) prompts: Vec<PromptRow>,
+    pub(crate) eval: Vec<PromptRow>,
+    /// PPO's settings (a PPO job); its KL coefficient as the run goes.
+    pub(crate) ppo: Option<ferrotune_core::train::ppo_objective::PpoConfig>,
+    pub(crate) kl_coef: std::cell::Cell<f64>,
 }
 
 impl<'a> Orchestration<'a> {
@@ -188,7 +206,19 @@ impl<'a> Orchestration<'a> {
             Some(p) => render(p)?,
             None => vec![],
         };
-        Ok(Self { runner, r, cfg, run_id, rt, policy, pool, prompts, eval })
+        Ok(Self {
+            runner,
+            r,
+            cfg,
+            run_id,
+            rt,
+            policy,
+            pool,
+            prompts,
+            eval,
+            ppo: None,
+            kl_coef: std::cell::Cell::new(0.0),
+        })
     }
 
     /// A path under the shared artifact root as the policy should resolve it (relative when inside).
@@ -239,6 +269,7 @@ impl<'a> Orchestration<'a> {
             seed: t.seed,
             output_dir: self.for_policy(&r.output_dir),
             restore_updates: updates,
+            value_head: self.ppo.is_some(),
         };
         let mut p = self.policy.clone();
         let info = self.rt.block_on(p.open_session(req))?.into_inner();
@@ -286,7 +317,13 @@ impl<'a> Orchestration<'a> {
         }
     }
 
-    fn rollout(&self, rows: &[&PromptRow], n: usize, seed: u64, reference: bool) -> Result<Vec<RolloutSample>, Status> {
+    pub(crate) fn rollout(
+        &self,
+        rows: &[&PromptRow],
+        n: usize,
+        seed: u64,
+        reference: bool,
+    ) -> Result<Vec<RolloutSample>, Status> {
         let req = RolloutRequest {
             session_id: self.run_id.clone(),
             prompts: rows.iter().map(|p| TokenIds { ids: p.ids.clone() }).collect(),
@@ -301,9 +338,10 @@ impl<'a> Orchestration<'a> {
         Ok(self.rt.block_on(p.rollout(req))?.into_inner().samples)
     }
 
-    /// Scores every completion with every reward function: `funcs[k][i]`.
-    fn score(&self, rows: &[&PromptRow], samples: &[RolloutSample]) -> Result<Vec<Vec<f64>>> {
+    /// Scores every completion with every reward function: `funcs[k][i]`; the replicas that answered.
+    pub(crate) fn score(&self, rows: &[&PromptRow], samples: &[RolloutSample]) -> Result<(Vec<Vec<f64>>, Vec<String>)> {
         let mut funcs = vec![];
+        let mut replicas = vec![];
         for (k, f) in self.cfg.rewards.iter().enumerate() {
             let items: Vec<ScoreItem> = samples
                 .iter()
@@ -328,19 +366,22 @@ impl<'a> Orchestration<'a> {
                 resp.scores.len(),
                 samples.len()
             );
+            if !replicas.contains(&resp.replica) {
+                replicas.push(resp.replica.clone());
+            }
             funcs.push(resp.scores.into_iter().map(f64::from).collect());
         }
-        Ok(funcs)
+        Ok((funcs, replicas))
     }
 
     fn reward_name(&self, k: usize) -> String {
         self.cfg.rewards[k].name.clone().unwrap_or_else(|| format!("reward{k}"))
     }
 
-    fn advantages(&self, funcs: &[Vec<f64>], samples: &[RolloutSample]) -> Result<Advantages> {
+    fn advantages(&self, algo: GroupAlgorithm, funcs: &[Vec<f64>], samples: &[RolloutSample]) -> Result<Advantages> {
         let weights: Vec<f64> = self.cfg.rewards.iter().map(|f| f.weight).collect();
         let g = self.cfg.num_generations;
-        Ok(match self.runner.algo {
+        Ok(match algo {
             GroupAlgorithm::Grpo => {
                 advantages::grpo(funcs, &weights, g, self.cfg.scale_rewards, self.cfg.multi_objective_aggregation)?
             }
@@ -356,7 +397,7 @@ impl<'a> Orchestration<'a> {
     }
 
     /// The prompts of step `step`.
-    fn batch(&self, step: usize) -> Vec<&PromptRow> {
+    pub(crate) fn batch(&self, step: usize) -> Vec<&PromptRow> {
         let per_step = self.completions_per_step() / self.cfg.num_generations;
         let n = self.prompts.len();
         (0..per_step)
@@ -368,16 +409,16 @@ impl<'a> Orchestration<'a> {
             .collect()
     }
 
-    /// One step: rollouts, scores, advantages, updates. Its metrics.
-    fn step(&self, step: usize) -> Result<serde_json::Map<String, serde_json::Value>> {
-        let algo = self.runner.algo;
+    /// One step: rollouts, scores, advantages, updates. Its metrics and the replicas that scored.
+    fn step(&self, step: usize) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>)> {
+        let AlignKind::Group(algo) = self.runner.algo else { return self.ppo_step(step) };
         let rows = self.batch(step);
         let beta = self.cfg.beta(algo);
         let seed = rollout_seed(self.train_cfg().seed, step);
         let samples =
             self.rollout(&rows, self.cfg.num_generations, seed, beta > 0.0).map_err(|s| step_lost(step, s))?;
-        let funcs = self.score(&rows, &samples)?;
-        let adv = self.advantages(&funcs, &samples)?;
+        let (funcs, replicas) = self.score(&rows, &samples)?;
+        let adv = self.advantages(algo, &funcs, &samples)?;
         let t = self.train_cfg();
         let lr = lr_at(t.lr_scheduler, t.learning_rate, step, t.warmup_steps, t.max_steps);
         let loss = self.cfg.policy_loss(algo)?;
@@ -391,6 +432,8 @@ impl<'a> Orchestration<'a> {
                 ref_logprobs: if loss.beta > 0.0 { s.ref_logprobs.clone() } else { vec![] },
                 advantages: vec![a; s.ids.len()],
                 masked: self.cfg.mask_truncated_completions && s.finish_reason == "length",
+                returns: vec![],
+                old_values: vec![],
             })
             .filter(|u| !u.completion_ids.is_empty())
             .collect();
@@ -407,6 +450,7 @@ impl<'a> Orchestration<'a> {
                 ferrotune_core::train::grpo::RatioLevel::SequenceSum => "sequence_sum",
             }
             .into(),
+            ..Default::default()
         };
         let mut last = None;
         for _ in 0..self.cfg.num_iterations {
@@ -453,7 +497,7 @@ impl<'a> Orchestration<'a> {
             put("kl", u.kl);
         }
         put("updates", f64::from(u.updates));
-        Ok(m)
+        Ok((m, replicas))
     }
 
     /// Mean combined reward of `n` samples of each held-out prompt (fixed seed).
@@ -464,7 +508,7 @@ impl<'a> Orchestration<'a> {
             let samples = self
                 .rollout(chunk, 4, rollout_seed(self.train_cfg().seed, usize::MAX / 2), false)
                 .map_err(|s| status_err("evaluation rollout", s))?;
-            let funcs = self.score(chunk, &samples)?;
+            let (funcs, _) = self.score(chunk, &samples)?;
             for i in 0..samples.len() {
                 all.push(self.cfg.rewards.iter().zip(&funcs).map(|(f, s)| f.weight * s[i]).sum::<f64>());
             }
@@ -472,7 +516,7 @@ impl<'a> Orchestration<'a> {
         Ok(all.iter().sum::<f64>() / all.len().max(1) as f64)
     }
 
-    fn checkpoint(&self, state: State) -> Result<()> {
+    pub(crate) fn checkpoint(&self, state: State) -> Result<()> {
         let mut p = self.policy.clone();
         let c = self
             .rt
@@ -501,7 +545,10 @@ impl<'a> Orchestration<'a> {
         } else {
             None
         };
-        let mut state = saved.unwrap_or(State { step: 0, updates: 0 });
+        let mut state = saved.unwrap_or(State { step: 0, updates: 0, kl_coef: None });
+        if let Some(p) = &self.ppo {
+            self.kl_coef.set(state.kl_coef.unwrap_or(p.kl_coef));
+        }
         ferrotune_core::fsx::write(out.join("recipe.yaml"), serde_yaml_string(self.r)?)?;
         if state.step > 0 {
             ctx.log(format!("resuming at step {} ({} session updates)", state.step, state.updates));
@@ -509,15 +556,24 @@ impl<'a> Orchestration<'a> {
         self.reopen(state, ctx)?;
         truncate_metrics(&metrics_path, state.step)?;
         let t = self.train_cfg().clone();
-        let mut before = None;
-        if state.step == 0 && !self.eval.is_empty() {
-            let b = self.evaluate()?;
-            ctx.log(format!("held-out mean reward before training: {b:.4} ({} prompts × 4)", self.eval.len()));
-            before = Some(b);
-            ferrotune_core::weights::write_atomically(
-                &out.join("eval_before.json"),
-                json!({"reward": b}).to_string().as_bytes(),
-            )?;
+        // The held-out evaluation before training (kept beside the output, so a resumed run still reports it).
+        let before_path = out.join("eval_before.json");
+        let mut before: Option<serde_json::Value> = None;
+        if !self.eval.is_empty() {
+            if state.step > 0 {
+                before =
+                    ferrotune_core::fsx::read_to_string(&before_path).ok().and_then(|t| serde_json::from_str(&t).ok());
+            } else {
+                let b = if self.ppo.is_some() {
+                    self.ppo_evaluate(ctx, "before")?
+                } else {
+                    let b = self.evaluate()?;
+                    ctx.log(format!("held-out mean reward before training: {b:.4} ({} prompts × 4)", self.eval.len()));
+                    json!(b)
+                };
+                ferrotune_core::weights::write_atomically(&before_path, b.to_string().as_bytes())?;
+                before = Some(b);
+            }
         }
         let mut step = state.step;
         while step < t.max_steps {
@@ -527,12 +583,17 @@ impl<'a> Orchestration<'a> {
                 return Ok(JobOutcome::Stopped);
             }
             let started = Instant::now();
-            let m = match self.step(step) {
+            let (m, replicas) = match self.step(step) {
                 Ok(m) => m,
                 Err(e) if is_lost(&e) => {
                     // The policy (or its session) went away: reopen at the checkpoint and replay from there.
                     ctx.log(format!("step {}: {e:#}; reopening the session at step {}", step + 1, state.step));
                     self.reopen(state, ctx)?;
+                    if let (Some(p), true) = (&self.ppo, state.kl_coef.is_none()) {
+                        self.kl_coef.set(p.kl_coef);
+                    } else if let Some(k) = state.kl_coef {
+                        self.kl_coef.set(k);
+                    }
                     truncate_metrics(&metrics_path, state.step)?;
                     step = state.step;
                     continue;
@@ -547,7 +608,7 @@ impl<'a> Orchestration<'a> {
             append_line(&metrics_path, &serde_json::Value::Object(line).to_string())?;
             let mut checkpoint = String::new();
             if t.save_steps > 0 && step.is_multiple_of(t.save_steps) && step < t.max_steps {
-                state = State { step, updates };
+                state = State { step, updates, kl_coef: self.ppo.as_ref().map(|_| self.kl_coef.get()) };
                 self.checkpoint(state)?;
                 checkpoint = out.join("session").display().to_string();
             }
@@ -567,15 +628,28 @@ impl<'a> Orchestration<'a> {
                 checkpoint,
                 metrics: m.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect(),
             });
-            ctx.log(format!(
-                "step {step}: reward {:.4} (std {:.4}), loss {:.4}, kl {:.5}",
-                m["reward"].as_f64().unwrap_or(0.0),
-                m["reward_std"].as_f64().unwrap_or(0.0),
-                m["loss"].as_f64().unwrap_or(0.0),
-                m["kl"].as_f64().unwrap_or(0.0)
-            ));
+            ctx.log(format!("step {step}: scores from {}", replicas.join(", ")));
+            if self.ppo.is_none() {
+                ctx.log(format!(
+                    "step {step}: reward {:.4} (std {:.4}), loss {:.4}, kl {:.5}",
+                    m["reward"].as_f64().unwrap_or(0.0),
+                    m["reward_std"].as_f64().unwrap_or(0.0),
+                    m["loss"].as_f64().unwrap_or(0.0),
+                    m["kl"].as_f64().unwrap_or(0.0)
+                ));
+            }
         }
-        if let Some(b) = before {
+        if let (Some(b), Some(_)) = (&before, &self.ppo) {
+            let after = self.ppo_evaluate(ctx, "after")?;
+            let body = json!({"before": b, "after": after, "eval_prompts": self.eval.len()});
+            ferrotune_core::weights::write_atomically(
+                &out.join("ppo_eval.json"),
+                serde_json::to_string_pretty(&body)?.as_bytes(),
+            )?;
+            ctx.log(format!("held-out: {body}"));
+            before = None;
+        }
+        if let Some(b) = before.and_then(|b| b.as_f64()) {
             let after = self.evaluate()?;
             ctx.log(format!("held-out mean reward: {b:.4} -> {after:.4}"));
             ferrotune_core::weights::write_atomically(
@@ -593,7 +667,11 @@ impl<'a> Orchestration<'a> {
                 save_adapter_to: self.for_policy(&out),
             }))
             .map_err(|s| status_err("closing the session", s))?;
-        let title = if self.runner.algo == GroupAlgorithm::Grpo { "GRPO" } else { "RLOO" };
+        let title = match self.runner.algo {
+            AlignKind::Group(GroupAlgorithm::Grpo) => "GRPO",
+            AlignKind::Group(GroupAlgorithm::Rloo) => "RLOO",
+            AlignKind::Ppo => "PPO",
+        };
         let mut artifacts = vec![
             Artifact { kind: "adapter".into(), path: out.display().to_string() },
             Artifact { kind: "metrics".into(), path: metrics_path.display().to_string() },
@@ -611,7 +689,7 @@ fn serde_yaml_string(r: &Recipe) -> Result<String> {
 }
 
 /// A lost policy during a step: retried from the checkpoint rather than failed.
-fn step_lost(step: usize, s: Status) -> anyhow::Error {
+pub(crate) fn step_lost(step: usize, s: Status) -> anyhow::Error {
     if lost(&s) {
         anyhow::Error::new(Lost(format!("step {}: the policy went away: {} ({:?})", step + 1, s.message(), s.code())))
     } else {

@@ -42,8 +42,12 @@ impl Alignment {
         ) else {
             return Ok(()); // recipe errors are reported by queue_recipe_job
         };
-        let cfg = if kind == "grpo" { recipe.grpo } else { recipe.rloo };
-        for (i, f) in cfg.map(|c| c.rewards).unwrap_or_default().iter().enumerate() {
+        let funcs = match kind {
+            "grpo" => recipe.grpo.map(|c| c.rewards),
+            "rloo" => recipe.rloo.map(|c| c.rewards),
+            _ => recipe.ppo.as_ref().map(|p| crate::ppo::as_group(p).rewards),
+        };
+        for (i, f) in funcs.unwrap_or_default().iter().enumerate() {
             let req = ferrotune_proto::v1::ScoreRequest {
                 model: Some(ferrotune_training::ppo::reward_ref(&f.source)),
                 items: vec![ferrotune_proto::v1::ScoreItem {
@@ -54,7 +58,8 @@ impl Alignment {
             };
             if let Err(s) = pool.score(req).await {
                 if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) {
-                    return Err(Status::new(s.code(), format!("{kind}.rewards[{i}]: {}", s.message())));
+                    let field = if kind == "ppo" { "ppo.reward".to_owned() } else { format!("{kind}.rewards[{i}]") };
+                    return Err(Status::new(s.code(), format!("{field}: {}", s.message())));
                 }
             }
         }
@@ -62,7 +67,7 @@ impl Alignment {
     }
 
     async fn start(&self, kind: &str, r: StartRecipeJobRequest) -> Result<Response<StartJobResponse>, Status> {
-        if matches!(kind, "dpo" | "ppo") && !self.jobs.runs(kind) {
+        if kind == "dpo" && !self.jobs.runs(kind) {
             if let Some(remote) = &self.remote {
                 return self.start_on_policy(kind, r, remote.clone()).await;
             }
@@ -76,13 +81,13 @@ impl Alignment {
         if kind != "dpo" && !self.has_reward {
             return Err(Status::failed_precondition(format!("{} {NO_REWARD}", kind.to_uppercase())));
         }
-        if matches!(kind, "grpo" | "rloo") && !self.has_policy {
+        if matches!(kind, "grpo" | "rloo" | "ppo") && !self.has_policy {
             return Err(Status::failed_precondition(format!(
                 "{} drives a training session on a policy service, and none is configured: set endpoints.policy (FERROTUNE__ENDPOINTS__POLICY=http://HOST:PORT) or host policy in this server",
                 kind.to_uppercase()
             )));
         }
-        if matches!(kind, "grpo" | "rloo") {
+        if matches!(kind, "grpo" | "rloo" | "ppo") {
             self.check_rewards(kind, &r).await?;
         }
         let job = queue_recipe_job(kind, &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.device, &self.jobs)?;

@@ -114,6 +114,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 use_rslora: false,
             }),
             train: TrainConfig::default(),
+            value_head: false,
             kind: Kind::Float,
             device: Device::Cpu,
         };

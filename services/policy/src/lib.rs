@@ -1,6 +1,6 @@
-//! PolicyService: owns the policy model(s) on the service's device; runs SFT, DPO and PPO jobs (LoRA,
-//! QLoRA, prompt tuning, full fine-tuning), generation (batched and streaming), log-probs with the adapter
-//! on or off, and the training sessions an RL orchestrator drives. DPO and PPO jobs are started through
+//! PolicyService: owns the policy model(s) on the service's device; runs SFT and DPO jobs (LoRA, QLoRA,
+//! prompt tuning, full fine-tuning), generation (batched and streaming), log-probs with the adapter on or
+//! off, and the training sessions an RL orchestrator drives (GRPO, RLOO, PPO). DPO jobs are started through
 //! AlignmentService (the alignment crate), which a server hosting the policy hosts too.
 
 pub mod models;
@@ -26,14 +26,6 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let threads = h.settings.policy.threads;
     jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
     jobs.register("dpo", Arc::new(ferrotune_training::dpo::DpoRunner), threads);
-    jobs.register(
-        "ppo",
-        Arc::new(ferrotune_training::ppo::PpoRunner {
-            endpoints: h.settings.endpoints.reward.clone(),
-            token: h.settings.auth.token.clone(),
-        }),
-        threads,
-    );
     let svc = service::Policy {
         root: h.root.clone(),
         worker,

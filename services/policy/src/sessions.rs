@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::train::grpo::{LossType, PolicyLoss, RatioLevel};
-use ferrotune_core::train::session::{AdapterInit, PolicySession, RolloutSpec, SessionSpec, UpdateSample};
+use ferrotune_core::train::session::{
+    AdapterInit, PolicySession, PpoLoss, RolloutSpec, SessionSpec, UpdateLoss, UpdateSample,
+};
 use ferrotune_core::train::TrainConfig;
 use ferrotune_proto::v1::{
     CheckpointSessionRequest, CheckpointSessionResponse, CloseSessionRequest, CloseSessionResponse, OpenSessionRequest,
@@ -124,8 +126,24 @@ fn lora(r: &OpenSessionRequest) -> Result<LoraConfig, Status> {
     Ok(cfg)
 }
 
-fn loss(r: &UpdateRequest) -> Result<PolicyLoss, Status> {
+fn loss(r: &UpdateRequest) -> Result<UpdateLoss, Status> {
     let l = r.loss.clone().unwrap_or_default();
+    if l.loss_type == "ppo" {
+        let cfg = PpoLoss {
+            cliprange: if l.epsilon == 0.0 { 0.2 } else { l.epsilon },
+            cliprange_value: if l.cliprange_value == 0.0 { 0.2 } else { l.cliprange_value },
+            vf_coef: l.vf_coef,
+        };
+        if !(cfg.cliprange > 0.0 && cfg.cliprange < 1.0 && cfg.cliprange_value > 0.0)
+            || !(cfg.vf_coef.is_finite() && cfg.vf_coef >= 0.0)
+        {
+            return Err(invalid(
+                "loss",
+                format!("PPO: epsilon in (0, 1), cliprange_value > 0, vf_coef >= 0; got {cfg:?}"),
+            ));
+        }
+        return Ok(UpdateLoss::Ppo(cfg));
+    }
     let loss_type = if l.loss_type.is_empty() { LossType::Dapo } else { LossType::parse(&l.loss_type).status()? };
     let epsilon = if l.epsilon == 0.0 { 0.2 } else { l.epsilon };
     let cfg = PolicyLoss {
@@ -148,7 +166,7 @@ fn loss(r: &UpdateRequest) -> Result<PolicyLoss, Status> {
         },
     };
     cfg.validate().map_err(|e| invalid("loss", e))?;
-    Ok(cfg)
+    Ok(UpdateLoss::Clipped(cfg))
 }
 
 impl Policy {
@@ -173,6 +191,7 @@ impl Policy {
             qlora: r.qlora,
             adapter,
             train: train_config(&r)?,
+            value_head: r.value_head,
             kind: self.kind,
             device: self.device_of,
         };
@@ -270,6 +289,7 @@ impl Policy {
                                 .unwrap_or_default(),
                             logprobs: s.logp,
                             ref_logprobs: s.ref_logp,
+                            values: s.values,
                         })
                         .collect(),
                 })
@@ -298,12 +318,19 @@ impl Policy {
                 ref_logp: s.ref_logprobs,
                 advantages: s.advantages,
                 masked: s.masked,
+                returns: s.returns,
+                old_values: s.old_values,
             })
             .collect();
-        if let Some(i) = samples
-            .iter()
-            .position(|s| s.old_logp.iter().chain(&s.ref_logp).chain(&s.advantages).any(|v| !v.is_finite()))
-        {
+        if let Some(i) = samples.iter().position(|s| {
+            s.old_logp
+                .iter()
+                .chain(&s.ref_logp)
+                .chain(&s.advantages)
+                .chain(&s.returns)
+                .chain(&s.old_values)
+                .any(|v| !v.is_finite())
+        }) {
             return Err(invalid(&format!("samples[{i}]"), "log-probs and advantages must be finite"));
         }
         self.worker
@@ -320,6 +347,7 @@ impl Policy {
                 }
                 let u = o.session.update(&samples, &loss, temperature, lr, micro).status()?;
                 let tokens = u.stats.tokens.max(1.0);
+                let ppo = u.ppo.unwrap_or_default().map(|x| x / tokens);
                 Ok(UpdateResponse {
                     loss: u.loss,
                     grad_norm: u.grad_norm,
@@ -328,6 +356,10 @@ impl Policy {
                     kl: u.stats.kl / tokens,
                     tokens: u.stats.tokens as u64,
                     updates: u.updates as u32,
+                    policy_loss: ppo[0],
+                    value_loss: ppo[1],
+                    approx_kl: ppo[2],
+                    value_clip_fraction: ppo[3],
                 })
             })
             .await

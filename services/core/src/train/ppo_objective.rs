@@ -226,6 +226,13 @@ pub(crate) struct TokenStats {
     pub(crate) counts: Vec<usize>,
 }
 
+impl TokenStats {
+    /// The value estimates (with a value head, in a rollout or update pass).
+    pub(crate) fn values(&self) -> Option<&Tensor> {
+        self.values.as_ref()
+    }
+}
+
 /// With [`Pass::Rollout`] or [`Pass::Update`], values come from the value head when the model has one.
 pub(crate) fn token_stats(
     model: &CausalLm,

@@ -5,14 +5,17 @@
 //! asked, the reference's (the adapter disabled); [`PolicySession::update`] runs one optimizer update of the
 //! clipped policy loss ([`super::grpo`]) over completions with their per-token advantages;
 //! [`PolicySession::checkpoint`] / [`PolicySession::restore`] save and restore the adapter, the optimizer and
-//! the counters, so a session survives a restart of its server.
+//! the counters, so a session survives a restart of its server. With a value head (PPO) rollouts also give
+//! each completion token's value, and an update may use PPO's loss (clipped policy loss + `vf_coef` × clipped
+//! value loss, token means over the update, as [`super::ppo_objective`]).
 
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
 use super::grpo::{micro_batch_loss, LossStats, PolicyLoss};
-use super::ppo_objective::{split, to_vec, token_stats, Pass};
+use super::ppo::{policy_loss, value_loss};
+use super::ppo_objective::{split, to_vec, token_stats, Pass, PolicyValueState};
 use super::sft::{LoraState, SftExample};
 use super::{checkpoint, LossSum, Position, TrainConfig, TrainableState, Trainer};
 use crate::error::{CoreError, Result};
@@ -42,6 +45,8 @@ pub struct SessionSpec {
     pub adapter: AdapterInit,
     /// Optimizer settings (AdamW betas, epsilon, weight decay, gradient clipping) and the seed.
     pub train: TrainConfig,
+    /// A zero-initialised value head on the trunk (PPO), trained and checkpointed with the adapter.
+    pub value_head: bool,
     /// Compute dtype.
     pub kind: Kind,
     /// Device.
@@ -82,6 +87,8 @@ pub struct Sample {
     pub logp: Vec<f64>,
     /// Per completion token: log-prob under the reference (empty unless asked).
     pub ref_logp: Vec<f64>,
+    /// Per completion token: the value head's estimate (empty without a value head).
+    pub values: Vec<f64>,
 }
 
 /// A completion to train on with its per-token inputs.
@@ -99,6 +106,30 @@ pub struct UpdateSample {
     pub advantages: Vec<f64>,
     /// Masked out (TRL's `mask_truncated_completions`): counts in the normalisation, trains nothing.
     pub masked: bool,
+    /// PPO: per completion token, the return (the value loss's target).
+    pub returns: Vec<f64>,
+    /// PPO: per completion token, the value when it was sampled (the value clip's centre).
+    pub old_values: Vec<f64>,
+}
+
+/// PPO's update loss (TRL `PPOTrainer`): the clipped policy loss plus `vf_coef` × the clipped value loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PpoLoss {
+    /// Policy ratio clip ε.
+    pub cliprange: f64,
+    /// Value clip ε.
+    pub cliprange_value: f64,
+    /// Weight of the value loss.
+    pub vf_coef: f64,
+}
+
+/// The loss of an update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpdateLoss {
+    /// GRPO-family clipped policy loss ([`super::grpo`]).
+    Clipped(PolicyLoss),
+    /// PPO with the value head.
+    Ppo(PpoLoss),
 }
 
 /// What an update did.
@@ -112,6 +143,8 @@ pub struct UpdateReport {
     pub stats: LossStats,
     /// Updates done by the session so far (this one included).
     pub updates: usize,
+    /// PPO: Σ over micro-batches of tokens × (policy loss, value loss, approximate KL, value clip fraction).
+    pub ppo: Option<[f64; 4]>,
 }
 
 /// An open session.
@@ -123,7 +156,7 @@ pub struct PolicySession {
     /// EOS and pad ids.
     pub defaults: ModelDefaults,
     trainer: Trainer,
-    state: LoraState,
+    state: Box<dyn TrainableState + Send>,
     updates: usize,
 }
 
@@ -143,7 +176,13 @@ impl PolicySession {
             }
             AdapterInit::Continue(dir) => crate::lora::load_peft(&mut model, dir)?.lora_config(dir)?,
         };
-        let state = LoraState { cfg, base_model: spec.base.display().to_string() };
+        let base_model = spec.base.display().to_string();
+        let state: Box<dyn TrainableState + Send> = if spec.value_head {
+            model.add_value_head()?;
+            Box::new(PolicyValueState { cfg, base_model })
+        } else {
+            Box::new(LoraState { cfg, base_model })
+        };
         let trainer = Trainer::new(state.params(&mut model), &spec.train)?;
         Ok(Self { model, tokenizer, defaults, trainer, state, updates: 0 })
     }
@@ -184,14 +223,21 @@ impl PolicySession {
                 finish: g.finish_reason,
                 logp: vec![],
                 ref_logp: vec![],
+                values: vec![],
             })
             .collect();
         let seqs: Vec<SftExample> = samples.iter().map(|s| example(&spec.prompts[s.prompt], &s.ids)).collect();
         let temperature = if spec.sampling.greedy { 1.0 } else { f64::from(spec.sampling.temperature) };
         let pad = self.defaults.pad_id;
-        let pol = token_stats(&self.model, &seqs, pad, temperature, Pass::Reference)?;
+        let pass = if self.model.score.is_some() { Pass::Rollout } else { Pass::Reference };
+        let pol = token_stats(&self.model, &seqs, pad, temperature, pass)?;
         for (s, lp) in samples.iter_mut().zip(split(&to_vec(&pol.logp)?, &pol.counts)) {
             s.logp = lp;
+        }
+        if let Some(v) = pol.values() {
+            for (s, v) in samples.iter_mut().zip(split(&to_vec(v)?, &pol.counts)) {
+                s.values = v;
+            }
         }
         if spec.reference {
             let r = token_stats(&self.model.adapters_disabled(), &seqs, pad, temperature, Pass::Reference)?;
@@ -219,12 +265,29 @@ impl PolicySession {
     pub fn update(
         &mut self,
         samples: &[UpdateSample],
-        loss: &PolicyLoss,
+        loss: &UpdateLoss,
         temperature: f64,
         lr: f64,
         micro_batch_size: usize,
     ) -> Result<UpdateReport> {
-        loss.validate()?;
+        let beta = match loss {
+            UpdateLoss::Clipped(l) => {
+                l.validate()?;
+                l.beta
+            }
+            UpdateLoss::Ppo(p) => {
+                if self.model.score.is_none() {
+                    return Err(CoreError::FailedPrecondition(
+                        "the PPO loss needs a value head: open the session with value_head".into(),
+                    ));
+                }
+                if !(p.cliprange > 0.0 && p.cliprange < 1.0 && p.cliprange_value > 0.0 && p.vf_coef >= 0.0) {
+                    return Err(CoreError::InvalidArgument(format!("PPO loss settings out of range: {p:?}")));
+                }
+                0.0
+            }
+        };
+        let ppo = matches!(loss, UpdateLoss::Ppo(_));
         if samples.is_empty() || micro_batch_size == 0 {
             return Err(CoreError::InvalidArgument("an update needs samples and micro_batch_size >= 1".into()));
         }
@@ -235,24 +298,35 @@ impl PolicySession {
         }
         for (i, s) in samples.iter().enumerate() {
             let n = s.completion.len();
-            let refs_ok = loss.beta == 0.0 || s.ref_logp.len() == n;
-            if s.prompt.is_empty() || n == 0 || s.old_logp.len() != n || s.advantages.len() != n || !refs_ok {
+            let refs_ok = beta == 0.0 || s.ref_logp.len() == n;
+            let ppo_ok = !ppo || (s.returns.len() == n && s.old_values.len() == n);
+            if s.prompt.is_empty() || n == 0 || s.old_logp.len() != n || s.advantages.len() != n || !refs_ok || !ppo_ok
+            {
                 return Err(CoreError::InvalidArgument(format!(
                     "samples[{i}]: {} prompt ids, {n} completion ids, {} old log-probs, {} advantages, {} reference \
-                     log-probs: every per-token list needs one value per completion token{}",
+                     log-probs, {} returns, {} old values: every per-token list needs one value per completion \
+                     token{}{}",
                     s.prompt.len(),
                     s.old_logp.len(),
                     s.advantages.len(),
                     s.ref_logp.len(),
-                    if loss.beta > 0.0 { " (reference log-probs too, beta > 0)" } else { "" }
+                    s.returns.len(),
+                    s.old_values.len(),
+                    if beta > 0.0 { " (reference log-probs too, beta > 0)" } else { "" },
+                    if ppo { " (returns and old values too, PPO)" } else { "" }
                 )));
             }
         }
         let chunks: Vec<&[UpdateSample]> = samples.chunks(micro_batch_size).collect();
         let tokens: usize = samples.iter().filter(|s| !s.masked).map(|s| s.completion.len()).sum();
-        let units = loss.units(chunks.len(), tokens);
+        let units = match loss {
+            UpdateLoss::Clipped(l) => l.units(chunks.len(), tokens),
+            // Token means over the whole update, as TRL's PPO mini-batch.
+            UpdateLoss::Ppo(_) => tokens.max(1),
+        };
         let pad = self.defaults.pad_id;
         let mut stats = LossStats::default();
+        let mut ppo_sums = [0.0; 4];
         self.model.set_training(true);
         let report = self.trainer.update(&mut self.model, chunks.len(), units, lr, &mut |model, i, scale| {
             let chunk = chunks[i];
@@ -262,19 +336,57 @@ impl PolicySession {
                 return Ok(LossSum { nll: 0.0, tokens: 0 });
             }
             let seqs: Vec<SftExample> = live.iter().map(|s| example(&s.prompt, &s.completion)).collect();
-            let st = token_stats(model, &seqs, pad, temperature, Pass::Reference)?;
+            let pass = if ppo { Pass::Update } else { Pass::Reference };
+            let st = token_stats(model, &seqs, pad, temperature, pass)?;
             let flat = |f: &dyn Fn(&UpdateSample) -> &[f64]| {
                 let v: Vec<f64> = live.iter().flat_map(|s| f(s).iter().copied()).collect();
                 Tensor::from_slice(&v).to_device(st.logp.device())
             };
             let old = flat(&|s| &s.old_logp);
             let adv = flat(&|s| &s.advantages);
-            let refp = (loss.beta > 0.0).then(|| flat(&|s| &s.ref_logp));
             let logp = st.logp.f_to_kind(Kind::Double)?;
-            let (l, s) = micro_batch_loss(loss, &logp, &old, refp.as_ref(), &adv, &counts)?;
-            stats.add(&s);
+            let (l, n) = match loss {
+                UpdateLoss::Clipped(cfg) => {
+                    let refp = (cfg.beta > 0.0).then(|| flat(&|s| &s.ref_logp));
+                    let (l, s) = micro_batch_loss(cfg, &logp, &old, refp.as_ref(), &adv, &counts)?;
+                    stats.add(&s);
+                    (l, s.tokens as usize)
+                }
+                UpdateLoss::Ppo(p) => {
+                    // The micro-batch's token sum of (policy loss + vf_coef × value loss); the update divides
+                    // by the update's tokens.
+                    let n: usize = st.counts.iter().sum();
+                    let values =
+                        st.values().ok_or_else(|| CoreError::Internal("no values from the value head".into()))?;
+                    let values = values.f_to_kind(Kind::Double)?;
+                    let mask = Tensor::f_ones([n as i64], (Kind::Double, logp.device()))?;
+                    let (pg, clipfrac) = policy_loss(&logp, &old, &adv, &mask, p.cliprange)?;
+                    let old_v = flat(&|s| &s.old_values);
+                    let vf = value_loss(&values, &old_v, &flat(&|s| &s.returns), &mask, p.cliprange_value)?;
+                    let _g = tch::no_grad_guard();
+                    let diff = logp.f_detach()?.f_sub(&old)?;
+                    let approxkl = diff.f_square()?.f_mean(Kind::Double)?.f_double_value(&[])? * 0.5;
+                    let vclip = values
+                        .f_detach()?
+                        .f_sub(&old_v)?
+                        .f_abs()?
+                        .f_gt(p.cliprange_value)?
+                        .f_to_kind(Kind::Double)?
+                        .f_mean(Kind::Double)?
+                        .f_double_value(&[])?;
+                    let w = n as f64;
+                    for (k, v) in
+                        [pg.f_double_value(&[])?, vf.f_double_value(&[])?, approxkl, vclip].into_iter().enumerate()
+                    {
+                        ppo_sums[k] += w * v;
+                    }
+                    stats.add(&LossStats { tokens: w, clipped_low: 0.0, clipped_high: w * clipfrac, kl: 0.0 });
+                    drop(_g);
+                    (pg.f_add(&vf.f_mul_scalar(p.vf_coef)?)?.f_mul_scalar(w)?, n)
+                }
+            };
             l.f_mul_scalar(scale)?.f_backward()?;
-            Ok(LossSum { nll: l.f_double_value(&[])?, tokens: s.tokens as usize })
+            Ok(LossSum { nll: l.f_double_value(&[])?, tokens: n })
         })?;
         self.model.set_training(false);
         self.updates += 1;
@@ -283,6 +395,7 @@ impl PolicySession {
             grad_norm: report.grad_norm,
             stats,
             updates: self.updates,
+            ppo: ppo.then_some(ppo_sums),
         })
     }
 
@@ -291,7 +404,7 @@ impl PolicySession {
     pub fn checkpoint(&mut self, root: &Path, keep: usize, run_id: &str) -> Result<PathBuf> {
         let mut pos = Position { step: self.updates, ..Default::default() };
         self.trainer.record(&mut pos);
-        checkpoint::save(root, &mut self.model, &self.state, &self.trainer.opt, &pos, keep, Some(run_id))
+        checkpoint::save(root, &mut self.model, self.state.as_ref(), &self.trainer.opt, &pos, keep, Some(run_id))
     }
 
     /// Restores run `run_id`'s checkpoint of `updates` updates under `root` (written by [`Self::checkpoint`]),

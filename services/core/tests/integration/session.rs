@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::train::grpo::{LossType, PolicyLoss};
-use ferrotune_core::train::session::{AdapterInit, PolicySession, RolloutSpec, Sample, SessionSpec, UpdateSample};
+use ferrotune_core::train::session::{
+    AdapterInit, PolicySession, PpoLoss, RolloutSpec, Sample, SessionSpec, UpdateLoss, UpdateSample,
+};
 use ferrotune_core::train::TrainConfig;
 use ferrotune_core::SamplingParams;
 use tch::{Device, Kind};
@@ -26,6 +28,7 @@ fn spec() -> SessionSpec {
             use_rslora: false,
         }),
         train: TrainConfig { seed: 3, ..Default::default() },
+        value_head: false,
         kind: Kind::Float,
         device: Device::Cpu,
     }
@@ -58,6 +61,8 @@ fn batch(s: &PolicySession, samples: &[Sample]) -> Vec<UpdateSample> {
             ref_logp: x.ref_logp.clone(),
             advantages: vec![if i % 3 == 0 { 1.0 } else { -0.25 }; x.ids.len()],
             masked: false,
+            returns: vec![],
+            old_values: vec![],
         })
         .collect()
 }
@@ -93,13 +98,13 @@ fn sessions_roll_out_update_and_resume_exactly() {
     let b = batch(&s, &samples);
     // At the first update the ratio is 1 and the KL 0: the grpo loss is minus the mean advantage (two
     // micro-batches of one prompt's group each).
-    let r = s.update(&b, &LOSS, 1.0, 1e-2, 3).unwrap();
+    let r = s.update(&b, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 3).unwrap();
     let want = -(1.0 - 0.25 - 0.25) / 3.0;
     assert!((r.loss - want).abs() < 1e-5, "{} vs {want}", r.loss);
     assert!(r.grad_norm > 0.0 && r.updates == 1 && r.stats.tokens > 0.0);
     // More updates on the same batch raise the log-prob of the favoured completions.
     for _ in 0..3 {
-        s.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
+        s.update(&b, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 4).unwrap();
     }
     let now: f64 = s.logprobs(&b[0].prompt, &b[0].completion, 1.0).unwrap().iter().sum();
     let before: f64 = samples[0].logp.iter().sum();
@@ -108,16 +113,16 @@ fn sessions_roll_out_update_and_resume_exactly() {
     // Resume: checkpoint after one update, continue in a fresh session, compare with the uninterrupted one.
     let d = tempfile::tempdir().unwrap();
     let mut a = PolicySession::open(&spec()).unwrap();
-    a.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
+    a.update(&b, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 4).unwrap();
     a.checkpoint(d.path(), 2, "run-a").unwrap();
-    let ra = a.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
+    let ra = a.update(&b, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 4).unwrap();
     let mut c = PolicySession::open(&spec()).unwrap();
     assert!(c.restore(d.path(), "run-a", Some(1)).is_ok_and(|x| x));
     // Another run's checkpoints are not this one's; a step that was not saved is refused.
     assert!(!PolicySession::open(&spec()).unwrap().restore(d.path(), "run-b", None).unwrap());
     assert!(PolicySession::open(&spec()).unwrap().restore(d.path(), "run-a", Some(2)).is_err());
     assert_eq!(c.updates(), 1);
-    let rc = c.update(&b, &LOSS, 1.0, 1e-2, 4).unwrap();
+    let rc = c.update(&b, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 4).unwrap();
     assert_eq!(ra, rc, "a restored session continues bit-identically");
     let (da, dc) = (d.path().join("a"), d.path().join("c"));
     a.save_adapter(&da).unwrap();
@@ -129,6 +134,47 @@ fn sessions_roll_out_update_and_resume_exactly() {
     // Bad per-token inputs are named.
     let mut bad = b.clone();
     bad[1].advantages.pop();
-    let e = s.update(&bad, &LOSS, 1.0, 1e-2, 4).unwrap_err().to_string();
+    let e = s.update(&bad, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 4).unwrap_err().to_string();
     assert!(e.contains("samples[1]"), "{e}");
+}
+
+#[test]
+fn ppo_sessions_train_and_checkpoint_the_value_head() {
+    let spec = SessionSpec { value_head: true, ..spec() };
+    let mut s = PolicySession::open(&spec).unwrap();
+    let samples = rollout(&mut s, 4);
+    // A new value head is zero: every value 0.
+    assert!(samples.iter().all(|x| x.values.len() == x.ids.len() && x.values.iter().all(|&v| v == 0.0)));
+    let mut b = batch(&s, &samples);
+    for (u, x) in b.iter_mut().zip(&samples) {
+        u.returns = vec![1.0; x.ids.len()];
+        u.old_values = x.values.clone();
+    }
+    let ppo = PpoLoss { cliprange: 0.2, cliprange_value: 0.2, vf_coef: 0.1 };
+    let r = s.update(&b, &UpdateLoss::Ppo(ppo), 1.0, 1e-2, 4).unwrap();
+    // At the first update the ratio is 1 and every value 0: the policy loss is minus the token mean of the
+    // advantages, the value loss 0.5 · (0 − 1)².
+    let tokens: usize = b.iter().map(|u| u.completion.len()).sum();
+    let pg = -b.iter().map(|u| u.advantages.iter().sum::<f64>()).sum::<f64>() / tokens as f64;
+    assert!((r.loss - (pg + 0.1 * 0.5)).abs() < 1e-5, "{} vs {}", r.loss, pg + 0.05);
+    let [policy, value, approxkl, _] = r.ppo.unwrap().map(|x| x / tokens as f64);
+    assert!((policy - pg).abs() < 1e-5 && (value - 0.5).abs() < 1e-6 && approxkl.abs() < 1e-9);
+    // The value head learns the returns.
+    for _ in 0..5 {
+        s.update(&b, &UpdateLoss::Ppo(ppo), 1.0, 1e-2, 4).unwrap();
+    }
+    let after = rollout(&mut s, 4);
+    let mean = after.iter().flat_map(|x| x.values.iter()).sum::<f64>()
+        / after.iter().map(|x| x.values.len()).sum::<usize>() as f64;
+    assert!(mean > 0.02, "values should move toward the returns (1): mean {mean}");
+    // The head is checkpointed with the adapter and restored.
+    let d = tempfile::tempdir().unwrap();
+    s.checkpoint(d.path(), 2, "ppo").unwrap();
+    let mut c = PolicySession::open(&spec).unwrap();
+    assert!(c.restore(d.path(), "ppo", None).unwrap());
+    assert_eq!(rollout(&mut c, 4), after);
+    // Without a value head the PPO loss is refused.
+    let mut plain = PolicySession::open(&self::spec()).unwrap();
+    let e = plain.update(&b, &UpdateLoss::Ppo(ppo), 1.0, 1e-2, 4).unwrap_err().to_string();
+    assert!(e.contains("value head"), "{e}");
 }
