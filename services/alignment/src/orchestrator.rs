@@ -354,7 +354,7 @@ impl<'a> Orchestration<'a> {
                     }
                 })
                 .collect();
-            let req = ScoreRequest { model: Some(ferrotune_training::ppo::reward_ref(&f.source)), items };
+            let req = ScoreRequest { model: Some(ferrotune_training::rewards::reward_ref(&f.source)), items };
             let resp = self
                 .rt
                 .block_on(self.pool.score(req))

@@ -49,7 +49,7 @@ impl Alignment {
         };
         for (i, f) in funcs.unwrap_or_default().iter().enumerate() {
             let req = ferrotune_proto::v1::ScoreRequest {
-                model: Some(ferrotune_training::ppo::reward_ref(&f.source)),
+                model: Some(ferrotune_training::rewards::reward_ref(&f.source)),
                 items: vec![ferrotune_proto::v1::ScoreItem {
                     prompt: String::new(),
                     response: String::new(),

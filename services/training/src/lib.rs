@@ -1,12 +1,13 @@
 //! What every trainer-hosting service shares (PolicyService, AlignmentService, RewardService): the recipe
-//! and its validation, starting a recipe job, the job scaffold, and the runners of the four kinds of
-//! training job (SFT, DPO, reward model, PPO). No service crate depends on another; they all depend on this.
+//! and its validation, starting a recipe job, the job scaffold, the runners of the training jobs that run on
+//! one device (SFT, DPO, reward model), and the reward reference of online RL recipes (PPO, GRPO and RLOO
+//! run as sessions driven by the alignment service). No service crate depends on another.
 
 pub mod dpo;
-pub mod ppo;
 pub mod queue;
 pub mod recipe;
 pub mod reward;
+pub mod rewards;
 pub mod scaffold;
 pub mod sft;
 
