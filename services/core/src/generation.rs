@@ -139,12 +139,12 @@ pub fn generate_until(
     generate_groups(model, tok, prompts, 1, opts, on_step, cancelled)
 }
 
-/// Compact the batch once this share of its rows has finished (dropping rows copies the KV cache).
-const COMPACT_FRACTION: usize = 8;
+/// Compact the batch once this share of its rows has finished (dropping rows moves the later rows' caches).
+const COMPACT_FRACTION: usize = 16;
 
 /// Generates `n` continuations of each prompt — the rollout engine of group RL. Each prompt is prefilled once
-/// and its KV cache shared by its `n` samples; sequences that finish leave the batch (the cache compacted
-/// once an eighth of the rows has finished), so no compute goes to padding; every row is sampled in one pass
+/// and its KV cache shared by its `n` samples; sequences that finish leave the batch (the cache compacted in
+/// place once a sixteenth of the rows has finished), so no compute goes to padding; every row is sampled in one pass
 /// over the step's logits. Sample `j` of prompt `p` is row `p × n + j` of the output and draws from sampling
 /// stream (`seed`, that row) — the same stream as row `p × n + j` of [`generate_until`] on the prompts
 /// repeated `n` times. `on_step` sees the rows' new tokens.
@@ -280,7 +280,7 @@ pub fn generate_groups(
         // Finished rows leave the batch once enough have gathered.
         if (batch.len() - live) * COMPACT_FRACTION >= batch.len() {
             let keep: Vec<i64> = (0..batch.len()).filter(|&i| !done[batch[i]]).map(|i| i as i64).collect();
-            cache.select_rows(&Tensor::f_from_slice(&keep)?.f_to_device(dev)?)?;
+            cache.retain_rows(&keep)?;
             next = keep.iter().map(|&i| next[i as usize]).collect();
             batch = keep.iter().map(|&i| batch[i as usize]).collect();
         }
