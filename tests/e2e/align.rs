@@ -197,9 +197,10 @@ fn grpo_and_rloo_through_three_processes_and_resume_after_sigkill() {
 }
 
 /// DPO started on an alignment service that runs alone: it runs as a job of the policy server, followed by a
-/// job of the alignment service that the CLI watches there.
+/// job of the alignment service that the CLI watches there. PPO there: the orchestrator drives a session with
+/// a value head on the policy server.
 #[test]
-fn dpo_through_a_standalone_alignment_service() {
+fn dpo_and_ppo_through_a_standalone_alignment_service() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
     let Stack { policy: _policy, rewards: _rewards, alignment: a } = stack(&root);
@@ -235,6 +236,44 @@ fn dpo_through_a_standalone_alignment_service() {
     let jobs: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     let kinds: Vec<&str> = jobs.as_array().unwrap().iter().map(|j| j["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["follow"], "{jobs}");
+
+    let o = run_cli_env(
+        &root,
+        &[("FERROTUNE__ENDPOINTS__ALIGNMENT", &a.url)],
+        &[
+            "align",
+            "ppo",
+            "--recipe",
+            repo("recipes/ppo.yaml").to_str().unwrap(),
+            "--output-dir",
+            "ppo",
+            "--set",
+            "data.path=prefs.jsonl",
+            "--set",
+            "data.eval_path=null",
+            "--set",
+            &model,
+            "--set",
+            "ppo.max_new_tokens=8",
+            "--max-steps",
+            "3",
+            "--json",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let steps: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["metrics"].is_object())
+        .collect();
+    assert_eq!(steps.len(), 3, "{out}");
+    for k in ["objective/scores", "objective/kl", "loss/value_avg", "policy/clipfrac_avg", "objective/kl_coef"] {
+        assert!(steps[0]["metrics"][k].is_number(), "metric {k} missing: {}", steps[0]);
+    }
+    for f in ["adapter_model.safetensors", "value_head.safetensors", "metrics.jsonl"] {
+        assert!(root.join("ppo").join(f).exists(), "{f} missing");
+    }
 }
 
 #[test]
