@@ -19,6 +19,7 @@ use anyhow::{Context, Result};
 use ferrotune_clients::{ClientAuth, RewardPool};
 use ferrotune_core::train::advantages::{self, Advantages};
 use ferrotune_core::train::group_rl::{GroupAlgorithm, GroupRlConfig};
+use ferrotune_core::train::ppo::{token_kl, KlEstimator};
 use ferrotune_core::train::ppo_objective::rollout_seed;
 use ferrotune_core::train::schedule::lr_at;
 use ferrotune_core::train::{epoch_order, TrainConfig};
@@ -378,7 +379,9 @@ impl<'a> Orchestration<'a> {
         self.cfg.rewards[k].name.clone().unwrap_or_else(|| format!("reward{k}"))
     }
 
-    fn advantages(&self, algo: GroupAlgorithm, funcs: &[Vec<f64>], samples: &[RolloutSample]) -> Result<Advantages> {
+    /// The advantages of the step's completions; `k1` is each completion's summed log-ratio to the reference
+    /// (RLOO's KL penalty).
+    fn advantages(&self, algo: GroupAlgorithm, funcs: &[Vec<f64>], k1: &[f64]) -> Result<Advantages> {
         let weights: Vec<f64> = self.cfg.rewards.iter().map(|f| f.weight).collect();
         let g = self.cfg.num_generations;
         Ok(match algo {
@@ -387,11 +390,9 @@ impl<'a> Orchestration<'a> {
             }
             GroupAlgorithm::Rloo => {
                 // k1 per completion, on the sampling policy's log-probs.
-                let kl: Vec<f64> =
-                    samples.iter().map(|s| s.logprobs.iter().zip(&s.ref_logprobs).map(|(a, b)| a - b).sum()).collect();
                 let clip = self.cfg.reward_clip_range.map(|[lo, hi]| (lo, hi));
                 let beta = self.cfg.beta(GroupAlgorithm::Rloo);
-                advantages::rloo(funcs, &weights, g, beta, &kl, clip, self.cfg.normalize_advantages)?
+                advantages::rloo(funcs, &weights, g, beta, k1, clip, self.cfg.normalize_advantages)?
             }
         })
     }
@@ -418,7 +419,10 @@ impl<'a> Orchestration<'a> {
         let samples =
             self.rollout(&rows, self.cfg.num_generations, seed, beta > 0.0).map_err(|s| step_lost(step, s))?;
         let (funcs, replicas) = self.score(&rows, &samples)?;
-        let adv = self.advantages(algo, &funcs, &samples)?;
+        // k1 per completion, on the sampling policy's log-probs (RLOO's penalty and its `kl` metric).
+        let k1: Vec<f64> =
+            samples.iter().map(|s| token_kl(&s.logprobs, &s.ref_logprobs, KlEstimator::K1).iter().sum()).collect();
+        let adv = self.advantages(algo, &funcs, &k1)?;
         let t = self.train_cfg();
         let lr = lr_at(t.lr_scheduler, t.learning_rate, step, t.warmup_steps, t.max_steps);
         let loss = self.cfg.policy_loss(algo)?;
@@ -489,10 +493,8 @@ impl<'a> Orchestration<'a> {
         put("clip_ratio/high_mean", u.clip_ratio_high);
         put("clip_ratio/region_mean", u.clip_ratio_low + u.clip_ratio_high);
         if algo == GroupAlgorithm::Rloo && beta > 0.0 {
-            let (kl, tokens) = samples.iter().fold((0.0, 0usize), |(k, n), s| {
-                (k + s.logprobs.iter().zip(&s.ref_logprobs).map(|(a, b)| a - b).sum::<f64>(), n + s.ids.len())
-            });
-            put("kl", kl / tokens.max(1) as f64);
+            let tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
+            put("kl", k1.iter().sum::<f64>() / tokens.max(1) as f64);
         } else {
             put("kl", u.kl);
         }
@@ -549,7 +551,7 @@ impl<'a> Orchestration<'a> {
         if let Some(p) = &self.ppo {
             self.kl_coef.set(state.kl_coef.unwrap_or(p.kl_coef));
         }
-        ferrotune_core::fsx::write(out.join("recipe.yaml"), serde_yaml_string(self.r)?)?;
+        ferrotune_core::fsx::write(out.join("recipe.yaml"), serde_yaml::to_string(self.r)?)?;
         if state.step > 0 {
             ctx.log(format!("resuming at step {} ({} session updates)", state.step, state.updates));
         }
@@ -682,10 +684,6 @@ impl<'a> Orchestration<'a> {
         }
         Ok(JobOutcome::Finished(artifacts))
     }
-}
-
-fn serde_yaml_string(r: &Recipe) -> Result<String> {
-    Ok(serde_json::to_string_pretty(r)?)
 }
 
 /// A lost policy during a step: retried from the checkpoint rather than failed.

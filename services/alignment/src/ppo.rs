@@ -10,7 +10,7 @@ use anyhow::Result;
 use ferrotune_core::train::epoch_order;
 use ferrotune_core::train::group_rl::{GroupRlConfig, RewardFunc};
 use ferrotune_core::train::ppo::{gae, token_kl, token_rewards, whiten, AdaptiveKl};
-use ferrotune_core::train::ppo_objective::{rollout_seed, PpoConfig};
+use ferrotune_core::train::ppo_objective::{rollout_seed, split, PpoConfig};
 use ferrotune_core::train::schedule::lr_at;
 use ferrotune_proto::v1::{PolicyLossSettings, UpdateRequest, UpdateSample};
 use ferrotune_runtime::jobs::JobContext;
@@ -77,20 +77,10 @@ impl Orchestration<'_> {
             rewards.push(token_rewards(&kl, beta, score, eos, cfg.missing_eos_penalty));
         }
         let counts: Vec<usize> = rewards.iter().map(Vec::len).collect();
-        let split = |flat: &[f64]| -> Vec<Vec<f64>> {
-            let mut at = 0;
-            counts
-                .iter()
-                .map(|&n| {
-                    at += n;
-                    flat[at - n..at].to_vec()
-                })
-                .collect()
-        };
         if cfg.whiten_rewards {
             let mut flat: Vec<f64> = rewards.concat();
             whiten(&mut flat, false);
-            rewards = split(&flat);
+            rewards = split(&flat, &counts);
         }
         let (mut advantages, mut returns) = (vec![], vec![]);
         for (r, s) in rewards.iter().zip(&samples) {
@@ -100,7 +90,7 @@ impl Orchestration<'_> {
         }
         let mut flat: Vec<f64> = advantages.concat();
         whiten(&mut flat, true);
-        let advantages = split(&flat);
+        let advantages = split(&flat, &counts);
         if let Some(target) = cfg.target_kl {
             let mut k = AdaptiveKl { value: beta, target, horizon: cfg.kl_horizon };
             k.update(mean(&kl_sums), samples.len());

@@ -275,7 +275,8 @@ pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
     Ok(Vec::<f64>::try_from(&t.f_detach()?.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?)
 }
 
-pub(crate) fn split(flat: &[f64], counts: &[usize]) -> Vec<Vec<f64>> {
+/// `flat` cut into consecutive pieces of `counts[i]` values (per-token values of each completion).
+pub fn split(flat: &[f64], counts: &[usize]) -> Vec<Vec<f64>> {
     let mut out = Vec::with_capacity(counts.len());
     let mut at = 0;
     for &n in counts {
