@@ -28,7 +28,7 @@ use tch::{Device, Kind};
 const PROMPTS: usize = 8;
 const N: usize = 8;
 const NEW: usize = 128;
-const REPEATS: usize = 2;
+const REPEATS: usize = 3;
 
 fn sampling() -> SamplingParams {
     SamplingParams { greedy: false, temperature: 1.0, top_k: None, top_p: None, repetition_penalty: 1.0 }

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::models::CausalLm;
-use crate::sampling::{choose, log_prob, Rng, SamplingParams};
+use crate::sampling::{choose, log_prob, sample_rows, Rng, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 /// Options of one generation request.
@@ -227,7 +227,9 @@ pub fn generate_groups(
     }
 
     let mut rngs: Vec<Rng> = (0..b).map(|r| Rng::for_row(opts.seed, r)).collect();
-    let mut seen: Vec<Vec<u32>> = (0..b).map(|r| prompts[r / n].clone()).collect();
+    // The repetition penalty's view of each row (prompt and generated so far); unused otherwise.
+    let mut seen: Vec<Vec<u32>> =
+        (0..b).map(|r| if opts.sampling.repetition_penalty != 1.0 { prompts[r / n].clone() } else { vec![] }).collect();
     let mut out: Vec<Generated> = (0..b)
         .map(|r| Generated {
             ids: vec![],
@@ -244,21 +246,17 @@ pub fn generate_groups(
         if cancelled() {
             return Err(CoreError::Cancelled);
         }
-        let host: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
-        let v = host.len() / batch.len();
+        let chosen = choose_rows(&logits, &batch, &done, &mut seen, &mut rngs, &opts.sampling)?;
         let mut next = vec![opts.pad_id as i64; batch.len()];
         let mut events = Vec::with_capacity(batch.len());
         for (i, &r) in batch.iter().enumerate() {
             if done[r] {
                 continue;
             }
-            let row = &host[i * v..(i + 1) * v];
-            let mut work = row.to_vec();
-            let id = choose(&mut work, &seen[r], &opts.sampling, &mut rngs[r]);
+            let (id, lp) = chosen[i];
             let g = &mut out[r];
             g.ids.push(id);
-            g.logprobs.push(log_prob(row, id as usize));
-            seen[r].push(id);
+            g.logprobs.push(lp);
             next[i] = id as i64;
             events.push(StepToken { row: r, id });
             if opts.eos_ids.contains(&id) {
@@ -303,6 +301,40 @@ pub fn generate_groups(
             text.truncate(cut);
         }
         g.text = text;
+    }
+    Ok(out)
+}
+
+/// The next token and its log-prob for each row of the batch (`batch[i]` is output row of logits row `i`;
+/// finished rows get `(0, 0.0)` and draw nothing). Plain sampling ([`SamplingParams::is_plain`]) runs on the
+/// logits' device; filtering and the repetition penalty run on the host. Either way each live row draws from
+/// its own stream, so a row's token depends only on its logits and its stream.
+fn choose_rows(
+    logits: &Tensor,
+    batch: &[usize],
+    done: &[bool],
+    seen: &mut [Vec<u32>],
+    rngs: &mut [Rng],
+    p: &SamplingParams,
+) -> Result<Vec<(u32, f32)>> {
+    if p.is_plain() {
+        let u: Vec<f64> = batch.iter().map(|&r| if done[r] || p.greedy { 0.0 } else { rngs[r].uniform() }).collect();
+        let (ids, lps) = sample_rows(logits, &u, p)?;
+        return Ok(ids.into_iter().zip(lps).collect());
+    }
+    let host: Vec<f32> = Vec::try_from(logits.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?)?;
+    let v = host.len() / batch.len();
+    let mut out = vec![(0, 0.0); batch.len()];
+    for (i, &r) in batch.iter().enumerate() {
+        if done[r] {
+            continue;
+        }
+        let row = &host[i * v..(i + 1) * v];
+        let id = choose(&mut row.to_vec(), &seen[r], p, &mut rngs[r]);
+        if p.repetition_penalty != 1.0 {
+            seen[r].push(id);
+        }
+        out[i] = (id, log_prob(row, id as usize));
     }
     Ok(out)
 }

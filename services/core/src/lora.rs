@@ -371,7 +371,7 @@ impl CausalLm {
                 let w = lin.dense_weight()?;
                 let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
                 let merged = w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?;
-                lin.base = crate::models::decoder::BaseWeight::Dense(cpu_column_major(merged)?);
+                lin.base = crate::models::decoder::BaseWeight::Dense(merged);
                 n += 1;
             }
         }

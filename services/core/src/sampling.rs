@@ -2,6 +2,8 @@
 //! repetition penalty → temperature → top-k → top-p → sample (or argmax when greedy). Seeded with a
 //! per-sequence SplitMix64 stream, so a sequence's sample depends only on its seed and its logits.
 
+use tch::{Kind, Tensor};
+
 use crate::error::{CoreError, Result};
 
 /// How the next token is chosen.
@@ -26,6 +28,12 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// No repetition penalty and no top-k / top-p cut: the next token is drawn from the (tempered)
+    /// softmax of the logits as they are, which [`sample_rows`] does for a whole batch on the device.
+    pub fn is_plain(&self) -> bool {
+        self.repetition_penalty == 1.0 && self.top_k.is_none() && self.top_p.is_none_or(|p| p >= 1.0)
+    }
+
     /// Rejects values that make no sense.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CoreError::InvalidArgument(m));
@@ -96,6 +104,23 @@ pub fn choose(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Rn
         return argmax(logits) as u32;
     }
     let inv_t = 1.0 / p.temperature;
+    if p.is_plain() {
+        // No filtering: draw in index order, as [`sample_rows`] does on the device.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+        let probs: Vec<f64> = logits.iter().map(|&l| ((l * inv_t - max) as f64).exp()).collect();
+        let mut u = rng.uniform() * probs.iter().sum::<f64>();
+        let mut last = 0;
+        for (i, &q) in probs.iter().enumerate() {
+            if q > 0.0 {
+                if u < q {
+                    return i as u32;
+                }
+                last = i;
+            }
+            u -= q;
+        }
+        return last as u32;
+    }
     let mut cand: Vec<(f32, u32)> = logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)).collect();
     let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     if let Some(k) = p.top_k.filter(|&k| k < cand.len()) {
@@ -128,6 +153,34 @@ pub fn choose(logits: &mut [f32], seen: &[u32], p: &SamplingParams, rng: &mut Rn
         u -= q;
     }
     cand[probs.len() - 1].1
+}
+
+/// Chooses the next token of each row of `logits` (`[rows, vocab]`) for [`SamplingParams::is_plain`]
+/// settings, on the logits' device: greedy rows take the argmax; sampled rows take the first token whose
+/// cumulative probability (index order, accumulated in f64) exceeds `u[row]` × the total — the draw [`choose`]
+/// makes on the host, `u` being the row's next [`Rng::uniform`] (unused when greedy). Returns each row's token
+/// and its log-prob under the raw logits; only those cross to the host.
+pub fn sample_rows(logits: &Tensor, u: &[f64], p: &SamplingParams) -> Result<(Vec<u32>, Vec<f32>)> {
+    let logits = logits.f_to_kind(Kind::Float)?;
+    let logp = logits.f_log_softmax(-1, Kind::Float)?;
+    let ids = if p.greedy {
+        logits.f_argmax(-1, true)?
+    } else {
+        let tempered = if p.temperature == 1.0 {
+            logp.shallow_clone()
+        } else {
+            (&logits / p.temperature as f64).f_log_softmax(-1, Kind::Float)?
+        };
+        let cdf = tempered.f_exp()?.f_cumsum(-1, Kind::Double)?;
+        let vocab = cdf.size()[1];
+        let total = cdf.f_narrow(1, vocab - 1, 1)?;
+        let target = Tensor::f_from_slice(u)?.f_to_device(logits.device())?.f_view([-1, 1])? * total;
+        target.f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?.f_clamp_max(vocab - 1)?
+    };
+    let lp = logp.f_gather(1, &ids, false)?;
+    let ids: Vec<i64> = Vec::try_from(ids.f_view([-1])?.f_to_device(tch::Device::Cpu)?)?;
+    let lp: Vec<f32> = Vec::try_from(lp.f_view([-1])?.f_to_device(tch::Device::Cpu)?)?;
+    Ok((ids.into_iter().map(|i| i as u32).collect(), lp))
 }
 
 fn argmax(x: &[f32]) -> usize {
@@ -185,6 +238,35 @@ mod tests {
         assert!(c[2] == 0 && c[3] == 0 && c[0] > 0 && c[1] > 0, "{c:?}");
         let c = sample_counts(&logits, SamplingParams { greedy: false, top_p: Some(0.3), ..Default::default() }, 1_000);
         assert_eq!(c[0], 1_000, "top_p below the top token's probability keeps just it");
+    }
+
+    #[test]
+    fn device_draws_equal_host_draws() {
+        let mut g = Rng::for_row(3, 0);
+        let (rows, vocab) = (6, 300);
+        let logits: Vec<f32> = (0..rows * vocab).map(|_| (g.uniform() * 12.0 - 6.0) as f32).collect();
+        let t = Tensor::from_slice(&logits).view([rows as i64, vocab as i64]);
+        for p in [
+            SamplingParams { greedy: false, ..Default::default() },
+            SamplingParams { greedy: false, temperature: 0.7, ..Default::default() },
+            SamplingParams { greedy: false, top_p: Some(1.0), ..Default::default() },
+            SamplingParams::default(),
+        ] {
+            assert!(p.is_plain());
+            for draw in 0..40u64 {
+                let mut streams: Vec<Rng> = (0..rows).map(|r| Rng::for_row(draw, r)).collect();
+                let u: Vec<f64> = streams.clone().iter_mut().map(Rng::uniform).collect();
+                let (ids, lps) = sample_rows(&t, &u, &p).unwrap();
+                for r in 0..rows {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let want = choose(&mut row.to_vec(), &[], &p, &mut streams[r]);
+                    assert_eq!(ids[r], want, "row {r}, draw {draw}, {p:?}");
+                    assert!((lps[r] - log_prob(row, want as usize)).abs() < 1e-5);
+                }
+            }
+        }
+        assert!(!SamplingParams { top_k: Some(5), ..Default::default() }.is_plain());
+        assert!(!SamplingParams { repetition_penalty: 1.1, ..Default::default() }.is_plain());
     }
 
     #[test]

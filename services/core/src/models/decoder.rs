@@ -43,7 +43,7 @@ pub struct Linear {
 
 impl Linear {
     fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
-        let weight = cpu_column_major(vb.get(&[out_dim, in_dim], "weight")?)?;
+        let weight = vb.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
         Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None, held: None })
     }
@@ -82,7 +82,7 @@ impl Linear {
     /// memory of a dense weight, in its compute kind); without, drops it. Returns the bytes held.
     pub fn hold_dense(&mut self, on: bool) -> Result<usize> {
         self.held = match (&self.base, on) {
-            (BaseWeight::Nf4 { q, kind }, true) => Some(cpu_column_major(q.dequantize(*kind)?)?),
+            (BaseWeight::Nf4 { q, kind }, true) => Some(q.dequantize(*kind)?),
             _ => None,
         };
         Ok(self.held.as_ref().map_or(0, |w| w.numel() * w.kind().elt_size_in_bytes()))
@@ -92,9 +92,9 @@ impl Linear {
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.base {
-            BaseWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            BaseWeight::Dense(w) => linear_product(x, w, self.bias.as_ref())?,
             BaseWeight::Nf4 { .. } if !x.requires_grad() && self.held.is_some() => {
-                x.f_linear(self.held.as_ref().expect("held"), self.bias.as_ref())?
+                linear_product(x, self.held.as_ref().expect("held"), self.bias.as_ref())?
             }
             BaseWeight::Nf4 { q, kind } if x.requires_grad() => {
                 // Training: the dequantized weight is not kept for the backward pass but dequantized again.
@@ -110,7 +110,7 @@ impl Linear {
                     None => y,
                 }
             }
-            BaseWeight::Nf4 { q, kind } => x.f_linear(&q.dequantize(*kind)?, self.bias.as_ref())?,
+            BaseWeight::Nf4 { q, kind } => linear_product(x, &q.dequantize(*kind)?, self.bias.as_ref())?,
         };
         match &self.lora {
             // Same kind (f32 training): the adapter's output is added inside one GEMM, `y + u Bᵀ`, instead
@@ -128,14 +128,47 @@ impl Linear {
     }
 }
 
+/// Most rows for which [`linear_product`] computes `(W xᵀ)ᵀ` on the CPU.
+const FEW_ROWS: i64 = 64;
+
+/// `x Wᵀ + b` for a row-major `w` `[out, in]`. With few rows of f32 on the CPU (decoding steps), the product
+/// is computed as `(W xᵀ)ᵀ`, which MKL runs faster than `x Wᵀ`: one SmolLM2-135M decoding step (every linear
+/// and lm_head, KV cache of ~70 positions) on a 2-core AMD EPYC, both ways interleaved in one process, best
+/// of 3: 170 vs 197 ms at 64 rows, 76 vs 81 at 16, 53 vs 79 at 8, 28 vs 62 at 4, 29 vs 74 at 2. One row is
+/// padded to two: 26 ms, against 44 for MKL's single-threaded row-major gemv (and ~30 for the column-major
+/// one the weights used to be stored for). Gradients flow as through `linear`.
+///
+/// # Shapes
+/// `x`: `[.., in]` → `[.., out]`.
+pub fn linear_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let shape = x.size();
+    let inp = *shape.last().unwrap_or(&0);
+    let rows = if inp > 0 { x.numel() as i64 / inp } else { 0 };
+    let cpu_f32 = x.device() == Device::Cpu && x.kind() == Kind::Float && w.kind() == Kind::Float;
+    if !(cpu_f32 && (1..=FEW_ROWS).contains(&rows) && w.dim() == 2 && w.is_contiguous()) {
+        return Ok(x.f_linear(w, bias)?);
+    }
+    let x2 = x.f_reshape([rows, inp])?;
+    let y = if rows == 1 {
+        w.f_mm(&x2.f_expand([2, inp], false)?.f_contiguous()?.f_tr()?)?.f_narrow(1, 0, 1)?
+    } else {
+        w.f_mm(&x2.f_tr()?)?
+    };
+    let mut y = y.f_tr()?.f_contiguous()?;
+    if let Some(b) = bias {
+        y = y.f_add(b)?;
+    }
+    let mut dims = shape;
+    *dims.last_mut().unwrap_or(&mut 0) = w.size()[0];
+    Ok(y.f_view(dims.as_slice())?)
+}
+
 /// A 2-D f32 CPU tensor stored column-major: same logical shape and values, only the strides change
 /// (`w.t().contiguous().t()`); other kinds and devices are returned as they are (row-major is the faster
-/// layout there). On the 2-core x86 machines we target, MKL's f32 products are faster that way for:
-/// - base weights `[out, in]` in matrix-vector products (generation): MKL's gemv is single-threaded and
-///   about 1.7× slower row-major (16 vs 29 GB/s for lm_head); batched matmuls are unaffected;
-/// - LoRA's B `[out, r]` in training: the forward `y + u Bᵀ`, the input gradient `g B`, and B's gradient,
-///   which autograd then computes as `uᵀ g` (`[r, n] × [n, out]`) instead of `gᵀ u` (2.4× slower for
-///   out = 1536, n = 1024, r = 8).
+/// layout there). On the 2-core x86 machines we target, MKL's f32 products are faster that way for LoRA's
+/// B `[out, r]` in training: the forward `y + u Bᵀ`, the input gradient `g B`, and B's gradient, which
+/// autograd then computes as `uᵀ g` (`[r, n] × [n, out]`) instead of `gᵀ u` (2.4× slower for out = 1536,
+/// n = 1024, r = 8). Base weights stay row-major for [`linear_product`].
 ///
 /// Anything that serialises such tensors must call `.contiguous()` first (as `weights::save_safetensors`
 /// does).
@@ -407,9 +440,6 @@ impl CausalLm {
     pub fn load(vb: &Weights, cfg: DecoderConfig) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?;
-        // Tied: the embedding is lm_head's weight, so it gets lm_head's layout (a row lookup then reads
-        // strided memory, a few microseconds per token).
-        let embed_tokens = if cfg.tie_word_embeddings { cpu_column_major(embed_tokens)? } else { embed_tokens };
         let layers =
             (0..cfg.num_layers).map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
@@ -417,7 +447,7 @@ impl CausalLm {
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
-            cpu_column_major(vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?)?
+            vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?
         };
         let inv_freq = Tensor::f_from_slice(&inv_freq(&cfg))?.f_to_device(vb.device)?;
         Ok(Self { cfg, embed_tokens, layers, norm, lm_head, prompt_embeddings: None, score: None, inv_freq })
@@ -553,7 +583,7 @@ impl CausalLm {
     /// # Shapes
     /// `[.., hidden]` → `[.., vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?)
+        Ok(linear_product(hidden, &self.lm_head, None)?.f_to_kind(Kind::Float)?)
     }
 
     /// Logits for every position.
@@ -567,7 +597,7 @@ impl CausalLm {
         position_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, position_ids)?;
-        Ok(h.f_linear::<Tensor>(&self.lm_head, None)?)
+        Ok(linear_product(&h, &self.lm_head, None)?)
     }
 
     /// Device ids, rotary tables and attention mask for a forward pass of `s` tokens after `past` cached ones.
