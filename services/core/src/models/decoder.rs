@@ -132,11 +132,12 @@ impl Linear {
 const FEW_ROWS: i64 = 64;
 
 /// `x Wᵀ + b` for a row-major `w` `[out, in]`. With few rows of f32 on the CPU (decoding steps), the product
-/// is computed as `(W xᵀ)ᵀ`, which MKL runs faster than `x Wᵀ`: one SmolLM2-135M decoding step (every linear
-/// and lm_head, KV cache of ~70 positions) on a 2-core AMD EPYC, both ways interleaved in one process, best
-/// of 3: 170 vs 197 ms at 64 rows, 76 vs 81 at 16, 53 vs 79 at 8, 28 vs 62 at 4, 29 vs 74 at 2. One row is
-/// padded to two: 26 ms, against 44 for MKL's single-threaded row-major gemv (and ~30 for the column-major
-/// one the weights used to be stored for). Gradients flow as through `linear`.
+/// is computed as `(W xᵀ)ᵀ`, which MKL runs faster than `x Wᵀ` (it streams W instead of packing it first).
+/// One SmolLM2-135M decoding step (every linear and lm_head, ~70 cached positions) on a 2-core AMD EPYC, the
+/// three ways interleaved in one process, best of 3, ms: 64 rows 154 / 165 / 174 (`(W xᵀ)ᵀ` / `x Wᵀ` with W
+/// row-major / `x Wᵀ` with W column-major, the layout base weights had before), 16 rows 73 / 73 / 79, 8 rows
+/// 52 / 63 / 66, 4 rows 25 / 67 / 68, 2 rows 22 / 72 / 49, 1 row 19 / 38 / 30. One row is padded to two
+/// (MKL's gemv, single-threaded, is slower than the two-row product). Gradients flow as through `linear`.
 ///
 /// # Shapes
 /// `x`: `[.., in]` → `[.., out]`.
@@ -794,5 +795,28 @@ impl KvCache {
         }
         self.batch = rows.size()[0];
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_product_equals_linear_for_every_row_count_and_passes_gradients() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([7, 5], (Kind::Float, Device::Cpu));
+        let bias = Tensor::randn([7], (Kind::Float, Device::Cpu));
+        for shape in [vec![1, 5], vec![2, 5], vec![3, 1, 5], vec![4, 16, 5], vec![65, 5]] {
+            let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let got = linear_product(&x, &w, Some(&bias)).unwrap();
+            let want = x.linear(&w, Some(&bias));
+            assert_eq!(got.size(), want.size());
+            assert!(got.allclose(&want, 1e-6, 1e-6, false), "{shape:?}");
+            let g = Tensor::randn(got.size().as_slice(), (Kind::Float, Device::Cpu));
+            let dx = Tensor::run_backward(&[&got * &g], &[&x], false, false).remove(0);
+            let dx_want = g.matmul(&w);
+            assert!(dx.allclose(&dx_want, 1e-5, 1e-5, false), "{shape:?}");
+        }
     }
 }
