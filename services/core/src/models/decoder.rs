@@ -598,7 +598,7 @@ impl CausalLm {
         position_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, position_ids)?;
-        Ok(linear_product(&h, &self.lm_head, None)?)
+        linear_product(&h, &self.lm_head, None)
     }
 
     /// Device ids, rotary tables and attention mask for a forward pass of `s` tokens after `past` cached ones.
