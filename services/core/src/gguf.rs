@@ -1,5 +1,6 @@
 //! A reader for GGUF (v2 and v3) files as llama.cpp writes them: metadata, tensor directory, and
-//! dequantization of the tensor types F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to f32.
+//! dequantization of the tensor types F32, F16, BF16, the legacy blocks Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+//! K-quants Q2_K … Q6_K, Q8_K to f32 ([`crate::gguf_quants`]).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Dimensions are stored innermost
 //! first (`ne[0]` is the row length), so a PyTorch `[out, in]` weight has GGUF dims `[in, out]`.
@@ -8,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{CoreError, Result};
+use crate::gguf_quants;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +77,22 @@ pub enum TensorType {
     Q4_0,
     /// Blocks of 32: f16 scale, f16 min + 32 × 4-bit.
     Q4_1,
+    /// Blocks of 32: f16 scale, 32 fifth bits + 32 × 4-bit, offset −16.
+    Q5_0,
+    /// Blocks of 32: f16 scale, f16 min, 32 fifth bits + 32 × 4-bit.
+    Q5_1,
+    /// K-quant super-blocks of 256 ([`crate::gguf_quants`]): 2-bit values.
+    Q2_K,
+    /// 3-bit values.
+    Q3_K,
+    /// 4-bit values.
+    Q4_K,
+    /// 5-bit values.
+    Q5_K,
+    /// 6-bit values.
+    Q6_K,
+    /// 8-bit values, f32 scale.
+    Q8_K,
 }
 
 impl TensorType {
@@ -84,7 +102,15 @@ impl TensorType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2_K,
+            11 => Self::Q3_K,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
+            15 => Self::Q8_K,
             30 => Self::BF16,
             _ => return None,
         })
@@ -97,22 +123,25 @@ impl TensorType {
             Self::Q8_0 => (32, 34),
             Self::Q4_0 => (32, 18),
             Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q2_K => (256, 84),
+            Self::Q3_K => (256, 110),
+            Self::Q4_K => (256, 144),
+            Self::Q5_K => (256, 176),
+            Self::Q6_K => (256, 210),
+            Self::Q8_K => (256, 292),
         }
     }
 }
 
+/// The types [`dequantize`] reads, for error messages.
+const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
+
 /// ggml type ids → names, for error messages about types we do not support.
 fn ggml_type_name(id: u32) -> &'static str {
     match id {
-        6 => "Q5_0",
-        7 => "Q5_1",
         9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
         16..=23 => "IQ*",
         24 => "I8",
         25 => "I16",
@@ -358,7 +387,7 @@ impl GgufFile {
             CoreError::format(
                 &self.path,
                 format!(
-                    "tensor `{}` has unsupported type {} (id {id}); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                    "tensor `{}` has unsupported type {} (id {id}); supported: {SUPPORTED}",
                     t.name,
                     ggml_type_name(id)
                 ),
@@ -411,6 +440,14 @@ pub fn dequantize(ty: TensorType, bytes: &[u8], n: usize) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
+        TensorType::Q5_0 => bytes.chunks_exact(22).for_each(|b| gguf_quants::q5_0(b, &mut out)),
+        TensorType::Q5_1 => bytes.chunks_exact(24).for_each(|b| gguf_quants::q5_1(b, &mut out)),
+        TensorType::Q2_K => bytes.chunks_exact(84).for_each(|b| gguf_quants::q2_k(b, &mut out)),
+        TensorType::Q3_K => bytes.chunks_exact(110).for_each(|b| gguf_quants::q3_k(b, &mut out)),
+        TensorType::Q4_K => bytes.chunks_exact(144).for_each(|b| gguf_quants::q4_k(b, &mut out)),
+        TensorType::Q5_K => bytes.chunks_exact(176).for_each(|b| gguf_quants::q5_k(b, &mut out)),
+        TensorType::Q6_K => bytes.chunks_exact(210).for_each(|b| gguf_quants::q6_k(b, &mut out)),
+        TensorType::Q8_K => bytes.chunks_exact(292).for_each(|b| gguf_quants::q8_k(b, &mut out)),
     }
     out
 }

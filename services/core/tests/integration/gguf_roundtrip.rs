@@ -230,10 +230,10 @@ fn unsupported_tensor_type_names_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let mut w = fixture_as_gguf();
     let t = w.tensors.iter_mut().find(|t| t.0 == "blk.1.ffn_up.weight").unwrap();
-    t.2 = 12; // Q4_K
+    t.2 = 16; // IQ2_XXS
     let p = write(&w, tmp.path());
     let e = import_gguf(&p, &tmp.path().join("out")).unwrap_err().to_string();
-    assert!(e.contains("blk.1.ffn_up.weight") && e.contains("Q4_K"), "{e}");
+    assert!(e.contains("blk.1.ffn_up.weight") && e.contains("IQ*") && e.contains("Q6_K"), "{e}");
 }
 
 #[test]

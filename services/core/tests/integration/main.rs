@@ -6,6 +6,7 @@ mod bad_inputs;
 mod combine;
 mod common;
 mod dpo;
+mod gguf_quants;
 mod gguf_roundtrip;
 mod kv_cache;
 mod lora;
