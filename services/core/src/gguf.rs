@@ -64,6 +64,7 @@ impl Value {
 
 /// The tensor element types this reader can dequantize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)] // ggml's own type names (Q4_K, …), as users see them in file listings
 pub enum TensorType {
     /// 32-bit float.
     F32,
