@@ -21,7 +21,7 @@ use crate::weights::{unique_suffix, RawTensor};
 pub struct ImportReport {
     /// The HF model directory written.
     pub path: PathBuf,
-    /// GGUF architecture (`llama`, `qwen2`).
+    /// GGUF architecture (`llama`, `qwen2`, `qwen3`).
     pub architecture: String,
     /// Number of tensors written.
     pub tensors: usize,
@@ -39,10 +39,10 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
     check_output_dir(gguf_path, out_dir)?;
     let g = GgufFile::open(gguf_path)?;
     let arch = g.get_str("general.architecture")?.to_owned();
-    if arch != "llama" && arch != "qwen2" {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
         return Err(CoreError::format(
             gguf_path,
-            format!("unsupported architecture `{arch}` (supported: llama, qwen2)"),
+            format!("unsupported architecture `{arch}` (supported: llama, qwen2, qwen3)"),
         ));
     }
     let cfg = hf_config(&g, &arch)?;
@@ -206,6 +206,7 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
     }
     let (model_type, class) = match arch {
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     };
     Ok(json!({
@@ -224,7 +225,7 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
         "rope_theta": g.metadata.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": tied,
-        "attention_bias": false,
+        "attention_bias": g.tensor("blk.0.attn_q.bias").is_some(),
         "mlp_bias": false,
         "bos_token_id": id("tokenizer.ggml.bos_token_id"),
         "eos_token_id": id("tokenizer.ggml.eos_token_id"),
@@ -253,6 +254,8 @@ fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String,
         "attn_k" => ("self_attn.k_proj", Some(kv_heads)),
         "attn_v" => ("self_attn.v_proj", None),
         "attn_output" => ("self_attn.o_proj", None),
+        "attn_q_norm" => ("self_attn.q_norm", None),
+        "attn_k_norm" => ("self_attn.k_norm", None),
         "attn_norm" => ("input_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
         "ffn_gate" => ("mlp.gate_proj", None),

@@ -66,6 +66,8 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// Keys further back than this many tokens are not attended to (mistral).
     pub sliding_window: Option<i64>,
+    /// RMSNorm over each head's queries and keys before RoPE (`q_norm` / `k_norm`, Qwen3).
+    pub qk_norm: bool,
 }
 
 /// Rope fields as HF config.json spells them: `rope_theta` + `rope_scaling` (before transformers 5) or
@@ -160,6 +162,7 @@ pub(crate) struct FamilyParts {
     pub(crate) o_bias: bool,
     pub(crate) mlp_bias: bool,
     pub(crate) sliding_window: Option<i64>,
+    pub(crate) qk_norm: bool,
 }
 
 impl CommonFields {
@@ -185,6 +188,7 @@ impl CommonFields {
             o_bias: f.o_bias,
             mlp_bias: f.mlp_bias,
             sliding_window: f.sliding_window,
+            qk_norm: f.qk_norm,
         };
         validate(&cfg, path)?;
         Ok(cfg)

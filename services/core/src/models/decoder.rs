@@ -1,5 +1,5 @@
-//! The decoder shared by the Llama-layout families (llama, mistral, qwen2): token embedding, N ×
-//! (RMSNorm → GQA attention with RoPE → residual → RMSNorm → SwiGLU MLP → residual), final RMSNorm,
+//! The decoder shared by the Llama-layout families (llama, mistral, qwen2, qwen3): token embedding, N ×
+//! (RMSNorm → GQA attention with RoPE (q/k RMSNorm per head first for qwen3) → residual → RMSNorm → SwiGLU MLP → residual), final RMSNorm,
 //! lm_head. Parameter names equal the HF safetensors keys (`model.layers.0.self_attn.q_proj.weight`).
 //! Numerics follow transformers' modeling_llama.py: RMSNorm in f32, rotary tables in f32, attention through
 //! libtorch's scaled-dot-product attention.
@@ -276,6 +276,8 @@ pub struct Attention {
     pub v_proj: Linear,
     /// Output projection `[hidden, heads·head_dim]`.
     pub o_proj: Linear,
+    /// RMSNorm `[head_dim]` over each head's queries and keys before RoPE (Qwen3), when the family has it.
+    pub qk_norm: Option<(RmsNorm, RmsNorm)>,
     n_heads: i64,
     n_kv: i64,
     head_dim: i64,
@@ -289,6 +291,14 @@ impl Attention {
             k_proj: Linear::load(&vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
             v_proj: Linear::load(&vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
             o_proj: Linear::load(&vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
+            qk_norm: if cfg.qk_norm {
+                Some((
+                    RmsNorm::load(&vb.pp("q_norm"), d, cfg.rms_norm_eps)?,
+                    RmsNorm::load(&vb.pp("k_norm"), d, cfg.rms_norm_eps)?,
+                ))
+            } else {
+                None
+            },
             n_heads: cfg.num_heads,
             n_kv: cfg.num_kv_heads,
             head_dim: d,
@@ -309,11 +319,21 @@ impl Attention {
         cache: Option<(&mut LayerKv, i64)>,
     ) -> Result<Tensor> {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let split =
-            |t: Tensor, n: i64| -> Result<Tensor> { Ok(t.f_view([b, s, n, self.head_dim])?.f_transpose(1, 2)?) };
-        let q = rot.apply(&split(self.q_proj.forward(x)?, self.n_heads)?)?;
-        let mut k = rot.apply(&split(self.k_proj.forward(x)?, self.n_kv)?)?;
-        let mut v = split(self.v_proj.forward(x)?, self.n_kv)?;
+        let split = |t: Tensor, n: i64, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = t.f_view([b, s, n, self.head_dim])?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            Ok(t.f_transpose(1, 2)?)
+        };
+        let (qn, kn) = match &self.qk_norm {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = rot.apply(&split(self.q_proj.forward(x)?, self.n_heads, qn)?)?;
+        let mut k = rot.apply(&split(self.k_proj.forward(x)?, self.n_kv, kn)?)?;
+        let mut v = split(self.v_proj.forward(x)?, self.n_kv, None)?;
         let mut past = 0;
         if let Some((kv, p)) = cache {
             past = p;

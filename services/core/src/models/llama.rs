@@ -46,6 +46,7 @@ impl Config {
                 o_bias: self.attention_bias,
                 mlp_bias: self.mlp_bias,
                 sliding_window: None,
+                qk_norm: false,
             },
         )
     }

@@ -46,6 +46,7 @@ impl Config {
                 o_bias: false,
                 mlp_bias: false,
                 sliding_window: self.sliding_window.filter(|&w| w > 0),
+                qk_norm: false,
             },
         )
     }

@@ -6,6 +6,7 @@ pub mod decoder;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;
+pub mod qwen3;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,9 +36,11 @@ pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
         "llama" => parse::<llama::Config>(v, &path)?.to_decoder(&path),
         "mistral" => parse::<mistral::Config>(v, &path)?.to_decoder(&path),
         "qwen2" => parse::<qwen2::Config>(v, &path)?.to_decoder(&path),
-        other => {
-            Err(CoreError::config(&path, format!("unknown model_type `{other}` (supported: llama, mistral, qwen2)")))
-        }
+        "qwen3" => parse::<qwen3::Config>(v, &path)?.to_decoder(&path),
+        other => Err(CoreError::config(
+            &path,
+            format!("unknown model_type `{other}` (supported: llama, mistral, qwen2, qwen3)"),
+        )),
     }
 }
 

@@ -45,6 +45,7 @@ impl Config {
                 o_bias: false,
                 mlp_bias: false,
                 sliding_window: None,
+                qk_norm: false,
             },
         )
     }

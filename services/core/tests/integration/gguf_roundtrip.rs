@@ -111,7 +111,13 @@ fn f32_bytes(t: &Tensor) -> Vec<u8> {
 
 /// The `llama-linear-sharded` fixture as a llama.cpp would write it.
 fn fixture_as_gguf() -> Writer {
-    let dir = tiny_dir("llama-linear-sharded");
+    fixture_as_gguf_of("llama-linear-sharded", "llama")
+}
+
+/// A tiny fixture as llama.cpp's converter writes its architecture `arch` (llama: q/k rows permuted and
+/// linear rope scaling ×2, as `llama-linear-sharded` has; qwen3: q/k norms, no permutation).
+fn fixture_as_gguf_of(name: &str, arch: &str) -> Writer {
+    let dir = tiny_dir(name);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let files = WeightFiles::open_dir(&dir).unwrap();
@@ -119,18 +125,22 @@ fn fixture_as_gguf() -> Writer {
         (cfg["num_attention_heads"].as_i64().unwrap(), cfg["num_key_value_heads"].as_i64().unwrap());
     let mut w = Writer::default();
     let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
-    w.kv("general.architecture", Kv::Str("llama".into()));
-    w.kv("llama.block_count", Kv::U32(u("num_hidden_layers")));
-    w.kv("llama.context_length", Kv::U32(u("max_position_embeddings")));
-    w.kv("llama.embedding_length", Kv::U32(u("hidden_size")));
-    w.kv("llama.feed_forward_length", Kv::U32(u("intermediate_size")));
-    w.kv("llama.attention.head_count", Kv::U32(heads as u32));
-    w.kv("llama.attention.head_count_kv", Kv::U32(kv_heads as u32));
-    w.kv("llama.attention.key_length", Kv::U32(u("head_dim")));
-    w.kv("llama.rope.freq_base", Kv::F32(cfg["rope_theta"].as_f64().unwrap() as f32));
-    w.kv("llama.rope.scaling.type", Kv::Str("linear".into()));
-    w.kv("llama.rope.scaling.factor", Kv::F32(2.0));
-    w.kv("llama.attention.layer_norm_rms_epsilon", Kv::F32(1e-5));
+    let a = |k: &str| format!("{arch}.{k}");
+    let theta = cfg["rope_theta"].as_f64().or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64()).unwrap();
+    w.kv("general.architecture", Kv::Str(arch.into()));
+    w.kv(&a("block_count"), Kv::U32(u("num_hidden_layers")));
+    w.kv(&a("context_length"), Kv::U32(u("max_position_embeddings")));
+    w.kv(&a("embedding_length"), Kv::U32(u("hidden_size")));
+    w.kv(&a("feed_forward_length"), Kv::U32(u("intermediate_size")));
+    w.kv(&a("attention.head_count"), Kv::U32(heads as u32));
+    w.kv(&a("attention.head_count_kv"), Kv::U32(kv_heads as u32));
+    w.kv(&a("attention.key_length"), Kv::U32(u("head_dim")));
+    w.kv(&a("rope.freq_base"), Kv::F32(theta as f32));
+    if arch == "llama" {
+        w.kv(&a("rope.scaling.type"), Kv::Str("linear".into()));
+        w.kv(&a("rope.scaling.factor"), Kv::F32(2.0));
+    }
+    w.kv(&a("attention.layer_norm_rms_epsilon"), Kv::F32(1e-5));
     w.kv("tokenizer.ggml.model", Kv::Str("gpt2".into()));
     w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
     w.kv("tokenizer.ggml.tokens", Kv::Strs(byte_chars().iter().map(|c| c.to_string()).collect()));
@@ -153,6 +163,8 @@ fn fixture_as_gguf() -> Writer {
             ("self_attn.k_proj", "attn_k"),
             ("self_attn.v_proj", "attn_v"),
             ("self_attn.o_proj", "attn_output"),
+            ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"),
             ("post_attention_layernorm", "ffn_norm"),
             ("input_layernorm", "attn_norm"),
             ("mlp.gate_proj", "ffn_gate"),
@@ -162,7 +174,9 @@ fn fixture_as_gguf() -> Writer {
             gg = gg.replace(a, b);
         }
         // llama.cpp's permute: rows of each head reordered from halves to interleaved pairs.
-        let n = if gg.contains("attn_q") {
+        let n = if arch != "llama" || gg.contains("_norm") {
+            None
+        } else if gg.contains("attn_q") {
             Some(heads)
         } else if gg.contains("attn_k") {
             Some(kv_heads)
@@ -209,6 +223,19 @@ fn imported_gguf_reproduces_transformers_logits() {
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["eos_token"], byte_chars()[2].to_string());
     assert!(tc["chat_template"].as_str().unwrap().contains("messages"));
+}
+
+#[test]
+fn imported_qwen3_gguf_reproduces_transformers_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = write(&fixture_as_gguf_of("qwen3-qknorm", "qwen3"), tmp.path());
+    let out = tmp.path().join("hf");
+    assert_eq!(import_gguf(&gguf, &out).unwrap().architecture, "qwen3");
+    let model = load_model(&out, Kind::Float, Device::Cpu).unwrap();
+    assert!(model.layers[0].self_attn.qk_norm.is_some() && model.cfg.qkv_bias && model.cfg.o_bias);
+    let (ids, want) = reference("qwen3-qknorm");
+    let d = max_abs_diff(&tch::no_grad(|| model.forward(&ids, None, None)).unwrap(), &want);
+    assert!(d < 1e-5, "max |Δlogit| {d}");
 }
 
 #[test]

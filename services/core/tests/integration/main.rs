@@ -12,6 +12,7 @@ mod kv_cache;
 mod lora;
 mod nf4;
 mod ppo;
+mod qwen3;
 mod reward;
 mod rollout;
 mod session;

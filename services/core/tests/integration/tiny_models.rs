@@ -1,5 +1,6 @@
 //! Each tiny random model (llama with llama3 rope, llama with linear rope + explicit head_dim + shards in
-//! the legacy config spelling, mistral with a sliding window, qwen2 with biases + untied embeddings)
+//! the legacy config spelling, mistral with a sliding window, qwen2 with biases + untied embeddings, qwen3
+//! with q/k norms)
 //! reproduces the logits HF transformers computed for it.
 
 use ferrotune_core::load_model;
