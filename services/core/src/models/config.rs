@@ -31,6 +31,26 @@ pub enum RopeScaling {
     },
 }
 
+/// The gated MLP's activation: `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Mistral, Qwen.
+    Silu,
+    /// GELU with the tanh approximation (GeGLU): Gemma's `gelu_pytorch_tanh`.
+    GeluTanh,
+}
+
+/// Sliding-window layers with their own RoPE base (Gemma 3's `sliding_attention` layers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalAttention {
+    /// Each key within this many positions of the query (itself included) is seen.
+    pub window: i64,
+    /// RoPE base of these layers (unscaled).
+    pub rope_theta: f64,
+    /// Per layer: true = local (windowed), false = global.
+    pub layers: Vec<bool>,
+}
+
 /// Everything the shared decoder needs to know about a model, whatever its family.
 #[derive(Debug, Clone)]
 pub struct DecoderConfig {
@@ -68,6 +88,21 @@ pub struct DecoderConfig {
     pub sliding_window: Option<i64>,
     /// RMSNorm over each head's queries and keys before RoPE (`q_norm` / `k_norm`, Qwen3).
     pub qk_norm: bool,
+    /// Gemma-style RMSNorm: weights stored as offsets from one, `x̂ · (1 + w)`, computed in f32.
+    pub norm_offset: bool,
+    /// Embeddings are multiplied by this (Gemma: √hidden, rounded to the weights' kind).
+    pub embed_scale: Option<f64>,
+    /// The gated MLP's activation.
+    pub activation: Activation,
+    /// Gemma's four norms per layer: the attention's and the MLP's outputs are normed before their residual
+    /// adds (`post_attention_layernorm`, `post_feedforward_layernorm`), the MLP's input by
+    /// `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Attention-score scale (default `1/√head_dim`; Gemma: `query_pre_attn_scalar^-½`).
+    pub attn_scale: Option<f64>,
+    /// Layers that attend through a sliding window with their own RoPE base, beside global layers
+    /// (Gemma 3); `sliding_window` then applies to no layer.
+    pub local_attention: Option<LocalAttention>,
 }
 
 /// Rope fields as HF config.json spells them: `rope_theta` + `rope_scaling` (before transformers 5) or
@@ -189,6 +224,12 @@ impl CommonFields {
             mlp_bias: f.mlp_bias,
             sliding_window: f.sliding_window,
             qk_norm: f.qk_norm,
+            norm_offset: false,
+            embed_scale: None,
+            activation: Activation::Silu,
+            sandwich_norms: false,
+            attn_scale: None,
+            local_attention: None,
         };
         validate(&cfg, path)?;
         Ok(cfg)
@@ -197,7 +238,7 @@ impl CommonFields {
 
 /// Checks the shape arithmetic of a decoder config, so that bad configs fail on load with a message
 /// rather than deep inside a matmul.
-fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
+pub(crate) fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
     let bad = |msg: String| Err(CoreError::config(path, msg));
     for (name, v) in [
         ("vocab_size", cfg.vocab_size),

@@ -6,7 +6,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::{DecoderConfig, RopeScaling};
+use super::config::{Activation, DecoderConfig, RopeScaling};
 use crate::error::{CoreError, Result};
 use crate::kernels::frozen_linear::frozen_linear;
 use crate::lora::Lora;
@@ -181,31 +181,42 @@ pub fn cpu_column_major(w: Tensor) -> Result<Tensor> {
     }
 }
 
-/// Root-mean-square layer norm, computed in f32 like transformers' `LlamaRMSNorm`.
+/// Root-mean-square layer norm, computed in f32 like transformers' `LlamaRMSNorm`, or, with an offset
+/// (Gemma), `x̂ · (1 + w)` like `Gemma3RMSNorm`.
 #[derive(Debug)]
 pub struct RmsNorm {
-    /// `[hidden]`.
+    /// `[hidden]` (for Gemma: the offset from one).
     pub weight: Tensor,
     eps: f64,
+    offset: bool,
 }
 
 impl RmsNorm {
-    fn load(vb: &Weights, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(&[dim], "weight")?, eps })
+    fn load(vb: &Weights, dim: i64, cfg: &DecoderConfig) -> Result<Self> {
+        Ok(Self { weight: vb.get(&[dim], "weight")?, eps: cfg.rms_norm_eps, offset: cfg.norm_offset })
     }
 
     /// # Shapes
     /// `x`: `[.., hidden]` → same.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
+        let scale = if self.offset {
+            self.weight.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?
+        } else {
+            self.weight.shallow_clone()
+        };
         if kind == Kind::Float {
             // libtorch's fused op computes the same f32 formula in one kernel instead of six.
-            return Ok(x.f_rms_norm(self.weight.size().as_slice(), Some(&self.weight), self.eps)?);
+            return Ok(x.f_rms_norm(scale.size().as_slice(), Some(&scale), self.eps)?);
         }
-        // Half precision: normalise in f32, round to the input kind, then scale (transformers' order).
+        // Half precision: normalise in f32, then round to the input kind and scale (Llama's order), or scale
+        // in f32 and round (Gemma's).
         let h = x.f_to_kind(Kind::Float)?;
         let var = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
         let h = h.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        if self.offset {
+            return Ok(h.f_mul(&scale)?.f_to_kind(kind)?);
+        }
         Ok(self.weight.f_mul(&h.f_to_kind(kind)?)?)
     }
 }
@@ -281,6 +292,7 @@ pub struct Attention {
     n_heads: i64,
     n_kv: i64,
     head_dim: i64,
+    scale: Option<f64>,
 }
 
 impl Attention {
@@ -292,16 +304,14 @@ impl Attention {
             v_proj: Linear::load(&vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
             o_proj: Linear::load(&vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
             qk_norm: if cfg.qk_norm {
-                Some((
-                    RmsNorm::load(&vb.pp("q_norm"), d, cfg.rms_norm_eps)?,
-                    RmsNorm::load(&vb.pp("k_norm"), d, cfg.rms_norm_eps)?,
-                ))
+                Some((RmsNorm::load(&vb.pp("q_norm"), d, cfg)?, RmsNorm::load(&vb.pp("k_norm"), d, cfg)?))
             } else {
                 None
             },
             n_heads: cfg.num_heads,
             n_kv: cfg.num_kv_heads,
             head_dim: d,
+            scale: cfg.attn_scale,
         })
     }
 
@@ -345,7 +355,7 @@ impl Attention {
         let gqa = self.n_heads != self.n_kv;
         // Without a mask: causal for a fresh sequence; a single new token may see every cached key.
         let is_causal = mask.is_none() && past == 0 && s > 1;
-        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, None, gqa)?;
+        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, self.scale, gqa)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, s, self.n_heads * self.head_dim])?;
         self.o_proj.forward(&y)
     }
@@ -360,6 +370,7 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// `[hidden, intermediate]`.
     pub down_proj: Linear,
+    act: Activation,
 }
 
 impl Mlp {
@@ -369,11 +380,16 @@ impl Mlp {
             gate_proj: Linear::load(&vb.pp("gate_proj"), h, i, b)?,
             up_proj: Linear::load(&vb.pp("up_proj"), h, i, b)?,
             down_proj: Linear::load(&vb.pp("down_proj"), i, h, b)?,
+            act: cfg.activation,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.f_silu()?;
+        let g = self.gate_proj.forward(x)?;
+        let g = match self.act {
+            Activation::Silu => g.f_silu()?,
+            Activation::GeluTanh => g.f_gelu("tanh")?,
+        };
         self.down_proj.forward(&g.f_mul(&self.up_proj.forward(x)?)?)
     }
 }
@@ -385,23 +401,32 @@ pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     /// Attention.
     pub self_attn: Attention,
-    /// Norm before the MLP.
+    /// Norm before the MLP (Gemma: of the attention's output, before the residual add).
     pub post_attention_layernorm: RmsNorm,
     /// MLP.
     pub mlp: Mlp,
+    /// Gemma's `pre_feedforward_layernorm` (the MLP's input) and `post_feedforward_layernorm` (its output).
+    pub feedforward_norms: Option<(RmsNorm, RmsNorm)>,
+    /// Attends through the local window with the local rotary tables ([`crate::models::LocalAttention`]).
+    pub local: bool,
 }
 
 impl DecoderLayer {
-    fn load(vb: &Weights, cfg: &DecoderConfig) -> Result<Self> {
+    fn load(vb: &Weights, cfg: &DecoderConfig, index: usize) -> Result<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), cfg.hidden_size, cfg)?,
             self_attn: Attention::load(&vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(
-                &vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg)?,
             mlp: Mlp::load(&vb.pp("mlp"), cfg)?,
+            feedforward_norms: if cfg.sandwich_norms {
+                Some((
+                    RmsNorm::load(&vb.pp("pre_feedforward_layernorm"), cfg.hidden_size, cfg)?,
+                    RmsNorm::load(&vb.pp("post_feedforward_layernorm"), cfg.hidden_size, cfg)?,
+                ))
+            } else {
+                None
+            },
+            local: cfg.local_attention.as_ref().is_some_and(|l| l.layers.get(index).copied().unwrap_or(false)),
         })
     }
 
@@ -430,8 +455,17 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<(&mut LayerKv, i64)>,
     ) -> Result<Tensor> {
-        let h = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache)?)?;
-        Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache)?;
+        match &self.feedforward_norms {
+            None => {
+                let h = x.f_add(&a)?;
+                Ok(h.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+            }
+            Some((pre, post)) => {
+                let h = x.f_add(&self.post_attention_layernorm.forward(&a)?)?;
+                Ok(h.f_add(&post.forward(&self.mlp.forward(&pre.forward(&h)?)?)?)?)
+            }
+        }
     }
 }
 
@@ -454,6 +488,8 @@ pub struct CausalLm {
     /// Sequence-score head `score.weight` `[1, hidden]` (f32) of a reward model ([`crate::train::reward`]).
     pub score: Option<Tensor>,
     inv_freq: Tensor,
+    /// The local layers' inverse frequencies (Gemma 3).
+    local_inv_freq: Option<Tensor>,
 }
 
 impl CausalLm {
@@ -461,17 +497,35 @@ impl CausalLm {
     pub fn load(vb: &Weights, cfg: DecoderConfig) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?;
-        let layers =
-            (0..cfg.num_layers).map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, i as usize))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, &cfg)?;
         // Tied checkpoints normally omit lm_head.weight; when one stores it anyway it is the same matrix.
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
             vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?
         };
+        let local_inv_freq = match &cfg.local_attention {
+            Some(l) => {
+                let local = DecoderConfig { rope_theta: l.rope_theta, rope_scaling: RopeScaling::None, ..cfg.clone() };
+                Some(Tensor::f_from_slice(&inv_freq(&local))?.f_to_device(vb.device)?)
+            }
+            None => None,
+        };
         let inv_freq = Tensor::f_from_slice(&inv_freq(&cfg))?.f_to_device(vb.device)?;
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, prompt_embeddings: None, score: None, inv_freq })
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            prompt_embeddings: None,
+            score: None,
+            inv_freq,
+            local_inv_freq,
+        })
     }
 
     /// Device of the weights.
@@ -522,8 +576,7 @@ impl CausalLm {
             return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
         }
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let Prepared { mut h, rot, mask: attn_mask, prefix } =
-            self.prepare(input_ids, attention_mask, position_ids, past)?;
+        let Prepared { mut h, global, local, prefix } = self.prepare(input_ids, attention_mask, position_ids, past)?;
         if let Some(c) = &cache {
             if c.batch != b || past + prefix + s > c.capacity {
                 return Err(CoreError::InvalidArgument(format!(
@@ -534,7 +587,8 @@ impl CausalLm {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            h = layer.forward(&h, &rot, attn_mask.as_ref(), kv)?;
+            let (rot, mask) = if layer.local { local.as_ref().unwrap_or(&global) } else { &global };
+            h = layer.forward(&h, rot, mask.as_ref(), kv)?;
         }
         if let Some(c) = cache {
             c.len = past + prefix + s;
@@ -559,13 +613,14 @@ impl CausalLm {
         loss_backward: impl FnOnce(&Tensor) -> Result<T>,
     ) -> Result<T> {
         // Built with gradients: a prompt-tuning prefix must receive them through layer 0's input.
-        let Prepared { mut h, rot, mask: attn_mask, prefix } =
-            self.prepare(input_ids, attention_mask, position_ids, 0)?;
+        let Prepared { mut h, global, local, prefix } = self.prepare(input_ids, attention_mask, position_ids, 0)?;
+        let tables = |layer: &DecoderLayer| if layer.local { local.as_ref().unwrap_or(&global) } else { &global };
         let s = input_ids.size()[1];
         let mut inputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let states = layer.dropout_states();
-            let out = tch::no_grad(|| layer.forward(&h, &rot, attn_mask.as_ref(), None))?;
+            let (rot, mask) = tables(layer);
+            let out = tch::no_grad(|| layer.forward(&h, rot, mask.as_ref(), None))?;
             inputs.push((std::mem::replace(&mut h, out), states));
         }
         let leaf = h.f_detach()?.f_set_requires_grad(true)?;
@@ -578,7 +633,8 @@ impl CausalLm {
             let (x, states) = inputs.pop().expect("one input per layer");
             layer.set_dropout_states(&states);
             let x = if i > 0 { x.f_detach()?.f_set_requires_grad(true)? } else { x };
-            let out = layer.forward(&x, &rot, attn_mask.as_ref(), None)?;
+            let (rot, mask) = tables(layer);
+            let out = layer.forward(&x, rot, mask.as_ref(), None)?;
             out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
             if i > 0 {
                 grad = x.grad();
@@ -685,13 +741,25 @@ impl CausalLm {
             }
         };
         let rot = Rotary::new(&self.inv_freq, &positions, self.kind())?;
-        let mask = self.attention_mask(pad.as_ref(), segments.as_ref(), b, s_eff, past)?;
+        let mask = self.attention_mask(pad.as_ref(), segments.as_ref(), b, s_eff, past, self.cfg.sliding_window)?;
+        let local = match (&self.local_inv_freq, &self.cfg.local_attention) {
+            (Some(f), Some(l)) => Some((
+                Rotary::new(f, &positions, self.kind())?,
+                self.attention_mask(pad.as_ref(), segments.as_ref(), b, s_eff, past, Some(l.window))?,
+            )),
+            _ => None,
+        };
         let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+        if let Some(scale) = self.cfg.embed_scale {
+            // transformers multiplies by the scale rounded to the weights' kind.
+            let scale = Tensor::f_from_slice(&[scale as f32])?.f_to_kind(h.kind())?.f_to_device(dev)?;
+            h = h.f_mul(&scale)?;
+        }
         if prefix > 0 {
             let p = self.prompt_embeddings.as_ref().expect("n_virtual > 0").f_to_kind(h.kind())?;
             h = Tensor::f_cat(&[p.f_unsqueeze(0)?.f_expand([b, prefix, p.size()[1]], false)?, h], 1)?;
         }
-        Ok(Prepared { h, rot, mask, prefix })
+        Ok(Prepared { h, global: (rot, mask), local, prefix })
     }
 
     /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, segments, sliding window, or new
@@ -705,9 +773,10 @@ impl CausalLm {
         b: i64,
         s: i64,
         past: i64,
+        window: Option<i64>,
     ) -> Result<Option<Tensor>> {
         let total = past + s;
-        let window_bites = self.cfg.sliding_window.is_some_and(|w| w < total);
+        let window_bites = window.is_some_and(|w| w < total);
         if pad.is_none() && !window_bites && (past == 0 || s == 1) {
             return Ok(None);
         }
@@ -715,7 +784,7 @@ impl CausalLm {
         let q = Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(1)?;
         let k = Tensor::f_arange(total, (Kind::Int64, dev))?.f_unsqueeze(0)?;
         let mut m = q.f_ge_tensor(&k)?;
-        if let Some(w) = self.cfg.sliding_window {
+        if let Some(w) = window {
             m = m.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?;
         }
         let mut m = m.f_unsqueeze(0)?.f_unsqueeze(0)?.f_expand([b, 1, s, total], false)?;
@@ -735,8 +804,10 @@ impl CausalLm {
 struct Prepared {
     /// Input embeddings (with any prompt-tuning prefix).
     h: Tensor,
-    rot: Rotary,
-    mask: Option<Tensor>,
+    /// Rotary tables and mask of the global layers (every layer but Gemma 3's local ones).
+    global: (Rotary, Option<Tensor>),
+    /// Those of the local (sliding-window) layers.
+    local: Option<(Rotary, Option<Tensor>)>,
     /// Virtual tokens prepended in this pass.
     prefix: i64,
 }

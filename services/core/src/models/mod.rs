@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gemma3;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind};
 
-pub use config::{DecoderConfig, RopeScaling};
+pub use config::{Activation, DecoderConfig, LocalAttention, RopeScaling};
 pub use decoder::{CausalLm, KvCache};
 
 use crate::error::{CoreError, Result};
@@ -37,9 +38,10 @@ pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
         "mistral" => parse::<mistral::Config>(v, &path)?.to_decoder(&path),
         "qwen2" => parse::<qwen2::Config>(v, &path)?.to_decoder(&path),
         "qwen3" => parse::<qwen3::Config>(v, &path)?.to_decoder(&path),
+        "gemma3_text" => parse::<gemma3::Config>(v, &path)?.to_decoder(&path),
         other => Err(CoreError::config(
             &path,
-            format!("unknown model_type `{other}` (supported: llama, mistral, qwen2, qwen3)"),
+            format!("unknown model_type `{other}` (supported: llama, mistral, qwen2, qwen3, gemma3_text)"),
         )),
     }
 }

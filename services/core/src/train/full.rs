@@ -23,6 +23,10 @@ impl CausalLm {
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.weight.shallow_clone(),
             ));
+            if let Some((pre, post)) = &l.feedforward_norms {
+                out.push((format!("model.layers.{i}.pre_feedforward_layernorm.weight"), pre.weight.shallow_clone()));
+                out.push((format!("model.layers.{i}.post_feedforward_layernorm.weight"), post.weight.shallow_clone()));
+            }
             if let Some((q, k)) = &l.self_attn.qk_norm {
                 out.push((format!("model.layers.{i}.self_attn.q_norm.weight"), q.weight.shallow_clone()));
                 out.push((format!("model.layers.{i}.self_attn.k_norm.weight"), k.weight.shallow_clone()));

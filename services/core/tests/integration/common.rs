@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 /// The tiny-model fixtures made by `tests/fixtures/make_tiny.py`.
 pub(crate) const TINY: &[&str] =
-    &["llama3-rope", "llama-linear-sharded", "mistral-window", "qwen2-bias", "qwen3-qknorm"];
+    &["llama3-rope", "llama-linear-sharded", "mistral-window", "qwen2-bias", "qwen3-qknorm", "gemma3-window"];
 
 pub(crate) fn tiny_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny").join(name)

@@ -1,6 +1,6 @@
 //! Each tiny random model (llama with llama3 rope, llama with linear rope + explicit head_dim + shards in
 //! the legacy config spelling, mistral with a sliding window, qwen2 with biases + untied embeddings, qwen3
-//! with q/k norms)
+//! with q/k norms, gemma3 with local and global layers)
 //! reproduces the logits HF transformers computed for it.
 
 use ferrotune_core::load_model;
@@ -52,16 +52,16 @@ fn left_padded_rows_equal_unpadded_rows() {
 
 #[test]
 fn half_precision_loads_and_stays_close() {
-    let name = "qwen2-bias";
-    let (ids, want) = reference(name);
-    for kind in [Kind::BFloat16, Kind::Half] {
+    for (name, kind) in [("qwen2-bias", Kind::BFloat16), ("qwen2-bias", Kind::Half), ("gemma3-window", Kind::BFloat16)]
+    {
+        let (ids, want) = reference(name);
         let model = load_model(&tiny_dir(name), kind, Device::Cpu).unwrap();
         assert_eq!(model.kind(), kind);
         let got = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
         assert_eq!(got.kind(), kind);
         let scale = want.abs().max().double_value(&[]);
         let d = max_abs_diff(&got, &want);
-        assert!(d < 0.05 * scale, "{kind:?}: max |Δ| {d} vs logit scale {scale}");
+        assert!(d < 0.05 * scale, "{name} {kind:?}: max |Δ| {d} vs logit scale {scale}");
     }
 }
 

@@ -1,6 +1,6 @@
-//! Qwen3 beyond parity (which `tiny_models` checks): LoRA and QLoRA train on its q/k-normed attention, a
-//! trained adapter merges into a model that loads and gives the adapter's logits, and full fine-tuning
-//! trains and saves the q/k norms too.
+//! Qwen3 and Gemma 3 beyond parity (which `tiny_models` and `kv_cache` check): LoRA and QLoRA train on them,
+//! a trained adapter merges into a model that loads and gives the adapter's logits, and full fine-tuning
+//! trains and saves every weight, the q/k norms and Gemma's feed-forward norms included.
 
 use std::cell::Cell;
 
@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::common::{max_abs_diff, tiny_dir};
 
-const NAME: &str = "qwen3-qknorm";
+const NAMES: [&str; 2] = ["qwen3-qknorm", "gemma3-window"];
 
 fn data() -> Vec<SftExample> {
     (0..4u32)
@@ -73,45 +73,63 @@ fn lora(m: &mut CausalLm) -> LoraConfig {
 
 #[test]
 fn lora_trains_and_merges_into_a_model_with_the_adapters_logits() {
+    for name in NAMES {
+        lora_and_merge(name);
+    }
+}
+
+fn lora_and_merge(name: &str) {
     let t = tempfile::tempdir().unwrap();
-    let mut m = load_model(&tiny_dir(NAME), Kind::Float, Device::Cpu).unwrap();
+    let mut m = load_model(&tiny_dir(name), Kind::Float, Device::Cpu).unwrap();
     let cfg = lora(&mut m);
     let state = LoraState { cfg, base_model: "tiny".into() };
     let (first, last) = fit(&mut m, &state, &t.path().join("adapter"), 40, 3e-2);
-    assert!(last < first - 0.3, "LoRA loss {first} → {last}");
-    merge_adapter(&tiny_dir(NAME), &t.path().join("adapter"), &t.path().join("merged"), Some(false)).unwrap();
+    assert!(last < first - 0.3, "{name}: LoRA loss {first} → {last}");
+    merge_adapter(&tiny_dir(name), &t.path().join("adapter"), &t.path().join("merged"), Some(false)).unwrap();
     let merged = load_model(&t.path().join("merged"), Kind::Float, Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[5i64, 9, 77, 3, 41, 100]).unsqueeze(0);
     let (a, b) = tch::no_grad(|| (m.forward(&ids, None, None).unwrap(), merged.forward(&ids, None, None).unwrap()));
     let d = max_abs_diff(&a, &b);
-    assert!(d < 1e-5, "merged vs adapter: max |Δlogit| {d}");
+    assert!(d < 1e-5, "{name}: merged vs adapter: max |Δlogit| {d}");
 }
 
 #[test]
 fn qlora_trains_on_the_nf4_base() {
+    for name in NAMES {
+        qlora(name);
+    }
+}
+
+fn qlora(name: &str) {
     let t = tempfile::tempdir().unwrap();
-    let mut m = load_model(&tiny_dir(NAME), Kind::Float, Device::Cpu).unwrap();
+    let mut m = load_model(&tiny_dir(name), Kind::Float, Device::Cpu).unwrap();
     m.quantize_nf4().unwrap();
     let cfg = lora(&mut m);
     let state = LoraState { cfg, base_model: "tiny".into() };
     let (first, last) = fit(&mut m, &state, t.path(), 40, 3e-2);
-    assert!(last < first - 0.3, "QLoRA loss {first} → {last}");
+    assert!(last < first - 0.3, "{name}: QLoRA loss {first} → {last}");
 }
 
 #[test]
-fn full_fine_tuning_trains_and_saves_the_qk_norms() {
+fn full_fine_tuning_trains_and_saves_every_norm() {
+    for name in NAMES {
+        full(name);
+    }
+}
+
+fn full(name: &str) {
     let t = tempfile::tempdir().unwrap();
-    let mut m = load_model(&tiny_dir(NAME), Kind::Float, Device::Cpu).unwrap();
+    let mut m = load_model(&tiny_dir(name), Kind::Float, Device::Cpu).unwrap();
     FullState::prepare(&mut m).unwrap();
-    let state = FullState { base_dir: tiny_dir(NAME) };
+    let state = FullState { base_dir: tiny_dir(name) };
     let (first, last) = fit(&mut m, &state, &t.path().join("full"), 12, 3e-3);
-    assert!(last < first, "full fine-tuning loss {first} → {last}");
-    let base = load_model(&tiny_dir(NAME), Kind::Float, Device::Cpu).unwrap();
+    assert!(last < first, "{name}: full fine-tuning loss {first} → {last}");
+    let base = load_model(&tiny_dir(name), Kind::Float, Device::Cpu).unwrap();
     let (q0, _) = base.layers[0].self_attn.qk_norm.as_ref().unwrap();
     let (q1, _) = m.layers[0].self_attn.qk_norm.as_ref().unwrap();
-    assert!((&q0.weight - q1.weight.detach()).abs().max().double_value(&[]) > 1e-5, "q_norm did not move");
+    assert!((&q0.weight - q1.weight.detach()).abs().max().double_value(&[]) > 1e-5, "{name}: q_norm did not move");
     let saved = load_model(&t.path().join("full"), Kind::Float, Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[5i64, 9, 77, 3]).unsqueeze(0);
     let (a, b) = tch::no_grad(|| (m.forward(&ids, None, None).unwrap(), saved.forward(&ids, None, None).unwrap()));
-    assert_eq!(max_abs_diff(&a, &b), 0.0, "the saved model is the trained one, q/k norms included");
+    assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}: the saved model is the trained one, every norm included");
 }
