@@ -21,7 +21,7 @@ use crate::weights::{unique_suffix, RawTensor};
 pub struct ImportReport {
     /// The HF model directory written.
     pub path: PathBuf,
-    /// GGUF architecture (`llama`, `qwen2`, `qwen3`).
+    /// GGUF architecture (`llama`, `qwen2`, `qwen3`, `gemma3`).
     pub architecture: String,
     /// Number of tensors written.
     pub tensors: usize,
@@ -39,10 +39,10 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path) -> Result<ImportReport> {
     check_output_dir(gguf_path, out_dir)?;
     let g = GgufFile::open(gguf_path)?;
     let arch = g.get_str("general.architecture")?.to_owned();
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "gemma3") {
         return Err(CoreError::format(
             gguf_path,
-            format!("unsupported architecture `{arch}` (supported: llama, qwen2, qwen3)"),
+            format!("unsupported architecture `{arch}` (supported: llama, qwen2, qwen3, gemma3)"),
         ));
     }
     let cfg = hf_config(&g, &arch)?;
@@ -207,9 +207,10 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
     let (model_type, class) = match arch {
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
+        "gemma3" => ("gemma3_text", "Gemma3ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
     };
-    Ok(json!({
+    let mut cfg = json!({
         "architectures": [class],
         "model_type": model_type,
         "vocab_size": vocab,
@@ -223,7 +224,7 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
         "max_position_embeddings": g.get_u64(&k("context_length"))?,
         "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
         "rope_theta": g.metadata.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
-        "rope_scaling": rope_scaling,
+        "rope_scaling": rope_scaling.clone(),
         "tie_word_embeddings": tied,
         "attention_bias": g.tensor("blk.0.attn_q.bias").is_some(),
         "mlp_bias": false,
@@ -231,10 +232,40 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
         "eos_token_id": id("tokenizer.ggml.eos_token_id"),
         "pad_token_id": id("tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
-    }))
+    });
+    if arch == "gemma3" {
+        // llama.cpp's Gemma 3: every sixth layer global, the others windowed with their own RoPE base
+        // (`rope.freq_base_swa`, 10000 when absent); attention scaled by 1/√head_dim.
+        let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0);
+        let types: Vec<&str> =
+            (0..layers).map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect();
+        let global = match rope_scaling {
+            Json::Null => json!({"rope_type": "default", "rope_theta": cfg["rope_theta"]}),
+            mut r => {
+                r["rope_theta"] = cfg["rope_theta"].clone();
+                r
+            }
+        };
+        let local_theta = g.metadata.get(&k("rope.freq_base_swa")).and_then(Value::as_f64).unwrap_or(10000.0);
+        let c = cfg.as_object_mut().expect("object");
+        for key in ["hidden_act", "rope_theta", "rope_scaling", "mlp_bias"] {
+            c.remove(key);
+        }
+        c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+        c.insert("query_pre_attn_scalar".into(), json!(head_dim));
+        c.insert("sliding_window".into(), json!(g.get_u64(&k("attention.sliding_window"))?));
+        c.insert("layer_types".into(), json!(types));
+        c.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": global, "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}),
+        );
+    }
+    Ok(cfg)
 }
 
-/// llama.cpp tensor name → HF name (and, for llama q/k, the head count to un-permute with).
+/// llama.cpp tensor name → HF name (and, for llama q/k, the head count to un-permute with). Gemma's norm
+/// names differ: `ffn_norm` is the MLP's input norm (`pre_feedforward_layernorm`) and the outputs of attention
+/// and MLP have their own (`post_attention_norm`, `post_ffw_norm`).
 fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String, Option<u64>)> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -257,6 +288,9 @@ fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String,
         "attn_q_norm" => ("self_attn.q_norm", None),
         "attn_k_norm" => ("self_attn.k_norm", None),
         "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" if arch == "gemma3" => ("pre_feedforward_layernorm", None),
+        "post_attention_norm" if arch == "gemma3" => ("post_attention_layernorm", None),
+        "post_ffw_norm" if arch == "gemma3" => ("post_feedforward_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
         "ffn_gate" => ("mlp.gate_proj", None),
         "ffn_up" => ("mlp.up_proj", None),
@@ -308,6 +342,10 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
                 ));
             }
             data = unpermute(&data, out_rows, inner, n as usize);
+        }
+        if arch == "gemma3" && name.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's (1 + w) norm scales as 1 + w; HF stores w.
+            data.iter_mut().for_each(|x| *x -= 1.0);
         }
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         tensors.push((name, RawTensor { dtype: safetensors::Dtype::F32, shape: t.shape.clone(), data: bytes }));

@@ -115,7 +115,8 @@ fn fixture_as_gguf() -> Writer {
 }
 
 /// A tiny fixture as llama.cpp's converter writes its architecture `arch` (llama: q/k rows permuted and
-/// linear rope scaling ×2, as `llama-linear-sharded` has; qwen3: q/k norms, no permutation).
+/// linear rope scaling ×2, as `llama-linear-sharded` has; qwen3: q/k norms, no permutation; gemma3: Gemma's
+/// norm names, every norm stored as 1 + w, the window and linear scaling ×2 of the global layers).
 fn fixture_as_gguf_of(name: &str, arch: &str) -> Writer {
     let dir = tiny_dir(name);
     let cfg: serde_json::Value =
@@ -126,7 +127,11 @@ fn fixture_as_gguf_of(name: &str, arch: &str) -> Writer {
     let mut w = Writer::default();
     let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
     let a = |k: &str| format!("{arch}.{k}");
-    let theta = cfg["rope_theta"].as_f64().or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64()).unwrap();
+    let theta = cfg["rope_theta"]
+        .as_f64()
+        .or_else(|| cfg["rope_parameters"]["rope_theta"].as_f64())
+        .or_else(|| cfg["rope_parameters"]["full_attention"]["rope_theta"].as_f64())
+        .unwrap();
     w.kv("general.architecture", Kv::Str(arch.into()));
     w.kv(&a("block_count"), Kv::U32(u("num_hidden_layers")));
     w.kv(&a("context_length"), Kv::U32(u("max_position_embeddings")));
@@ -136,11 +141,14 @@ fn fixture_as_gguf_of(name: &str, arch: &str) -> Writer {
     w.kv(&a("attention.head_count_kv"), Kv::U32(kv_heads as u32));
     w.kv(&a("attention.key_length"), Kv::U32(u("head_dim")));
     w.kv(&a("rope.freq_base"), Kv::F32(theta as f32));
-    if arch == "llama" {
+    if arch == "gemma3" {
+        w.kv(&a("attention.sliding_window"), Kv::U32(u("sliding_window")));
+    }
+    if arch == "llama" || arch == "gemma3" {
         w.kv(&a("rope.scaling.type"), Kv::Str("linear".into()));
         w.kv(&a("rope.scaling.factor"), Kv::F32(2.0));
     }
-    w.kv(&a("attention.layer_norm_rms_epsilon"), Kv::F32(1e-5));
+    w.kv(&a("attention.layer_norm_rms_epsilon"), Kv::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32));
     w.kv("tokenizer.ggml.model", Kv::Str("gpt2".into()));
     w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
     w.kv("tokenizer.ggml.tokens", Kv::Strs(byte_chars().iter().map(|c| c.to_string()).collect()));
@@ -158,6 +166,15 @@ fn fixture_as_gguf_of(name: &str, arch: &str) -> Writer {
             .replace("model.norm", "output_norm")
             .replace("lm_head", "output")
             .replace("model.layers.", "blk.");
+        if arch == "gemma3" {
+            for (a, b) in [
+                ("post_attention_layernorm", "post_attention_norm"),
+                ("pre_feedforward_layernorm", "ffn_norm"),
+                ("post_feedforward_layernorm", "post_ffw_norm"),
+            ] {
+                gg = gg.replace(a, b);
+            }
+        }
         for (a, b) in [
             ("self_attn.q_proj", "attn_q"),
             ("self_attn.k_proj", "attn_k"),
@@ -190,6 +207,7 @@ fn fixture_as_gguf_of(name: &str, arch: &str) -> Writer {
             }
             None => t,
         };
+        let t = if arch == "gemma3" && gg.ends_with("norm.weight") { t + 1.0 } else { t };
         let shape = t.size().iter().map(|&d| d as usize).collect();
         w.tensors.push((gg, shape, 0, f32_bytes(&t)));
     }
@@ -234,6 +252,20 @@ fn imported_qwen3_gguf_reproduces_transformers_logits() {
     let model = load_model(&out, Kind::Float, Device::Cpu).unwrap();
     assert!(model.layers[0].self_attn.qk_norm.is_some() && model.cfg.qkv_bias && model.cfg.o_bias);
     let (ids, want) = reference("qwen3-qknorm");
+    let d = max_abs_diff(&tch::no_grad(|| model.forward(&ids, None, None)).unwrap(), &want);
+    assert!(d < 1e-5, "max |Δlogit| {d}");
+}
+
+#[test]
+fn imported_gemma3_gguf_reproduces_transformers_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = write(&fixture_as_gguf_of("gemma3-gguf-shape", "gemma3"), tmp.path());
+    let out = tmp.path().join("hf");
+    assert_eq!(import_gguf(&gguf, &out).unwrap().architecture, "gemma3");
+    let model = load_model(&out, Kind::Float, Device::Cpu).unwrap();
+    let local: Vec<bool> = model.layers.iter().map(|l| l.local).collect();
+    assert_eq!(local, vec![true, true, true, true, true, false], "every sixth layer global");
+    let (ids, want) = reference("gemma3-gguf-shape");
     let d = max_abs_diff(&tch::no_grad(|| model.forward(&ids, None, None)).unwrap(), &want);
     assert!(d < 1e-5, "max |Δlogit| {d}");
 }
