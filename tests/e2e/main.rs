@@ -12,6 +12,7 @@ mod layout;
 mod ppo;
 mod reward;
 mod services;
+mod sessions;
 mod sft;
 mod smollm2;
 mod telemetry;

@@ -106,12 +106,22 @@ impl Server {
 
     /// Like [`Server::start`] on a given address (to restart a server on the same port).
     pub fn start_on(services: &str, root: &Path, env: &[(&str, &str)], listen: &str) -> Self {
+        Self::spawn(services, root, env, listen, std::process::Stdio::inherit())
+    }
+
+    /// Like [`Server::start`], its log (stderr) written to `log`.
+    pub fn start_logged(services: &str, root: &Path, env: &[(&str, &str)], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("create the server log");
+        Self::spawn(services, root, env, "127.0.0.1:0", std::process::Stdio::from(file))
+    }
+
+    fn spawn(services: &str, root: &Path, env: &[(&str, &str)], listen: &str, stderr: std::process::Stdio) -> Self {
         use std::io::BufRead;
         let mut cmd = Command::new(ferrotune_bin());
         cmd.args(["serve", "--services", services, "--listen", listen, "--artifact-root", root.to_str().unwrap()])
             .current_dir(root)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -18,10 +18,14 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let cfg = h.settings.policy.clone();
     let device = ferrotune_core::parse_device(&cfg.device).map_err(|e| anyhow::anyhow!("policy.device: {e}"))?;
     let kind = ferrotune_core::parse_dtype(&cfg.dtype).map_err(|e| anyhow::anyhow!("policy.dtype: {e}"))?;
-    let sessions = sessions::Sessions::new(cfg.max_sessions, std::time::Duration::from_secs(cfg.session_idle_s));
+    let idle = std::time::Duration::from_secs(cfg.session_idle_s);
+    let sessions = sessions::Sessions::new(cfg.max_sessions, idle);
     let worker = Worker::spawn("ferrotune-policy", cfg.threads, move || {
         models::Models::new(device, kind, cfg.max_loaded_models, sessions)
     })?;
+    let alive = Arc::new(());
+    sessions::spawn_idle_expiry(worker.clone(), Arc::downgrade(&alive), idle)
+        .map_err(|e| anyhow::anyhow!("starting the session expiry thread: {e}"))?;
     let jobs = h.jobs()?;
     let threads = h.settings.policy.threads;
     jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
@@ -35,6 +39,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         kind,
         max_generated_tokens: h.settings.policy.max_generated_tokens,
         max_text_bytes: h.settings.limits.max_text_bytes,
+        _alive: alive,
     };
     if let Some(m) = h.settings.policy.preload.clone() {
         let dir = svc

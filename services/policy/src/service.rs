@@ -49,6 +49,8 @@ pub struct Policy {
     pub max_generated_tokens: usize,
     /// `limits.max_text_bytes`: the longest text of one prompt.
     pub max_text_bytes: usize,
+    /// Held while the service lives: the session expiry thread stops when it is gone.
+    pub _alive: std::sync::Arc<()>,
 }
 
 impl Policy {

@@ -1,10 +1,12 @@
 //! PolicyService's training sessions (session.proto): the handlers parse and check a request, then run the
 //! domain ([`ferrotune_core::train::session`]) on the service's worker thread, which owns the sessions beside
 //! the loaded models. At most `policy.max_sessions` are open; one unused for `policy.session_idle_s` is
-//! closed when the next session call comes (its checkpoints stay, so reopening it restores it).
+//! closed by a timer ([`spawn_idle_expiry`]) or at the next session call, whichever comes first (its
+//! checkpoints stay, so reopening it restores it).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use ferrotune_core::lora::{LoraConfig, Targets};
@@ -17,9 +19,11 @@ use ferrotune_proto::v1::{
     CheckpointSessionRequest, CheckpointSessionResponse, CloseSessionRequest, CloseSessionResponse, OpenSessionRequest,
     RolloutRequest, RolloutResponse, RolloutSample, SessionInfo, UpdateRequest, UpdateResponse,
 };
+use ferrotune_runtime::worker::Worker;
 use ferrotune_runtime::{invalid, StatusExt};
 use tonic::Status;
 
+use crate::models::Models;
 use crate::service::{sampling, Policy, MAX_NEW_TOKENS, MAX_PROMPTS};
 
 /// Most samples in one Update call.
@@ -47,7 +51,7 @@ impl Sessions {
     }
 
     /// Closes the sessions unused for longer than the idle limit.
-    fn expire(&mut self) {
+    pub(crate) fn expire(&mut self) {
         let idle = self.idle;
         self.open.retain(|id, o| {
             let keep = o.last_used.elapsed() <= idle;
@@ -66,6 +70,20 @@ impl Sessions {
         o.last_used = Instant::now();
         Ok(o)
     }
+}
+
+/// Closes idle sessions (freeing their model copies and optimizer state) without waiting for another
+/// session call: a thread asks the worker to expire them every quarter of the idle limit (between 1 and 60
+/// s), and stops once `alive` is gone (the service dropped) or the worker has stopped.
+pub fn spawn_idle_expiry(worker: Worker<Models>, alive: Weak<()>, idle: Duration) -> std::io::Result<()> {
+    let period = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    std::thread::Builder::new().name("ferrotune-session-expiry".into()).spawn(move || loop {
+        std::thread::sleep(period);
+        if alive.upgrade().is_none() || worker.submit(|m| m.sessions.expire()).is_err() {
+            return;
+        }
+    })?;
+    Ok(())
 }
 
 fn session_id(id: &str) -> Result<String, Status> {
