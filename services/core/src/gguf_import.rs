@@ -361,13 +361,19 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
     Ok((n, skipped))
 }
 
-/// tokenizer.json + tokenizer_config.json for a GGUF byte-level BPE (`tokenizer.ggml.model == "gpt2"`).
+/// tokenizer.json + tokenizer_config.json for a GGUF byte-level BPE (`tokenizer.ggml.model == "gpt2"`) or a
+/// Gemma SentencePiece vocabulary (`llama` in a `gemma*` file, [`crate::gguf_spm`]).
 fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
     let model = g.get_str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    let arch = g.get_str("general.architecture")?;
+    let spm = model == "llama" && arch.starts_with("gemma");
+    if model != "gpt2" && !spm {
         return Err(CoreError::format(
             g.path(),
-            format!("tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE)"),
+            format!(
+                "tokenizer model `{model}` of a `{arch}` file is not supported yet (supported: gpt2 byte-level BPE, \
+                 and the SentencePiece vocabulary (`llama`) of gemma files)"
+            ),
         ));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
@@ -384,7 +390,7 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
+    let merges = if spm { vec![] } else { strings("tokenizer.ggml.merges")? };
     let types: Vec<i64> = match g.metadata.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
         Some(a) => a
             .iter()
@@ -432,7 +438,12 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
         tok_at(id("tokenizer.ggml.padding_token_id")),
         tok_at(id("tokenizer.ggml.unknown_token_id")),
     );
-    let add_bos = matches!(g.metadata.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    // A SentencePiece vocabulary that does not say otherwise gets BOS (llama.cpp's rule, which transformers
+    // follows).
+    let add_bos = match g.metadata.get("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(b)) => *b,
+        _ => spm,
+    };
     let post_processor = match (&bos, add_bos) {
         (Some(b), true) => json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -441,7 +452,11 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
             "special_tokens": {b: {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}}}),
         _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
     };
-    let tokenizer = json!({
+    let tokenizer = if spm {
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        crate::gguf_spm::gemma_tokenizer_json(&tokens, &types, bos.as_deref().zip(bos_id), add_bos)
+    } else {
+        json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -453,7 +468,8 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
-    });
+        })
+    };
     write_json(&dir.join("tokenizer.json"), &tokenizer)?;
     let mut tc = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -13,6 +13,7 @@ pub mod generation;
 pub mod gguf;
 pub mod gguf_import;
 pub mod gguf_quants;
+pub mod gguf_spm;
 pub mod kernels;
 pub mod logprobs;
 pub mod lora;

@@ -270,6 +270,46 @@ fn imported_gemma3_gguf_reproduces_transformers_logits() {
     assert!(d < 1e-5, "max |Δlogit| {d}");
 }
 
+/// A Gemma SentencePiece vocabulary (`tests/fixtures/make_spm_gguf.py`) imported with a tiny Gemma 3: the
+/// tokenizer it becomes gives transformers' ids for every fixture string (with and without BOS) and decodes
+/// them back to transformers' text.
+#[test]
+fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
+    let fx = |f: &str| -> serde_json::Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/spm").join(f);
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (vocab, reference) = (fx("vocab.json"), fx("reference.json"));
+    let mut w = fixture_as_gguf_of("gemma3-gguf-shape", "gemma3");
+    w.kv.retain(|(k, _)| !k.starts_with("tokenizer."));
+    let tokens: Vec<String> =
+        vocab["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
+    let types: Vec<i32> = vocab["token_type"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect();
+    w.kv("tokenizer.ggml.model", Kv::Str("llama".into()));
+    w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
+    w.kv("tokenizer.ggml.tokens", Kv::Strs(tokens));
+    w.kv("tokenizer.ggml.token_type", Kv::I32s(types));
+    for (key, field) in [("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")] {
+        w.kv(&format!("tokenizer.ggml.{key}_token_id"), Kv::U32(vocab[field].as_u64().unwrap() as u32));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("hf");
+    import_gguf(&write(&w, tmp.path()), &out).unwrap();
+    let tok = Tokenizer::from_dir(&out).unwrap();
+    for case in reference["strings"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode_no_special(text).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+    }
+    let with_bos: Vec<u32> =
+        reference["with_bos"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+    assert_eq!(tok.encode("hello").unwrap(), with_bos);
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!((tc["bos_token"].as_str(), tc["add_bos_token"].as_bool()), (Some("<bos>"), Some(true)));
+}
+
 #[test]
 fn truncated_gguf_names_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
