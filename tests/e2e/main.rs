@@ -6,6 +6,7 @@ mod cli_errors;
 mod data;
 mod dpo;
 mod fuzz;
+mod gemma3;
 mod generation;
 mod hardening;
 mod layout;

