@@ -238,7 +238,7 @@ impl CommonFields {
 
 /// Checks the shape arithmetic of a decoder config, so that bad configs fail on load with a message
 /// rather than deep inside a matmul.
-pub(crate) fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
+fn validate(cfg: &DecoderConfig, path: &Path) -> Result<()> {
     let bad = |msg: String| Err(CoreError::config(path, msg));
     for (name, v) in [
         ("vocab_size", cfg.vocab_size),

@@ -1,8 +1,10 @@
-//! The decoder shared by the Llama-layout families (llama, mistral, qwen2, qwen3): token embedding, N ×
-//! (RMSNorm → GQA attention with RoPE (q/k RMSNorm per head first for qwen3) → residual → RMSNorm → SwiGLU MLP → residual), final RMSNorm,
-//! lm_head. Parameter names equal the HF safetensors keys (`model.layers.0.self_attn.q_proj.weight`).
-//! Numerics follow transformers' modeling_llama.py: RMSNorm in f32, rotary tables in f32, attention through
-//! libtorch's scaled-dot-product attention.
+//! The decoder shared by the Llama-layout families (llama, mistral, qwen2, qwen3, gemma3): token embedding,
+//! N × (RMSNorm → GQA attention with RoPE → residual → RMSNorm → gated MLP → residual), final RMSNorm, lm_head;
+//! what the families add is switched on by [`DecoderConfig`] (q/k norms, Gemma's (1 + w) and sandwich norms,
+//! embedding scale, GeGLU, local-window layers). Parameter names equal the HF safetensors keys
+//! (`model.layers.0.self_attn.q_proj.weight`). Numerics follow transformers' modeling_llama.py (and
+//! modeling_gemma3.py): RMSNorm in f32, rotary tables in f32, attention through libtorch's scaled-dot-product
+//! attention.
 
 use tch::{Device, Kind, Tensor};
 
@@ -576,7 +578,7 @@ impl CausalLm {
             return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
         }
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let Prepared { mut h, global, local, prefix } = self.prepare(input_ids, attention_mask, position_ids, past)?;
+        let Prepared { mut h, tables, prefix } = self.prepare(input_ids, attention_mask, position_ids, past)?;
         if let Some(c) = &cache {
             if c.batch != b || past + prefix + s > c.capacity {
                 return Err(CoreError::InvalidArgument(format!(
@@ -587,7 +589,7 @@ impl CausalLm {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            let (rot, mask) = if layer.local { local.as_ref().unwrap_or(&global) } else { &global };
+            let (rot, mask) = tables.of(layer);
             h = layer.forward(&h, rot, mask.as_ref(), kv)?;
         }
         if let Some(c) = cache {
@@ -613,13 +615,12 @@ impl CausalLm {
         loss_backward: impl FnOnce(&Tensor) -> Result<T>,
     ) -> Result<T> {
         // Built with gradients: a prompt-tuning prefix must receive them through layer 0's input.
-        let Prepared { mut h, global, local, prefix } = self.prepare(input_ids, attention_mask, position_ids, 0)?;
-        let tables = |layer: &DecoderLayer| if layer.local { local.as_ref().unwrap_or(&global) } else { &global };
+        let Prepared { mut h, tables, prefix } = self.prepare(input_ids, attention_mask, position_ids, 0)?;
         let s = input_ids.size()[1];
         let mut inputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let states = layer.dropout_states();
-            let (rot, mask) = tables(layer);
+            let (rot, mask) = tables.of(layer);
             let out = tch::no_grad(|| layer.forward(&h, rot, mask.as_ref(), None))?;
             inputs.push((std::mem::replace(&mut h, out), states));
         }
@@ -633,7 +634,7 @@ impl CausalLm {
             let (x, states) = inputs.pop().expect("one input per layer");
             layer.set_dropout_states(&states);
             let x = if i > 0 { x.f_detach()?.f_set_requires_grad(true)? } else { x };
-            let (rot, mask) = tables(layer);
+            let (rot, mask) = tables.of(layer);
             let out = layer.forward(&x, rot, mask.as_ref(), None)?;
             out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
             if i > 0 {
@@ -759,7 +760,7 @@ impl CausalLm {
             let p = self.prompt_embeddings.as_ref().expect("n_virtual > 0").f_to_kind(h.kind())?;
             h = Tensor::f_cat(&[p.f_unsqueeze(0)?.f_expand([b, prefix, p.size()[1]], false)?, h], 1)?;
         }
-        Ok(Prepared { h, global: (rot, mask), local, prefix })
+        Ok(Prepared { h, tables: LayerTables { global: (rot, mask), local }, prefix })
     }
 
     /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, segments, sliding window, or new
@@ -804,12 +805,28 @@ impl CausalLm {
 struct Prepared {
     /// Input embeddings (with any prompt-tuning prefix).
     h: Tensor,
-    /// Rotary tables and mask of the global layers (every layer but Gemma 3's local ones).
+    /// Rotary tables and masks of the layers.
+    tables: LayerTables,
+    /// Virtual tokens prepended in this pass.
+    prefix: i64,
+}
+
+/// Rotary tables and attention mask of a forward pass, per kind of layer.
+struct LayerTables {
+    /// Those of the global layers (every layer but Gemma 3's local ones).
     global: (Rotary, Option<Tensor>),
     /// Those of the local (sliding-window) layers.
     local: Option<(Rotary, Option<Tensor>)>,
-    /// Virtual tokens prepended in this pass.
-    prefix: i64,
+}
+
+impl LayerTables {
+    /// The tables `layer` attends with.
+    fn of(&self, layer: &DecoderLayer) -> &(Rotary, Option<Tensor>) {
+        match &self.local {
+            Some(local) if layer.local => local,
+            _ => &self.global,
+        }
+    }
 }
 
 /// Keys and values of one layer for every cached position.
