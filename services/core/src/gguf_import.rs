@@ -390,7 +390,6 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = if spm { vec![] } else { strings("tokenizer.ggml.merges")? };
     let types: Vec<i64> = match g.metadata.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
         Some(a) => a
             .iter()
@@ -405,31 +404,6 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
     if types.len() != tokens.len() {
         return Err(CoreError::format(g.path(), format!("{} token types for {} tokens", types.len(), tokens.len())));
     }
-    let mut vocab = serde_json::Map::new();
-    let mut added = Vec::new();
-    for (i, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
-        vocab.insert(tok.clone(), json!(i));
-        // 3 = control (special), 4 = user-defined: both are matched before BPE, as in transformers.
-        if *ty == 3 || *ty == 4 {
-            added.push(json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
-                              "normalized": *ty == 4, "special": *ty == 3}));
-        }
-    }
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    let pre = g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-    let pre_tokenizer = match pre {
-        "default" | "gpt2" | "gpt-2" => byte_level.clone(),
-        // SmolLM's tokenizer isolates every digit before the GPT-2 byte-level split.
-        "smollm" => {
-            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
-        }
-        other => {
-            return Err(CoreError::format(
-                g.path(),
-                format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm)"),
-            ))
-        }
-    };
     let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64).map(|i| i as usize);
     let tok_at = |i: Option<usize>| i.and_then(|i| tokens.get(i)).cloned();
     let (bos, eos, pad, unk) = (
@@ -444,19 +418,79 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
         Some(Value::Bool(b)) => *b,
         _ => spm,
     };
-    let post_processor = match (&bos, add_bos) {
-        (Some(b), true) => json!({"type": "TemplateProcessing",
+    let bos_template = match (&bos, add_bos) {
+        (Some(b), true) => Some(json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b: {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}}}),
-        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+            "special_tokens": {b: {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}}})),
+        _ => None,
     };
+    // Checked for every file, as before Gemma vocabularies came (which do not use it: a Gemma file naming
+    // another pre-tokenizer is refused rather than imported differently from transformers).
+    let pre_tokenizer = byte_level_pre_tokenizer(g)?;
     let tokenizer = if spm {
-        let bos_id = id("tokenizer.ggml.bos_token_id");
-        crate::gguf_spm::gemma_tokenizer_json(&tokens, &types, bos.as_deref().zip(bos_id), add_bos)
+        crate::gguf_spm::gemma_tokenizer_json(&tokens, &types, bos_template.unwrap_or(Json::Null))
     } else {
-        json!({
+        let post = bos_template.unwrap_or_else(
+            || json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        );
+        byte_level_tokenizer_json(&tokens, &types, strings("tokenizer.ggml.merges")?, pre_tokenizer, post)
+    };
+    write_json(&dir.join("tokenizer.json"), &tokenizer)?;
+    let mut tc = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": g.metadata.get(&format!("{arch}.context_length")).and_then(Value::as_u64),
+        "bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk,
+    });
+    if let Some(t) = g.metadata.get("tokenizer.chat_template").and_then(Value::as_str) {
+        tc["chat_template"] = json!(t);
+    }
+    write_json(&dir.join("tokenizer_config.json"), &tc)
+}
+
+/// The byte-level pre-tokenizer `tokenizer.ggml.pre` names; any other name is refused.
+fn byte_level_pre_tokenizer(g: &GgufFile) -> Result<Json> {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre = g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    Ok(match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level.clone(),
+        // SmolLM's tokenizer isolates every digit before the GPT-2 byte-level split.
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        }
+        other => {
+            return Err(CoreError::format(
+                g.path(),
+                format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm)"),
+            ))
+        }
+    })
+}
+
+/// `tokenizer.json` of a GGUF byte-level BPE: the file's vocabulary and merges, its control (special) and
+/// user-defined tokens matched whole.
+fn byte_level_tokenizer_json(
+    tokens: &[String],
+    types: &[i64],
+    merges: Vec<String>,
+    pre_tokenizer: Json,
+    post_processor: Json,
+) -> Json {
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, (tok, ty)) in tokens.iter().zip(types).enumerate() {
+        vocab.insert(tok.clone(), json!(i));
+        // 3 = control (special), 4 = user-defined: both are matched before BPE, as in transformers.
+        if *ty == 3 || *ty == 4 {
+            added.push(json!({"id": i, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                              "normalized": *ty == 4, "special": *ty == 3}));
+        }
+    }
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -468,21 +502,7 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
-        })
-    };
-    write_json(&dir.join("tokenizer.json"), &tokenizer)?;
-    let mut tc = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": false,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": g.metadata.get(&format!("{}.context_length", g.get_str("general.architecture")?)).and_then(Value::as_u64),
-        "bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk,
-    });
-    if let Some(t) = g.metadata.get("tokenizer.chat_template").and_then(Value::as_str) {
-        tc["chat_template"] = json!(t);
-    }
-    write_json(&dir.join("tokenizer_config.json"), &tc)
+    })
 }
 
 #[cfg(test)]

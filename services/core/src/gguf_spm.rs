@@ -24,44 +24,40 @@ fn respell(t: &str) -> String {
     }
 }
 
-/// The merges a vocabulary implies (transformers' `generate_merges` with scores): for each token in order of
-/// first appearance, every split into two vocabulary tokens (by their ids), then all of them ordered by the
-/// token's score, highest first, then longer left, then longer right parts, ties kept in that order.
-fn merges(tokens: &[String], vocab: &HashMap<&str, usize>, score: &HashMap<&str, i64>) -> Vec<(String, String)> {
+/// The merges a vocabulary implies (transformers' `generate_merges`, with each token's score its negated
+/// position as Gemma's builder gives it): for each token in order of first appearance, every split into two
+/// vocabulary tokens (by their ids); then all of them ordered by the merged token's id (lowest = highest
+/// score first), then longer left, then longer right parts, ties kept in that order.
+fn merges(tokens: &[String], vocab: &HashMap<&str, usize>) -> Vec<(String, String)> {
+    use std::cmp::Reverse;
     let mut seen = std::collections::HashSet::new();
-    let mut all: Vec<(&str, &str, i64)> = Vec::new();
+    let mut all: Vec<(&str, &str, usize)> = Vec::new();
     for t in tokens {
         if !seen.insert(t.as_str()) {
             continue;
         }
-        let s = score[t.as_str()];
-        let mut local: Vec<(&str, &str, i64)> = t
+        let id = vocab[t.as_str()];
+        let mut local: Vec<(&str, &str, usize)> = t
             .char_indices()
             .skip(1)
             .map(|(i, _)| (&t[..i], &t[i..]))
             .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
-            .map(|(l, r)| (l, r, s))
+            .map(|(l, r)| (l, r, id))
             .collect();
         local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
         all.extend(local);
     }
-    let key = |x: &(&str, &str, i64)| (x.2, x.0.chars().count(), x.1.chars().count());
-    all.sort_by_key(|x| std::cmp::Reverse(key(x)));
+    all.sort_by_key(|&(l, r, id)| (id, Reverse(l.chars().count()), Reverse(r.chars().count())));
     all.into_iter().map(|(l, r, _)| (l.to_owned(), r.to_owned())).collect()
 }
 
-/// `tokenizer.json` of a Gemma SentencePiece vocabulary. `types` are the GGUF token types; `bos` is the BOS
-/// token to prepend when `add_bos`.
-pub fn gemma_tokenizer_json(tokens: &[String], types: &[i64], bos: Option<(&str, usize)>, add_bos: bool) -> Json {
+/// `tokenizer.json` of a Gemma SentencePiece vocabulary. `types` are the GGUF token types; `post_processor`
+/// adds BOS (or is null).
+pub fn gemma_tokenizer_json(tokens: &[String], types: &[i64], post_processor: Json) -> Json {
     let tokens: Vec<String> = tokens.iter().map(|t| respell(t)).collect();
     // As a Python dict built in file order: a repeated token keeps its first place and its last id.
-    let mut vocab: HashMap<&str, usize> = HashMap::new();
-    let mut score: HashMap<&str, i64> = HashMap::new();
-    for (i, t) in tokens.iter().enumerate() {
-        vocab.insert(t, i);
-        score.insert(t, -(i as i64));
-    }
-    let merges: Vec<Json> = merges(&tokens, &vocab, &score).into_iter().map(|(l, r)| json!([l, r])).collect();
+    let vocab: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let merges: Vec<Json> = merges(&tokens, &vocab).into_iter().map(|(l, r)| json!([l, r])).collect();
     // Special: GemmaTokenizer's own five (when the vocabulary has them) and the file's control tokens;
     // plain added: its user-defined tokens. All matched on the raw text, never normalised.
     let mut added: Vec<(usize, &str, bool)> = Vec::new();
@@ -87,14 +83,6 @@ pub fn gemma_tokenizer_json(tokens: &[String], types: &[i64], bos: Option<(&str,
         })
         .collect();
     let vocab_json: serde_json::Map<String, Json> = vocab.iter().map(|(t, &i)| ((*t).to_owned(), json!(i))).collect();
-    let post_processor = match (bos, add_bos) {
-        (Some((b, id)), true) => json!({"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b: {"id": b, "ids": [id], "tokens": [b]}}}),
-        _ => Json::Null,
-    };
     json!({
         "version": "1.0",
         "truncation": null,
