@@ -441,6 +441,19 @@ mod tests {
     }
 
     #[test]
+    fn optimizer_names_and_loraplus() {
+        let r = recipe(&["training.optim=paged_adamw_32bit", "training.loraplus_lr_ratio=16"]);
+        assert_eq!(r.training.optim, ferrotune_core::train::optim::OptimName::PagedAdamw32bit);
+        assert_eq!(r.training.loraplus_lr_ratio, Some(16.0));
+        let yaml = "model: m\noutput_dir: out\nadapter: {method: lora}\ndata: {path: d.jsonl, format: messages}\n";
+        let e = format!("{:#}", parse(yaml, Path::new("r.yaml"), &["training.optim=sgd_magic".into()]).unwrap_err());
+        assert!(e.contains("sgd_magic") && e.contains("paged_adamw_32bit"), "{e}");
+        let e =
+            format!("{:#}", parse(yaml, Path::new("r.yaml"), &["training.loraplus_lr_ratio=-1".into()]).unwrap_err());
+        assert!(e.contains("loraplus_lr_ratio"), "{e}");
+    }
+
+    #[test]
     fn group_rl_sections() {
         let yaml = "model: m\noutput_dir: out\nadapter: {method: lora, r: 4}\ndata: {path: p.jsonl}\n\
                     training: {micro_batch_size: 4}\n\

@@ -201,6 +201,12 @@ pub struct TrainConfig {
     /// Start a fresh run in an output dir that holds another run, replacing it (HF's
     /// `overwrite_output_dir`); without it such a run is refused.
     pub overwrite_output_dir: bool,
+    /// The optimizer, by the name transformers' `optim` gives it (see [`optim::OptimName`]).
+    pub optim: optim::OptimName,
+    /// LoRA+: `lora_B` learns at this multiple of the learning rate (PEFT's `loraplus_lr_ratio`; off when
+    /// absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -225,6 +231,8 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             init_loss_scale: 65536.0,
             overwrite_output_dir: false,
+            optim: optim::OptimName::default(),
+            loraplus_lr_ratio: None,
         }
     }
 }
@@ -256,6 +264,11 @@ impl TrainConfig {
         }
         if self.loss_chunk_tokens == 0 {
             return bad("loss_chunk_tokens must be at least 1".into());
+        }
+        if let Some(r) = self.loraplus_lr_ratio {
+            if !(r.is_finite() && r > 0.0 && r <= 1e4) {
+                return bad(format!("loraplus_lr_ratio must be in (0, 10000], got {r}"));
+            }
         }
         let l = self.init_loss_scale.log2();
         if !(self.init_loss_scale >= 1.0 && l.fract() == 0.0 && l <= 120.0) {

@@ -2,9 +2,29 @@
 //! `torch.optim.AdamW` updates (decay first, then the bias-corrected Adam step), with its state kept as
 //! named f32 tensors so that checkpoints restore it bit for bit.
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{CoreError, Result};
+
+/// The optimizer names of transformers' `TrainingArguments.optim` that ferrotune runs. The 32-bit ones are
+/// all this AdamW (bitsandbytes' paging is a CUDA unified-memory device that changes where the moments live,
+/// not the update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimName {
+    /// `torch.optim.AdamW`.
+    #[default]
+    AdamwTorch,
+    /// `torch.optim.AdamW(fused=True)`: the same update.
+    AdamwTorchFused,
+    /// bitsandbytes' 32-bit AdamW: the same update.
+    #[serde(rename = "adamw_32bit")]
+    Adamw32bit,
+    /// bitsandbytes' paged 32-bit AdamW (the seed's `optim="paged_adamw_32bit"`): the same update.
+    #[serde(rename = "paged_adamw_32bit")]
+    PagedAdamw32bit,
+}
 
 /// AdamW hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,6 +54,8 @@ pub struct Param {
     m: Tensor,
     v: Tensor,
     decay: bool,
+    /// This parameter's learning rate is the step's times this (LoRA+ gives `lora_B` a larger one).
+    pub lr_scale: f64,
 }
 
 /// The optimizer over a fixed list of parameters.
@@ -55,10 +77,19 @@ impl AdamW {
                 let m = tensor.f_zeros_like()?.f_to_kind(Kind::Float)?;
                 let v = m.f_zeros_like()?;
                 let decay = tensor.dim() >= 2;
-                Ok(Param { name, tensor, m, v, decay })
+                Ok(Param { name, tensor, m, v, decay, lr_scale: 1.0 })
             })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, params, step: 0 })
+    }
+
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): the `lora_B` matrices learn at `ratio` × the learning rate,
+    /// everything else at the learning rate; decoupled weight decay follows each parameter's rate, as
+    /// torch's AdamW does per parameter group.
+    pub fn set_loraplus_ratio(&mut self, ratio: f64) {
+        for p in &mut self.params {
+            p.lr_scale = if p.name.contains(".lora_B.") { ratio } else { 1.0 };
+        }
     }
 
     /// Sets every gradient to zero (drops them).
@@ -122,6 +153,7 @@ impl AdamW {
                 continue;
             }
             let g = g.f_to_kind(Kind::Float)?;
+            let lr = lr * p.lr_scale;
             if p.decay && c.weight_decay != 0.0 {
                 let _ = p.tensor.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
@@ -207,6 +239,53 @@ mod tests {
             assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
         }
         assert_eq!(opt.step, 3);
+    }
+
+    #[test]
+    fn loraplus_matches_torch_adamw_with_peft_groups() {
+        // Reference: torch 2.11 `AdamW([{params: [A], lr: 0.1}, {params: [B], lr: 0.1 × 16}], betas=(0.9, 0.99),
+        // eps=1e-6, weight_decay=0.05)` — PEFT's create_loraplus_optimizer groups with loraplus_lr_ratio 16.
+        let a = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.1, 0.0, -0.3]).view([2, 3]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[0.2f32, -0.2, 0.4, 1.0, 0.0, -0.5]).view([3, 2]).set_requires_grad(true);
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.05 };
+        let named = vec![
+            ("m.q_proj.lora_A.weight".into(), a.shallow_clone()),
+            ("m.q_proj.lora_B.weight".into(), b.shallow_clone()),
+        ];
+        let mut opt = AdamW::new(named, cfg).unwrap();
+        opt.set_loraplus_ratio(16.0);
+        let grads: [([f32; 6], [f32; 6]); 2] = [
+            ([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], [0.5, -0.5, 0.1, 0.3, -1.0, 2.0]),
+            ([0.2, 0.2, -0.4, 1.0, -1.0, 0.0], [-3.0, 1.0, 0.0, 0.5, 0.5, 0.5]),
+        ];
+        for (ga, gb) in grads {
+            opt.zero_grad().unwrap();
+            let loss = (&a * Tensor::from_slice(&ga).view([2, 3])).sum(Kind::Float)
+                + (&b * Tensor::from_slice(&gb).view([3, 2])).sum(Kind::Float);
+            loss.backward();
+            opt.step(0.1).unwrap();
+        }
+        let want_a = [
+            0.31504032015800476,
+            -0.8311282992362976,
+            1.874734878540039,
+            0.02475663274526596,
+            -0.13959448039531708,
+            -0.13034966588020325,
+        ];
+        let want_b = [
+            -0.3065762519836426,
+            0.7177454829216003,
+            -2.2079386711120605,
+            -2.1963870525360107,
+            1.8987171649932861,
+            -3.2268166542053223,
+        ];
+        let got_a: Vec<f32> = Vec::try_from(a.detach().view([-1])).unwrap();
+        let got_b: Vec<f32> = Vec::try_from(b.detach().view([-1])).unwrap();
+        for (g, w) in got_a.iter().zip(want_a).chain(got_b.iter().zip(want_b)) {
+            assert!((*g as f64 - w).abs() < 2e-6, "{g} vs {w}");
+        }
     }
 
     #[test]

@@ -51,7 +51,10 @@ impl Trainer {
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
         };
-        let opt = AdamW::new(params, adam)?;
+        let mut opt = AdamW::new(params, adam)?;
+        if let Some(ratio) = cfg.loraplus_lr_ratio {
+            opt.set_loraplus_ratio(ratio);
+        }
         if opt.params.is_empty() {
             return Err(CoreError::InvalidArgument("nothing to train: the model has no trainable parameters".into()));
         }
