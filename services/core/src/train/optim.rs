@@ -83,12 +83,12 @@ impl AdamW {
         Ok(Self { cfg, params, step: 0 })
     }
 
-    /// LoRA+ (PEFT's `create_loraplus_optimizer`): the `lora_B` matrices learn at `ratio` × the learning rate,
-    /// everything else at the learning rate; decoupled weight decay follows each parameter's rate, as
-    /// torch's AdamW does per parameter group.
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): the `lora_B` matrices and every 1-D parameter (PEFT's
+    /// groupB) learn at `ratio` × the learning rate, everything else at the learning rate; decoupled weight
+    /// decay follows each parameter's rate, as torch's AdamW does per parameter group.
     pub fn set_loraplus_ratio(&mut self, ratio: f64) {
         for p in &mut self.params {
-            p.lr_scale = if p.name.contains(".lora_B.") { ratio } else { 1.0 };
+            p.lr_scale = if p.name.contains(".lora_B.") || p.tensor.dim() == 1 { ratio } else { 1.0 };
         }
     }
 
