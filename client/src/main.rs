@@ -145,6 +145,15 @@ enum AlignCmd {
     Grpo(train_cmd::RecipeArgs),
     /// RLOO from a recipe with an `rloo` section (see recipes/rloo.yaml): leave-one-out baselines.
     Rloo(train_cmd::RecipeArgs),
+    /// ORPO from a recipe with an `orpo` section (see recipes/orpo.yaml): SFT on the chosen completion plus
+    /// an odds-ratio preference term, no reference model.
+    Orpo(train_cmd::RecipeArgs),
+    /// SimPO from a recipe with a `simpo` section (see recipes/simpo.yaml): length-normalised log-probs with
+    /// a target margin, no reference model.
+    Simpo(train_cmd::RecipeArgs),
+    /// KTO from a recipe with a `kto` section (see recipes/kto.yaml) on unpaired data: prompt, completion and
+    /// a boolean label (desirable or not).
+    Kto(train_cmd::RecipeArgs),
 }
 
 #[derive(clap::Args)]
@@ -393,7 +402,16 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,
         Cmd::Eval { cmd: EvalCmd::Perplexity { device, dtype, .. } } => embedded_policy(&settings, device, dtype)?,
         Cmd::Train { cmd: TrainCmd::Sft(a) }
-        | Cmd::Align { cmd: AlignCmd::Dpo(a) | AlignCmd::Ppo(a) | AlignCmd::Grpo(a) | AlignCmd::Rloo(a) }
+        | Cmd::Align {
+            cmd:
+                AlignCmd::Dpo(a)
+                | AlignCmd::Ppo(a)
+                | AlignCmd::Grpo(a)
+                | AlignCmd::Rloo(a)
+                | AlignCmd::Orpo(a)
+                | AlignCmd::Simpo(a)
+                | AlignCmd::Kto(a),
+        }
             if settings.endpoints.policy.is_none() =>
         {
             train_cmd::embedded_policy(a)?
@@ -476,6 +494,15 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         }
         Cmd::Align { cmd: AlignCmd::Rloo(args) } => {
             train_cmd::run(train_cmd::Kind::Rloo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Orpo(args) } => {
+            train_cmd::run(train_cmd::Kind::Orpo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Simpo(args) } => {
+            train_cmd::run(train_cmd::Kind::Simpo, args, &mut svc, cli.json).await?
+        }
+        Cmd::Align { cmd: AlignCmd::Kto(args) } => {
+            train_cmd::run(train_cmd::Kind::Kto, args, &mut svc, cli.json).await?
         }
         Cmd::Train { cmd: TrainCmd::Reward(args) } => {
             train_cmd::run(train_cmd::Kind::Reward, args, &mut svc, cli.json).await?

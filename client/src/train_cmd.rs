@@ -1,4 +1,4 @@
-//! `ferrotune train sft|reward --recipe R.yaml` and `ferrotune align dpo|ppo|grpo|rloo --recipe R.yaml`: validates the recipe here
+//! `ferrotune train sft|reward --recipe R.yaml` and `ferrotune align dpo|orpo|simpo|kto|ppo|grpo|rloo --recipe R.yaml`: validates the recipe here
 //! (errors name the file), starts the job on the policy service (embedded or remote) and follows it. With the embedded service, SIGINT /
 //! SIGTERM cancel the job after it checkpoints (`--resume` continues); against a remote service the job
 //! keeps running when the CLI stops (`ferrotune jobs watch ID`).
@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::connect::{status_error, EmbeddedPolicy, Services};
 use crate::jobs_cmd::{finish_message, follow};
 
-/// Arguments of every recipe command (`train sft`, `train reward`, `align dpo`, `align ppo`).
+/// Arguments of every recipe command (`train sft`, `train reward`, every `align` method).
 #[derive(clap::Args)]
 pub(crate) struct RecipeArgs {
     /// The recipe (YAML).
@@ -70,6 +70,12 @@ pub(crate) enum Kind {
     Grpo,
     /// `align rloo`.
     Rloo,
+    /// `align orpo`.
+    Orpo,
+    /// `align simpo`.
+    Simpo,
+    /// `align kto`.
+    Kto,
     /// `train reward` (on the reward service).
     Reward,
 }
@@ -94,6 +100,9 @@ pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out
         Kind::Ppo => svc.align.start_ppo(req).await,
         Kind::Grpo => svc.align.start_grpo(req).await,
         Kind::Rloo => svc.align.start_rloo(req).await,
+        Kind::Orpo => svc.align.start_orpo(req).await,
+        Kind::Simpo => svc.align.start_simpo(req).await,
+        Kind::Kto => svc.align.start_kto(req).await,
         Kind::Reward => svc.reward.start_reward_training(req).await,
     };
     let job = started.map_err(status_error)?.into_inner().job.context("the service returned no job")?;
@@ -105,8 +114,8 @@ pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out
     let cancel = embedded.then_some(stop);
     let jobs = match kind {
         Kind::Reward => &mut svc.reward_jobs,
-        Kind::Dpo | Kind::Ppo | Kind::Grpo | Kind::Rloo => &mut svc.align_jobs,
         Kind::Sft => &mut svc.jobs,
+        _ => &mut svc.align_jobs,
     };
     let j = follow(jobs, &job.id, json_out, cancel).await?;
     finish_message(&j, json_out)

@@ -1,6 +1,7 @@
 //! AlignmentService: one front door for every `align` command. GRPO and RLOO run here as orchestrator jobs
-//! (this process's job manager) that drive a policy session and the reward replicas over gRPC; DPO and PPO
-//! run as jobs of the policy co-hosted in this server (they train on the policy's job thread).
+//! (this process's job manager) that drive a policy session and the reward replicas over gRPC; the offline
+//! preference methods (DPO, ORPO, SimPO, KTO) and PPO run as jobs of the policy co-hosted in this server
+//! (they train on the policy's job thread).
 
 use ferrotune_proto::v1::alignment_service_client::AlignmentServiceClient;
 use ferrotune_proto::v1::alignment_service_server::AlignmentService;
@@ -28,6 +29,11 @@ pub struct Alignment {
     pub rewards: Option<ferrotune_clients::RewardPool>,
     /// The policy server's AlignmentService, where DPO and PPO start when the policy is not hosted here.
     pub remote: Option<AlignmentServiceClient<InterceptedService<Channel, ferrotune_clients::ClientAuth>>>,
+}
+
+/// The offline preference methods: policy jobs on a dataset, with no reward service.
+fn offline(kind: &str) -> bool {
+    matches!(kind, "dpo" | "orpo" | "simpo" | "kto")
 }
 
 const NO_REWARD: &str = "scores rollouts on reward services, and none is configured: set endpoints.reward (or FERROTUNE__ENDPOINTS__REWARD=http://HOST:PORT,…), or host reward in this server (serve --services policy,reward)";
@@ -67,7 +73,7 @@ impl Alignment {
     }
 
     async fn start(&self, kind: &str, r: StartRecipeJobRequest) -> Result<Response<StartJobResponse>, Status> {
-        if kind == "dpo" && !self.jobs.runs(kind) {
+        if offline(kind) && !self.jobs.runs(kind) {
             if let Some(remote) = &self.remote {
                 return self.start_on_policy(kind, r, remote.clone()).await;
             }
@@ -78,7 +84,7 @@ impl Alignment {
                 kind.to_uppercase()
             )));
         }
-        if kind != "dpo" && !self.has_reward {
+        if !offline(kind) && !self.has_reward {
             return Err(Status::failed_precondition(format!("{} {NO_REWARD}", kind.to_uppercase())));
         }
         if matches!(kind, "grpo" | "rloo" | "ppo") && !self.has_policy {
@@ -96,14 +102,20 @@ impl Alignment {
 }
 
 impl Alignment {
-    /// DPO / PPO on the policy server, followed here by a job of this service (see [`crate::follow`]).
+    /// DPO, ORPO, SimPO, KTO or PPO on the policy server, followed here by a job of this service (see [`crate::follow`]).
     async fn start_on_policy(
         &self,
         kind: &str,
         r: StartRecipeJobRequest,
         mut remote: AlignmentServiceClient<InterceptedService<Channel, ferrotune_clients::ClientAuth>>,
     ) -> Result<Response<StartJobResponse>, Status> {
-        let started = if kind == "dpo" { remote.start_dpo(r).await } else { remote.start_ppo(r).await };
+        let started = match kind {
+            "dpo" => remote.start_dpo(r).await,
+            "orpo" => remote.start_orpo(r).await,
+            "simpo" => remote.start_simpo(r).await,
+            "kto" => remote.start_kto(r).await,
+            _ => remote.start_ppo(r).await,
+        };
         let job = started?.into_inner().job.ok_or_else(|| Status::internal("the policy returned no job"))?;
         let spec = serde_json::json!({"remote": job.id, "kind": kind});
         let local = self
@@ -131,5 +143,17 @@ impl AlignmentService for Alignment {
 
     async fn start_rloo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
         self.start("rloo", req.into_inner()).await
+    }
+
+    async fn start_orpo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("orpo", req.into_inner()).await
+    }
+
+    async fn start_simpo(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("simpo", req.into_inner()).await
+    }
+
+    async fn start_kto(&self, req: Request<StartRecipeJobRequest>) -> Result<Response<StartJobResponse>, Status> {
+        self.start("kto", req.into_inner()).await
     }
 }

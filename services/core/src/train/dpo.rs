@@ -4,18 +4,16 @@
 //! chosen score minus the rejected one. Reference log-probs are computed once (adapter disabled) and carried
 //! by the examples.
 //!
-//! The backward pass never holds full-vocabulary logits for the batch: a first pass (no gradients) gives
-//! each sequence's log-prob in chunks; the loss's derivative with respect to each sequence's log-prob is a
-//! scalar, so a second chunked pass backpropagates Σ coef_seq · log p(token) into the detached final hidden
-//! states, whose gradient then goes through the network once.
+//! The backward pass never holds full-vocabulary logits for the batch (see [`super::logps`]).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
 
-use super::loss::{LossSum, IGNORE_INDEX};
-use super::sft::{SftExample, SftObjective};
+pub use super::logps::sequence_logps;
+use super::logps::{backward, scored_pass, Scored};
+use super::loss::LossSum;
+use super::sft::SftExample;
 use super::{MetricSums, Objective};
 use crate::error::{CoreError, Result};
 use crate::models::CausalLm;
@@ -165,65 +163,6 @@ pub struct DpoExample {
     pub ref_rejected: f64,
 }
 
-/// Rows of `hidden` that predict a labelled token, those tokens, and the batch row each belongs to.
-pub(super) fn scored_rows(hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let (_, s, h) = hidden.size3()?;
-    let pred = hidden.f_narrow(1, 0, s - 1)?.f_reshape([-1, h])?;
-    let target = labels.f_narrow(1, 1, s - 1)?.f_reshape([-1])?.f_to_device(hidden.device())?;
-    let keep = target.f_ne(IGNORE_INDEX)?.f_nonzero()?.f_squeeze_dim(1)?;
-    let seq = keep.f_div_scalar_mode(s - 1, "floor")?;
-    Ok((pred.f_index_select(0, &keep)?, target.f_index_select(0, &keep)?, seq))
-}
-
-fn token_logps(model: &CausalLm, rows: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let lp = model.logits(rows)?.f_log_softmax(-1, Kind::Float)?;
-    Ok(lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?)
-}
-
-/// Per-sequence summed log-probs (and scored token counts) of `seqs` (labels mark what is scored), without
-/// gradients. The reference pass of DPO (call it with the adapter disabled).
-pub fn sequence_logps(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk: i64) -> Result<Vec<(f64, usize)>> {
-    let _guard = tch::no_grad_guard();
-    Ok(scored_pass(model, seqs, pad_id, chunk)?.1)
-}
-
-/// Scored rows of final hidden states, their target tokens and the sequence of each.
-type ScoredRows = (Tensor, Tensor, Tensor);
-
-/// The scored rows of `seqs`' final hidden states (with the graph when gradients are on: rows, their target
-/// tokens, the sequence of each) and each sequence's summed log-prob and token count (computed without
-/// gradients, `chunk` rows of logits at a time).
-fn scored_pass(
-    model: &CausalLm,
-    seqs: &[&SftExample],
-    pad_id: u32,
-    chunk: i64,
-) -> Result<(ScoredRows, Vec<(f64, usize)>)> {
-    let collate = SftObjective { pad_id, chunk, gradient_checkpointing: false };
-    let c = collate.collate(model, seqs)?;
-    let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
-    let (rows, target, seq) = scored_rows(&hidden, &c.labels)?;
-    let _guard = tch::no_grad_guard();
-    let detached = rows.f_detach()?;
-    let n = detached.size()[0];
-    let mut sums = Tensor::f_zeros([seqs.len() as i64], (Kind::Float, rows.device()))?;
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let lp = token_logps(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
-        sums = sums.f_index_add(0, &seq.f_narrow(0, start, len)?, &lp)?;
-        start += len;
-    }
-    let counts = Tensor::f_zeros([seqs.len() as i64], (Kind::Int64, seq.device()))?.f_index_add(
-        0,
-        &seq,
-        &Tensor::f_ones_like(&seq)?,
-    )?;
-    let sums = Vec::<f64>::try_from(&sums.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?;
-    let counts = Vec::<i64>::try_from(&counts.f_to_device(tch::Device::Cpu)?)?;
-    Ok(((rows, target, seq), sums.into_iter().zip(counts.into_iter().map(|c| c as usize)).collect()))
-}
-
 /// The DPO objective (one unit per pair).
 pub struct DpoObjective {
     /// Padding id.
@@ -248,9 +187,10 @@ impl DpoObjective {
         model: &CausalLm,
         batch: &[&DpoExample],
         prefix: &str,
-    ) -> Result<(Vec<PairLoss>, Tensor, Tensor, Tensor)> {
+    ) -> Result<(Vec<PairLoss>, Scored)> {
         let seqs: Vec<&SftExample> = batch.iter().map(|e| &e.chosen).chain(batch.iter().map(|e| &e.rejected)).collect();
-        let ((rows, target, seq), lps) = scored_pass(model, &seqs, self.pad_id, self.chunk)?;
+        let (scored, lps) = scored_pass(model, &seqs, &[], self.pad_id, self.chunk)?;
+        let lps: Vec<(f64, usize)> = lps.iter().map(|s| (s.completion, s.completion_tokens)).collect();
         let b = batch.len();
         let out = batch
             .iter()
@@ -268,7 +208,7 @@ impl DpoObjective {
             })
             .collect::<Vec<_>>();
         self.record(prefix, &out);
-        Ok((out.into_iter().map(|(l, _)| l).collect(), rows, target, seq))
+        Ok((out.into_iter().map(|(l, _)| l).collect(), scored))
     }
 
     fn record(&self, prefix: &str, pairs: &[(PairLoss, PairLogps)]) {
@@ -287,26 +227,14 @@ impl Objective for DpoObjective {
     }
 
     fn backward(&self, model: &CausalLm, batch: &[&DpoExample], scale: f64) -> Result<LossSum> {
-        let (losses, rows, target, seq) = self.losses(model, batch, "")?;
+        let (losses, scored) = self.losses(model, batch, "")?;
         let b = batch.len();
-        let mut coef = vec![0f32; 2 * b];
+        let mut coef = vec![0f64; 2 * b];
         for (i, l) in losses.iter().enumerate() {
-            coef[i] = (l.d_chosen * scale) as f32;
-            coef[b + i] = (l.d_rejected * scale) as f32;
+            coef[i] = l.d_chosen * scale;
+            coef[b + i] = l.d_rejected * scale;
         }
-        let n = rows.size()[0];
-        if n > 0 {
-            let coef = Tensor::f_from_slice(&coef)?.f_to_device(rows.device())?.f_index_select(0, &seq)?;
-            let detached = rows.f_detach()?.f_set_requires_grad(true)?;
-            let mut start = 0;
-            while start < n {
-                let len = self.chunk.min(n - start);
-                let lp = token_logps(model, &detached.f_narrow(0, start, len)?, &target.f_narrow(0, start, len)?)?;
-                lp.f_mul(&coef.f_narrow(0, start, len)?)?.f_sum(Kind::Float)?.f_backward()?;
-                start += len;
-            }
-            rows.f_mul(&detached.grad())?.f_sum(Kind::Float)?.f_backward()?;
-        }
+        backward(model, &scored, &coef, &vec![0.0; 2 * b], self.chunk)?;
         Ok(LossSum { nll: losses.iter().map(|l| l.loss).sum(), tokens: b })
     }
 

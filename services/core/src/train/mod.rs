@@ -16,6 +16,7 @@ pub mod dpo;
 pub mod full;
 pub mod group_rl;
 pub mod grpo;
+pub mod logps;
 pub mod loss;
 pub mod optim;
 pub mod ppo;

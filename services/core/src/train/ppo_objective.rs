@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::dpo::scored_rows;
+use super::logps::scored_rows;
 use super::loss::LossSum;
 use super::ppo::{gae, policy_loss, token_kl, token_rewards, value_loss, whiten, AdaptiveKl, KlEstimator};
 use super::sft::{SftExample, SftObjective};
