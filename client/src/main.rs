@@ -411,11 +411,7 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
                 | AlignCmd::Orpo(a)
                 | AlignCmd::Simpo(a)
                 | AlignCmd::Kto(a),
-        }
-            if settings.endpoints.policy.is_none() =>
-        {
-            train_cmd::embedded_policy(a)?
-        }
+        } if settings.endpoints.policy.is_none() => train_cmd::embedded_policy(a)?,
         Cmd::Train { cmd: TrainCmd::Reward(a) } if settings.endpoints.reward.is_empty() => {
             train_cmd::embedded_policy(a)?
         }

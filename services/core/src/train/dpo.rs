@@ -182,12 +182,7 @@ impl DpoObjective {
 
     /// Policy log-probs of the batch's chosen and rejected sequences (no gradients), the pair losses, and the
     /// scored rows for the gradient pass.
-    fn losses(
-        &self,
-        model: &CausalLm,
-        batch: &[&DpoExample],
-        prefix: &str,
-    ) -> Result<(Vec<PairLoss>, Scored)> {
+    fn losses(&self, model: &CausalLm, batch: &[&DpoExample], prefix: &str) -> Result<(Vec<PairLoss>, Scored)> {
         let seqs: Vec<&SftExample> = batch.iter().map(|e| &e.chosen).chain(batch.iter().map(|e| &e.rejected)).collect();
         let (scored, lps) = scored_pass(model, &seqs, &[], self.pad_id, self.chunk)?;
         let lps: Vec<(f64, usize)> = lps.iter().map(|s| (s.completion, s.completion_tokens)).collect();

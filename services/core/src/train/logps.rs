@@ -163,5 +163,9 @@ pub fn backward(
 /// pass of DPO and KTO (call it with the adapter disabled).
 pub fn sequence_logps(model: &CausalLm, seqs: &[&SftExample], pad_id: u32, chunk: i64) -> Result<Vec<(f64, usize)>> {
     let _guard = tch::no_grad_guard();
-    Ok(scored_pass(model, seqs, &[], pad_id, chunk)?.1.into_iter().map(|s| (s.completion, s.completion_tokens)).collect())
+    Ok(scored_pass(model, seqs, &[], pad_id, chunk)?
+        .1
+        .into_iter()
+        .map(|s| (s.completion, s.completion_tokens))
+        .collect())
 }

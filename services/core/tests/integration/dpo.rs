@@ -71,7 +71,7 @@ fn losses_equal_trl_formulas() {
     );
 }
 
-fn lora_model() -> CausalLm {
+pub(crate) fn lora_model() -> CausalLm {
     let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
     m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false }, 3)
         .unwrap();
@@ -86,7 +86,7 @@ fn lora_model() -> CausalLm {
 }
 
 /// Pairs sharing a prompt; completions of different lengths; reference log-probs from the adapter-free model.
-fn pairs(m: &mut CausalLm, n: usize, seed: u64) -> Vec<DpoExample> {
+pub(crate) fn pairs(m: &mut CausalLm, n: usize, seed: u64) -> Vec<DpoExample> {
     let mut x = seed;
     let mut next = || {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -113,12 +113,12 @@ fn pairs(m: &mut CausalLm, n: usize, seed: u64) -> Vec<DpoExample> {
     out
 }
 
-fn grads(m: &mut CausalLm) -> Vec<Tensor> {
+pub(crate) fn grads(m: &mut CausalLm) -> Vec<Tensor> {
     m.lora_tensors().iter().map(|(_, t)| t.grad().copy()).collect()
 }
 
 /// Summed completion log-prob of one sequence through the full logits, with gradients.
-fn direct_logp(m: &CausalLm, e: &SftExample) -> Tensor {
+pub(crate) fn direct_logp(m: &CausalLm, e: &SftExample) -> Tensor {
     let ids = Tensor::from_slice(&e.input_ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let lp = m.forward(&ids, None, None).unwrap().log_softmax(-1, Kind::Float).squeeze_dim(0);
     let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));

@@ -13,6 +13,7 @@ mod lora;
 mod new_families;
 mod nf4;
 mod ppo;
+mod preference;
 mod reward;
 mod rollout;
 mod session;
