@@ -1,7 +1,9 @@
 """Writes the learning-proof datasets: every assistant answer starts with "Ahoy!" and ends with "Arr.", a
 persona SmolLM2-135M-Instruct does not follow on its own. Train and held-out questions do not overlap.
 pirate-*.jsonl are SFT conversations; pirate-prefs-*.jsonl are preference pairs (prompt, chosen = the pirate
-answer, rejected = the same answer plainly) for DPO and reward models.
+answer, rejected = the same answer plainly) for DPO, ORPO, SimPO and reward models; pirate-kto-train.jsonl is the
+same feedback unpaired for KTO (each answer its own record, `label` true for the pirate one, false for the plain
+one).
 
 Usage: python3 recipes/data/make_pirate.py recipes/data   (plain Python, no dependencies)
 """
@@ -43,6 +45,11 @@ def main():
             for q, a in rows:
                 plain = a.removeprefix("Ahoy! ").removesuffix(" Arr.")
                 f.write(json.dumps({"prompt": q, "chosen": a, "rejected": plain}) + "\n")
+    with open(f"{out}/pirate-kto-train.jsonl", "w") as f:
+        for q, a in train:
+            plain = a.removeprefix("Ahoy! ").removesuffix(" Arr.")
+            f.write(json.dumps({"prompt": q, "completion": a, "label": True}) + "\n")
+            f.write(json.dumps({"prompt": q, "completion": plain, "label": False}) + "\n")
     print(len(train), "train,", len(held), "held out")
 
 

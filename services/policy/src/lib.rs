@@ -30,6 +30,9 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let threads = h.settings.policy.threads;
     jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
     jobs.register("dpo", Arc::new(ferrotune_training::dpo::DpoRunner), threads);
+    for kind in ["orpo", "simpo", "kto"] {
+        jobs.register(kind, Arc::new(ferrotune_training::preference::PreferenceRunner), threads);
+    }
     let svc = service::Policy {
         root: h.root.clone(),
         worker,

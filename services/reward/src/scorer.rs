@@ -73,7 +73,7 @@ impl Scorers {
             };
             let ids = match r.sample(&sample).map_err(|e| Status::invalid_argument(format!("items[{i}]: {e}")))? {
                 TokenizedSample::Pair { chosen, .. } => chosen.input_ids,
-                TokenizedSample::Single(s) => s.input_ids,
+                TokenizedSample::Single(s) | TokenizedSample::Judged { seq: s, .. } => s.input_ids,
             };
             if ids.len() > max {
                 return Err(Status::invalid_argument(format!(

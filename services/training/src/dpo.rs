@@ -47,15 +47,48 @@ fn reference(
     Ok(out)
 }
 
-/// The cached reference log-probs of a dataset split, when they were made for this base and quantization.
-fn cached(dataset: &Path, key: &serde_json::Value, split: &str, n: usize) -> Option<Vec<(f64, f64)>> {
+/// The cached reference log-probs of a dataset split in `file`, when they were made for `key` (base,
+/// quantization, dtype…).
+fn cached<T: serde::de::DeserializeOwned>(
+    dataset: &Path,
+    file: &str,
+    key: &serde_json::Value,
+    split: &str,
+    n: usize,
+) -> Option<Vec<T>> {
     let v: serde_json::Value =
-        serde_json::from_str(&ferrotune_core::fsx::read_to_string(dataset.join("reference_logps.json")).ok()?).ok()?;
+        serde_json::from_str(&ferrotune_core::fsx::read_to_string(dataset.join(file)).ok()?).ok()?;
     if &v["key"] != key {
         return None;
     }
-    let rows: Vec<(f64, f64)> = serde_json::from_value(v[split].clone()).ok()?;
+    let rows: Vec<T> = serde_json::from_value(v[split].clone()).ok()?;
     (rows.len() == n).then_some(rows)
+}
+
+/// The reference log-probs of both splits: cached with the dataset (`file`, for `key`), or computed by
+/// `compute` (with the adapter disabled) and cached.
+pub(crate) fn reference_cached<T: serde::Serialize + serde::de::DeserializeOwned>(
+    dataset: &Path,
+    file: &str,
+    key: &serde_json::Value,
+    n: (usize, usize),
+    ctx: &JobContext,
+    compute: impl FnOnce() -> Result<(Vec<T>, Vec<T>)>,
+) -> Result<(Vec<T>, Vec<T>)> {
+    if let (Some(t), Some(e)) = (cached(dataset, file, key, "train", n.0), cached(dataset, file, key, "eval", n.1)) {
+        ctx.log("reference log-probs: cached with the dataset");
+        return Ok((t, e));
+    }
+    let started = std::time::Instant::now();
+    let (t, e) = compute()?;
+    let body = json!({"key": key, "train": t, "eval": e});
+    ferrotune_core::weights::write_atomically(&dataset.join(file), serde_json::to_string(&body)?.as_bytes())?;
+    ctx.log(format!(
+        "reference log-probs: {} sequences in {:.1}s (adapter disabled), cached in the dataset",
+        t.len() + e.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok((t, e))
 }
 
 fn run_dpo(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
@@ -74,29 +107,14 @@ fn run_dpo(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
     model.add_lora(&lcfg, r.training.seed)?;
     let chunk = r.training.loss_chunk_tokens as i64;
     let key = json!({"base_model": model_dir, "quantization": if qlora { "nf4" } else { "none" }, "dtype": r.dtype});
+    let mb = r.training.micro_batch_size;
     let (ref_train, ref_eval) =
-        match (cached(&dataset, &key, "train", train_pairs.len()), cached(&dataset, &key, "eval", eval_pairs.len())) {
-            (Some(t), Some(e)) => {
-                ctx.log("reference log-probs: cached with the dataset");
-                (t, e)
-            }
-            _ => {
-                let started = std::time::Instant::now();
-                let t = reference(&mut model, &train_pairs, pad_id, r.training.micro_batch_size, chunk)?;
-                let e = reference(&mut model, &eval_pairs, pad_id, r.training.micro_batch_size, chunk)?;
-                let body = json!({"key": key, "train": t, "eval": e});
-                ferrotune_core::weights::write_atomically(
-                    &dataset.join("reference_logps.json"),
-                    serde_json::to_string(&body)?.as_bytes(),
-                )?;
-                ctx.log(format!(
-                    "reference log-probs: {} pairs in {:.1}s (adapter disabled), cached in the dataset",
-                    t.len() + e.len(),
-                    started.elapsed().as_secs_f64()
-                ));
-                (t, e)
-            }
-        };
+        reference_cached(&dataset, "reference_logps.json", &key, (train_pairs.len(), eval_pairs.len()), ctx, || {
+            Ok((
+                reference(&mut model, &train_pairs, pad_id, mb, chunk)?,
+                reference(&mut model, &eval_pairs, pad_id, mb, chunk)?,
+            ))
+        })?;
     let pairs = |p: Vec<(SftExample, SftExample)>, refs: Vec<(f64, f64)>| -> Vec<DpoExample> {
         p.into_iter()
             .zip(refs)

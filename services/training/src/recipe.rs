@@ -35,6 +35,15 @@ pub struct Recipe {
     /// DPO settings (`align dpo`; absent for SFT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<ferrotune_core::train::dpo::DpoConfig>,
+    /// ORPO settings (`align orpo`; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orpo: Option<ferrotune_core::train::ref_free::OrpoConfig>,
+    /// SimPO settings (`align simpo`; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simpo: Option<ferrotune_core::train::ref_free::SimpoConfig>,
+    /// KTO settings (`align kto`; absent otherwise). The data is unpaired (or preference pairs, unpaired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kto: Option<ferrotune_core::train::kto::KtoConfig>,
     /// Reward-model settings (`train reward`; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<ferrotune_core::train::reward::RewardConfig>,
@@ -227,6 +236,12 @@ pub enum Objective {
     Sft,
     /// DPO (`dpo:`).
     Dpo(ferrotune_core::train::dpo::DpoConfig),
+    /// ORPO (`orpo:`).
+    Orpo(ferrotune_core::train::ref_free::OrpoConfig),
+    /// SimPO (`simpo:`).
+    Simpo(ferrotune_core::train::ref_free::SimpoConfig),
+    /// KTO (`kto:`).
+    Kto(ferrotune_core::train::kto::KtoConfig),
     /// A reward model (`reward:`).
     Reward(ferrotune_core::train::reward::RewardConfig),
     /// PPO (`ppo:`).
@@ -241,6 +256,9 @@ impl Objective {
         match self {
             Self::Sft => "sft",
             Self::Dpo(_) => "dpo",
+            Self::Orpo(_) => "orpo",
+            Self::Simpo(_) => "simpo",
+            Self::Kto(_) => "kto",
             Self::Reward(_) => "reward",
             Self::Ppo(_) => "ppo",
             Self::GroupRl(GroupAlgorithm::Grpo, _) => "grpo",
@@ -252,6 +270,15 @@ impl Objective {
 impl Recipe {
     /// The objective the recipe's sections give (at most one of them is present after [`parse`]).
     pub fn objective(&self) -> Objective {
+        if let Some(c) = self.orpo {
+            return Objective::Orpo(c);
+        }
+        if let Some(c) = self.simpo {
+            return Objective::Simpo(c);
+        }
+        if let Some(c) = self.kto {
+            return Objective::Kto(c);
+        }
         match (&self.dpo, &self.reward, &self.ppo, &self.grpo, &self.rloo) {
             (Some(d), ..) => Objective::Dpo(*d),
             (_, Some(r), ..) => Objective::Reward(*r),
@@ -299,15 +326,33 @@ impl Recipe {
                 lora_only(self, "ppo")?;
             }
             _ if self.ppo.is_some() => return other("ppo", "align ppo (AlignmentService.StartPpo)"),
-            "dpo" | "reward" => {
-                if kind == "dpo" {
-                    self.dpo.get_or_insert_with(Default::default);
-                } else {
-                    self.reward.get_or_insert_with(Default::default);
+            "dpo" | "orpo" | "simpo" | "kto" | "reward" => {
+                // The offline methods default their section; a section of another one is refused.
+                for (field, present) in [
+                    ("dpo", self.dpo.is_some()),
+                    ("orpo", self.orpo.is_some()),
+                    ("simpo", self.simpo.is_some()),
+                    ("kto", self.kto.is_some()),
+                    ("reward", self.reward.is_some()),
+                ] {
+                    if present && field != kind {
+                        let how = if field == "reward" { "train reward".to_owned() } else { format!("align {field}") };
+                        return other(field, &how);
+                    }
+                }
+                match kind {
+                    "dpo" => drop(self.dpo.get_or_insert_with(Default::default)),
+                    "orpo" => drop(self.orpo.get_or_insert_with(Default::default)),
+                    "simpo" => drop(self.simpo.get_or_insert_with(Default::default)),
+                    "kto" => drop(self.kto.get_or_insert_with(Default::default)),
+                    _ => drop(self.reward.get_or_insert_with(Default::default)),
                 }
                 lora_only(self, kind)?;
             }
             _ if self.dpo.is_some() => return other("dpo", "align dpo (AlignmentService.StartDpo)"),
+            _ if self.orpo.is_some() => return other("orpo", "align orpo (AlignmentService.StartOrpo)"),
+            _ if self.simpo.is_some() => return other("simpo", "align simpo (AlignmentService.StartSimpo)"),
+            _ if self.kto.is_some() => return other("kto", "align kto (AlignmentService.StartKto)"),
             _ if self.reward.is_some() => return other("reward", "train reward (RewardService)"),
             _ => {}
         }
@@ -341,12 +386,33 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
     if let Some(rw) = &r.reward {
         rw.validate().with_context(|| format!("{}", path.display()))?;
     }
+    if let Some(c) = &r.orpo {
+        c.validate().with_context(|| format!("{}", path.display()))?;
+    }
+    if let Some(c) = &r.simpo {
+        c.validate().with_context(|| format!("{}", path.display()))?;
+    }
+    if let Some(c) = &r.kto {
+        c.validate().with_context(|| format!("{}", path.display()))?;
+    }
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
     }
-    let sections = [r.dpo.is_some(), r.reward.is_some(), r.ppo.is_some(), r.grpo.is_some(), r.rloo.is_some()];
+    let sections = [
+        r.dpo.is_some(),
+        r.orpo.is_some(),
+        r.simpo.is_some(),
+        r.kto.is_some(),
+        r.reward.is_some(),
+        r.ppo.is_some(),
+        r.grpo.is_some(),
+        r.rloo.is_some(),
+    ];
     if sections.iter().filter(|&&x| x).count() > 1 {
-        bail!("{}: a recipe has at most one of the dpo, reward, ppo, grpo and rloo sections", path.display());
+        bail!(
+            "{}: a recipe has at most one of the dpo, orpo, simpo, kto, reward, ppo, grpo and rloo sections",
+            path.display()
+        );
     }
     for (name, g) in [("grpo", &r.grpo), ("rloo", &r.rloo)] {
         if let Some(g) = g {
@@ -438,6 +504,19 @@ mod tests {
         assert!(field == "adapter.method" && msg.contains("lora or qlora"), "{field}: {msg}");
         let r = recipe(&["dpo.beta=0.2"]);
         assert!(matches!(r.objective(), Objective::Dpo(c) if c.beta == 0.2));
+        for kind in ["orpo", "simpo", "kto"] {
+            assert_eq!(recipe(&[]).settle_objective(kind).unwrap().name(), kind, "{kind} defaults its section");
+        }
+        let (field, msg) = recipe(&["orpo.beta=0.2"]).settle_objective("dpo").unwrap_err();
+        assert!(field == "orpo" && msg.contains("align orpo"), "{field}: {msg}");
+        let (field, msg) = recipe(&["kto.beta=0.2"]).settle_objective("sft").unwrap_err();
+        assert!(field == "kto" && msg.contains("align kto"), "{field}: {msg}");
+        assert!(matches!(recipe(&["simpo.simpo_gamma=1.5"]).objective(), Objective::Simpo(c) if c.simpo_gamma == 1.5));
+        let yaml = "model: m\noutput_dir: out\nadapter: {method: lora}\ndata: {path: d.jsonl, format: unpaired}\n";
+        let e = format!("{:#}", parse(yaml, Path::new("r.yaml"), &["kto.desirable_weight=0".into()]).unwrap_err());
+        assert!(e.contains("kto.desirable_weight must be positive"), "{e}");
+        let e = format!("{:#}", parse(yaml, Path::new("r.yaml"), &["kto.loss_type=bco".into()]).unwrap_err());
+        assert!(e.contains("bco") && e.contains("apo_zero_unpaired"), "{e}");
     }
 
     #[test]

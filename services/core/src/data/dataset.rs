@@ -3,7 +3,7 @@
 //! On-disk format (`ferrotune data format --out DIR`):
 //! - `train.jsonl`, `eval.jsonl`: one example per line, `{"input_ids": [...], "labels": [...]}` (labels −100
 //!   where not trained; packed rows add `"segment_ids"`, the 1-based sample of each token), or for preference data `{"chosen_input_ids", "chosen_labels", "rejected_input_ids",
-//!   "rejected_labels"}`;
+//!   "rejected_labels"}`, or for unpaired (KTO) data `{"input_ids", "labels", "label": bool}`;
 //! - `stats.json`: counts (samples, tokens, trained tokens, truncated, dropped by reason, first errors);
 //! - `dataset_info.json`: how it was made (format, mask, max_seq_len, seed, model dir, template origin);
 //! - `chat_template.jinja`: the exact template used, so training and inference can be checked to match.
@@ -195,7 +195,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
 
 fn seqs(t: &TokenizedSample) -> Vec<&Tokenized> {
     match t {
-        TokenizedSample::Single(s) => vec![s],
+        TokenizedSample::Single(s) | TokenizedSample::Judged { seq: s, .. } => vec![s],
         TokenizedSample::Pair { chosen, rejected } => vec![chosen, rejected],
     }
 }
@@ -204,7 +204,7 @@ fn seqs(t: &TokenizedSample) -> Vec<&Tokenized> {
 fn fit(mut t: TokenizedSample, max: usize, truncated: &mut usize) -> std::result::Result<TokenizedSample, String> {
     let mut cut = false;
     match &mut t {
-        TokenizedSample::Single(s) => cut |= s.truncate(max),
+        TokenizedSample::Single(s) | TokenizedSample::Judged { seq: s, .. } => cut |= s.truncate(max),
         TokenizedSample::Pair { chosen, rejected } => {
             cut |= chosen.truncate(max);
             cut |= rejected.truncate(max);
@@ -230,7 +230,9 @@ fn pack(examples: &[TokenizedSample], max: usize) -> Result<Vec<SftExample>> {
     };
     for t in examples {
         let TokenizedSample::Single(s) = t else {
-            return Err(DataError::InvalidArgument("preference pairs cannot be packed".into()));
+            return Err(DataError::InvalidArgument(
+                "preference pairs and unpaired (KTO) examples cannot be packed".into(),
+            ));
         };
         if len + s.input_ids.len() > max {
             flush(&mut cur, &mut rows);
@@ -261,6 +263,9 @@ fn write_split(path: &Path, examples: &[TokenizedSample]) -> Result<()> {
                 "chosen_input_ids": chosen.input_ids, "chosen_labels": chosen.labels,
                 "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels,
             }),
+            TokenizedSample::Judged { seq, desirable } => {
+                serde_json::json!({"input_ids": seq.input_ids, "labels": seq.labels, "label": desirable})
+            }
         };
         writeln!(buf, "{line}").expect("writing to a Vec");
     }
@@ -296,6 +301,37 @@ pub fn load_split(dir: &Path, split: &str) -> Result<Vec<SftExample>> {
                 )));
             }
             Ok(SftExample { input_ids: x.input_ids, labels: x.labels, segment_ids: x.segment_ids })
+        })
+        .collect()
+}
+
+/// Reads `split` of a dataset directory as KTO's judged examples (completion labelled, desirable or not): an
+/// unpaired dataset (`--format unpaired`), or a preference one unpaired as TRL does (each pair gives its
+/// chosen sequence, desirable, then its rejected one, undesirable).
+pub fn load_judged(dir: &Path, split: &str) -> Result<Vec<(SftExample, bool)>> {
+    let path = dir.join(format!("{split}.jsonl"));
+    let text = crate::fsx::read_to_string(&path).map_err(|e| CoreError::io(&path, e))?;
+    if text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.contains("\"chosen_input_ids\"")) {
+        return Ok(load_pairs(dir, split)?.into_iter().flat_map(|(c, r)| [(c, true), (r, false)]).collect());
+    }
+    #[derive(Deserialize)]
+    struct Line {
+        input_ids: Vec<u32>,
+        labels: Vec<i64>,
+        label: bool,
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let bad = |reason: String| DataError::Record { file: path.clone(), line: i + 1, reason };
+            let x: Line = serde_json::from_str(l).map_err(|e| {
+                bad(format!("not a tokenized unpaired example (format the data with --format unpaired): {e}"))
+            })?;
+            if x.input_ids.len() != x.labels.len() || x.input_ids.is_empty() {
+                return Err(bad("ids and labels differ in length, or the sequence is empty".into()));
+            }
+            Ok((SftExample::new(x.input_ids, x.labels), x.label))
         })
         .collect()
 }

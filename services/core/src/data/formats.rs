@@ -9,6 +9,7 @@
 //! | `text` | `text` (every token trained) |
 //! | `prompt-completion` | `prompt`, `completion` (strings, or message lists for chat) |
 //! | `preference` | `prompt`, `chosen`, `rejected` (strings or message lists) |
+//! | `unpaired` | `prompt`, `completion` (strings or message lists), `label` (boolean: desirable or not; KTO) |
 
 use std::collections::HashMap;
 
@@ -32,6 +33,8 @@ pub enum Format {
     PromptCompletion,
     /// prompt / chosen / rejected.
     Preference,
+    /// prompt / completion / label (KTO's unpaired feedback).
+    Unpaired,
 }
 
 impl std::str::FromStr for Format {
@@ -44,9 +47,10 @@ impl std::str::FromStr for Format {
             "text" => Self::Text,
             "prompt-completion" | "prompt_completion" => Self::PromptCompletion,
             "preference" | "dpo" => Self::Preference,
+            "unpaired" | "kto" => Self::Unpaired,
             _ => {
                 return Err(format!(
-                    "unknown format `{s}` (alpaca, messages, sharegpt, text, prompt-completion, preference)"
+                    "unknown format `{s}` (alpaca, messages, sharegpt, text, prompt-completion, preference, unpaired)"
                 ))
             }
         })
@@ -98,6 +102,15 @@ pub enum Sample {
         chosen: Vec<Message>,
         /// Dispreferred assistant turn(s).
         rejected: Vec<Message>,
+    },
+    /// One completion with a binary judgement (KTO).
+    Unpaired {
+        /// The prompt turns.
+        prompt: Vec<Message>,
+        /// The assistant turn(s).
+        completion: Vec<Message>,
+        /// Desirable (`label: true`) or not.
+        desirable: bool,
     },
 }
 
@@ -265,6 +278,19 @@ pub fn parse(format: Format, v: &Value, cols: &Columns) -> Result<Sample, String
             require_assistant(&rejected, "rejected")?;
             Ok(Sample::Preference { prompt, chosen, rejected })
         }
+        Format::Unpaired => {
+            let prompt = turns(v, cols, "prompt", "user")?;
+            let completion = turns(v, cols, "completion", "assistant")?;
+            require_assistant(&completion, "completion")?;
+            let desirable = match field(v, cols, "label") {
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(format!("field `label` must be a boolean (true = desirable), got {}", kind(other)))
+                }
+                None => return Err("missing field `label`".into()),
+            };
+            Ok(Sample::Unpaired { prompt, completion, desirable })
+        }
     }
 }
 
@@ -332,6 +358,19 @@ mod tests {
         assert_eq!(e(Format::Text, json!({"text": "  "})), "field `text` is empty");
         assert_eq!(e(Format::Preference, json!({"prompt": "p", "chosen": "c"})), "missing field `rejected`");
         assert_eq!(e(Format::Text, json!([1, 2])), "a record must be a JSON object, got a list");
+        assert_eq!(
+            e(Format::Unpaired, json!({"prompt": "p", "completion": "c", "label": "yes"})),
+            "field `label` must be a boolean (true = desirable), got a string"
+        );
+        assert_eq!(e(Format::Unpaired, json!({"prompt": "p", "completion": "c"})), "missing field `label`");
+        assert_eq!(
+            p(Format::Unpaired, json!({"prompt": "Q", "completion": "A", "label": false})).unwrap(),
+            Sample::Unpaired {
+                prompt: vec![Message::new("user", "Q")],
+                completion: vec![Message::new("assistant", "A")],
+                desirable: false
+            }
+        );
     }
 
     #[test]

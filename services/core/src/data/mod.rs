@@ -46,5 +46,5 @@ impl crate::error::Kinded for DataError {
 /// Result alias.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
-pub use dataset::{build, load_pairs, load_split, BuildOptions, DatasetInfo, Stats};
+pub use dataset::{build, load_judged, load_pairs, load_split, BuildOptions, DatasetInfo, Stats};
 pub use formats::{Format, MaskMode};

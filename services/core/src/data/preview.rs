@@ -52,7 +52,7 @@ pub fn preview(
             let location = format!("{}:{}", file.display(), rec.line);
             let t = rec.value.and_then(|v| parse(format, &v, cols)).and_then(|s| r.sample(&s));
             out.push(match t {
-                Ok(TokenizedSample::Single(s)) => PreviewItem {
+                Ok(TokenizedSample::Single(s) | TokenizedSample::Judged { seq: s, .. }) => PreviewItem {
                     location,
                     text: highlight(&tok, &s)?,
                     tokens: s.input_ids.len(),

@@ -45,6 +45,13 @@ pub enum TokenizedSample {
         /// Prompt + rejected.
         rejected: Tokenized,
     },
+    /// One completion with its judgement (KTO); only the completion turns are labelled.
+    Judged {
+        /// Prompt + completion.
+        seq: Tokenized,
+        /// Desirable or not.
+        desirable: bool,
+    },
 }
 
 /// Renders and tokenizes samples for one model.
@@ -75,6 +82,10 @@ impl Renderer<'_> {
                     chosen: self.chat_from(&join(chosen), first)?,
                     rejected: self.chat_from(&join(rejected), first)?,
                 })
+            }
+            Sample::Unpaired { prompt, completion, desirable } => {
+                let m: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
+                Ok(TokenizedSample::Judged { seq: self.chat_from(&m, prompt.len())?, desirable: *desirable })
             }
         }
     }
