@@ -13,7 +13,7 @@ pub(crate) struct Source {
     /// Input file(s): .jsonl, .json, .csv or .parquet (repeatable).
     #[arg(long, required = true)]
     input: Vec<PathBuf>,
-    /// alpaca, messages, sharegpt, text, prompt-completion or preference.
+    /// alpaca, messages, sharegpt, text, prompt-completion, preference or unpaired (KTO).
     #[arg(long)]
     format: String,
     /// Model directory whose tokenizer and chat template are used.

@@ -11,6 +11,7 @@ mod generation;
 mod hardening;
 mod layout;
 mod ppo;
+mod preference;
 mod reward;
 mod services;
 mod sessions;
