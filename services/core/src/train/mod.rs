@@ -20,6 +20,7 @@ pub mod kto;
 pub mod logps;
 pub mod loss;
 pub mod optim;
+pub mod optim8;
 pub mod ppo;
 pub mod ppo_objective;
 pub mod ref_free;

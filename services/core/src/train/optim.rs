@@ -5,11 +5,12 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use super::optim8::{step32, step8, State8, Step, MIN_8BIT_SIZE};
 use crate::error::{CoreError, Result};
 
 /// The optimizer names of transformers' `TrainingArguments.optim` that ferrotune runs. The 32-bit ones are
 /// all this AdamW (bitsandbytes' paging is a CUDA unified-memory device that changes where the moments live,
-/// not the update).
+/// not the update); the 8-bit ones keep bitsandbytes' blockwise 8-bit moments ([`super::optim8`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimName {
@@ -24,6 +25,19 @@ pub enum OptimName {
     /// bitsandbytes' paged 32-bit AdamW (the seed's `optim="paged_adamw_32bit"`): the same update.
     #[serde(rename = "paged_adamw_32bit")]
     PagedAdamw32bit,
+    /// bitsandbytes' `AdamW8bit` (transformers' `adamw_8bit` / `adamw_bnb_8bit`).
+    #[serde(rename = "adamw_8bit", alias = "adamw_bnb_8bit")]
+    Adamw8bit,
+    /// bitsandbytes' paged 8-bit AdamW: the same update.
+    #[serde(rename = "paged_adamw_8bit")]
+    PagedAdamw8bit,
+}
+
+impl OptimName {
+    /// Whether the moments are bitsandbytes' blockwise 8-bit ones.
+    pub fn eight_bit(self) -> bool {
+        matches!(self, Self::Adamw8bit | Self::PagedAdamw8bit)
+    }
 }
 
 /// AdamW hyperparameters.
@@ -37,12 +51,25 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay (not applied to 1-D parameters: biases and norms).
     pub weight_decay: f64,
+    /// bitsandbytes' blockwise 8-bit moments (tensors of at least 4,096 elements; embeddings and smaller
+    /// tensors keep bitsandbytes' 32-bit ones, as transformers sets up `adamw_8bit`).
+    pub eight_bit: bool,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, eight_bit: false }
     }
+}
+
+/// A parameter's moments.
+enum Moments {
+    /// torch's AdamW: f32 tensors beside the parameter.
+    Torch { m: Tensor, v: Tensor },
+    /// bitsandbytes' 8-bit moments (host memory).
+    Bnb8(State8),
+    /// bitsandbytes' 32-bit moments (host memory) for tensors it keeps in 32 bits.
+    Bnb32 { m: Vec<f32>, v: Vec<f32> },
 }
 
 /// One trainable parameter with its moments.
@@ -51,8 +78,7 @@ pub struct Param {
     pub name: String,
     /// The leaf tensor (requires grad).
     pub tensor: Tensor,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
     decay: bool,
     /// This parameter's learning rate is the step's times this (LoRA+ gives `lora_B` a larger one).
     pub lr_scale: f64,
@@ -74,10 +100,17 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, tensor)| {
-                let m = tensor.f_zeros_like()?.f_to_kind(Kind::Float)?;
-                let v = m.f_zeros_like()?;
+                let n = tensor.numel();
+                let moments = if !cfg.eight_bit {
+                    let m = tensor.f_zeros_like()?.f_to_kind(Kind::Float)?;
+                    Moments::Torch { v: m.f_zeros_like()?, m }
+                } else if n >= MIN_8BIT_SIZE && !name.contains("embed_tokens") {
+                    Moments::Bnb8(State8::new(n))
+                } else {
+                    Moments::Bnb32 { m: vec![0.0; n], v: vec![0.0; n] }
+                };
                 let decay = tensor.dim() >= 2;
-                Ok(Param { name, tensor, m, v, decay, lr_scale: 1.0 })
+                Ok(Param { name, tensor, moments, decay, lr_scale: 1.0 })
             })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, params, step: 0 })
@@ -154,49 +187,130 @@ impl AdamW {
             }
             let g = g.f_to_kind(Kind::Float)?;
             let lr = lr * p.lr_scale;
+            let Moments::Torch { m, v } = &mut p.moments else {
+                let wd = if p.decay { c.weight_decay } else { 0.0 };
+                let s = Step { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: wd, t: self.step as i32 };
+                host_step(&mut p.tensor, &g, &mut p.moments, s)?;
+                continue;
+            };
             if p.decay && c.weight_decay != 0.0 {
                 let _ = p.tensor.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
-            let _ = p.m.f_mul_scalar_(c.beta1)?.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
-            let _ = p.v.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
-            let denom = p.v.f_sqrt()?.f_div_scalar(bc2.sqrt())?.f_add_scalar(c.eps)?;
-            let update = p.m.f_div(&denom)?.f_mul_scalar(-lr / bc1)?;
+            let _ = m.f_mul_scalar_(c.beta1)?.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
+            let _ = v.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            let denom = v.f_sqrt()?.f_div_scalar(bc2.sqrt())?.f_add_scalar(c.eps)?;
+            let update = m.f_div(&denom)?.f_mul_scalar(-lr / bc1)?;
             let _ = p.tensor.f_add_(&update.f_to_kind(p.tensor.kind())?)?;
         }
         Ok(())
     }
 
-    /// Moments as named tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) for checkpoints.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Bytes of optimizer state (the moments and, for 8-bit ones, their block scales).
+    pub fn state_bytes(&self) -> usize {
         self.params
             .iter()
-            .flat_map(|p| {
-                [
-                    (format!("{}.exp_avg", p.name), p.m.shallow_clone()),
-                    (format!("{}.exp_avg_sq", p.name), p.v.shallow_clone()),
-                ]
+            .map(|p| match &p.moments {
+                Moments::Torch { m, v } => (m.numel() + v.numel()) * 4,
+                Moments::Bnb8(s) => s.bytes(),
+                Moments::Bnb32 { m, v } => (m.len() + v.len()) * 4,
             })
-            .collect()
+            .sum()
+    }
+
+    /// Moments as named tensors for checkpoints: `NAME.exp_avg`, `NAME.exp_avg_sq` (32-bit), or bitsandbytes'
+    /// `NAME.state1`, `NAME.state2` (u8 codes) and `NAME.absmax1`, `NAME.absmax2` (8-bit).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![];
+        for p in &self.params {
+            let name = |k: &str| format!("{}.{k}", p.name);
+            match &p.moments {
+                Moments::Torch { m, v } => {
+                    out.push((name("exp_avg"), m.shallow_clone()));
+                    out.push((name("exp_avg_sq"), v.shallow_clone()));
+                }
+                Moments::Bnb32 { m, v } => {
+                    out.push((name("exp_avg"), Tensor::from_slice(m)));
+                    out.push((name("exp_avg_sq"), Tensor::from_slice(v)));
+                }
+                Moments::Bnb8(s) => {
+                    out.push((name("state1"), Tensor::from_slice(&s.state1)));
+                    out.push((name("state2"), Tensor::from_slice(&s.state2)));
+                    out.push((name("absmax1"), Tensor::from_slice(&s.absmax1)));
+                    out.push((name("absmax2"), Tensor::from_slice(&s.absmax2)));
+                }
+            }
+        }
+        out
     }
 
     /// Restores moments saved by [`Self::state_tensors`] and the step count.
     pub fn load_state(&mut self, get: &dyn Fn(&str) -> Result<Tensor>, step: i64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for p in &mut self.params {
-            let m = get(&format!("{}.exp_avg", p.name))?;
-            let v = get(&format!("{}.exp_avg_sq", p.name))?;
-            if m.size() != p.m.size() || v.size() != p.v.size() {
-                return Err(CoreError::InvalidArgument(format!(
-                    "optimizer state for `{}` has the wrong shape",
-                    p.name
-                )));
+            let name = |k: &str| format!("{}.{k}", p.name);
+            let wrong = || CoreError::InvalidArgument(format!("optimizer state for `{}` has the wrong shape", p.name));
+            match &mut p.moments {
+                Moments::Torch { m, v } => {
+                    let (lm, lv) = (get(&name("exp_avg"))?, get(&name("exp_avg_sq"))?);
+                    if lm.size() != m.size() || lv.size() != v.size() {
+                        return Err(wrong());
+                    }
+                    m.f_copy_(&lm)?;
+                    v.f_copy_(&lv)?;
+                }
+                Moments::Bnb32 { m, v } => {
+                    let (lm, lv) = (host::<f32>(&get(&name("exp_avg"))?)?, host::<f32>(&get(&name("exp_avg_sq"))?)?);
+                    if lm.len() != m.len() || lv.len() != v.len() {
+                        return Err(wrong());
+                    }
+                    (*m, *v) = (lm, lv);
+                }
+                Moments::Bnb8(s) => {
+                    let loaded = State8 {
+                        state1: host::<u8>(&get(&name("state1"))?)?,
+                        state2: host::<u8>(&get(&name("state2"))?)?,
+                        absmax1: host::<f32>(&get(&name("absmax1"))?)?,
+                        absmax2: host::<f32>(&get(&name("absmax2"))?)?,
+                    };
+                    let fresh = State8::new(s.state1.len());
+                    if loaded.state1.len() != fresh.state1.len()
+                        || loaded.state2.len() != fresh.state2.len()
+                        || loaded.absmax1.len() != fresh.absmax1.len()
+                        || loaded.absmax2.len() != fresh.absmax2.len()
+                    {
+                        return Err(wrong());
+                    }
+                    *s = loaded;
+                }
             }
-            p.m.f_copy_(&m)?;
-            p.v.f_copy_(&v)?;
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// A tensor's elements on the host, flattened, as `T`.
+fn host<T: tch::kind::Element + Default + Clone>(t: &Tensor) -> Result<Vec<T>> {
+    let flat = t.f_to_device(tch::Device::Cpu)?.f_reshape([-1])?.f_to_kind(T::KIND)?.f_contiguous()?;
+    let n = flat.numel();
+    let mut out = vec![T::default(); n];
+    flat.f_copy_data(&mut out, n)?;
+    Ok(out)
+}
+
+/// bitsandbytes' update of one parameter whose moments live on the host: the parameter and its gradient
+/// come to the host in f32, are updated there, and the result is written back in the parameter's kind.
+fn host_step(param: &mut Tensor, g: &Tensor, moments: &mut Moments, s: Step) -> Result<()> {
+    let grad = host::<f32>(g)?;
+    let mut p = host::<f32>(param)?;
+    match moments {
+        Moments::Bnb8(st) => step8(&mut p, &grad, st, s),
+        Moments::Bnb32 { m, v } => step32(&mut p, &grad, m, v, s),
+        Moments::Torch { .. } => unreachable!("torch moments are updated on the device"),
+    }
+    let updated = Tensor::f_from_slice(&p)?.f_view(param.size().as_slice())?;
+    param.f_copy_(&updated.f_to_kind(param.kind())?.f_to_device(param.device())?)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -209,7 +323,7 @@ mod tests {
         // betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)` with these gradients (1-D b is not decayed).
         let p = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.1, 0.0, -0.3]).view([2, 3]).set_requires_grad(true);
         let b = Tensor::from_slice(&[0.2f32, -0.2]).set_requires_grad(true);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.05 };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.05, eight_bit: false };
         let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone()), ("b".into(), b.shallow_clone())], cfg).unwrap();
         let grads: [([f32; 6], [f32; 2]); 3] = [
             ([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], [0.5, -0.5]),
@@ -247,7 +361,7 @@ mod tests {
         // eps=1e-6, weight_decay=0.05)` — PEFT's create_loraplus_optimizer groups with loraplus_lr_ratio 16.
         let a = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.1, 0.0, -0.3]).view([2, 3]).set_requires_grad(true);
         let b = Tensor::from_slice(&[0.2f32, -0.2, 0.4, 1.0, 0.0, -0.5]).view([3, 2]).set_requires_grad(true);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.05 };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, weight_decay: 0.05, eight_bit: false };
         let named = vec![
             ("m.q_proj.lora_A.weight".into(), a.shallow_clone()),
             ("m.q_proj.lora_B.weight".into(), b.shallow_clone()),

@@ -50,6 +50,7 @@ impl Trainer {
             beta2: cfg.adam_beta2,
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
+            eight_bit: cfg.optim.eight_bit(),
         };
         let mut opt = AdamW::new(params, adam)?;
         if let Some(ratio) = cfg.loraplus_lr_ratio {

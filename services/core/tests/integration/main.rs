@@ -12,6 +12,7 @@ mod kv_cache;
 mod lora;
 mod new_families;
 mod nf4;
+mod optim8;
 mod ppo;
 mod preference;
 mod reward;
