@@ -42,7 +42,7 @@ fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<String>) {
     (ok as f64 / texts.len() as f64, texts)
 }
 
-fn train(out: &Path, extra: &[&str]) {
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
     let mut args = vec![
@@ -59,6 +59,65 @@ fn train(out: &Path, extra: &[&str]) {
     args.extend(extra);
     let o = run_cli(&args);
     assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// The job's "optimizer state: …" log line: the planned state in MB and the 32-bit AdamW figure.
+fn optimizer_state(o: &std::process::Output) -> (String, f64, f64) {
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    let i = text.find("optimizer state: ").expect("the job logs its optimizer state");
+    let line = text[i..].lines().next().unwrap().trim_end_matches(['"', '}', ',']).to_owned();
+    let mb: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.parse().ok())
+        .filter(|_| true)
+        .collect();
+    let (planned, full) = (mb[0], *mb.last().unwrap());
+    (line, planned, full)
+}
+
+#[test]
+fn sft_full_fine_tuning_with_8bit_adamw_logs_its_smaller_state() {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny();
+    let run = |name: &str, optim: &str| {
+        train(
+            &t.path().join(name),
+            &[
+                "--set",
+                &model,
+                "--max-steps",
+                "4",
+                "--set",
+                "adapter.method=full",
+                "--set",
+                &format!("training.optim={optim}"),
+            ],
+        )
+    };
+    let (line8, mb8, full8) = optimizer_state(&run("eight", "paged_adamw_8bit"));
+    let (line32, mb32, full32) = optimizer_state(&run("torch", "adamw_torch"));
+    println!("{line8}\n{line32}");
+    assert!(line8.contains("paged_adamw_8bit") && line32.contains("adamw_torch"), "{line8} / {line32}");
+    assert_eq!(mb32, full32, "32-bit AdamW holds its own figure");
+    assert_eq!(full8, full32);
+    assert!(mb8 < 0.6 * mb32, "8-bit moments: {mb8} MB vs {mb32} MB");
+    let weights = |name: &str| {
+        let w = t.path().join(name).join("model.safetensors");
+        assert!(w.is_file(), "{name}: the fine-tuned model");
+        std::fs::metadata(w).unwrap().len()
+    };
+    assert_eq!(weights("eight"), weights("torch"));
+    let o = run_cli(&[
+        "train",
+        "sft",
+        "--recipe",
+        repo("recipes/lora-sft.yaml").to_str().unwrap(),
+        "--set",
+        "training.optim=adamw_9bit",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("adamw_9bit") && e.contains("paged_adamw_8bit"), "{e}");
 }
 
 #[test]
@@ -191,6 +250,26 @@ fn smollm2_sft_full_fine_tuning_writes_a_model_that_learned() {
     let (after, texts) = compliance_of(&out, None);
     println!("full fine-tuning (10 steps): {:.0}% (e.g. {:?})", after * 100.0, texts[0]);
     assert!(after >= 0.75, "full fine-tuning: {texts:?}");
+    // The same with bitsandbytes' 8-bit AdamW (transformers' `optim="adamw_8bit"`).
+    let out8 = t.path().join("full8");
+    let o = train(
+        &out8,
+        &[
+            "--max-steps",
+            "10",
+            "--set",
+            "adapter.method=full",
+            "--set",
+            "training.learning_rate=5e-5",
+            "--set",
+            "training.optim=adamw_8bit",
+        ],
+    );
+    let (line, mb8, mb32) = optimizer_state(&o);
+    let (after8, texts) = compliance_of(&out8, None);
+    println!("full fine-tuning with adamw_8bit (10 steps): {:.0}% (e.g. {:?}); {line}", after8 * 100.0, texts[0]);
+    assert!(after8 >= 0.75, "full fine-tuning, adamw_8bit: {texts:?}");
+    assert!(mb8 < 0.5 * mb32, "{line}");
 }
 
 #[test]

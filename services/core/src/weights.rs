@@ -284,7 +284,7 @@ impl safetensors::View for &RawTensor {
     }
 }
 
-/// Saves named tensors (any device/layout; f32, bf16, f16, i64) as a safetensors file with the
+/// Saves named tensors (any device/layout; f32, bf16, f16, i64, f64, u8) as a safetensors file with the
 /// `{"format": "pt"}` metadata transformers and PEFT expect, atomically.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut raws = Vec::with_capacity(tensors.len());
@@ -295,6 +295,7 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
             Kind::Half => StDtype::F16,
             Kind::Int64 => StDtype::I64,
             Kind::Double => StDtype::F64,
+            Kind::Uint8 => StDtype::U8,
             k => {
                 return Err(CoreError::Weight {
                     file: path.to_path_buf(),

@@ -55,6 +55,15 @@ fn run_sft(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
         }
     };
     write_provenance(r, &model_dir, &dataset, qlora, (train_set.len(), eval_set.len()))?;
+    let sizes: Vec<(String, usize)> = state.params(&mut model).into_iter().map(|(n, t)| (n, t.numel())).collect();
+    let planned = |eight| ferrotune_core::train::optim::planned_state_bytes(&sizes, eight) as f64 / 1e6;
+    let name = serde_json::to_value(r.training.optim)?;
+    ctx.log(format!(
+        "optimizer state: {:.1} MB ({}; 32-bit AdamW moments: {:.1} MB)",
+        planned(r.training.optim.eight_bit()),
+        name.as_str().unwrap_or("adamw"),
+        planned(false)
+    ));
     let objective = SftObjective::new(pad_id, &r.training);
     let tokens_of = |e: &ferrotune_core::train::sft::SftExample| e.input_ids.len();
     let run = Run {

@@ -104,7 +104,7 @@ impl AdamW {
                 let moments = if !cfg.eight_bit {
                     let m = tensor.f_zeros_like()?.f_to_kind(Kind::Float)?;
                     Moments::Torch { v: m.f_zeros_like()?, m }
-                } else if n >= MIN_8BIT_SIZE && !name.contains("embed_tokens") {
+                } else if eight_bit_moments(&name, n) {
                     Moments::Bnb8(State8::new(n))
                 } else {
                     Moments::Bnb32 { m: vec![0.0; n], v: vec![0.0; n] }
@@ -287,6 +287,20 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// Whether bitsandbytes' 8-bit AdamW keeps 8-bit moments for this tensor: at least `min_8bit_size`
+/// elements and not an embedding (transformers registers embeddings for 32-bit states).
+fn eight_bit_moments(name: &str, numel: usize) -> bool {
+    numel >= MIN_8BIT_SIZE && !name.contains("embed_tokens")
+}
+
+/// The optimizer-state bytes AdamW will hold for `params` (name, element count), with 8-bit moments or not.
+pub fn planned_state_bytes(params: &[(String, usize)], eight_bit: bool) -> usize {
+    params
+        .iter()
+        .map(|(name, n)| if eight_bit && eight_bit_moments(name, *n) { State8::new(*n).bytes() } else { 8 * n })
+        .sum()
 }
 
 /// A tensor's elements on the host, flattened, as `T`.

@@ -147,7 +147,7 @@ pub fn step8(p: &mut [f32], g: &[f32], st: &mut State8, s: Step) {
     let c1 = 1.0 - s.beta1.powi(s.t);
     let c2 = ((1.0 - s.beta2.powi(s.t)).sqrt()) as f32;
     let eps = s.eps as f32;
-    let decay = (s.weight_decay > 0.0).then(|| (1.0 - s.lr * s.weight_decay) as f32);
+    let decay = (s.weight_decay > 0.0).then_some((1.0 - s.lr * s.weight_decay) as f32);
     let value = (-s.lr / c1) as f32;
     for i in 0..p.len() {
         m[i] = g[i].mul_add(a1, m[i] * b1);
@@ -172,7 +172,7 @@ pub fn step32(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: Step) {
     let c2 = (1.0 - s.beta2.powi(s.t)).sqrt();
     let step_size = (-s.lr * c2 / c1) as f32;
     let eps = (s.eps * c2) as f32;
-    let decay = (s.weight_decay > 0.0).then(|| (1.0 - s.lr * s.weight_decay) as f32);
+    let decay = (s.weight_decay > 0.0).then_some((1.0 - s.lr * s.weight_decay) as f32);
     for i in 0..p.len() {
         m[i] = g[i].mul_add(a1, m[i] * b1);
         v[i] = (a2 * g[i]).mul_add(g[i], v[i] * b2);

@@ -92,11 +92,14 @@ fn eight_bit_state_survives_a_checkpoint() {
         let mut opt = AdamW::new(vec![("w".into(), w.shallow_clone())], cfg).unwrap();
         for k in 1..=3 {
             if resume_at == Some(k) {
-                let saved: HashMap<String, Tensor> =
-                    opt.state_tensors().into_iter().map(|(n, t)| (n, t.copy())).collect();
+                // Through a checkpoint file, as the trainer writes and reads it.
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("optimizer.safetensors");
+                ferrotune_core::weights::save_safetensors(&file, &opt.state_tensors()).unwrap();
                 let step = opt.step;
                 opt = AdamW::new(vec![("w".into(), w.shallow_clone())], cfg).unwrap();
-                opt.load_state(&|n| Ok(saved[n].copy()), step).unwrap();
+                let files = ferrotune_core::weights::WeightFiles::open_files(&[file]).unwrap();
+                opt.load_state(&|n| files.load_raw(n), step).unwrap();
             }
             opt.zero_grad().unwrap();
             (&w * &f[&format!("w.grad.step{k}")]).sum(Kind::Float).backward();
