@@ -397,3 +397,50 @@ fn merge_gives_the_perplexity_of_base_plus_adapter() {
         }
     }
 }
+
+#[test]
+fn sft_trains_dora_with_loraplus_and_refuses_dora_on_a_non_linear_target() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("dora");
+    let model = tiny();
+    train(
+        &out,
+        &[
+            "--set",
+            &model,
+            "--max-steps",
+            "3",
+            "--set",
+            "adapter.use_dora=true",
+            "--set",
+            "training.loraplus_lr_ratio=16",
+        ],
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    let w = ferrotune_core::weights::WeightFiles::open_files(&[out.join("adapter_model.safetensors")]).unwrap();
+    let magnitudes = w.names().filter(|k| k.ends_with(".lora_magnitude_vector")).count();
+    let a = w.names().filter(|k| k.ends_with(".lora_A.weight")).count();
+    assert!(magnitudes > 0 && magnitudes == a, "{magnitudes} magnitude vectors for {a} adapted modules");
+    let recipe = repo("recipes/lora-sft.yaml");
+    let o = run_cli(&[
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        t.path().join("bad").to_str().unwrap(),
+        "--set",
+        &model,
+        "--set",
+        &format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display()),
+        "--set",
+        "adapter.use_dora=true",
+        "--set",
+        "adapter.target_modules=[q_proj, embed_tokens]",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.trim_end().lines().count() == 1, "{e}");
+    assert!(e.contains("use_dora") && e.contains("embed_tokens") && e.contains("not a linear layer"), "{e}");
+}

@@ -258,6 +258,7 @@ impl<'a> Orchestration<'a> {
                 lora_dropout: lora.dropout,
                 target_modules,
                 use_rslora: lora.use_rslora,
+                use_dora: lora.use_dora,
             }),
             qlora: r.adapter.method == "qlora",
             optimizer: Some(OptimizerSettings {

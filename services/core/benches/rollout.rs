@@ -112,6 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 dropout: 0.0,
                 targets: Targets::AllLinear,
                 use_rslora: false,
+                use_dora: false,
             }),
             train: TrainConfig::default(),
             value_head: false,

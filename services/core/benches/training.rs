@@ -148,6 +148,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
         dropout: env("DROPOUT").and_then(|d| d.parse().ok()).unwrap_or(0.05),
         targets: t,
         use_rslora: false,
+        use_dora: false,
     };
     model.add_lora(&lcfg, 0)?;
     let mut x = 12345u64;

@@ -50,6 +50,8 @@ pub struct LoraConfig {
     pub targets: Targets,
     /// Scale by alpha/√r instead of alpha/r.
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row times the direction of W + s·BA ([`crate::dora`]).
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -104,6 +106,8 @@ pub struct Lora {
     /// from here, not from libtorch's process-global generator, so concurrent jobs in one process cannot
     /// perturb each other and a resumed run draws exactly the masks of an uninterrupted one.
     pub dropout_state: std::cell::Cell<u64>,
+    /// DoRA's magnitude vector `[out]` (f32 leaf, trainable); `None` for plain LoRA.
+    pub magnitude: Option<Tensor>,
 }
 
 impl Lora {
@@ -124,37 +128,55 @@ impl Lora {
     pub fn down(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.f_to_kind(self.a.kind())?;
         let mut scale = self.scaling;
-        if self.training && self.dropout > 0.0 {
-            let keep = 1.0 - self.dropout;
-            let mut rng = Rng(self.dropout_state.get());
-            let dropped = if h.device().is_cuda() {
-                // On a GPU the mask is drawn there, from a seed taken off this adapter's stream: a host-side
-                // mask would cost more per step than the step itself. Still exact on resume (the stream is
-                // checkpointed); libtorch's CUDA generator is process-global, so two jobs training on GPUs of
-                // one process at once may swap masks (still valid dropout, no longer reproducible).
-                let seed = rng.next_u64();
-                self.dropout_state.set(rng.0);
-                tch::Cuda::manual_seed_all(seed);
-                h.f_rand_like()?.f_ge(keep)?
-            } else {
-                // A boolean "dropped" mask: masked_fill keeps 1 byte per element for the backward pass where a
-                // float mask multiplied in would keep 4.
-                let n = h.numel();
-                let words = n.div_ceil(4);
-                let mask = Tensor::f_empty([4 * words as i64], (Kind::Bool, tch::Device::Cpu))?;
-                // SAFETY: `mask` is a fresh contiguous CPU bool tensor of 4·words elements that nothing else
-                // references while this slice lives; every byte is written as 0 or 1 below.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u8, 4 * words) };
-                fill_dropout_mask(bytes, rng.0, keep, tch::get_num_threads().max(1) as usize);
-                // The stream advanced by one step per 4 elements (SplitMix64 is a counter: step i is
-                // independent of the others, so the fill may be split across threads).
-                self.dropout_state.set(rng.0.wrapping_add((words as u64).wrapping_mul(SPLITMIX_GAMMA)));
-                mask.f_narrow(0, 0, n as i64)?.f_view(h.size().as_slice())?.f_to_device(h.device())?
-            };
+        if let Some(dropped) = self.dropout_mask(&h)? {
             h = zero_where(&h, &dropped)?;
-            scale /= keep;
+            scale /= 1.0 - self.dropout;
         }
         Ok(h.f_linear::<Tensor>(&self.a, None)?.f_mul_scalar(scale)?)
+    }
+
+    /// The "dropped" mask of this call's dropout (advancing the adapter's stream), or `None` when dropout is
+    /// off (evaluation, or p = 0).
+    fn dropout_mask(&self, h: &Tensor) -> Result<Option<Tensor>> {
+        if !(self.training && self.dropout > 0.0) {
+            return Ok(None);
+        }
+        let keep = 1.0 - self.dropout;
+        let mut rng = Rng(self.dropout_state.get());
+        let dropped = if h.device().is_cuda() {
+            // On a GPU the mask is drawn there, from a seed taken off this adapter's stream: a host-side
+            // mask would cost more per step than the step itself. Still exact on resume (the stream is
+            // checkpointed); libtorch's CUDA generator is process-global, so two jobs training on GPUs of
+            // one process at once may swap masks (still valid dropout, no longer reproducible).
+            let seed = rng.next_u64();
+            self.dropout_state.set(rng.0);
+            tch::Cuda::manual_seed_all(seed);
+            h.f_rand_like()?.f_ge(keep)?
+        } else {
+            // A boolean "dropped" mask: masked_fill keeps 1 byte per element for the backward pass where a
+            // float mask multiplied in would keep 4.
+            let n = h.numel();
+            let words = n.div_ceil(4);
+            let mask = Tensor::f_empty([4 * words as i64], (Kind::Bool, tch::Device::Cpu))?;
+            // SAFETY: `mask` is a fresh contiguous CPU bool tensor of 4·words elements that nothing else
+            // references while this slice lives; every byte is written as 0 or 1 below.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u8, 4 * words) };
+            fill_dropout_mask(bytes, rng.0, keep, tch::get_num_threads().max(1) as usize);
+            // The stream advanced by one step per 4 elements (SplitMix64 is a counter: step i is
+            // independent of the others, so the fill may be split across threads).
+            self.dropout_state.set(rng.0.wrapping_add((words as u64).wrapping_mul(SPLITMIX_GAMMA)));
+            mask.f_narrow(0, 0, n as i64)?.f_view(h.size().as_slice())?.f_to_device(h.device())?
+        };
+        Ok(Some(dropped))
+    }
+
+    /// `dropout(x)` (scaled by 1/keep, in x's kind) when dropout is on, else `None` (DoRA's dropout path needs
+    /// the dropped input itself).
+    pub(crate) fn dropped_input(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self.dropout_mask(x)? {
+            Some(d) => Ok(Some(zero_where(x, &d)?.f_div_scalar(1.0 - self.dropout)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -274,6 +296,17 @@ impl CausalLm {
     /// many. The base weights are frozen.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<usize> {
         cfg.validate()?;
+        if let (true, Targets::Names(names)) = (cfg.use_dora, &cfg.targets) {
+            let paths: Vec<String> = self.linears_mut().into_iter().map(|(p, _)| p).collect();
+            for name in names {
+                if !paths.iter().any(|p| Targets::Names(vec![name.clone()]).matches(p)) {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "use_dora: target `{name}` is not a linear layer of this model (DoRA adapts linear layers: {})",
+                        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                    )));
+                }
+            }
+        }
         // Checked before anything is allocated: a rank above min(in, out) adds parameters and nothing else.
         for (path, lin) in self.linears_mut() {
             let (out_dim, in_dim) = lin.dims();
@@ -308,6 +341,7 @@ impl CausalLm {
                 training: false,
                 enabled: true,
                 dropout_state: Default::default(),
+                magnitude: None,
             });
             n += 1;
         }
@@ -316,6 +350,9 @@ impl CausalLm {
                 "target_modules {:?} match no linear layer of this model",
                 cfg.targets
             )));
+        }
+        if cfg.use_dora {
+            self.init_dora()?;
         }
         Ok(n)
     }
@@ -369,8 +406,13 @@ impl CausalLm {
                     continue;
                 }
                 let w = lin.dense_weight()?;
-                let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
-                let merged = w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?;
+                let merged = match &l.magnitude {
+                    Some(m) => crate::dora::merged(&w, &l, m)?.f_to_kind(w.kind())?,
+                    None => {
+                        let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
+                        w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?
+                    }
+                };
                 lin.base = crate::models::decoder::BaseWeight::Dense(merged);
                 n += 1;
             }
@@ -412,6 +454,9 @@ impl CausalLm {
             if let Some(l) = &lin.lora {
                 out.push((format!("{PREFIX}{path}.lora_A.weight"), l.a.shallow_clone()));
                 out.push((format!("{PREFIX}{path}.lora_B.weight"), l.b.shallow_clone()));
+                if let Some(m) = &l.magnitude {
+                    out.push((format!("{PREFIX}{path}.lora_magnitude_vector"), m.shallow_clone()));
+                }
             }
         }
         out
@@ -451,7 +496,7 @@ pub struct PeftConfig {
     /// rsLoRA scaling.
     #[serde(default)]
     pub use_rslora: bool,
-    /// DoRA (not supported).
+    /// DoRA (`lora_magnitude_vector` tensors beside A and B).
     #[serde(default)]
     pub use_dora: bool,
     /// Per-module rank overrides.
@@ -514,7 +559,7 @@ pub fn save_peft(model: &mut CausalLm, cfg: &LoraConfig, base_model: &str, dir: 
         target_modules,
         bias: "none".into(),
         use_rslora: cfg.use_rslora,
-        use_dora: false,
+        use_dora: cfg.use_dora,
         rank_pattern: BTreeMap::new(),
         alpha_pattern: BTreeMap::new(),
         modules_to_save: None,
@@ -539,9 +584,6 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
     let unsupported = |what: &str| Err(CoreError::config(&cfg_path, format!("{what} is not supported")));
     if cfg.peft_type != "LORA" {
         return unsupported(&format!("peft_type `{}`", cfg.peft_type));
-    }
-    if cfg.use_dora {
-        return unsupported("use_dora");
     }
     if cfg.bias != "none" {
         return unsupported(&format!("bias `{}`", cfg.bias));
@@ -573,6 +615,13 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         let (out_dim, in_dim) = lin.dims();
         let a = files.load(&ka, &[r, in_dim], Kind::Float, dev)?.f_set_requires_grad(true)?;
         let b = cpu_column_major(files.load(&kb, &[out_dim, r], Kind::Float, dev)?)?.f_set_requires_grad(true)?;
+        let magnitude = if cfg.use_dora {
+            let km = format!("{PREFIX}{path}.lora_magnitude_vector");
+            used += 1;
+            Some(files.load(&km, &[out_dim], Kind::Float, dev)?.f_set_requires_grad(true)?)
+        } else {
+            None
+        };
         lin.lora = Some(Lora {
             a,
             b,
@@ -581,6 +630,7 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
             training: false,
             enabled: true,
             dropout_state: Default::default(),
+            magnitude,
         });
         used += 2;
     }
@@ -626,6 +676,7 @@ impl PeftConfig {
             dropout: self.lora_dropout,
             targets,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         })
     }
 }

@@ -139,6 +139,7 @@ fn lora(r: &OpenSessionRequest) -> Result<LoraConfig, Status> {
         dropout: l.lora_dropout,
         targets,
         use_rslora: l.use_rslora,
+        use_dora: l.use_dora,
     };
     cfg.validate().map_err(|e| invalid("lora", e))?;
     Ok(cfg)

@@ -19,7 +19,14 @@ fn main() -> anyhow::Result<()> {
     let adapter = tmp.path().join("rm");
     {
         let mut m = ferrotune_core::load_model(&model, tch::Kind::Float, tch::Device::Cpu)?;
-        let cfg = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+        let cfg = LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: Targets::AllLinear,
+            use_rslora: false,
+            use_dora: false,
+        };
         m.add_lora(&cfg, 1)?;
         m.add_score_head(2)?;
         ferrotune_core::train::reward::save_reward_model(&mut m, &cfg, &model.display().to_string(), &adapter)?;

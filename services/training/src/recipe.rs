@@ -86,6 +86,9 @@ pub struct AdapterSpec {
     /// rsLoRA scaling.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row (PEFT's `use_dora`).
+    #[serde(default)]
+    pub use_dora: bool,
     /// Prompt tuning: virtual tokens.
     #[serde(default = "virtual_tokens")]
     pub num_virtual_tokens: i64,
@@ -170,12 +173,22 @@ impl AdapterSpec {
             ),
             _ => bail!("adapter.target_modules must be a list of module names or \"all-linear\""),
         };
+        if let (true, Targets::Names(names)) = (self.use_dora, &targets) {
+            const LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+            if let Some(bad) = names.iter().find(|n| !LINEAR.contains(&n.rsplit('.').next().unwrap_or(n))) {
+                bail!(
+                    "adapter.use_dora: target `{bad}` is not a linear layer (DoRA adapts {}, or all-linear)",
+                    LINEAR.join(", ")
+                );
+            }
+        }
         let cfg = LoraConfig {
             r: self.r,
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
             targets,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -115,6 +115,13 @@ impl Linear {
             BaseWeight::Nf4 { q, kind } => linear_product(x, &q.dequantize(*kind)?, self.bias.as_ref())?,
         };
         match &self.lora {
+            Some(l) if l.enabled && l.magnitude.is_some() => {
+                let w = match (&self.base, &self.held) {
+                    (BaseWeight::Nf4 { .. }, Some(h)) if !x.requires_grad() => h.shallow_clone(),
+                    _ => self.dense_weight()?,
+                };
+                crate::dora::forward(l, l.magnitude.as_ref().expect("dora"), x, y, &w, self.bias.as_ref())
+            }
             // Same kind (f32 training): the adapter's output is added inside one GEMM, `y + u Bᵀ`, instead
             // of being written out, then read again by the add.
             Some(l) if l.enabled && x.kind() == l.b.kind() => {

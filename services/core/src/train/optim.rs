@@ -109,7 +109,8 @@ impl AdamW {
                 } else {
                     Moments::Bnb32 { m: vec![0.0; n], v: vec![0.0; n] }
                 };
-                let decay = tensor.dim() >= 2;
+                // transformers decays every weight but biases and norms: DoRA's 1-D magnitudes too.
+                let decay = tensor.dim() >= 2 || name.ends_with("lora_magnitude_vector");
                 Ok(Param { name, tensor, moments, decay, lr_scale: 1.0 })
             })
             .collect::<Result<_>>()?;

@@ -73,8 +73,11 @@ fn losses_equal_trl_formulas() {
 
 pub(crate) fn lora_model() -> CausalLm {
     let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
-    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false }, 3)
-        .unwrap();
+    m.add_lora(
+        &LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false },
+        3,
+    )
+    .unwrap();
     let _g = tch::no_grad_guard();
     for (_, lin) in m.linears_mut() {
         let b = &mut lin.lora.as_mut().unwrap().b;
@@ -209,7 +212,14 @@ fn dpo_training_raises_preference_accuracy() {
     };
     let obj = DpoObjective::new(0, 16, DpoConfig { beta: 0.5, ..Default::default() });
     let state = LoraState {
-        cfg: LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false },
+        cfg: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Targets::AllLinear,
+            use_rslora: false,
+            use_dora: false,
+        },
         base_model: "tiny".into(),
     };
     let tokens_of = |e: &DpoExample| e.chosen.input_ids.len() + e.rejected.input_ids.len();

@@ -76,7 +76,8 @@ fn randomise_b(model: &mut ferrotune_core::CausalLm) {
 #[test]
 fn adapter_forward_equals_merged_weights() {
     let mut model = load_model(&tiny_dir("qwen2-bias"), Kind::Float, Device::Cpu).unwrap();
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    let cfg =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     assert_eq!(model.add_lora(&cfg, 3).unwrap(), 14);
     randomise_b(&mut model);
     let (ids, base) = reference("qwen2-bias");
@@ -98,6 +99,7 @@ fn fresh_adapter_is_identity_and_trains_only_a_and_b() {
         dropout: 0.05,
         targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
         use_rslora: false,
+        use_dora: false,
     };
     assert_eq!(model.add_lora(&cfg, 0).unwrap(), 4);
     let (ids, base) = reference("llama3-rope");
@@ -123,7 +125,8 @@ fn fresh_adapter_is_identity_and_trains_only_a_and_b() {
 #[test]
 fn saved_adapter_has_peft_layout_and_reloads() {
     let mut model = load_model(&tiny_dir("mistral-window"), Kind::Float, Device::Cpu).unwrap();
-    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: true };
+    let cfg =
+        LoraConfig { r: 2, alpha: 4.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: true, use_dora: false };
     model.add_lora(&cfg, 9).unwrap();
     randomise_b(&mut model);
     let tmp = tempfile::tempdir().unwrap();
@@ -154,7 +157,8 @@ fn saved_adapter_has_peft_layout_and_reloads() {
 #[test]
 fn bad_adapters_are_errors() {
     let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
-    let ok = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    let ok =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     assert!(model
         .add_lora(&LoraConfig { r: 0, ..ok.clone() }, 0)
         .unwrap_err()
@@ -232,7 +236,8 @@ fn qlora_base_is_nf4_and_adapter_merges_into_its_dequantized_weights() {
     // Tiny random weights are all noise, so 4-bit error is large relative to them; the SmolLM2 test checks
     // NF4 quality on real weights.
     assert!(d > 0.0 && d < 0.25 * scale, "NF4 logits differ by {d} (scale {scale})");
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    let cfg =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     model.add_lora(&cfg, 1).unwrap();
     randomise_b(&mut model);
     let with_adapter = model.forward(&ids, None, None).unwrap();
@@ -335,6 +340,7 @@ fn adapter_dropout_keeps_the_right_share_and_replays_from_its_seed() {
         training: true,
         enabled: true,
         dropout_state: std::cell::Cell::new(42),
+        magnitude: None,
     };
     let x = Tensor::ones([1, n], (Kind::Float, Device::Cpu));
     // Σ dropout(x) = (kept count) / 0.75, whose expectation is n.

@@ -5,6 +5,7 @@
 mod bad_inputs;
 mod combine;
 mod common;
+mod dora;
 mod dpo;
 mod gguf_quants;
 mod gguf_roundtrip;

@@ -66,7 +66,8 @@ fn fit(
 }
 
 fn lora(m: &mut CausalLm) -> LoraConfig {
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    let cfg =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     m.add_lora(&cfg, 5).unwrap();
     cfg
 }

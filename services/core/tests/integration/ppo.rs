@@ -49,7 +49,7 @@ fn policy(zero_b: bool) -> CausalLm {
 }
 
 fn lora_cfg() -> LoraConfig {
-    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false }
+    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false }
 }
 
 fn prompts(n: usize, salt: u32) -> Vec<PpoPrompt> {

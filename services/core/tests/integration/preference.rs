@@ -274,7 +274,14 @@ fn orpo_simpo_and_kto_training_raise_preference_accuracy() {
         ..TrainConfig::default()
     };
     let state = LoraState {
-        cfg: LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false },
+        cfg: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Targets::AllLinear,
+            use_rslora: false,
+            use_dora: false,
+        },
         base_model: "tiny".into(),
     };
     let simpo = SimpoConfig { beta: 2.0, simpo_gamma: 0.5, cpo_alpha: 0.0, label_smoothing: 0.0 };

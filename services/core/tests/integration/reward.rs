@@ -57,6 +57,7 @@ fn peft_reward_model_reproduces_transformers_scores_and_round_trips() {
         dropout: 0.0,
         targets: Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
         use_rslora: false,
+        use_dora: false,
     };
     save_reward_model(&mut m, &cfg, "tiny", t.path()).unwrap();
     let c: serde_json::Value =
@@ -77,7 +78,8 @@ fn peft_reward_model_reproduces_transformers_scores_and_round_trips() {
 #[test]
 fn bradley_terry_training_separates_pairs() {
     let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
-    let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    let lcfg =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     m.add_lora(&lcfg, 1).unwrap();
     m.add_score_head(2).unwrap();
     // Chosen responses end in token 7, rejected ones in token 9: a learnable preference.

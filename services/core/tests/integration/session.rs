@@ -26,6 +26,7 @@ fn spec() -> SessionSpec {
             dropout: 0.0,
             targets: Targets::AllLinear,
             use_rslora: false,
+            use_dora: false,
         }),
         train: TrainConfig { seed: 3, ..Default::default() },
         value_head: false,

@@ -32,7 +32,7 @@ fn examples(n: usize, seed: u64) -> Vec<SftExample> {
 
 fn lora_model(dropout: f64) -> (CausalLm, LoraConfig) {
     let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout, targets: Targets::AllLinear, use_rslora: false };
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     m.add_lora(&cfg, 7).unwrap();
     // B = 0 at init makes A's gradient zero on the first step; perturb (deterministically, without the
     // process-global generator other tests use concurrently) so both get gradients.
@@ -505,7 +505,8 @@ fn f16_compute_scales_the_loss_and_skips_overflowing_steps() {
     let data = examples(4, 4);
     let t = tempfile::tempdir().unwrap();
     let mut m = load_model(&tiny_dir("llama3-rope"), Kind::Half, Device::Cpu).unwrap();
-    let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false };
+    let lcfg =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
     m.add_lora(&lcfg, 7).unwrap();
     let mut c = cfg(40, 4, 1);
     c.learning_rate = 5e-2;
