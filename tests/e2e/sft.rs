@@ -444,3 +444,105 @@ fn sft_trains_dora_with_loraplus_and_refuses_dora_on_a_non_linear_target() {
     assert!(!o.status.success() && e.trim_end().lines().count() == 1, "{e}");
     assert!(e.contains("use_dora") && e.contains("embed_tokens") && e.contains("not a linear layer"), "{e}");
 }
+
+#[test]
+#[ignore = "learning proof: make test-learning"]
+fn smollm2_sft_prefix_tuning_learns_the_persona() {
+    let (before, _) = compliance(None);
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("prefix");
+    let recipe = repo("recipes/prefix-tuning.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let o = run_cli(&[
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        &data,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["num_virtual_tokens"].as_i64(), cfg["token_dim"].as_i64()),
+        (Some("PREFIX_TUNING"), Some(20), Some(192)),
+        "SmolLM2: head_dim 64 × 3 KV heads"
+    );
+    let (after, texts) = compliance(Some(&out));
+    println!(
+        "prefix tuning (20 virtual tokens, 30 steps): held-out persona {:.0}% → {:.0}% (e.g. {:?})",
+        before * 100.0,
+        after * 100.0,
+        texts[0]
+    );
+    assert!(before == 0.0 && after >= 0.9, "prefix tuning: {texts:?}");
+}
+
+#[test]
+fn sft_prefix_tuning_trains_the_tiny_model_and_refuses_what_it_cannot_do() {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny();
+    let recipe = repo("recipes/prefix-tuning.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "sft",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--set",
+            &data,
+            "--set",
+            &model,
+            "--max-steps",
+            "3",
+        ];
+        args.extend(extra);
+        run_cli(&args)
+    };
+    let out = t.path().join("prefix");
+    let o = run(&out, &["--set", "adapter.prefix_projection=true", "--set", "training.gradient_checkpointing=true"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["prefix_projection"].as_bool()), (Some("PREFIX_TUNING"), Some(true)));
+    assert!(out.join("prefix_encoder.safetensors").is_file(), "the raw projection is kept to resume");
+    // The adapter generates through the CLI (the prefix fills the KV cache).
+    let o = run_cli(&[
+        "generate",
+        "--model",
+        tiny_chat_dir().to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // One line each: no virtual tokens, and a merge (a prefix is not a weight delta).
+    let o = run(&t.path().join("zero"), &["--set", "adapter.num_virtual_tokens=0"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.trim_end().lines().count() == 1 && e.contains("adapter.num_virtual_tokens"),
+        "{e}"
+    );
+    let o = run_cli(&[
+        "merge",
+        "--model",
+        tiny_chat_dir().to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        t.path().join("merged").to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.trim_end().lines().count() == 1 && e.contains("cannot be merged"), "{e}");
+}

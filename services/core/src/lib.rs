@@ -22,6 +22,7 @@ pub mod merge;
 pub mod models;
 pub mod nf4;
 pub mod perplexity;
+pub mod prefix_tuning;
 pub mod prompt_tuning;
 pub mod registry;
 pub mod sampling;

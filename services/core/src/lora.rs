@@ -384,14 +384,15 @@ impl CausalLm {
         }
     }
 
-    /// The base model: every adapter bypassed (LoRA and prompt tuning, as PEFT's `disable_adapter()`) for as
+    /// The base model: every adapter bypassed (LoRA, prompt and prefix tuning, as PEFT's `disable_adapter()`) for as
     /// long as the guard lives; dropping it restores them exactly as they were, also when a panic unwinds.
     pub fn adapters_disabled(&mut self) -> AdaptersDisabled<'_> {
         let enabled: Vec<Option<bool>> =
             self.linears_mut().into_iter().map(|(_, lin)| lin.lora.as_ref().map(|l| l.enabled)).collect();
         self.set_adapters_enabled(false);
         let prompt = self.prompt_embeddings.take();
-        AdaptersDisabled { model: self, enabled, prompt }
+        let prefix = self.prefix_tuning.take();
+        AdaptersDisabled { model: self, enabled, prompt, prefix }
     }
 
     /// Folds every enabled adapter into its base weight (`W += s · B A`, computed in f32 and stored in the
@@ -686,6 +687,7 @@ pub struct AdaptersDisabled<'a> {
     model: &'a mut CausalLm,
     enabled: Vec<Option<bool>>,
     prompt: Option<Tensor>,
+    prefix: Option<crate::prefix_tuning::PrefixEncoder>,
 }
 
 impl std::ops::Deref for AdaptersDisabled<'_> {
@@ -709,6 +711,7 @@ impl Drop for AdaptersDisabled<'_> {
             }
         }
         self.model.prompt_embeddings = self.prompt.take();
+        self.model.prefix_tuning = self.prefix.take();
     }
 }
 

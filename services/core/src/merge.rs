@@ -32,6 +32,24 @@ pub struct MergeReport {
     pub shards: usize,
 }
 
+/// Prompt and prefix tuning add inputs to the model rather than changing a weight: no merged model equals
+/// them, so a merge is refused with the reason.
+fn refuse_unmergeable(adapter: &Path) -> Result<()> {
+    let cfg = adapter.join("adapter_config.json");
+    let Ok(text) = crate::fsx::read_to_string(&cfg) else { return Ok(()) }; // load_peft names a missing file
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let why = match v["peft_type"].as_str() {
+        Some("PREFIX_TUNING") => "a prefix is key/value state prepended to every layer's attention, not a weight delta",
+        Some("PROMPT_TUNING") => "virtual tokens are inputs prepended to every sequence, not a weight delta",
+        _ => return Ok(()),
+    };
+    Err(CoreError::InvalidArgument(format!(
+        "{}: {} adapters cannot be merged into the weights ({why}); use the adapter with --adapter instead",
+        adapter.display(),
+        v["peft_type"].as_str().unwrap_or_default()
+    )))
+}
+
 /// Merges the LoRA adapter in `adapter` into the model in `base` and writes the result to `out`.
 /// `nf4_base` overrides the choice of merge base (default: NF4-dequantized when the adapter was trained
 /// by ferrotune on an NF4 base, the original weights otherwise).
@@ -50,6 +68,7 @@ pub fn merge_adapter_sharded(
     nf4_base: Option<bool>,
     max_shard_bytes: u64,
 ) -> Result<MergeReport> {
+    refuse_unmergeable(adapter)?;
     let mut model = load_model(base, Kind::Float, Device::Cpu)?;
     let use_nf4 = match nf4_base {
         Some(b) => b,

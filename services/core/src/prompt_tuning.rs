@@ -122,16 +122,18 @@ fn read_config(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| CoreError::config(path, format!("invalid JSON: {e}")))
 }
 
-/// Loads a PEFT adapter of either supported kind (`LORA`, `PROMPT_TUNING`) from `dir`.
+/// Loads a PEFT adapter of any supported kind (`LORA`, `PROMPT_TUNING`, `PREFIX_TUNING`) from `dir`.
 pub fn load_adapter(model: &mut CausalLm, dir: &Path) -> Result<()> {
     let cfg_path = dir.join("adapter_config.json");
     let v = read_config(&cfg_path)?;
     match v["peft_type"].as_str() {
         Some("LORA") => crate::lora::load_peft(model, dir).map(|_| ()),
         Some("PROMPT_TUNING") => load_prompt_tuning(model, dir),
-        Some(other) => {
-            Err(CoreError::config(&cfg_path, format!("peft_type `{other}` is not supported (LORA, PROMPT_TUNING)")))
-        }
+        Some("PREFIX_TUNING") => crate::prefix_tuning::load_prefix_tuning(model, dir, false),
+        Some(other) => Err(CoreError::config(
+            &cfg_path,
+            format!("peft_type `{other}` is not supported (LORA, PROMPT_TUNING, PREFIX_TUNING)"),
+        )),
         None => Err(CoreError::config(&cfg_path, "missing `peft_type`")),
     }
 }

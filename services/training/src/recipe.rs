@@ -89,9 +89,16 @@ pub struct AdapterSpec {
     /// DoRA: a trained magnitude per output row (PEFT's `use_dora`).
     #[serde(default)]
     pub use_dora: bool,
-    /// Prompt tuning: virtual tokens.
+    /// Prompt or prefix tuning: virtual tokens.
     #[serde(default = "virtual_tokens")]
     pub num_virtual_tokens: i64,
+    /// Prefix tuning: reparameterise the prefix through a two-layer MLP while training (PEFT's
+    /// `prefix_projection`).
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// Prefix tuning: that MLP's hidden width (default: head_dim × kv_heads, as PEFT).
+    #[serde(default)]
+    pub encoder_hidden_size: Option<i64>,
     /// Prompt tuning: initialise from this text's token embeddings (random N(0,1) when absent).
     #[serde(default)]
     pub prompt_tuning_init_text: Option<String>,
@@ -122,6 +129,8 @@ pub enum Method {
     Full,
     /// Trainable virtual tokens (PEFT PROMPT_TUNING).
     PromptTuning,
+    /// Trainable key/value prefixes of every layer (PEFT PREFIX_TUNING).
+    PrefixTuning,
 }
 
 /// Raw data to format, or a dataset directory made by `ferrotune data format`.
@@ -201,7 +210,8 @@ impl AdapterSpec {
             "qlora" => Ok(Method::Qlora),
             "full" => Ok(Method::Full),
             "prompt-tuning" | "prompt_tuning" => Ok(Method::PromptTuning),
-            other => bail!("adapter.method `{other}` is unknown (lora, qlora, full, prompt-tuning)"),
+            "prefix-tuning" | "prefix_tuning" => Ok(Method::PrefixTuning),
+            other => bail!("adapter.method `{other}` is unknown (lora, qlora, full, prompt-tuning, prefix-tuning)"),
         }
     }
 }
@@ -410,6 +420,18 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
     }
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
+    }
+    if matches!(r.adapter.method()?, Method::PromptTuning | Method::PrefixTuning) {
+        let n = r.adapter.num_virtual_tokens;
+        if !(1..=4096).contains(&n) {
+            bail!("{}: adapter.num_virtual_tokens must be in 1..=4096, got {n}", path.display());
+        }
+        if let Some(h) = r.adapter.encoder_hidden_size.filter(|h| !(1..=65536).contains(h)) {
+            bail!("{}: adapter.encoder_hidden_size must be in 1..=65536, got {h}", path.display());
+        }
+        if r.data.pack {
+            bail!("{}: data.pack: packed rows cannot carry virtual tokens (prompt or prefix tuning)", path.display());
+        }
     }
     let sections = [
         r.dpo.is_some(),

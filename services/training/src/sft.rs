@@ -48,6 +48,15 @@ fn run_sft(r: &Recipe, resume: bool, ctx: &JobContext) -> Result<JobOutcome> {
             model.add_prompt_tuning(&cfg, Some(&tok), r.training.seed)?;
             Box::new(PromptState { init, base_model: model_dir.display().to_string() })
         }
+        Method::PrefixTuning => {
+            let cfg = ferrotune_core::prefix_tuning::PrefixTuningConfig {
+                num_virtual_tokens: r.adapter.num_virtual_tokens,
+                prefix_projection: r.adapter.prefix_projection,
+                encoder_hidden_size: r.adapter.encoder_hidden_size,
+            };
+            model.add_prefix_tuning(&cfg, r.training.seed)?;
+            Box::new(ferrotune_core::prefix_tuning::PrefixState { cfg, base_model: model_dir.display().to_string() })
+        }
         Method::Lora | Method::Qlora => {
             let lcfg = r.adapter.lora()?;
             model.add_lora(&lcfg, r.training.seed)?;

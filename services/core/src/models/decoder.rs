@@ -336,6 +336,7 @@ impl Attention {
         rot: &Rotary,
         mask: Option<&Tensor>,
         cache: Option<(&mut LayerKv, i64)>,
+        prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, s) = (x.size()[0], x.size()[1]);
         let split = |t: Tensor, n: i64, norm: Option<&RmsNorm>| -> Result<Tensor> {
@@ -360,6 +361,11 @@ impl Attention {
             kv.v.f_narrow(2, p, s)?.f_copy_(&v)?;
             k = kv.k.f_narrow(2, 0, p + s)?;
             v = kv.v.f_narrow(2, 0, p + s)?;
+        } else if let Some((pk, pv)) = prefix {
+            // Prefix tuning without a cache: the prefix's keys and values come first.
+            past = pk.size()[2];
+            k = Tensor::f_cat(&[pk, &k], 2)?;
+            v = Tensor::f_cat(&[pv, &v], 2)?;
         }
         let gqa = self.n_heads != self.n_kv;
         // Without a mask: causal for a fresh sequence; a single new token may see every cached key.
@@ -463,8 +469,9 @@ impl DecoderLayer {
         rot: &Rotary,
         mask: Option<&Tensor>,
         cache: Option<(&mut LayerKv, i64)>,
+        prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache)?;
+        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, rot, mask, cache, prefix)?;
         match &self.feedforward_norms {
             None => {
                 let h = x.f_add(&a)?;
@@ -494,6 +501,8 @@ pub struct CausalLm {
     /// Prompt tuning: virtual token embeddings `[n, hidden]` (f32) prepended to every sequence
     /// ([`crate::prompt_tuning`]). Outputs never include their positions.
     pub prompt_embeddings: Option<Tensor>,
+    /// Prefix tuning: trainable key/value prefixes of every layer ([`crate::prefix_tuning`]).
+    pub prefix_tuning: Option<crate::prefix_tuning::PrefixEncoder>,
     /// Sequence-score head `score.weight` `[1, hidden]` (f32) of a reward model ([`crate::train::reward`]).
     pub score: Option<Tensor>,
     inv_freq: Tensor,
@@ -531,6 +540,7 @@ impl CausalLm {
             norm,
             lm_head,
             prompt_embeddings: None,
+            prefix_tuning: None,
             score: None,
             inv_freq,
             local_inv_freq,
@@ -585,7 +595,8 @@ impl CausalLm {
             return Err(CoreError::InvalidArgument("input_ids has no tokens".into()));
         }
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let Prepared { mut h, tables, prefix } = self.prepare(input_ids, attention_mask, position_ids, past)?;
+        let Prepared { mut h, tables, prefix, past, kv_table } =
+            self.prepare(input_ids, attention_mask, position_ids, past)?;
         if let Some(c) = &cache {
             if c.batch != b || past + prefix + s > c.capacity {
                 return Err(CoreError::InvalidArgument(format!(
@@ -595,9 +606,16 @@ impl CausalLm {
             }
         }
         for (i, layer) in self.layers.iter().enumerate() {
+            let pkv = self.prefix_kv(kv_table.as_ref(), i, b)?;
+            if let (Some(c), Some((pk, pv))) = (cache.as_deref_mut(), &pkv) {
+                // A fresh pass with prefix tuning: the prefix fills the cache's first positions.
+                let n = pk.size()[2];
+                c.layers[i].k.f_narrow(2, 0, n)?.f_copy_(pk)?;
+                c.layers[i].v.f_narrow(2, 0, n)?.f_copy_(pv)?;
+            }
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
             let (rot, mask) = tables.of(layer);
-            h = layer.forward(&h, rot, mask.as_ref(), kv)?;
+            h = layer.forward(&h, rot, mask.as_ref(), kv, pkv.as_ref())?;
         }
         if let Some(c) = cache {
             c.len = past + prefix + s;
@@ -622,13 +640,18 @@ impl CausalLm {
         loss_backward: impl FnOnce(&Tensor) -> Result<T>,
     ) -> Result<T> {
         // Built with gradients: a prompt-tuning prefix must receive them through layer 0's input.
-        let Prepared { mut h, tables, prefix } = self.prepare(input_ids, attention_mask, position_ids, 0)?;
-        let s = input_ids.size()[1];
+        let Prepared { mut h, tables, prefix, kv_table, .. } =
+            self.prepare(input_ids, attention_mask, position_ids, 0)?;
+        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        // Prefix tuning: the layers read the table through a leaf whose gradient gathers over the per-layer
+        // backward passes; it goes through the table's own graph (the projection) once at the end.
+        let kv_leaf = kv_table.as_ref().map(|t| t.f_detach()?.f_set_requires_grad(t.requires_grad())).transpose()?;
         let mut inputs = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let states = layer.dropout_states();
             let (rot, mask) = tables.of(layer);
-            let out = tch::no_grad(|| layer.forward(&h, rot, mask.as_ref(), None))?;
+            let pkv = self.prefix_kv(kv_leaf.as_ref(), i, b)?;
+            let out = tch::no_grad(|| layer.forward(&h, rot, mask.as_ref(), None, pkv.as_ref()))?;
             inputs.push((std::mem::replace(&mut h, out), states));
         }
         let leaf = h.f_detach()?.f_set_requires_grad(true)?;
@@ -642,10 +665,17 @@ impl CausalLm {
             layer.set_dropout_states(&states);
             let x = if i > 0 { x.f_detach()?.f_set_requires_grad(true)? } else { x };
             let (rot, mask) = tables.of(layer);
-            let out = layer.forward(&x, rot, mask.as_ref(), None)?;
+            let pkv = self.prefix_kv(kv_leaf.as_ref(), i, b)?;
+            let out = layer.forward(&x, rot, mask.as_ref(), None, pkv.as_ref())?;
             out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
             if i > 0 {
                 grad = x.grad();
+            }
+        }
+        if let (Some(table), Some(leaf)) = (&kv_table, &kv_leaf) {
+            let g = leaf.grad();
+            if table.requires_grad() && g.defined() {
+                table.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
             }
         }
         Ok(result)
@@ -654,7 +684,9 @@ impl CausalLm {
     /// An empty cache for `batch` sequences of up to `capacity` tokens (plus any prompt-tuning prefix), in
     /// the model's kind and device.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        let capacity = capacity + self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0]);
+        let capacity = capacity
+            + self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0])
+            + self.prefix_tuning.as_ref().map_or(0, |p| p.len());
         let shape = [batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim];
         let opts = (self.kind(), self.device());
         let layers = (0..self.layers.len())
@@ -704,7 +736,14 @@ impl CausalLm {
         let dev = self.device();
         let n_virtual = self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0]);
         let prefix = if past == 0 { n_virtual } else { 0 };
-        let caller_past = past - (n_virtual - prefix);
+        // Prefix tuning: the prefix's positions count as cached ones, also on a fresh pass.
+        let n_kv = self.prefix_tuning.as_ref().map_or(0, |p| p.len());
+        let kv_table = match &self.prefix_tuning {
+            Some(p) if past == 0 => Some(p.table()?),
+            _ => None,
+        };
+        let past = if past == 0 { n_kv } else { past };
+        let caller_past = past - (n_virtual - prefix) - n_kv;
         let ids = input_ids.f_to_device(dev)?;
         let mut raw = attention_mask.map(|m| m.f_to_device(dev)?.f_to_kind(Kind::Int64)).transpose()?;
         if let Some(m) = &raw {
@@ -722,17 +761,18 @@ impl CausalLm {
         };
         if segments.is_some() && (past > 0 || position_ids.is_none() || n_virtual > 0) {
             return Err(CoreError::InvalidArgument(
-                "a segment (packing) mask needs explicit position_ids, no KV cache and no prompt tuning".into(),
+                "a segment (packing) mask needs explicit position_ids, no KV cache and no prompt or prefix tuning"
+                    .into(),
             ));
         }
-        if n_virtual > 0 && position_ids.is_some() {
+        if (n_virtual > 0 || n_kv > 0) && position_ids.is_some() {
             return Err(CoreError::InvalidArgument(
-                "explicit position_ids cannot be combined with prompt tuning".into(),
+                "explicit position_ids cannot be combined with prompt or prefix tuning".into(),
             ));
         }
-        if n_virtual > 0 {
-            raw =
-                raw.map(|m| Tensor::f_cat(&[Tensor::f_ones([b, n_virtual], (Kind::Int64, dev))?, m], 1)).transpose()?;
+        if n_virtual + n_kv > 0 {
+            let ones = n_virtual + n_kv;
+            raw = raw.map(|m| Tensor::f_cat(&[Tensor::f_ones([b, ones], (Kind::Int64, dev))?, m], 1)).transpose()?;
         }
         let (s_eff, total) = (prefix + s, past + prefix + s);
         let pad = raw.as_ref().map(|m| m.f_ne(0)).transpose()?;
@@ -767,7 +807,16 @@ impl CausalLm {
             let p = self.prompt_embeddings.as_ref().expect("n_virtual > 0").f_to_kind(h.kind())?;
             h = Tensor::f_cat(&[p.f_unsqueeze(0)?.f_expand([b, prefix, p.size()[1]], false)?, h], 1)?;
         }
-        Ok(Prepared { h, tables: LayerTables { global: (rot, mask), local }, prefix })
+        Ok(Prepared { h, tables: LayerTables { global: (rot, mask), local }, prefix, past, kv_table })
+    }
+
+    /// Layer `i`'s prefix keys and values for a batch of `b` from a prefix-tuning table.
+    fn prefix_kv(&self, table: Option<&Tensor>, i: usize, b: i64) -> Result<Option<(Tensor, Tensor)>> {
+        table
+            .map(|t| {
+                crate::prefix_tuning::layer_kv(t, i as i64, b, self.cfg.num_kv_heads, self.cfg.head_dim, self.kind())
+            })
+            .transpose()
     }
 
     /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, segments, sliding window, or new
@@ -816,6 +865,10 @@ struct Prepared {
     tables: LayerTables,
     /// Virtual tokens prepended in this pass.
     prefix: i64,
+    /// Positions before this pass's tokens: the cache's, or, on a fresh pass with prefix tuning, the prefix's.
+    past: i64,
+    /// Prefix tuning on a fresh pass: the key/value table `[n, layers·2·td]`.
+    kv_table: Option<Tensor>,
 }
 
 /// Rotary tables and attention mask of a forward pass, per kind of layer.

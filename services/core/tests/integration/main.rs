@@ -16,6 +16,7 @@ mod nf4;
 mod optim8;
 mod ppo;
 mod preference;
+mod prefix;
 mod reward;
 mod rollout;
 mod session;
