@@ -527,6 +527,26 @@ fn sft_prefix_tuning_trains_the_tiny_model_and_refuses_what_it_cannot_do() {
         "4",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // On an NF4 base (TRL's load_in_4bit), generating with it quantizes the base the same way.
+    let nf4 = t.path().join("prefix-nf4");
+    let o = run(&nf4, &["--set", "adapter.load_in_4bit=true"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(nf4.join("ferrotune_train.json")).unwrap()).unwrap();
+    assert_eq!(info["base_quantization"], "nf4");
+    let o = run_cli(&[
+        "generate",
+        "--model",
+        tiny_chat_dir().to_str().unwrap(),
+        "--adapter",
+        nf4.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // One line each: no virtual tokens, and a merge (a prefix is not a weight delta).
     let o = run(&t.path().join("zero"), &["--set", "adapter.num_virtual_tokens=0"]);
     let e = String::from_utf8_lossy(&o.stderr);

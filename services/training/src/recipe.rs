@@ -99,6 +99,10 @@ pub struct AdapterSpec {
     /// Prefix tuning: that MLP's hidden width (default: head_dim × kv_heads, as PEFT).
     #[serde(default)]
     pub encoder_hidden_size: Option<i64>,
+    /// Store the frozen base's linear weights in NF4 (TRL's `load_in_4bit`): implied by `method: qlora`, and
+    /// available to prompt and prefix tuning.
+    #[serde(default)]
+    pub load_in_4bit: bool,
     /// Prompt tuning: initialise from this text's token embeddings (random N(0,1) when absent).
     #[serde(default)]
     pub prompt_tuning_init_text: Option<String>,
@@ -420,6 +424,12 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
     }
     if matches!(r.adapter.method().with_context(|| format!("{}", path.display()))?, Method::Lora | Method::Qlora) {
         r.adapter.lora().with_context(|| format!("{}: adapter", path.display()))?;
+    }
+    if r.adapter.load_in_4bit && r.adapter.method()? == Method::Full {
+        bail!(
+            "{}: adapter.load_in_4bit: full fine-tuning trains the weights themselves, which cannot be NF4",
+            path.display()
+        );
     }
     if matches!(r.adapter.method()?, Method::PromptTuning | Method::PrefixTuning) {
         let n = r.adapter.num_virtual_tokens;

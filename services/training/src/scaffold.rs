@@ -116,7 +116,7 @@ pub fn load_model(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<(fer
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
     let mut model = ferrotune_core::load_model(model_dir, kind, device)?;
-    let qlora = r.adapter.method()? == Method::Qlora;
+    let qlora = r.adapter.method()? == Method::Qlora || r.adapter.load_in_4bit;
     if qlora {
         let (before, after) = model.quantize_nf4()?;
         ctx.log(format!(
