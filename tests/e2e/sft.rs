@@ -566,3 +566,30 @@ fn sft_prefix_tuning_trains_the_tiny_model_and_refuses_what_it_cannot_do() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.trim_end().lines().count() == 1 && e.contains("cannot be merged"), "{e}");
 }
+
+#[test]
+#[ignore = "learning proof: make test-learning"]
+fn smollm2_sft_dora_with_loraplus_learns_a_held_out_persona() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("dora");
+    let o = train(
+        &out,
+        &[
+            "--max-steps",
+            "30",
+            "--set",
+            "adapter.use_dora=true",
+            "--set",
+            "training.loraplus_lr_ratio=4",
+            "--set",
+            "training.optim=paged_adamw_32bit",
+        ],
+    );
+    let (after, texts) = compliance(Some(&out));
+    let (line, ..) = optimizer_state(&o);
+    println!("DoRA + LoRA+ (ratio 4, all-linear, r=8, 30 steps): {:.0}% (e.g. {:?}); {line}", after * 100.0, texts[0]);
+    assert!(after >= 0.875, "DoRA: {texts:?}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_dora"], true);
+}
