@@ -16,8 +16,8 @@ use clap::{Parser, Subcommand};
 use connect::{status_error, EmbeddedPolicy, Services};
 use ferrotune_core::{gguf_import, registry};
 use ferrotune_proto::v1::{
-    prompt, Chat, ChatMessage, CombineRequest, GenerateRequest, MergeRequest, ModelRef, PerplexityRequest, Prompt,
-    Sampling, TokenizeRequest, WeightedAdapter,
+    prompt, Chat, ChatMessage, CombineRequest, ExportGgufRequest, GenerateRequest, MergeRequest, ModelRef,
+    PerplexityRequest, Prompt, Sampling, TokenizeRequest, WeightedAdapter,
 };
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -96,6 +96,11 @@ enum Cmd {
         #[arg(long)]
         max_shard_bytes: Option<u64>,
     },
+    /// Export a model (optionally with a LoRA adapter merged in) for llama.cpp / Ollama: `export gguf`.
+    Export {
+        #[command(subcommand)]
+        cmd: ExportCmd,
+    },
     /// Combine LoRA adapters of one base into one (PEFT add_weighted_adapter: linear, cat, ties).
     Combine {
         /// An adapter and its weight, DIR=WEIGHT (repeatable), e.g. --adapter runs/a=0.7 --adapter runs/b=0.3.
@@ -122,6 +127,25 @@ enum Cmd {
     Jobs {
         #[command(subcommand)]
         cmd: jobs_cmd::JobsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// One GGUF v3 file (llama.cpp's names, metadata, vocabulary and chat template; Llama, Mistral, Qwen2).
+    Gguf {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA (or DoRA) adapter to merge first.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The .gguf file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight type: f16 (default), f32 or q8_0.
+        #[arg(long = "type", default_value = "f16")]
+        ty: String,
     },
 }
 
@@ -372,6 +396,7 @@ fn command_name(c: &Cmd) -> &'static str {
         Cmd::Align { .. } => "align",
         Cmd::Generate(_) => "generate",
         Cmd::Merge { .. } => "merge",
+        Cmd::Export { .. } => "export",
         Cmd::Combine { .. } => "combine",
         Cmd::Eval { .. } => "eval",
         Cmd::Serve(_) => "serve",
@@ -452,6 +477,29 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
                 println!(
                     "merged {} layers into {} base weights → {} ({} safetensors file(s))",
                     r.merged_layers, r.merge_base, r.path, r.shards
+                );
+            }
+        }
+        Cmd::Export { cmd: ExportCmd::Gguf { model, adapter, out, ty } } => {
+            let req = ExportGgufRequest {
+                model: Some(model_ref(model)),
+                adapter: path_or_empty(adapter),
+                out: out.display().to_string(),
+                r#type: ty.clone(),
+            };
+            let r = svc.merge.export_gguf(req).await.map_err(status_error)?.into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"path": r.path, "architecture": r.architecture, "tensors": r.tensors, "bytes": r.bytes})
+                );
+            } else {
+                println!(
+                    "{} GGUF ({} tensors, {:.1} MB) → {}",
+                    r.architecture,
+                    r.tensors,
+                    r.bytes as f64 / 1e6,
+                    r.path
                 );
             }
         }

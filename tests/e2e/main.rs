@@ -5,6 +5,7 @@ mod align;
 mod cli_errors;
 mod data;
 mod dpo;
+mod export;
 mod fuzz;
 mod gemma3;
 mod generation;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fsx;
 pub mod generation;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_import;
 pub mod gguf_quants;
 pub mod gguf_spm;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{Device, Kind};
 
 use crate::error::{CoreError, Result};
-use crate::models::load_model;
+use crate::models::{load_model, CausalLm};
 
 /// Which base weights a QLoRA adapter is merged into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,14 +60,10 @@ pub fn merge_adapter(base: &Path, adapter: &Path, out: &Path, nf4_base: Option<b
 /// transformers' default `max_shard_size` (5 GB).
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
-/// [`merge_adapter`] with the weights split into shards of at most `max_shard_bytes` (plus the index).
-pub fn merge_adapter_sharded(
-    base: &Path,
-    adapter: &Path,
-    out: &Path,
-    nf4_base: Option<bool>,
-    max_shard_bytes: u64,
-) -> Result<MergeReport> {
+/// The base in `base` with the LoRA (or DoRA) adapter in `adapter` folded in, in f32 on the CPU (into the
+/// NF4-dequantized weights when `nf4_base` says so or, by default, when the adapter was trained on NF4; the
+/// layers it does not target then keep their dequantized weights too); the layers merged and the base used.
+pub fn merged_model(base: &Path, adapter: &Path, nf4_base: Option<bool>) -> Result<(CausalLm, usize, MergeBase)> {
     refuse_unmergeable(adapter)?;
     let mut model = load_model(base, Kind::Float, Device::Cpu)?;
     let use_nf4 = match nf4_base {
@@ -91,9 +87,21 @@ pub fn merge_adapter_sharded(
             lin.base = crate::models::decoder::BaseWeight::Dense(lin.dense_weight()?);
         }
     }
+    let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
+    Ok((model, merged_layers, merge_base))
+}
+
+/// [`merge_adapter`] with the weights split into shards of at most `max_shard_bytes` (plus the index).
+pub fn merge_adapter_sharded(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    nf4_base: Option<bool>,
+    max_shard_bytes: u64,
+) -> Result<MergeReport> {
+    let (mut model, merged_layers, merge_base) = merged_model(base, adapter, nf4_base)?;
     crate::fsx::create_dir_all(out).map_err(|e| CoreError::io(out, e))?;
     let shards = crate::weights::save_sharded(out, &model.named_weights()?, max_shard_bytes)?;
-    let merge_base = if use_nf4 { MergeBase::Nf4Dequantized } else { MergeBase::Original };
     let cfg_path = base.join("config.json");
     let text = crate::fsx::read_to_string(&cfg_path).map_err(|e| CoreError::io(&cfg_path, e))?;
     let mut cfg: serde_json::Value =

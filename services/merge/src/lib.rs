@@ -1,9 +1,12 @@
 //! MergeService: folds a LoRA adapter into its base (the original or the NF4-dequantized weights, the
 //! choice recorded in the output's config.json) and writes a plain Hugging Face model directory (sharded
-//! when asked); combines LoRA adapters (linear, cat, TIES) like PEFT's `add_weighted_adapter`.
+//! when asked); combines LoRA adapters (linear, cat, TIES) like PEFT's `add_weighted_adapter`; exports a
+//! model (with an adapter merged in) as GGUF for llama.cpp and Ollama.
 
 use ferrotune_proto::v1::merge_service_server::{MergeService, MergeServiceServer};
-use ferrotune_proto::v1::{CombineRequest, CombineResponse, MergeRequest, MergeResponse};
+use ferrotune_proto::v1::{
+    CombineRequest, CombineResponse, ExportGgufRequest, ExportGgufResponse, MergeRequest, MergeResponse,
+};
 use ferrotune_runtime::server::Hosting;
 use ferrotune_runtime::worker::blocking;
 use ferrotune_runtime::{invalid, ArtifactRoot, StatusExt};
@@ -105,5 +108,45 @@ impl MergeService for Merge {
         let o = out.clone();
         let rank = blocking(move || ferrotune_core::combine::combine(&adapters, how, &o).status()).await?;
         Ok(Response::new(CombineResponse { path: out.display().to_string(), r: rank as u32 }))
+    }
+
+    async fn export_gguf(&self, req: Request<ExportGgufRequest>) -> Result<Response<ExportGgufResponse>, Status> {
+        let r = req.into_inner();
+        let model = self.root.model("model.path", r.model.as_ref().map(|m| m.path.as_str()).unwrap_or(""))?;
+        if !model.join("config.json").is_file() {
+            return Err(Status::not_found(format!(
+                "model.path: {} is not a model directory (no config.json)",
+                model.display()
+            )));
+        }
+        let adapter = if r.adapter.is_empty() { None } else { Some(self.root.resolve("adapter", &r.adapter)?) };
+        if let Some(a) = &adapter {
+            if !a.join("adapter_config.json").is_file() {
+                return Err(Status::not_found(format!(
+                    "adapter: {} is not an adapter directory (no adapter_config.json)",
+                    a.display()
+                )));
+            }
+        }
+        if r.out.is_empty() {
+            return Err(invalid("out", "the GGUF file to write is required"));
+        }
+        let out = self.root.resolve("out", &r.out)?;
+        if out.is_dir() {
+            return Err(invalid("out", format!("{} is a directory; name the .gguf file", out.display())));
+        }
+        let ty: ferrotune_core::gguf_export::ExportType =
+            if r.r#type.is_empty() { Ok(ferrotune_core::gguf_export::ExportType::F16) } else { r.r#type.parse() }
+                .map_err(|e| invalid("type", e))?;
+        let o = out.clone();
+        let report =
+            blocking(move || ferrotune_core::gguf_export::export_gguf(&model, adapter.as_deref(), &o, ty).status())
+                .await?;
+        Ok(Response::new(ExportGgufResponse {
+            path: out.display().to_string(),
+            architecture: report.architecture,
+            tensors: report.tensors as u32,
+            bytes: report.bytes,
+        }))
     }
 }

@@ -7,6 +7,7 @@ mod combine;
 mod common;
 mod dora;
 mod dpo;
+mod gguf_export;
 mod gguf_quants;
 mod gguf_roundtrip;
 mod kv_cache;

@@ -1,0 +1,413 @@
+//! GGUF export for llama.cpp and Ollama (`ferrotune export gguf`): a HF model dir (optionally with a LoRA or
+//! DoRA adapter merged in first) written as GGUF v3 the way llama.cpp's `convert_hf_to_gguf.py` lays it out for
+//! the Llama (and Mistral) and Qwen2 families: `general.*` and `{arch}.*` hyperparameters, the byte-level BPE
+//! vocabulary (`tokenizer.ggml.model = gpt2` with its `pre` name, tokens, token types, merges, special ids), the
+//! chat template, and the tensors under llama.cpp's names — Llama's `attn_q` / `attn_k` rows permuted into
+//! llama.cpp's rotary layout (the inverse of what [`crate::gguf_import`] undoes). Weights are F32, F16 or Q8_0
+//! (ggml's reference quantizer: blocks of 32, f16 scale max|x|/127, `roundf(x / d)` via the reciprocal); norms
+//! and biases stay F32 as llama.cpp keeps them.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::Value as Json;
+use tch::{Device, Kind};
+
+use crate::error::{CoreError, Result};
+
+/// Element type of the exported weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportType {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half.
+    F16,
+    /// ggml's Q8_0 blocks.
+    Q8_0,
+}
+
+impl std::str::FromStr for ExportType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(format!("unknown GGUF type `{other}` (f32, f16, q8_0)")),
+        }
+    }
+}
+
+impl ExportType {
+    fn ggml_id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 8,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+        }
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportReport {
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of the file.
+    pub bytes: u64,
+}
+
+/// A GGUF metadata value.
+enum Meta {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend((s.len() as u64).to_le_bytes());
+    buf.extend(s.as_bytes());
+}
+
+fn put_meta(buf: &mut Vec<u8>, key: &str, v: &Meta) {
+    put_str(buf, key);
+    match v {
+        Meta::U32(x) => {
+            buf.extend(4u32.to_le_bytes());
+            buf.extend(x.to_le_bytes());
+        }
+        Meta::F32(x) => {
+            buf.extend(6u32.to_le_bytes());
+            buf.extend(x.to_le_bytes());
+        }
+        Meta::Bool(x) => {
+            buf.extend(7u32.to_le_bytes());
+            buf.push(u8::from(*x));
+        }
+        Meta::Str(s) => {
+            buf.extend(8u32.to_le_bytes());
+            put_str(buf, s);
+        }
+        Meta::Strs(v) => {
+            buf.extend(9u32.to_le_bytes());
+            buf.extend(8u32.to_le_bytes());
+            buf.extend((v.len() as u64).to_le_bytes());
+            v.iter().for_each(|s| put_str(buf, s));
+        }
+        Meta::I32s(v) => {
+            buf.extend(9u32.to_le_bytes());
+            buf.extend(5u32.to_le_bytes());
+            buf.extend((v.len() as u64).to_le_bytes());
+            v.iter().for_each(|x| buf.extend(x.to_le_bytes()));
+        }
+    }
+}
+
+/// ggml's `quantize_row_q8_0_ref` over rows of 32-element blocks.
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks(32) {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// llama.cpp's q/k row permutation on a row-major `[out, inner]` tensor: row (h, j, i) of the HF layout (j < 2
+/// halves, i < head_dim/2) goes to row (h, i, j).
+fn permute(w: &[f32], out: usize, inner: usize, n_heads: usize) -> Vec<f32> {
+    let head_dim = out / n_heads;
+    let half = head_dim / 2;
+    let mut r = vec![0f32; w.len()];
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let (dst, src) = (h * head_dim + i * 2 + j, h * head_dim + j * half + i);
+                r[dst * inner..(dst + 1) * inner].copy_from_slice(&w[src * inner..(src + 1) * inner]);
+            }
+        }
+    }
+    r
+}
+
+/// HF name → llama.cpp name, and the heads to permute with (Llama q/k only).
+fn gguf_name(hf: &str, arch: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some((f.to_owned(), None));
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let (name, perm) = match module {
+        "self_attn.q_proj" => ("attn_q", Some(heads)),
+        "self_attn.k_proj" => ("attn_k", Some(kv_heads)),
+        "self_attn.v_proj" => ("attn_v", None),
+        "self_attn.o_proj" => ("attn_output", None),
+        "input_layernorm" => ("attn_norm", None),
+        "post_attention_layernorm" => ("ffn_norm", None),
+        "mlp.gate_proj" => ("ffn_gate", None),
+        "mlp.up_proj" => ("ffn_up", None),
+        "mlp.down_proj" => ("ffn_down", None),
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{name}.{suffix}"), if arch == "llama" { perm } else { None }))
+}
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = crate::fsx::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| CoreError::config(path, format!("invalid JSON: {e}")))
+}
+
+/// The byte-level BPE vocabulary of `tokenizer.json` as GGUF metadata (tokens by id, types, merges, pre name).
+fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>> {
+    let path = dir.join("tokenizer.json");
+    let t = read_json(&path)?;
+    let unsupported = |what: String| CoreError::InvalidArgument(format!("{}: {what}", path.display()));
+    if t["model"]["type"] != "BPE" || t["decoder"]["type"] != "ByteLevel" {
+        return Err(unsupported(
+            "only byte-level BPE vocabularies are exported so far (SentencePiece export is not supported yet)".into(),
+        ));
+    }
+    let pre = &t["pre_tokenizer"];
+    let is_byte_level = |p: &Json| p["type"] == "ByteLevel" && p["add_prefix_space"] != true;
+    let pre_name = if is_byte_level(pre) {
+        "gpt2"
+    } else if pre["type"] == "Sequence"
+        && pre["pretokenizers"].as_array().is_some_and(|a| {
+            a.len() == 2 && a[0]["type"] == "Digits" && a[0]["individual_digits"] == true && is_byte_level(&a[1])
+        })
+    {
+        "smollm"
+    } else {
+        return Err(unsupported(format!(
+            "pre-tokenizer {pre} has no llama.cpp name this exporter knows (gpt2, smollm)"
+        )));
+    };
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![1i32; vocab_size];
+    let vocab = t["model"]["vocab"].as_object().ok_or_else(|| unsupported("model.vocab is missing".into()))?;
+    let mut place = |id: u64, tok: &str, ty: i32| -> Result<()> {
+        let slot = tokens
+            .get_mut(id as usize)
+            .ok_or_else(|| unsupported(format!("token id {id} is beyond the model's vocab_size {vocab_size}")))?;
+        *slot = Some(tok.to_owned());
+        types[id as usize] = ty;
+        Ok(())
+    };
+    for (tok, id) in vocab {
+        place(id.as_u64().unwrap_or(u64::MAX), tok, 1)?;
+    }
+    for a in t["added_tokens"].as_array().into_iter().flatten() {
+        let ty = if a["special"] == true { 3 } else { 4 };
+        place(a["id"].as_u64().unwrap_or(u64::MAX), a["content"].as_str().unwrap_or_default(), ty)?;
+    }
+    // Rows of the embedding beyond the tokenizer (padded vocabularies): llama.cpp's `[PAD{i}]`, unused.
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    let merges: Vec<String> = t["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Json::String(s) => s.clone(),
+            Json::Array(p) => p.iter().filter_map(Json::as_str).collect::<Vec<_>>().join(" "),
+            other => other.to_string(),
+        })
+        .collect();
+    Ok(vec![
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.pre", Meta::Str(pre_name.into())),
+        ("tokenizer.ggml.tokens", Meta::Strs(tokens)),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ("tokenizer.ggml.merges", Meta::Strs(merges)),
+    ])
+}
+
+/// Writes the model in `model_dir` (with `adapter` merged in, when given) to `out` as GGUF.
+pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: ExportType) -> Result<ExportReport> {
+    let config = read_json(&model_dir.join("config.json"))?;
+    let arch = match config["model_type"].as_str().unwrap_or_default() {
+        "llama" | "mistral" => "llama",
+        "qwen2" => "qwen2",
+        other => {
+            return Err(CoreError::InvalidArgument(format!(
+                "{}: model_type `{other}` cannot be exported to GGUF yet (llama, mistral, qwen2)",
+                model_dir.display()
+            )))
+        }
+    };
+    let mut model = match adapter {
+        Some(a) => crate::merge::merged_model(model_dir, a, None)?.0,
+        None => crate::load_model(model_dir, Kind::Float, Device::Cpu)?,
+    };
+    let c = model.cfg.clone();
+    if !matches!(c.rope_scaling, crate::models::RopeScaling::None | crate::models::RopeScaling::Linear { .. }) {
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: llama3 rope scaling is not exported yet (llama.cpp stores it as a rope_freqs tensor)",
+            model_dir.display()
+        )));
+    }
+    let tokenizer = crate::Tokenizer::from_dir(model_dir)?;
+    let defaults = crate::ModelDefaults::from_dir(model_dir, &tokenizer)?;
+    let template = crate::ChatTemplate::from_dir(model_dir)?;
+    let tok_cfg = read_json(&model_dir.join("tokenizer_config.json")).unwrap_or_default();
+    let k = |s: &str| format!("{arch}.{s}");
+    let name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let mut meta: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), Meta::Str(arch.into())),
+        ("general.name".into(), Meta::Str(name)),
+        ("general.file_type".into(), Meta::U32(ty.file_type())),
+        (k("vocab_size"), Meta::U32(c.vocab_size as u32)),
+        (k("context_length"), Meta::U32(c.max_position_embeddings as u32)),
+        (k("embedding_length"), Meta::U32(c.hidden_size as u32)),
+        (k("block_count"), Meta::U32(c.num_layers as u32)),
+        (k("feed_forward_length"), Meta::U32(c.intermediate_size as u32)),
+        (k("rope.dimension_count"), Meta::U32(c.head_dim as u32)),
+        (k("attention.head_count"), Meta::U32(c.num_heads as u32)),
+        (k("attention.head_count_kv"), Meta::U32(c.num_kv_heads as u32)),
+        (k("attention.key_length"), Meta::U32(c.head_dim as u32)),
+        (k("attention.value_length"), Meta::U32(c.head_dim as u32)),
+        (k("attention.layer_norm_rms_epsilon"), Meta::F32(c.rms_norm_eps as f32)),
+        (k("rope.freq_base"), Meta::F32(c.rope_theta as f32)),
+    ];
+    if let crate::models::RopeScaling::Linear { factor } = c.rope_scaling {
+        meta.push((k("rope.scaling.type"), Meta::Str("linear".into())));
+        meta.push((k("rope.scaling.factor"), Meta::F32(factor as f32)));
+    }
+    meta.extend(vocabulary(model_dir, c.vocab_size as usize)?.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let id = |key: &str| config[key].as_u64().or_else(|| config[key].as_array()?.first()?.as_u64());
+    if let Some(b) = id("bos_token_id") {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), Meta::U32(b as u32)));
+    }
+    if let Some(e) = defaults.eos_ids.first() {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), Meta::U32(*e)));
+    }
+    meta.push(("tokenizer.ggml.padding_token_id".into(), Meta::U32(defaults.pad_id)));
+    meta.push(("tokenizer.ggml.add_bos_token".into(), Meta::Bool(tok_cfg["add_bos_token"] == true)));
+    meta.push(("tokenizer.chat_template".into(), Meta::Str(template.source().to_owned())));
+
+    // Tensors: name, ggml dims (innermost first), type id, bytes.
+    let (heads, kv_heads) = (c.num_heads as usize, c.num_kv_heads as usize);
+    let mut tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)> = Vec::new();
+    let mut named = model.named_weights()?;
+    if c.tie_word_embeddings {
+        named.retain(|(n, _)| n != "lm_head.weight");
+    }
+    for (hf, t) in named {
+        let Some((gname, perm)) = gguf_name(&hf, arch, heads, kv_heads) else { continue };
+        let shape = t.size();
+        let flat = t.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?;
+        let mut data = Vec::<f32>::try_from(&flat)?;
+        if let Some(n) = perm {
+            let rows = shape[0] as usize;
+            data = permute(&data, rows, data.len() / rows.max(1), n);
+        }
+        let matrix = shape.len() == 2;
+        let ty = if matrix { ty } else { ExportType::F32 };
+        let ty =
+            if ty == ExportType::Q8_0 && shape.last().is_some_and(|&d| d % 32 != 0) { ExportType::F16 } else { ty };
+        let bytes = match ty {
+            ExportType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ExportType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            ExportType::Q8_0 => quantize_q8_0(&data),
+        };
+        tensors.push((gname, shape.iter().rev().map(|&d| d as u64).collect(), ty.ggml_id(), bytes));
+    }
+    // llama.cpp's order: token_embd, then blocks by index, then output_norm / output.
+    tensors.sort_by_key(|(n, ..)| {
+        let block = n.strip_prefix("blk.").and_then(|r| r.split('.').next()?.parse::<u64>().ok());
+        match (n.as_str(), block) {
+            ("token_embd.weight", _) => (0, 0, n.clone()),
+            (_, Some(b)) => (1, b, n.clone()),
+            _ => (2, 0, n.clone()),
+        }
+    });
+
+    const ALIGN: u64 = 32;
+    let mut head = Vec::new();
+    head.extend(b"GGUF");
+    head.extend(3u32.to_le_bytes());
+    head.extend((tensors.len() as u64).to_le_bytes());
+    head.extend((meta.len() as u64).to_le_bytes());
+    for (key, v) in &meta {
+        put_meta(&mut head, key, v);
+    }
+    let mut offset = 0u64;
+    for (name, dims, ty, bytes) in &tensors {
+        put_str(&mut head, name);
+        head.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| head.extend(d.to_le_bytes()));
+        head.extend(ty.to_le_bytes());
+        head.extend(offset.to_le_bytes());
+        offset += (bytes.len() as u64).div_ceil(ALIGN) * ALIGN;
+    }
+    let pad = |n: u64| vec![0u8; (n.div_ceil(ALIGN) * ALIGN - n) as usize];
+    let tmp = out.with_extension("gguf.tmp");
+    crate::fsx::checked_for_write(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    let file = std::fs::File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let io = |e| CoreError::io(&tmp, e);
+    w.write_all(&head).map_err(io)?;
+    w.write_all(&pad(head.len() as u64)).map_err(io)?;
+    for (.., bytes) in &tensors {
+        w.write_all(bytes).map_err(io)?;
+        w.write_all(&pad(bytes.len() as u64)).map_err(io)?;
+    }
+    let file = w.into_inner().map_err(|e| CoreError::io(&tmp, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    crate::fsx::rename(&tmp, out).map_err(|e| CoreError::io(out, e))?;
+    let bytes = std::fs::metadata(out).map_err(|e| CoreError::io(out, e))?.len();
+    Ok(ExportReport { architecture: arch.into(), tensors: tensors.len(), bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_blocks_dequantize_within_half_a_step() {
+        let x: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        let q = quantize_q8_0(&x);
+        assert_eq!(q.len(), 2 * 34);
+        for (b, block) in x.chunks(32).enumerate() {
+            let d = half::f16::from_le_bytes([q[34 * b], q[34 * b + 1]]).to_f32();
+            for (j, v) in block.iter().enumerate() {
+                let back = d * (q[34 * b + 2 + j] as i8) as f32;
+                // Half a step, plus up to 127 codes × the f16 rounding of the scale.
+                assert!((back - v).abs() <= d * (0.5 + 127.0 / 2048.0) + 1e-6, "{back} vs {v}");
+            }
+        }
+        assert_eq!(quantize_q8_0(&[0.0; 32])[2..], [0u8; 32]);
+    }
+}
