@@ -181,6 +181,20 @@ fn read_json(path: &Path) -> Result<Json> {
     serde_json::from_str(&text).map_err(|e| CoreError::config(path, format!("invalid JSON: {e}")))
 }
 
+/// llama.cpp's name for a regex split before a byte-level step without its own regex (Llama 3's or Qwen2's).
+fn split_pre_name(pre: &Json) -> Option<&'static str> {
+    let parts = pre["pretokenizers"].as_array().filter(|a| pre["type"] == "Sequence" && a.len() == 2)?;
+    let (split, bl) = (&parts[0], &parts[1]);
+    if split["type"] != "Split" || bl["type"] != "ByteLevel" || bl["use_regex"] != false {
+        return None;
+    }
+    match split["pattern"]["Regex"].as_str()? {
+        r if r == crate::gguf_import::LLAMA3_SPLIT => Some("llama-bpe"),
+        r if r == crate::gguf_import::QWEN2_SPLIT => Some("qwen2"),
+        _ => None,
+    }
+}
+
 /// The byte-level BPE vocabulary of `tokenizer.json` as GGUF metadata (tokens by id, types, merges, pre name).
 fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>> {
     let path = dir.join("tokenizer.json");
@@ -201,9 +215,11 @@ fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>
         })
     {
         "smollm"
+    } else if let Some(name) = split_pre_name(pre) {
+        name
     } else {
         return Err(unsupported(format!(
-            "pre-tokenizer {pre} has no llama.cpp name this exporter knows (gpt2, smollm)"
+            "pre-tokenizer {pre} has no llama.cpp name this exporter knows (gpt2, smollm, llama-bpe, qwen2)"
         )));
     };
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];

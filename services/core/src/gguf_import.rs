@@ -452,11 +452,26 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
     write_json(&dir.join("tokenizer_config.json"), &tc)
 }
 
+/// Llama 3's split: up to three digits per piece, newline runs kept whole.
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split: Llama 3's with one digit per piece.
+pub(crate) const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The byte-level pre-tokenizer `tokenizer.ggml.pre` names; any other name is refused.
 fn byte_level_pre_tokenizer(g: &GgufFile) -> Result<Json> {
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let pre = g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    // transformers' GGUF loader (`GGUF_PRE_TOKENIZER_SPLITS`): a regex split before a byte-level step without
+    // its own regex, for the pre-tokenizers llama.cpp names.
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+    };
     Ok(match pre {
+        "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" | "falcon3" => split(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" | "megrez" => split(QWEN2_SPLIT),
         "default" | "gpt2" | "gpt-2" => byte_level.clone(),
         // SmolLM's tokenizer isolates every digit before the GPT-2 byte-level split.
         "smollm" => {
@@ -465,10 +480,26 @@ fn byte_level_pre_tokenizer(g: &GgufFile) -> Result<Json> {
         other => {
             return Err(CoreError::format(
                 g.path(),
-                format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm)"),
+                format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, gpt-2, smollm, llama-bpe, qwen2)"),
             ))
         }
     })
+}
+
+/// GPT-2's byte → printable character table (`bytes_to_unicode`): the byte-level BPE alphabet.
+fn byte_level_alphabet() -> [char; 256] {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut table = ['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        table[b as usize] = if printable(b) {
+            char::from_u32(b).expect("latin-1")
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).expect("latin extended")
+        };
+    }
+    table
 }
 
 /// `tokenizer.json` of a GGUF byte-level BPE: the file's vocabulary and merges, its control (special) and
@@ -482,7 +513,14 @@ fn byte_level_tokenizer_json(
 ) -> Json {
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
+    let table = byte_level_alphabet();
     for (i, (tok, ty)) in tokens.iter().zip(types).enumerate() {
+        if !tok.chars().all(|c| table.contains(&c)) {
+            // Spelled outside the byte-level alphabet (e.g. a special token with a space): transformers
+            // respells it byte by byte in the vocabulary, keeping its id, and does not match it whole.
+            vocab.insert(tok.bytes().map(|b| table[b as usize]).collect::<String>(), json!(i));
+            continue;
+        }
         vocab.insert(tok.clone(), json!(i));
         // 3 = control (special), 4 = user-defined: both are matched before BPE, as in transformers.
         if *ty == 3 || *ty == 4 {

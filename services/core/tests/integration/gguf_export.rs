@@ -119,6 +119,11 @@ fn a_qwen2_with_a_merged_lora_adapter_round_trips() {
         .cloned()
         .collect();
     tok["model"]["vocab"] = serde_json::Value::Object(vocab);
+    // Qwen2's own pre-tokenizer (a regex split, then byte-level without its regex): exported as `qwen2`.
+    tok["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
     tok["model"]["merges"] = serde_json::Value::Array(merges);
     std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
     std::fs::copy(tiny_chat().join("tokenizer_config.json"), model.join("tokenizer_config.json")).unwrap();
@@ -131,6 +136,11 @@ fn a_qwen2_with_a_merged_lora_adapter_round_trips() {
     let g = GgufFile::open(&file).unwrap();
     assert_eq!(g.get_str("general.architecture").unwrap(), "qwen2");
     assert!(g.tensor("blk.0.attn_q.bias").is_some());
+    assert_eq!(g.get_str("tokenizer.ggml.pre").unwrap(), "qwen2");
+    let (a, b) = (Tokenizer::from_dir(&model).unwrap(), Tokenizer::from_dir(&back).unwrap());
+    for s in ["It's 12345 apples", "a\n\nb  c", "hello world"] {
+        assert_eq!(a.encode_no_special(s).unwrap(), b.encode_no_special(s).unwrap(), "{s:?}");
+    }
     let d = max_abs_diff(&logits(&back, &ids), &want);
     assert!(d < 1e-4, "base + adapter vs exported merge: {d}");
     assert!(max_abs_diff(&logits(&model, &ids), &want) > 1e-3, "the adapter matters");

@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::common::{max_abs_diff, reference, tiny_dir};
 
 enum Kv {
+    Bool(bool),
     U32(u32),
     F32(f32),
     Str(String),
@@ -44,6 +45,10 @@ impl Writer {
         for (k, v) in &self.kv {
             put_str(&mut b, k);
             match v {
+                Kv::Bool(x) => {
+                    b.extend(7u32.to_le_bytes());
+                    b.push(u8::from(*x));
+                }
                 Kv::U32(x) => {
                     b.extend(4u32.to_le_bytes());
                     b.extend(x.to_le_bytes());
@@ -308,6 +313,57 @@ fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
     let tc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!((tc["bos_token"].as_str(), tc["add_bos_token"].as_bool()), (Some("<bos>"), Some(true)));
+}
+
+/// Byte-level BPE vocabularies with llama.cpp's `llama-bpe` (Llama 3), `qwen2` and `gpt-2` pre-tokenizers
+/// (`tests/fixtures/make_bpe_pre_gguf.py`, references from transformers' GGUF tokenizer loader): the imported
+/// tokenizer gives transformers' ids for every fixture string, with and without the specials, and decodes them
+/// back to its text.
+#[test]
+fn byte_level_vocabularies_with_llama3_qwen2_and_gpt2_pre_tokenizers_tokenize_as_transformers() {
+    for case in ["llama-bpe", "qwen2", "gpt-2"] {
+        let fx = |f: &str| -> serde_json::Value {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bpe-pre").join(case).join(f);
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let (vocab, reference) = (fx("vocab.json"), fx("reference.json"));
+        let arch = vocab["architecture"].as_str().unwrap();
+        // The tokenizer does not depend on the architecture (transformers picks it by `pre`): the tiny Llama's
+        // tensors under the case's architecture name (gpt2 files go in as llama).
+        let mut w = fixture_as_gguf_of("llama-linear-sharded", if arch == "qwen2" { "qwen2" } else { "llama" });
+        w.kv.retain(|(k, _)| !k.starts_with("tokenizer."));
+        let strs = |k: &str| -> Vec<String> {
+            vocab[k].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect()
+        };
+        let types: Vec<i32> =
+            vocab["token_type"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect();
+        w.kv("tokenizer.ggml.model", Kv::Str("gpt2".into()));
+        w.kv("tokenizer.ggml.pre", Kv::Str(vocab["pre"].as_str().unwrap().into()));
+        w.kv("tokenizer.ggml.tokens", Kv::Strs(strs("tokens")));
+        w.kv("tokenizer.ggml.token_type", Kv::I32s(types));
+        w.kv("tokenizer.ggml.merges", Kv::Strs(strs("merges")));
+        for (key, field) in [("bos", "bos"), ("eos", "eos"), ("padding", "pad")] {
+            if let Some(id) = vocab[field].as_u64() {
+                w.kv(&format!("tokenizer.ggml.{key}_token_id"), Kv::U32(id as u32));
+            }
+        }
+        if let Some(b) = vocab["add_bos_token"].as_bool() {
+            w.kv("tokenizer.ggml.add_bos_token", Kv::Bool(b));
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("hf");
+        import_gguf(&write(&w, tmp.path()), &out).unwrap();
+        let tok = Tokenizer::from_dir(&out).unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+        };
+        for s in reference["strings"].as_array().unwrap() {
+            let text = s["text"].as_str().unwrap();
+            assert_eq!(tok.encode_no_special(text).unwrap(), ids(&s["ids"]), "{case}: {text:?}");
+            assert_eq!(tok.encode(text).unwrap(), ids(&s["ids_with_specials"]), "{case}: {text:?} with specials");
+            assert_eq!(tok.decode(&ids(&s["ids"]), false).unwrap(), s["decoded"].as_str().unwrap(), "{case}: {text:?}");
+        }
+    }
 }
 
 #[test]
