@@ -143,7 +143,7 @@ enum ExportCmd {
         /// The .gguf file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Weight type: f16 (default), f32 or q8_0.
+        /// Weight type: f16 (default), f32, q8_0 or q4_0.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
     },

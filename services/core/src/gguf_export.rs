@@ -3,9 +3,9 @@
 //! the Llama (and Mistral) and Qwen2 families: `general.*` and `{arch}.*` hyperparameters, the byte-level BPE
 //! vocabulary (`tokenizer.ggml.model = gpt2` with its `pre` name, tokens, token types, merges, special ids), the
 //! chat template, and the tensors under llama.cpp's names — Llama's `attn_q` / `attn_k` rows permuted into
-//! llama.cpp's rotary layout (the inverse of what [`crate::gguf_import`] undoes). Weights are F32, F16 or Q8_0
-//! (ggml's reference quantizer: blocks of 32, f16 scale max|x|/127, `roundf(x / d)` via the reciprocal); norms
-//! and biases stay F32 as llama.cpp keeps them.
+//! llama.cpp's rotary layout (the inverse of what [`crate::gguf_import`] undoes). Weights are F32, F16, Q8_0
+//! (ggml's reference quantizer: blocks of 32, f16 scale max|x|/127, `roundf(x / d)` via the reciprocal) or Q4_0
+//! (ggml's reference, as `llama-quantize` writes it); norms and biases stay F32 as llama.cpp keeps them.
 
 use std::io::Write;
 use std::path::Path;
@@ -24,6 +24,8 @@ pub enum ExportType {
     F16,
     /// ggml's Q8_0 blocks.
     Q8_0,
+    /// ggml's Q4_0 blocks (as `llama-quantize` writes them).
+    Q4_0,
 }
 
 impl std::str::FromStr for ExportType {
@@ -33,7 +35,8 @@ impl std::str::FromStr for ExportType {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "q8_0" => Ok(Self::Q8_0),
-            other => Err(format!("unknown GGUF type `{other}` (f32, f16, q8_0)")),
+            "q4_0" => Ok(Self::Q4_0),
+            other => Err(format!("unknown GGUF type `{other}` (f32, f16, q8_0, q4_0)")),
         }
     }
 }
@@ -44,6 +47,7 @@ impl ExportType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q8_0 => 8,
+            Self::Q4_0 => 2,
         }
     }
 
@@ -53,6 +57,7 @@ impl ExportType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q8_0 => 7,
+            Self::Q4_0 => 2,
         }
     }
 }
@@ -126,6 +131,29 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         out.extend(half::f16::from_f32(d).to_le_bytes());
         out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// ggml's `quantize_row_q4_0_ref`: per block of 32, d = (the value of largest magnitude) / −8, codes
+/// `min(15, trunc(x/d + 8.5))`, the first 16 in the low nibbles and the last 16 in the high ones.
+pub fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 18);
+    for block in x.chunks(32) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in block {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(half::f16::from_f32(d).to_le_bytes());
+        let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+        for j in 0..16 {
+            out.push(code(block[j]) | (code(block[16 + j]) << 4));
+        }
     }
     out
 }
@@ -357,6 +385,7 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
             ExportType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ExportType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
             ExportType::Q8_0 => quantize_q8_0(&data),
+            ExportType::Q4_0 => quantize_q4_0(&data),
         };
         tensors.push((gname, shape.iter().rev().map(|&d| d as u64).collect(), ty.ggml_id(), bytes));
     }

@@ -44,7 +44,7 @@ fn the_tiny_chat_model_round_trips_through_gguf() {
     let ids = Tensor::from_slice(&[1i64, 20, 300, 41, 7, 99, 2]).unsqueeze(0);
     let want = logits(&tiny_chat(), &ids);
     let original = weights(&tiny_chat());
-    for ty in [ExportType::F32, ExportType::F16, ExportType::Q8_0] {
+    for ty in [ExportType::F32, ExportType::F16, ExportType::Q8_0, ExportType::Q4_0] {
         let (file, back) = round_trip(&tiny_chat(), None, ty, t.path());
         let g = GgufFile::open(&file).unwrap();
         assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
@@ -72,6 +72,14 @@ fn the_tiny_chat_model_round_trips_through_gguf() {
                         bool::try_from(err.le_tensor(&bound).all()).unwrap(),
                         "{name}: q8_0 error beyond half a step"
                     );
+                }
+                (ExportType::Q4_0, true) => {
+                    // d = max/−8: within one step |d| (the clamp at code 15 costs a full step for −max), plus
+                    // 8 codes × the f16 rounding of d.
+                    let amax = a.abs().view([-1, 32]).amax([1], true);
+                    let err = (a.view([-1, 32]) - b.view([-1, 32])).abs();
+                    let bound = amax / 8.0 * (1.0 + 8.0 / 2048.0) + 1e-7;
+                    assert!(bool::try_from(err.le_tensor(&bound).all()).unwrap(), "{name}: q4_0 error beyond a step");
                 }
             }
         }
