@@ -1,49 +1,16 @@
 //! DPO on SmolLM2 through the CLI (`align dpo`, embedded policy service): on held-out preference pairs the
 //! policy goes from preferring the rejected (plain) answer to preferring the chosen (pirate) one.
 
-use std::path::Path;
-
-use ferrotune_core::data::{build, load_pairs, BuildOptions};
-use ferrotune_core::train::dpo::sequence_logps;
-use ferrotune_core::train::sft::SftExample;
 use ferrotune_tests::{repo, run_cli, smollm2_dir};
 
-/// Share of held-out pairs where log π(chosen) > log π(rejected), and the mean margin.
-fn preference(model: &Path, adapter: Option<&Path>, pairs: &[(SftExample, SftExample)]) -> (f64, f64) {
-    let mut b = ferrotune_core::ModelBundle::load(model, tch::Kind::Float, tch::Device::Cpu).unwrap();
-    if let Some(a) = adapter {
-        b.attach_adapter(a).unwrap();
-    }
-    let seqs: Vec<&SftExample> = pairs.iter().flat_map(|(c, r)| [c, r]).collect();
-    let lp = sequence_logps(&b.model, &seqs, b.defaults.pad_id, 256).unwrap();
-    let margins: Vec<f64> = lp.chunks(2).map(|p| p[0].0 - p[1].0).collect();
-    (
-        margins.iter().filter(|&&m| m > 0.0).count() as f64 / margins.len() as f64,
-        margins.iter().sum::<f64>() / margins.len() as f64,
-    )
-}
+use crate::preference::{held_out_pairs, preference};
 
 #[test]
 #[ignore = "learning proof: make test-learning"]
 fn smollm2_dpo_prefers_the_chosen_answers_on_held_out_pairs() {
     let model = smollm2_dir();
     let t = tempfile::tempdir().unwrap();
-    let held = t.path().join("held");
-    let opts = BuildOptions {
-        inputs: vec![repo("recipes/data/pirate-prefs-eval.jsonl")],
-        format: ferrotune_core::data::Format::Preference,
-        columns: Default::default(),
-        model: model.clone(),
-        mask: Default::default(),
-        max_seq_len: 256,
-        eval_fraction: 0.0,
-        seed: 0,
-        strict: true,
-        pack: false,
-        max_text_bytes: ferrotune_core::data::read::DEFAULT_MAX_TEXT_BYTES,
-    };
-    build(&opts, &held).unwrap();
-    let pairs = load_pairs(&held, "train").unwrap();
+    let pairs = held_out_pairs(&model, &t.path().join("held"));
     assert_eq!(pairs.len(), 8);
     let (acc0, m0) = preference(&model, None, &pairs);
     let out = t.path().join("dpo");

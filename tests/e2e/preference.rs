@@ -118,7 +118,7 @@ fn orpo_simpo_and_kto_train_the_tiny_model_from_their_recipes() {
 
 /// Share of held-out pairs where log π(chosen) > log π(rejected) (summed completion log-probs, as DPO's
 /// proof measures), and the mean margin.
-fn preference(model: &Path, adapter: Option<&Path>, pairs: &[(SftExample, SftExample)]) -> (f64, f64) {
+pub(crate) fn preference(model: &Path, adapter: Option<&Path>, pairs: &[(SftExample, SftExample)]) -> (f64, f64) {
     let mut b = ferrotune_core::ModelBundle::load(model, tch::Kind::Float, tch::Device::Cpu).unwrap();
     if let Some(a) = adapter {
         b.attach_adapter(a).unwrap();
@@ -132,7 +132,7 @@ fn preference(model: &Path, adapter: Option<&Path>, pairs: &[(SftExample, SftExa
     )
 }
 
-fn held_out_pairs(model: &Path, dir: &Path) -> Vec<(SftExample, SftExample)> {
+pub(crate) fn held_out_pairs(model: &Path, dir: &Path) -> Vec<(SftExample, SftExample)> {
     let opts = BuildOptions {
         inputs: vec![repo("recipes/data/pirate-prefs-eval.jsonl")],
         format: ferrotune_core::data::Format::Preference,

@@ -158,48 +158,20 @@ pub fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// llama.cpp's q/k row permutation on a row-major `[out, inner]` tensor: row (h, j, i) of the HF layout (j < 2
-/// halves, i < head_dim/2) goes to row (h, i, j).
-fn permute(w: &[f32], out: usize, inner: usize, n_heads: usize) -> Vec<f32> {
-    let head_dim = out / n_heads;
-    let half = head_dim / 2;
-    let mut r = vec![0f32; w.len()];
-    for h in 0..n_heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let (dst, src) = (h * head_dim + i * 2 + j, h * head_dim + j * half + i);
-                r[dst * inner..(dst + 1) * inner].copy_from_slice(&w[src * inner..(src + 1) * inner]);
-            }
-        }
-    }
-    r
-}
-
 /// HF name → llama.cpp name, and the heads to permute with (Llama q/k only).
 fn gguf_name(hf: &str, arch: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some((f.to_owned(), None));
+    use crate::gguf_import::{FIXED_TENSORS, LAYER_MODULES};
+    if let Some((gguf, _)) = FIXED_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return Some(((*gguf).to_owned(), None));
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let (name, perm) = match module {
-        "self_attn.q_proj" => ("attn_q", Some(heads)),
-        "self_attn.k_proj" => ("attn_k", Some(kv_heads)),
-        "self_attn.v_proj" => ("attn_v", None),
-        "self_attn.o_proj" => ("attn_output", None),
-        "input_layernorm" => ("attn_norm", None),
-        "post_attention_layernorm" => ("ffn_norm", None),
-        "mlp.gate_proj" => ("ffn_gate", None),
-        "mlp.up_proj" => ("ffn_up", None),
-        "mlp.down_proj" => ("ffn_down", None),
-        _ => return None,
+    let (name, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    let perm = match *name {
+        "attn_q" => Some(heads),
+        "attn_k" => Some(kv_heads),
+        _ => None,
     };
     Some((format!("blk.{layer}.{name}.{suffix}"), if arch == "llama" { perm } else { None }))
 }
@@ -375,7 +347,7 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         let mut data = Vec::<f32>::try_from(&flat)?;
         if let Some(n) = perm {
             let rows = shape[0] as usize;
-            data = permute(&data, rows, data.len() / rows.max(1), n);
+            data = crate::gguf_import::permute_rows(&data, rows, data.len() / rows.max(1), n, false);
         }
         let matrix = shape.len() == 2;
         let ty = if matrix { ty } else { ExportType::F32 };

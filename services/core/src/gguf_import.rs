@@ -263,39 +263,50 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
     Ok(cfg)
 }
 
+/// llama.cpp's names of the tensors outside the blocks, with HF's.
+pub(crate) const FIXED_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's module names inside a block (`blk.N.<module>`), with HF's (`model.layers.N.<module>`), for the
+/// Llama layout (Gemma 3 names three norms differently, see [`hf_name`]).
+pub(crate) const LAYER_MODULES: [(&str, &str); 11] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// llama.cpp tensor name → HF name (and, for llama q/k, the head count to un-permute with). Gemma's norm
 /// names differ: `ffn_norm` is the MLP's input norm (`pre_feedforward_layernorm`) and the outputs of attention
 /// and MLP have their own (`post_attention_norm`, `post_ffw_norm`).
 fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String, Option<u64>)> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some((f.to_owned(), None));
+    if let Some((_, hf)) = FIXED_TENSORS.iter().find(|(g, _)| *g == gguf) {
+        return Some(((*hf).to_owned(), None));
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: u64 = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let (hf, permute) = match module {
-        "attn_q" => ("self_attn.q_proj", Some(heads)),
-        "attn_k" => ("self_attn.k_proj", Some(kv_heads)),
-        "attn_v" => ("self_attn.v_proj", None),
-        "attn_output" => ("self_attn.o_proj", None),
-        "attn_q_norm" => ("self_attn.q_norm", None),
-        "attn_k_norm" => ("self_attn.k_norm", None),
-        "attn_norm" => ("input_layernorm", None),
-        "ffn_norm" if arch == "gemma3" => ("pre_feedforward_layernorm", None),
-        "post_attention_norm" if arch == "gemma3" => ("post_attention_layernorm", None),
-        "post_ffw_norm" if arch == "gemma3" => ("post_feedforward_layernorm", None),
-        "ffn_norm" => ("post_attention_layernorm", None),
-        "ffn_gate" => ("mlp.gate_proj", None),
-        "ffn_up" => ("mlp.up_proj", None),
-        "ffn_down" => ("mlp.down_proj", None),
-        _ => return None,
+    let hf = match module {
+        "ffn_norm" if arch == "gemma3" => "pre_feedforward_layernorm",
+        "post_attention_norm" if arch == "gemma3" => "post_attention_layernorm",
+        "post_ffw_norm" if arch == "gemma3" => "post_feedforward_layernorm",
+        m => LAYER_MODULES.iter().find(|(g, _)| *g == m)?.1,
+    };
+    let permute = match module {
+        "attn_q" => Some(heads),
+        "attn_k" => Some(kv_heads),
+        _ => None,
     };
     // Only llama-architecture GGUFs carry the permutation (qwen2's converter leaves q/k alone), and only
     // weights/biases of q and k are affected.
@@ -303,22 +314,28 @@ fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String,
     Some((format!("model.layers.{layer}.{hf}.{suffix}"), permute))
 }
 
-/// Undoes llama.cpp's q/k row permutation on a row-major `[out, inner]` tensor (`inner` = 1 for biases).
-fn unpermute(w: &[f32], out: usize, inner: usize, n_heads: usize) -> Vec<f32> {
+/// llama.cpp's q/k row permutation on a row-major `[out, inner]` tensor (`inner` = 1 for biases): row (h, i, j) of
+/// llama.cpp's layout (i < head_dim/2, j < 2) is row (h, j, i) of HF's. `to_hf` undoes it (import); otherwise it
+/// is applied ([`crate::gguf_export`]).
+pub(crate) fn permute_rows(w: &[f32], out: usize, inner: usize, n_heads: usize, to_hf: bool) -> Vec<f32> {
     let head_dim = out / n_heads;
     let half = head_dim / 2;
     let mut r = vec![0f32; w.len()];
-    // source row (h, i, j) with i < half, j < 2  →  destination row (h, j, i)
     for h in 0..n_heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * head_dim + i * 2 + j;
-                let dst = h * head_dim + j * half + i;
+                let (gguf, hf) = (h * head_dim + i * 2 + j, h * head_dim + j * half + i);
+                let (src, dst) = if to_hf { (gguf, hf) } else { (hf, gguf) };
                 r[dst * inner..(dst + 1) * inner].copy_from_slice(&w[src * inner..(src + 1) * inner]);
             }
         }
     }
     r
+}
+
+/// Undoes llama.cpp's q/k row permutation (see [`permute_rows`]).
+fn unpermute(w: &[f32], out: usize, inner: usize, n_heads: usize) -> Vec<f32> {
+    permute_rows(w, out, inner, n_heads, true)
 }
 
 fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(usize, Vec<String>)> {

@@ -94,8 +94,9 @@ pub(crate) fn layer_kv(
     Ok((slice(2 * i)?, slice(2 * i + 1)?))
 }
 
-fn normal(rng: &mut Rng, n: i64) -> Vec<f32> {
-    // Box–Muller, as prompt tuning's random init (a fresh `nn.Embedding` is N(0, 1)).
+/// `n` draws of N(0, 1) from `rng` (Box–Muller), as the random inits of prompt and prefix tuning use them.
+pub(crate) fn normal(rng: &mut Rng, n: i64) -> Vec<f32> {
+    // A fresh `nn.Embedding` is N(0, 1).
     (0..n)
         .map(|_| {
             let (u1, u2) = (rng.uniform().max(f64::MIN_POSITIVE), rng.uniform());

@@ -50,13 +50,7 @@ impl CausalLm {
         let init = match &cfg.init {
             PromptInit::Random => {
                 let mut rng = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);
-                // Box–Muller
-                let v: Vec<f32> = (0..n * h)
-                    .map(|_| {
-                        let (u1, u2) = (rng.uniform().max(f64::MIN_POSITIVE), rng.uniform());
-                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-                    })
-                    .collect();
+                let v = crate::prefix_tuning::normal(&mut rng, n * h);
                 Tensor::f_from_slice(&v)?.f_view([n, h])?.f_to_device(dev)?
             }
             PromptInit::Text(text) => {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::logps::sequence_logps;
 use super::logps::{backward, scored_pass, Scored};
-use super::loss::LossSum;
+use super::loss::{log_sigmoid, sigmoid, LossSum};
 use super::sft::SftExample;
 use super::{MetricSums, Objective};
 use crate::error::{CoreError, Result};
@@ -100,18 +100,6 @@ pub struct PairLoss {
     pub reward_chosen: f64,
     /// β (log π(rejected) − log π_ref(rejected)).
     pub reward_rejected: f64,
-}
-
-fn log_sigmoid(x: f64) -> f64 {
-    x.min(0.0) - (-x.abs()).exp().ln_1p()
-}
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        x.exp() / (1.0 + x.exp())
-    }
 }
 
 /// The loss of one pair.

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::logps::{backward, scored_pass};
-use super::loss::LossSum;
+use super::loss::{sigmoid, LossSum};
 use super::sft::SftExample;
 use super::{MetricSums, Objective};
 use crate::error::{CoreError, Result};
@@ -97,14 +97,6 @@ pub struct KtoBatch {
     pub kl: f64,
     /// β (log π − log π_ref) per example.
     pub rewards: Vec<f64>,
-}
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        x.exp() / (1.0 + x.exp())
-    }
 }
 
 /// The loss of one batch.

@@ -126,3 +126,17 @@ pub fn causal_lm_loss_backward(
     rows.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
     Ok(LossSum { nll, tokens: n as usize })
 }
+
+/// log σ(x), stable for large |x| (the preference losses' scalar form).
+pub(crate) fn log_sigmoid(x: f64) -> f64 {
+    x.min(0.0) - (-x.abs()).exp().ln_1p()
+}
+
+/// σ(x), stable for large |x|.
+pub(crate) fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        x.exp() / (1.0 + x.exp())
+    }
+}

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::logps::{backward, scored_pass, SeqLogp};
-use super::loss::LossSum;
+use super::loss::{log_sigmoid, sigmoid, LossSum};
 use super::sft::SftExample;
 use super::{MetricSums, Objective};
 use crate::error::{CoreError, Result};
@@ -108,18 +108,6 @@ pub struct BatchLoss {
     pub d_nll: f64,
     /// ORPO: each pair's log-odds (empty for SimPO).
     pub log_odds: Vec<f64>,
-}
-
-fn log_sigmoid(x: f64) -> f64 {
-    x.min(0.0) - (-x.abs()).exp().ln_1p()
-}
-
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        x.exp() / (1.0 + x.exp())
-    }
 }
 
 /// log(1 − eˣ) for x < 0, stable at both ends (TRL's `log1mexp`).
