@@ -12,13 +12,21 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
+.PHONY: target-link all libtorch tracking-venv build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
 
 all: build
 
 libtorch: $(VENV)/.torch-ok
 $(VENV)/.torch-ok: scripts/libtorch.sh
 	bash scripts/libtorch.sh >/dev/null
+	touch $@
+
+# MLflow and TensorBoard for the tracking tests (a real `mlflow server`, TensorBoard's event reader).
+TRACKING_VENV := $(FERROTUNE_CACHE)/tracking-venv
+export FERROTUNE_TRACKING_VENV := $(TRACKING_VENV)
+tracking-venv: $(TRACKING_VENV)/.ok
+$(TRACKING_VENV)/.ok: scripts/tracking-venv.sh
+	bash scripts/tracking-venv.sh >/dev/null
 	touch $@
 
 # The link `target` -> $(CARGO_TARGET_DIR) makes `target/release/ferrotune` exist in the clone.
@@ -38,7 +46,7 @@ build-cuda: libtorch target-link
 # trainings 2.4x slower than with one thread each (30.4 s vs 12.5 s for 2 x 8 steps on 2 cores).
 # The fast tier: unit, tiny-fixture integration, end-to-end plumbing and SmolLM2 parity (the learning proofs
 # are #[ignore]d here and run by test-learning).
-test: build
+test: build tracking-venv
 	@start=$$(date +%s); \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(CARGO) test --release --locked --workspace --no-fail-fast; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc

@@ -101,6 +101,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ExportCmd,
     },
+    /// Experiment tracking: `tracking sync DIR` sends the MLflow calls a run left unsent (server down).
+    Tracking {
+        #[command(subcommand)]
+        cmd: TrackingCmd,
+    },
     /// Combine LoRA adapters of one base into one (PEFT add_weighted_adapter: linear, cat, ties).
     Combine {
         /// An adapter and its weight, DIR=WEIGHT (repeatable), e.g. --adapter runs/a=0.7 --adapter runs/b=0.3.
@@ -127,6 +132,18 @@ enum Cmd {
     Jobs {
         #[command(subcommand)]
         cmd: jobs_cmd::JobsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrackingCmd {
+    /// Send what a run's `mlflow/outbox.json` holds to the tracking server (tracking.mlflow / MLFLOW_TRACKING_URI).
+    Sync {
+        /// The run's output directory.
+        dir: PathBuf,
+        /// Longest wait for the server, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
     },
 }
 
@@ -284,6 +301,9 @@ enum EvalCmd {
     },
 }
 
+/// Seconds the CLI waits at exit for trackers' calls still queued.
+const TRACKING_FLUSH_S: u64 = 20;
+
 fn main() {
     let cli = Cli::parse();
     apply_wait_policy(&cli);
@@ -361,6 +381,22 @@ fn run(cli: &Cli) -> Result<()> {
         _ => {}
     }
     let mut settings = ferrotune_runtime::Settings::load(cli.config.as_deref())?;
+    if let Cmd::Tracking { cmd: TrackingCmd::Sync { dir, timeout_s } } = &cli.cmd {
+        let left =
+            ferrotune_runtime::tracking::sync(&settings.tracking, dir, std::time::Duration::from_secs(*timeout_s))?;
+        if left > 0 {
+            anyhow::bail!(
+                "{left} MLflow call(s) still unsent after {timeout_s} s; they stay in {}",
+                dir.join("mlflow/outbox.json").display()
+            );
+        }
+        if cli.json {
+            println!("{}", json!({"unsent": 0}));
+        } else {
+            println!("{}: nothing left to send", dir.display());
+        }
+        return Ok(());
+    }
     if let Some(n) = cli.threads {
         settings.policy.threads = n;
         settings.reward.threads = n;
@@ -383,6 +419,15 @@ fn run(cli: &Cli) -> Result<()> {
     });
     // Never wait without end for a task that does not yield (a stuck call): the process is exiting.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    // Trackers of jobs this process ran: a bounded wait for their last calls (a server that is down keeps
+    // them in the run's outbox).
+    for dir in ferrotune_runtime::tracking::flush(std::time::Duration::from_secs(TRACKING_FLUSH_S)) {
+        eprintln!(
+            "warning: the MLflow server did not take this run's last calls within {TRACKING_FLUSH_S} s; they are kept in {}; `ferrotune tracking sync {}` sends them",
+            dir.join("mlflow/outbox.json").display(),
+            dir.display()
+        );
+    }
     r
 }
 
@@ -397,6 +442,7 @@ fn command_name(c: &Cmd) -> &'static str {
         Cmd::Generate(_) => "generate",
         Cmd::Merge { .. } => "merge",
         Cmd::Export { .. } => "export",
+        Cmd::Tracking { .. } => "tracking",
         Cmd::Combine { .. } => "combine",
         Cmd::Eval { .. } => "eval",
         Cmd::Serve(_) => "serve",
@@ -568,7 +614,9 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
                 println!("tokens {}  mean NLL {:.6}  perplexity {:.4}", p.tokens, p.mean_nll, p.perplexity);
             }
         }
-        Cmd::Models { .. } | Cmd::Import { .. } | Cmd::Serve(_) | Cmd::Jobs { .. } => unreachable!("handled above"),
+        Cmd::Models { .. } | Cmd::Import { .. } | Cmd::Tracking { .. } | Cmd::Serve(_) | Cmd::Jobs { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }

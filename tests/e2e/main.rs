@@ -19,3 +19,4 @@ mod sessions;
 mod sft;
 mod smollm2;
 mod telemetry;
+mod tracking;

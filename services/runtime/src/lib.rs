@@ -11,6 +11,7 @@ pub mod server;
 pub mod settings;
 pub mod status;
 pub mod telemetry;
+pub mod tracking;
 pub mod worker;
 
 pub use paths::ArtifactRoot;

@@ -77,6 +77,7 @@ impl Hosting {
         }
         let db = self.settings.jobs_db(self.root.root());
         let mgr = JobManager::start(Store::open(&db)?)?;
+        mgr.set_tracking(self.settings.tracking.clone());
         let api = JobApi { manager: mgr.clone() };
         let svc = ferrotune_proto::v1::job_service_server::JobServiceServer::new(api)
             .max_decoding_message_size(self.max_message());

@@ -37,6 +37,8 @@ pub struct Settings {
     pub reward: RewardSettings,
     /// How CPU threads wait.
     pub cpu: Cpu,
+    /// Experiment tracking (MLflow, TensorBoard) of every job.
+    pub tracking: crate::tracking::TrackingSettings,
 }
 
 /// CPU scheduling of the process.
@@ -234,6 +236,7 @@ impl Settings {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             anyhow::bail!("configuration: tls.cert and tls.key go together");
         }
+        self.tracking.validate()?;
         for s in &self.services {
             if !KNOWN_SERVICES.contains(&s.as_str()) {
                 anyhow::bail!("configuration: unknown service `{s}` (known: {})", KNOWN_SERVICES.join(", "));

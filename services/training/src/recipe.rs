@@ -56,6 +56,27 @@ pub struct Recipe {
     /// RLOO settings (`align rloo`; absent otherwise). `data.path` is then a prompt file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rloo: Option<GroupRlConfig>,
+    /// Experiment trackers of this job (`mlflow`, `tensorboard`, or `none`); absent = the service default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_to: Option<Vec<String>>,
+    /// The run's name in the trackers (default: the output dir's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_name: Option<String>,
+    /// Tracker settings of this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<RecipeTracking>,
+}
+
+/// `tracking:` in a recipe.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeTracking {
+    /// MLflow experiment (default: the service's `tracking.mlflow.experiment_name`).
+    #[serde(default)]
+    pub experiment_name: Option<String>,
+    /// Register the trained output (adapter or model) as a new version of this MLflow registered model.
+    #[serde(default)]
+    pub register_model: Option<String>,
 }
 
 fn cpu() -> String {
@@ -407,6 +428,10 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
     }
     let r: Recipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
+    if let Some(list) = &r.report_to {
+        ferrotune_runtime::tracking::check_report_to(list)
+            .map_err(|e| anyhow::anyhow!("{}: report_to: {e}", path.display()))?;
+    }
     if let Some(d) = &r.dpo {
         d.validate().with_context(|| format!("{}", path.display()))?;
     }
@@ -562,6 +587,18 @@ mod tests {
         assert!(e.contains("kto.desirable_weight must be positive"), "{e}");
         let e = format!("{:#}", parse(yaml, Path::new("r.yaml"), &["kto.loss_type=bco".into()]).unwrap_err());
         assert!(e.contains("bco") && e.contains("apo_zero_unpaired"), "{e}");
+    }
+
+    #[test]
+    fn report_to_and_tracking_settings() {
+        let r = recipe(&["report_to=[mlflow,tensorboard]", "tracking.experiment_name=exp", "run_name=r1"]);
+        assert_eq!(r.report_to, Some(vec!["mlflow".to_owned(), "tensorboard".to_owned()]));
+        assert_eq!(r.tracking.unwrap().experiment_name.as_deref(), Some("exp"));
+        let yaml = "model: m\noutput_dir: out\nadapter: {method: lora}\ndata: {path: d.jsonl, format: messages}\n";
+        let e = format!("{:#}", parse(yaml, Path::new("r.yaml"), &["report_to=[wandb]".into()]).unwrap_err());
+        assert!(e.contains("report_to") && e.contains("unknown tracker `wandb`"), "{e}");
+        let e = format!("{:#}", parse(yaml, Path::new("r.yaml"), &["tracking.experiment=x".into()]).unwrap_err());
+        assert!(e.contains("experiment"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 
 use super::store::{Store, StoredJob};
 use super::{is_terminal, now_ms};
+use crate::tracking::{JobInfo, JobTracker, TrackingSettings};
 
 /// Runs jobs of one kind.
 pub trait JobRunner: Send + Sync {
@@ -43,6 +44,7 @@ pub struct JobContext {
     inner: Arc<Inner>,
     started: Instant,
     first_step: Mutex<Option<u64>>,
+    tracker: Mutex<Option<JobTracker>>,
 }
 
 impl JobContext {
@@ -52,6 +54,9 @@ impl JobContext {
         let done = p.step.saturating_sub(first);
         if done > 0 && p.total >= p.step {
             p.eta_s = self.started.elapsed().as_secs_f64() / done as f64 * (p.total - p.step) as f64;
+        }
+        if let Some(t) = self.tracker.lock().expect("lock").as_mut() {
+            t.step(&p);
         }
         self.inner.emit(&self.id, Body::Progress(p));
     }
@@ -92,6 +97,7 @@ struct Inner {
     queue: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
     shutting_down: AtomicBool,
+    tracking: Mutex<TrackingSettings>,
 }
 
 /// Shared handle to the job manager.
@@ -187,10 +193,12 @@ impl Inner {
             inner: self.clone(),
             started: Instant::now(),
             first_step: Mutex::new(None),
+            tracker: Mutex::new(None),
         };
         if resume {
             ctx.log("resuming from the newest checkpoint");
         }
+        *ctx.tracker.lock().expect("lock") = self.tracker(&ctx, &stored.job.kind);
         ferrotune_core::threads::set_for_this_thread(ferrotune_core::threads::resolve(threads));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(&ctx)));
         let cancelled = self.live.lock().expect("lock").get(&id).is_some_and(|l| l.cancelled);
@@ -208,8 +216,28 @@ impl Inner {
                 vec![],
             ),
         };
+        if let Some(t) = ctx.tracker.lock().expect("lock").as_mut() {
+            t.finish(state, &artifacts);
+        }
         self.set_state(&id, state, error, artifacts, None);
         self.live.lock().expect("lock").remove(&id);
+    }
+
+    /// The job's experiment trackers (its recipe's `report_to`, or the service default).
+    fn tracker(self: &Arc<Self>, ctx: &JobContext, kind: &str) -> Option<JobTracker> {
+        let settings = self.tracking.lock().expect("lock").clone();
+        let (weak, id) = (Arc::downgrade(self), ctx.id.clone());
+        let warn: crate::tracking::Warn = Arc::new(move |msg: String| {
+            tracing::warn!(job = %id, "{msg}");
+            if let Some(inner) = weak.upgrade() {
+                if inner.live.lock().expect("lock").contains_key(&id) {
+                    inner.emit(&id, Body::Log(msg));
+                }
+            }
+        });
+        let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        let job = JobInfo { id: &ctx.id, kind, output_dir: &ctx.output_dir, spec: &ctx.spec, resume };
+        JobTracker::start(&settings, &job, warn)
     }
 }
 
@@ -224,6 +252,7 @@ impl JobManager {
             queue: Mutex::new(Some(tx)),
             worker: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
+            tracking: Mutex::new(TrackingSettings::default()),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
@@ -240,6 +269,11 @@ impl JobManager {
             .map_err(|e| anyhow::anyhow!("starting the job thread: {e}"))?;
         *inner.worker.lock().expect("lock") = Some(handle);
         Ok(Self(inner))
+    }
+
+    /// The trackers of jobs whose recipe names none, and where MLflow is.
+    pub fn set_tracking(&self, settings: TrackingSettings) {
+        *self.0.tracking.lock().expect("lock") = settings;
     }
 
     /// Runs jobs of `kind` with `runner` on `threads` CPU threads (0 = all this process may use).
