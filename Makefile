@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch tracking-venv build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
+.PHONY: target-link all libtorch tracking-venv test-tools build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
 
 all: build
 
@@ -28,6 +28,10 @@ tracking-venv: $(TRACKING_VENV)/.ok
 $(TRACKING_VENV)/.ok: scripts/tracking-venv.sh
 	bash scripts/tracking-venv.sh >/dev/null
 	touch $@
+
+# Debian programs the tests drive (promtool).
+test-tools:
+	bash scripts/test-tools.sh
 
 # The link `target` -> $(CARGO_TARGET_DIR) makes `target/release/ferrotune` exist in the clone.
 target-link:
@@ -46,7 +50,7 @@ build-cuda: libtorch target-link
 # trainings 2.4x slower than with one thread each (30.4 s vs 12.5 s for 2 x 8 steps on 2 cores).
 # The fast tier: unit, tiny-fixture integration, end-to-end plumbing and SmolLM2 parity (the learning proofs
 # are #[ignore]d here and run by test-learning).
-test: build tracking-venv
+test: build tracking-venv test-tools
 	@start=$$(date +%s); \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(CARGO) test --release --locked --workspace --no-fail-fast; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc

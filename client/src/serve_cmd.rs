@@ -51,7 +51,13 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
             other => anyhow::bail!("unknown service `{other}`"),
         }
     }
+    let mut metrics = String::new();
+    if let Some(m) = h.settings.metrics.listen.clone() {
+        let l = tokio::net::TcpListener::bind(&m).await.with_context(|| format!("metrics.listen {m}"))?;
+        metrics = format!(" metrics http://{}/metrics", l.local_addr()?);
+        h.serve_metrics(l);
+    }
     // One line on stdout that scripts (and the tests) read the port from.
-    println!("listening on {addr} ({}) root {}", services.join(","), h.root.root().display());
+    println!("listening on {addr} ({}) root {}{metrics}", services.join(","), h.root.root().display());
     h.serve(listener, termination()).await
 }

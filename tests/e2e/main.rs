@@ -11,6 +11,7 @@ mod gemma3;
 mod generation;
 mod hardening;
 mod layout;
+mod metrics;
 mod ppo;
 mod preference;
 mod reward;

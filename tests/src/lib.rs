@@ -95,6 +95,8 @@ pub struct Server {
     pub child: std::process::Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// The `listening on …` line it printed.
+    pub line: String,
 }
 
 impl Server {
@@ -133,7 +135,7 @@ impl Server {
             .strip_prefix("listening on ")
             .and_then(|r| r.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-        Self { url: format!("http://{addr}"), child }
+        Self { url: format!("http://{addr}"), child, line: line.trim_end().to_owned() }
     }
 
     /// The `host:port` part.

@@ -23,7 +23,7 @@ pub struct Models {
 impl Models {
     /// Empty; models load on `device` in `kind`, at most `max` kept; `sessions` bounds the sessions.
     pub fn new(device: Device, kind: Kind, max: usize, sessions: crate::sessions::Sessions) -> Self {
-        Self { device, kind, cache: Lru::new(max), sessions }
+        Self { device, kind, cache: Lru::new(max).metered("policy"), sessions }
     }
 
     /// The bundle for `model` + `adapter`, loading it when needed.

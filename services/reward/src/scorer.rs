@@ -25,7 +25,7 @@ pub struct Scorers {
 impl Scorers {
     /// None loaded yet.
     pub fn new(device: Device, kind: Kind, max: usize) -> Self {
-        Self { device, kind, cache: Lru::new(max) }
+        Self { device, kind, cache: Lru::new(max).metered("reward") }
     }
 
     fn get(&mut self, base: &Path, adapter: &Path) -> Result<&mut ModelBundle, Status> {

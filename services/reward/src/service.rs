@@ -33,6 +33,8 @@ struct Pending {
     key: Key,
     items: Vec<(String, String)>,
     reply: Reply,
+    /// When the call joined the queue.
+    queued: std::time::Instant,
 }
 
 /// The reward service.
@@ -103,6 +105,10 @@ async fn batch_loop(mut rx: mpsc::Receiver<Pending>, worker: Worker<Scorers>, ma
             }
             let items: Vec<(String, String)> = same.iter().flat_map(|p| p.items.iter().cloned()).collect();
             let total = items.len() as u32;
+            ferrotune_runtime::metrics::SCORE_BATCH.observe(&[], total as f64);
+            for p in &same {
+                ferrotune_runtime::metrics::SCORE_WAIT.observe(&[], p.queued.elapsed().as_secs_f64());
+            }
             let (base, adapter) = key.clone();
             let result = worker.call(move |s| s.score(&base, &adapter, &items)).await;
             let mut at = 0;
@@ -177,13 +183,14 @@ impl RewardService for Reward {
                 let (scores, batch_size) = match &self.batcher {
                     Some(tx) => {
                         let (reply, rx) = oneshot::channel();
-                        tx.send(Pending { key: (base, adapter), items, reply })
+                        tx.send(Pending { key: (base, adapter), items, reply, queued: std::time::Instant::now() })
                             .await
                             .map_err(|_| Status::unavailable("the batcher has stopped"))?;
                         rx.await.map_err(|_| Status::internal("the batcher dropped the request"))??
                     }
                     None => {
                         let n = items.len() as u32;
+                        ferrotune_runtime::metrics::SCORE_BATCH.observe(&[], n as f64);
                         (self.worker.call(move |s| s.score(&base, &adapter, &items)).await?, n)
                     }
                 };

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod jobs;
 pub mod lru;
+pub mod metrics;
 pub mod paths;
 pub mod plot;
 pub mod server;

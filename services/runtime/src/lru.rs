@@ -5,12 +5,27 @@
 pub struct Lru<K, V> {
     max: usize,
     entries: Vec<(K, V)>,
+    /// The `service` label of `ferrotune_models_loaded`, when this cache reports its size.
+    metered: Option<&'static str>,
 }
 
 impl<K: PartialEq, V> Lru<K, V> {
     /// Empty; keeps at most `max` (at least 1) entries.
     pub fn new(max: usize) -> Self {
-        Self { max: max.max(1), entries: vec![] }
+        Self { max: max.max(1), entries: vec![], metered: None }
+    }
+
+    /// Reports the number of entries as `ferrotune_models_loaded{service}`.
+    pub fn metered(mut self, service: &'static str) -> Self {
+        self.metered = Some(service);
+        self.report();
+        self
+    }
+
+    fn report(&self) {
+        if let Some(s) = self.metered {
+            crate::metrics::MODELS_LOADED.set(&[s], self.entries.len() as f64);
+        }
     }
 
     /// Whether `key` is cached; if so it becomes the most recently used (checks meant only for new entries go
@@ -33,8 +48,10 @@ impl<K: PartialEq, V> Lru<K, V> {
             while self.entries.len() >= self.max {
                 self.entries.remove(0);
             }
+            self.report();
             let v = load()?;
             self.entries.push((key, v));
+            self.report();
         }
         Ok(&mut self.entries.last_mut().expect("just pushed").1)
     }

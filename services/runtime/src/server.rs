@@ -1,7 +1,7 @@
 //! Server bootstrap shared by every service: the routes of the hosted services plus gRPC health
 //! (NOT_SERVING until the services are ready and again while draining) and reflection, bearer auth,
-//! optional TLS, request timeouts, per-connection concurrency limits with load shedding, message size
-//! limits, one span per request (continuing the caller's trace), and graceful shutdown that checkpoints
+//! optional TLS, request timeouts, load shedding beyond a number of calls in flight, message size
+//! limits, Prometheus metrics of every call, one span per request (continuing the caller's trace), and graceful shutdown that checkpoints
 //! running jobs.
 
 use std::future::Future;
@@ -33,6 +33,7 @@ pub struct Hosting {
     names: Vec<String>,
     jobs: Option<JobManager>,
     drains: Vec<Box<dyn FnOnce() + Send>>,
+    metrics: Option<tokio::net::TcpListener>,
     ready: Vec<std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>>,
 }
 
@@ -46,6 +47,7 @@ impl Hosting {
             names: vec![],
             jobs: None,
             drains: vec![],
+            metrics: None,
             ready: vec![],
         }
     }
@@ -78,6 +80,8 @@ impl Hosting {
         let db = self.settings.jobs_db(self.root.root());
         let mgr = JobManager::start(Store::open(&db)?)?;
         mgr.set_tracking(self.settings.tracking.clone());
+        let m = mgr.clone();
+        crate::metrics::add_collector(move || m.metric_families());
         let api = JobApi { manager: mgr.clone() };
         let svc = ferrotune_proto::v1::job_service_server::JobServiceServer::new(api)
             .max_decoding_message_size(self.max_message());
@@ -91,6 +95,11 @@ impl Hosting {
     /// connections meanwhile. A failure is logged and leaves the server NOT_SERVING.
     pub fn when_ready(&mut self, f: impl Future<Output = anyhow::Result<()>> + Send + 'static) {
         self.ready.push(Box::pin(f));
+    }
+
+    /// Answers `GET /metrics` (Prometheus) on `listener` while the server runs.
+    pub fn serve_metrics(&mut self, listener: tokio::net::TcpListener) {
+        self.metrics = Some(listener);
     }
 
     /// Runs `f` when the server drains.
@@ -132,8 +141,6 @@ impl Hosting {
         let limits = self.settings.limits.clone();
         let mut builder = Server::builder()
             .timeout(Duration::from_secs(limits.request_timeout_s))
-            .concurrency_limit_per_connection(limits.concurrency)
-            .load_shed(true)
             .trace_fn(crate::telemetry::server_span);
         if let (Some(cert), Some(key)) = (&self.settings.tls.cert, &self.settings.tls.key) {
             let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("tls: {}: {e}", p.display()));
@@ -160,21 +167,27 @@ impl Hosting {
         let drains = std::mem::take(&mut self.drains);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-        let serve = builder.add_routes(self.routes.routes()).serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("draining");
-            readiness.abort();
-            for n in &all {
-                reporter.set_service_status(n, ServingStatus::NotServing).await;
-            }
-            if let Some(j) = jobs {
-                let _ = tokio::task::spawn_blocking(move || j.shutdown(DRAIN_GRACE)).await;
-            }
-            for d in drains {
-                d();
-            }
-            let _ = drained_tx.send(());
-        });
+        if let Some(l) = self.metrics.take() {
+            tokio::spawn(crate::metrics::serve(l));
+        }
+        let serve = builder
+            .layer(crate::metrics::grpc::GrpcMetricsLayer::new(limits.concurrency))
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                tracing::info!("draining");
+                readiness.abort();
+                for n in &all {
+                    reporter.set_service_status(n, ServingStatus::NotServing).await;
+                }
+                if let Some(j) = jobs {
+                    let _ = tokio::task::spawn_blocking(move || j.shutdown(DRAIN_GRACE)).await;
+                }
+                for d in drains {
+                    d();
+                }
+                let _ = drained_tx.send(());
+            });
         // Draining has a deadline: once the jobs have checkpointed, calls still in flight get CALL_DRAIN_GRACE,
         // then the server returns without them (a stuck call must not keep a SIGTERMed server alive).
         tokio::select! {

@@ -39,6 +39,16 @@ pub struct Settings {
     pub cpu: Cpu,
     /// Experiment tracking (MLflow, TensorBoard) of every job.
     pub tracking: crate::tracking::TrackingSettings,
+    /// Prometheus metrics of `serve`.
+    pub metrics: MetricsSettings,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `host:port` where `serve` answers `GET /metrics` (unset: no metrics endpoint; port 0 = any free port).
+    pub listen: Option<String>,
 }
 
 /// CPU scheduling of the process.
@@ -126,7 +136,7 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Unary calls (and stream set-up) taking longer are cut with DEADLINE_EXCEEDED.
     pub request_timeout_s: u64,
-    /// Requests in flight per connection; more wait.
+    /// Calls in flight in the process; more are shed (RESOURCE_EXHAUSTED at once; health checks never).
     pub concurrency: usize,
     /// Longest text of one record in data formatting (longer records are reported and skipped), of a
     /// Tokenize call, a Generate prompt or a Score item (RESOURCE_EXHAUSTED), in bytes.

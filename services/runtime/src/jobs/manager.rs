@@ -45,6 +45,8 @@ pub struct JobContext {
     started: Instant,
     first_step: Mutex<Option<u64>>,
     tracker: Mutex<Option<JobTracker>>,
+    kind: String,
+    last_step: Mutex<Instant>,
 }
 
 impl JobContext {
@@ -58,6 +60,13 @@ impl JobContext {
         if let Some(t) = self.tracker.lock().expect("lock").as_mut() {
             t.step(&p);
         }
+        let now = Instant::now();
+        let took = std::mem::replace(&mut *self.last_step.lock().expect("lock"), now);
+        let kind = [self.kind.as_str()];
+        crate::metrics::TRAIN_STEPS.inc(&kind);
+        crate::metrics::TRAIN_STEP_TIME.observe(&kind, (now - took).as_secs_f64());
+        crate::metrics::TRAIN_TOKENS_PER_S.set(&kind, p.tokens_per_s);
+        crate::metrics::TRAIN_LOSS.set(&kind, p.loss);
         self.inner.emit(&self.id, Body::Progress(p));
     }
     /// A log line.
@@ -194,6 +203,8 @@ impl Inner {
             started: Instant::now(),
             first_step: Mutex::new(None),
             tracker: Mutex::new(None),
+            kind: stored.job.kind.clone(),
+            last_step: Mutex::new(Instant::now()),
         };
         if resume {
             ctx.log("resuming from the newest checkpoint");
@@ -269,6 +280,24 @@ impl JobManager {
             .map_err(|e| anyhow::anyhow!("starting the job thread: {e}"))?;
         *inner.worker.lock().expect("lock") = Some(handle);
         Ok(Self(inner))
+    }
+
+    /// `ferrotune_jobs{kind, state}`: the store's jobs by kind and state (for /metrics).
+    pub fn metric_families(&self) -> Vec<crate::metrics::registry::Collected> {
+        let counts = self.0.store.lock().expect("lock").counts().unwrap_or_default();
+        let series = counts
+            .into_iter()
+            .map(|(kind, state, n)| {
+                let state = state.as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase();
+                (vec![("kind", kind), ("state", state)], n as f64)
+            })
+            .collect();
+        vec![crate::metrics::registry::Collected {
+            name: "ferrotune_jobs",
+            help: "Jobs in this service's store by kind and state.",
+            kind: "gauge",
+            series,
+        }]
     }
 
     /// The trackers of jobs whose recipe names none, and where MLflow is.

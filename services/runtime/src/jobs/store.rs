@@ -117,6 +117,21 @@ impl Store {
         Ok(out)
     }
 
+    /// How many jobs of each (kind, state).
+    pub fn counts(&self) -> rusqlite::Result<Vec<(String, JobState, u64)>> {
+        let mut stmt =
+            self.db.prepare("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state ORDER BY kind, state")?;
+        let rows = stmt.query_map([], |r| {
+            let state: i32 = r.get(1)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                JobState::try_from(state).unwrap_or(JobState::Unspecified),
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })?;
+        rows.collect()
+    }
+
     /// Appends an event (its seq must be the next one) and folds it into the job row.
     pub fn append(&self, ev: &JobEvent) -> rusqlite::Result<()> {
         let tx = self.db.unchecked_transaction()?;

@@ -1,0 +1,235 @@
+//! A small Prometheus registry: counters, gauges and histograms with labels, rendered in the text
+//! exposition format (0.0.4). Collectors add families computed at scrape time (jobs by state, process stats).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::{LazyLock, Mutex};
+
+/// A labelled family's values, keyed by label values.
+type Values<T> = Mutex<BTreeMap<Vec<String>, T>>;
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn labels(names: &[&str], values: &[String], extra: Option<(&str, &str)>) -> String {
+    let mut parts: Vec<String> = names.iter().zip(values).map(|(n, v)| format!("{n}=\"{}\"", escape(v))).collect();
+    if let Some((n, v)) = extra {
+        parts.push(format!("{n}=\"{v}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+/// A float in the exposition format.
+fn num(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+fn key(values: &[&str]) -> Vec<String> {
+    values.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A counter or gauge family.
+pub struct Scalar {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    label_names: &'static [&'static str],
+    values: Values<f64>,
+}
+
+impl Scalar {
+    /// A counter (name ends in `_total`).
+    pub const fn counter(name: &'static str, help: &'static str, label_names: &'static [&'static str]) -> Self {
+        Self { name, help, kind: "counter", label_names, values: Mutex::new(BTreeMap::new()) }
+    }
+    /// A gauge.
+    pub const fn gauge(name: &'static str, help: &'static str, label_names: &'static [&'static str]) -> Self {
+        Self { name, help, kind: "gauge", label_names, values: Mutex::new(BTreeMap::new()) }
+    }
+    /// Adds `v` to the series of `label_values`.
+    pub fn add(&self, label_values: &[&str], v: f64) {
+        *self.values.lock().expect("lock").entry(key(label_values)).or_insert(0.0) += v;
+    }
+    /// Adds one.
+    pub fn inc(&self, label_values: &[&str]) {
+        self.add(label_values, 1.0);
+    }
+    /// Sets the series (gauges).
+    pub fn set(&self, label_values: &[&str], v: f64) {
+        self.values.lock().expect("lock").insert(key(label_values), v);
+    }
+    /// The series' value (0 when never set).
+    pub fn get(&self, label_values: &[&str]) -> f64 {
+        self.values.lock().expect("lock").get(&key(label_values)).copied().unwrap_or(0.0)
+    }
+    fn render(&self, out: &mut String) {
+        let values = self.values.lock().expect("lock");
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", self.name, self.help, self.name, self.kind);
+        for (lv, v) in values.iter() {
+            let _ = writeln!(out, "{}{} {}", self.name, labels(self.label_names, lv, None), num(*v));
+        }
+    }
+}
+
+/// One histogram series: per-bucket counts (not cumulative), sum, count.
+#[derive(Clone)]
+struct Series {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+/// A histogram family.
+pub struct Histogram {
+    name: &'static str,
+    help: &'static str,
+    label_names: &'static [&'static str],
+    buckets: &'static [f64],
+    values: Values<Series>,
+}
+
+impl Histogram {
+    /// A histogram with upper bounds `buckets` (increasing; +Inf is implied).
+    pub const fn new(
+        name: &'static str,
+        help: &'static str,
+        label_names: &'static [&'static str],
+        buckets: &'static [f64],
+    ) -> Self {
+        Self { name, help, label_names, buckets, values: Mutex::new(BTreeMap::new()) }
+    }
+    /// Records one observation.
+    pub fn observe(&self, label_values: &[&str], v: f64) {
+        let mut values = self.values.lock().expect("lock");
+        let s = values.entry(key(label_values)).or_insert_with(|| Series {
+            counts: vec![0; self.buckets.len()],
+            sum: 0.0,
+            count: 0,
+        });
+        if let Some(i) = self.buckets.iter().position(|b| v <= *b) {
+            s.counts[i] += 1;
+        }
+        s.sum += v;
+        s.count += 1;
+    }
+    /// Observations of a series so far.
+    pub fn count(&self, label_values: &[&str]) -> u64 {
+        self.values.lock().expect("lock").get(&key(label_values)).map(|s| s.count).unwrap_or(0)
+    }
+    fn render(&self, out: &mut String) {
+        let values = self.values.lock().expect("lock");
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
+        for (lv, s) in values.iter() {
+            let mut cum = 0;
+            for (b, c) in self.buckets.iter().zip(&s.counts) {
+                cum += c;
+                let _ =
+                    writeln!(out, "{}_bucket{} {cum}", self.name, labels(self.label_names, lv, Some(("le", &num(*b)))));
+            }
+            let _ =
+                writeln!(out, "{}_bucket{} {}", self.name, labels(self.label_names, lv, Some(("le", "+Inf"))), s.count);
+            let _ = writeln!(out, "{}_sum{} {}", self.name, labels(self.label_names, lv, None), num(s.sum));
+            let _ = writeln!(out, "{}_count{} {}", self.name, labels(self.label_names, lv, None), s.count);
+        }
+    }
+}
+
+/// A family computed at scrape time: (name, help, type, [(labels, value)]).
+pub struct Collected {
+    /// Metric name.
+    pub name: &'static str,
+    /// HELP text.
+    pub help: &'static str,
+    /// `gauge` or `counter`.
+    pub kind: &'static str,
+    /// Series: label pairs and value.
+    pub series: Vec<(Vec<(&'static str, String)>, f64)>,
+}
+
+impl Collected {
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", self.name, self.help, self.name, self.kind);
+        for (ls, v) in &self.series {
+            let names: Vec<&str> = ls.iter().map(|(n, _)| *n).collect();
+            let values: Vec<String> = ls.iter().map(|(_, v)| v.clone()).collect();
+            let _ = writeln!(out, "{}{} {}", self.name, labels(&names, &values, None), num(*v));
+        }
+    }
+}
+
+/// A source of scrape-time families.
+pub type Collector = Box<dyn Fn() -> Vec<Collected> + Send + Sync>;
+
+static COLLECTORS: LazyLock<Mutex<Vec<Collector>>> = LazyLock::new(|| Mutex::new(vec![]));
+
+/// Adds a scrape-time collector (for the life of the process).
+pub fn add_collector(c: Collector) {
+    COLLECTORS.lock().expect("lock").push(c);
+}
+
+/// The exposition of `scalars`, `histograms` and every collector.
+pub fn render(scalars: &[&Scalar], histograms: &[&Histogram]) -> String {
+    let mut out = String::new();
+    for s in scalars {
+        s.render(&mut out);
+    }
+    for h in histograms {
+        h.render(&mut out);
+    }
+    // Collectors of several hosted services may report the same family: merge by name.
+    let mut merged: BTreeMap<&'static str, Collected> = BTreeMap::new();
+    for c in COLLECTORS.lock().expect("lock").iter() {
+        for f in c() {
+            match merged.get_mut(f.name) {
+                Some(m) => m.series.extend(f.series),
+                None => {
+                    merged.insert(f.name, f);
+                }
+            }
+        }
+    }
+    for f in merged.values() {
+        f.render(&mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_format() {
+        static C: Scalar = Scalar::counter("t_requests_total", "Requests.", &["method", "code"]);
+        static H: Histogram = Histogram::new("t_latency_seconds", "Latency.", &["method"], &[0.1, 1.0]);
+        C.inc(&["Get", "OK"]);
+        C.add(&["Get", "OK"], 2.0);
+        C.inc(&["Say \"hi\"\n", "NOT_FOUND"]);
+        H.observe(&["Get"], 0.05);
+        H.observe(&["Get"], 0.5);
+        H.observe(&["Get"], 7.0);
+        let text = render(&[&C], &[&H]);
+        assert!(text.contains("# TYPE t_requests_total counter\n"), "{text}");
+        assert!(text.contains("t_requests_total{method=\"Get\",code=\"OK\"} 3\n"), "{text}");
+        assert!(text.contains("t_requests_total{method=\"Say \\\"hi\\\"\\n\",code=\"NOT_FOUND\"} 1\n"), "{text}");
+        assert!(text.contains("t_latency_seconds_bucket{method=\"Get\",le=\"0.1\"} 1\n"), "{text}");
+        assert!(text.contains("t_latency_seconds_bucket{method=\"Get\",le=\"1\"} 2\n"), "{text}");
+        assert!(text.contains("t_latency_seconds_bucket{method=\"Get\",le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("t_latency_seconds_sum{method=\"Get\"} 7.55\n"), "{text}");
+        assert!(text.contains("t_latency_seconds_count{method=\"Get\"} 3\n"), "{text}");
+    }
+}
