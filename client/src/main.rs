@@ -8,6 +8,8 @@ use std::path::PathBuf;
 mod connect;
 mod data_cmd;
 mod jobs_cmd;
+mod pipeline;
+mod pipeline_cmd;
 mod serve_cmd;
 mod train_cmd;
 
@@ -101,6 +103,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ExportCmd,
     },
+    /// Multi-stage flows in one file: `pipeline run P.yaml [--resume]`.
+    Pipeline {
+        #[command(subcommand)]
+        cmd: PipelineCmd,
+    },
     /// Experiment tracking: `tracking sync DIR` sends the MLflow calls a run left unsent (server down).
     Tracking {
         #[command(subcommand)]
@@ -132,6 +139,18 @@ enum Cmd {
     Jobs {
         #[command(subcommand)]
         cmd: jobs_cmd::JobsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineCmd {
+    /// Run a pipeline's stages (format, sft, reward, dpo, …, merge, eval, export) in order.
+    Run {
+        /// The pipeline file (YAML).
+        file: PathBuf,
+        /// Skip the stages that already finished; continue an interrupted job from its checkpoint.
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -443,6 +462,7 @@ fn command_name(c: &Cmd) -> &'static str {
         Cmd::Merge { .. } => "merge",
         Cmd::Export { .. } => "export",
         Cmd::Tracking { .. } => "tracking",
+        Cmd::Pipeline { .. } => "pipeline",
         Cmd::Combine { .. } => "combine",
         Cmd::Eval { .. } => "eval",
         Cmd::Serve(_) => "serve",
@@ -489,6 +509,9 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         _ => none,
     };
     let mut svc = Services::connect(&settings, &opts).await?;
+    if let Cmd::Pipeline { cmd: PipelineCmd::Run { file, resume } } = &cli.cmd {
+        return pipeline_cmd::run(file, *resume, &mut svc, &settings, cli.json).await;
+    }
     match &cli.cmd {
         Cmd::Tokenize { model, text } => {
             let ids = svc
@@ -614,7 +637,12 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
                 println!("tokens {}  mean NLL {:.6}  perplexity {:.4}", p.tokens, p.mean_nll, p.perplexity);
             }
         }
-        Cmd::Models { .. } | Cmd::Import { .. } | Cmd::Tracking { .. } | Cmd::Serve(_) | Cmd::Jobs { .. } => {
+        Cmd::Models { .. }
+        | Cmd::Import { .. }
+        | Cmd::Tracking { .. }
+        | Cmd::Pipeline { .. }
+        | Cmd::Serve(_)
+        | Cmd::Jobs { .. } => {
             unreachable!("handled above")
         }
     }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ferrotune_proto::v1::StartRecipeJobRequest;
+use ferrotune_proto::v1::{Job, StartRecipeJobRequest};
 use serde_json::json;
 
 use crate::connect::{status_error, EmbeddedPolicy, Services};
@@ -82,6 +82,20 @@ pub(crate) enum Kind {
 
 pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out: bool) -> Result<()> {
     let (text, sets, _) = load(a)?;
+    let j = start_and_follow(kind, text, sets, a.resume, svc, json_out).await?;
+    finish_message(&j, json_out)
+}
+
+/// Starts a recipe job of `kind` and follows it to its end (with the embedded service, SIGINT / SIGTERM
+/// cancel it after it checkpoints); the job as it ended.
+pub(crate) async fn start_and_follow(
+    kind: Kind,
+    text: String,
+    sets: Vec<String>,
+    resume: bool,
+    svc: &mut Services,
+    json_out: bool,
+) -> Result<Job> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let embedded = match kind {
         Kind::Reward => svc.reward_embedded,
@@ -93,7 +107,7 @@ pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
     }
-    let req = StartRecipeJobRequest { recipe_yaml: text, overrides: sets, resume: a.resume };
+    let req = StartRecipeJobRequest { recipe_yaml: text, overrides: sets, resume };
     let started = match kind {
         Kind::Sft => svc.policy.start_sft(req).await,
         Kind::Dpo => svc.align.start_dpo(req).await,
@@ -117,6 +131,23 @@ pub(crate) async fn run(kind: Kind, a: &RecipeArgs, svc: &mut Services, json_out
         Kind::Sft => &mut svc.jobs,
         _ => &mut svc.align_jobs,
     };
-    let j = follow(jobs, &job.id, json_out, cancel).await?;
-    finish_message(&j, json_out)
+    follow(jobs, &job.id, json_out, cancel).await
+}
+
+impl Kind {
+    /// The kind of a job stage's name (`sft`, `dpo`, …).
+    pub(crate) fn of(name: &str) -> Option<Self> {
+        Some(match name {
+            "sft" => Self::Sft,
+            "dpo" => Self::Dpo,
+            "ppo" => Self::Ppo,
+            "grpo" => Self::Grpo,
+            "rloo" => Self::Rloo,
+            "orpo" => Self::Orpo,
+            "simpo" => Self::Simpo,
+            "kto" => Self::Kto,
+            "reward" => Self::Reward,
+            _ => return None,
+        })
+    }
 }

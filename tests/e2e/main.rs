@@ -12,6 +12,7 @@ mod generation;
 mod hardening;
 mod layout;
 mod metrics;
+mod pipeline;
 mod ppo;
 mod preference;
 mod reward;

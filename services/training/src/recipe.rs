@@ -77,6 +77,9 @@ pub struct RecipeTracking {
     /// Register the trained output (adapter or model) as a new version of this MLflow registered model.
     #[serde(default)]
     pub register_model: Option<String>,
+    /// The MLflow run this job's run is nested under (a pipeline's run).
+    #[serde(default)]
+    pub parent_run_id: Option<String>,
 }
 
 fn cpu() -> String {

@@ -245,6 +245,9 @@ fn tags(job: &JobInfo, recipe: &Value) -> Vec<(String, String)> {
     if let Some(m) = recipe["adapter"]["method"].as_str() {
         t.push(("ferrotune.adapter_method".into(), m.into()));
     }
+    if let Some(parent) = recipe["tracking"]["parent_run_id"].as_str() {
+        t.push(("mlflow.parentRunId".into(), parent.into()));
+    }
     if let Ok(rev) = std::env::var("FERROTUNE_GIT_REVISION") {
         if !rev.is_empty() {
             t.push(("mlflow.source.git.commit".into(), rev.clone()));
@@ -350,6 +353,74 @@ impl Sink for MlflowSink {
         if let (Some(name), Some(dir), JobState::Succeeded) = (&self.register, output, state) {
             self.m.push(mlflow::Op::Register { name: name.clone(), artifact_dir: dir });
         }
+        self.m.push(mlflow::Op::End { status: status.into(), end_ms: crate::jobs::now_ms() });
+        self.m.close();
+    }
+}
+
+/// A pipeline's own MLflow run, the parent of its stages' runs (`mlflow.parentRunId`).
+pub struct PipelineRun {
+    m: mlflow::Mlflow,
+    /// The run id, once the server made it (None while it cannot be reached).
+    pub run_id: Option<String>,
+}
+
+impl PipelineRun {
+    /// Creates (or, resuming, reopens) the run of the pipeline kept in `out`, waiting up to 10 s for its id.
+    pub fn start(
+        settings: &TrackingSettings,
+        out: &Path,
+        name: &str,
+        experiment: Option<&str>,
+        params: Vec<(String, String)>,
+        resume: bool,
+        warn: Warn,
+    ) -> Result<Self, String> {
+        let uri =
+            settings.mlflow.uri().ok_or("no tracking URI (tracking.mlflow.tracking_uri or MLFLOW_TRACKING_URI)")?;
+        let ep = http::Endpoint::parse(&uri)?;
+        let m = mlflow::Mlflow::start(ep, settings.mlflow.token(), out, warn);
+        let tags = vec![
+            ("ferrotune.job_kind".to_owned(), "pipeline".to_owned()),
+            ("ferrotune.version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+            ("mlflow.source.name".to_owned(), "ferrotune".to_owned()),
+        ];
+        let experiment = experiment.map(str::to_owned).unwrap_or_else(|| settings.mlflow.experiment());
+        let params = params.into_iter().map(|(k, v)| (k, mlflow::param_value(&v))).collect();
+        m.push(mlflow::Op::Start {
+            experiment,
+            run_name: name.to_owned(),
+            tags,
+            params,
+            resume,
+            start_ms: crate::jobs::now_ms(),
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while m.pending() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let run_id = ferrotune_core::fsx::read_to_string(out.join("mlflow").join("run.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<mlflow::RunRef>(&t).ok())
+            .filter(|_| m.pending() == 0)
+            .map(|r| r.run_id);
+        Ok(Self { m, run_id })
+    }
+
+    /// Logs metrics at `step`.
+    pub fn metrics(&self, step: i64, values: &[(String, f64)]) {
+        let now = crate::jobs::now_ms();
+        let m = values
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(key, value)| mlflow::Metric { key: key.clone(), value: *value, timestamp: now, step })
+            .collect();
+        self.m.push(mlflow::Op::Metrics(m));
+    }
+
+    /// Ends the run (FINISHED or FAILED).
+    pub fn end(&self, ok: bool) {
+        let status = if ok { "FINISHED" } else { "FAILED" };
         self.m.push(mlflow::Op::End { status: status.into(), end_ms: crate::jobs::now_ms() });
         self.m.close();
     }
