@@ -29,7 +29,7 @@ $(TRACKING_VENV)/.ok: scripts/tracking-venv.sh
 	bash scripts/tracking-venv.sh >/dev/null
 	touch $@
 
-# Debian programs the tests drive (promtool).
+# Debian programs the tests drive (promtool, headless Chromium + ChromeDriver).
 test-tools:
 	bash scripts/test-tools.sh
 

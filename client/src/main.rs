@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 mod connect;
+mod dashboard;
 mod data_cmd;
 mod jobs_cmd;
 mod pipeline;

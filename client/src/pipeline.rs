@@ -349,6 +349,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_pipeline_parses() {
+        let p = Plan::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/pipeline.yaml")).unwrap();
+        let names: Vec<&str> = p.stages.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["sft", "reward", "sft_merged", "dpo", "merged", "eval_base", "eval"]);
+    }
+
+    #[test]
     fn bad_pipelines_are_one_clear_line() {
         let err = |t: &str| format!("{:#}", Plan::parse(t).unwrap_err());
         let e = err("name: p\nstages:\n  a: {kind: merge, model: m, adapter: '${nope.adapter}'}\n");

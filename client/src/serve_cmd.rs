@@ -51,6 +51,13 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
             other => anyhow::bail!("unknown service `{other}`"),
         }
     }
+    let mut dashboard = String::new();
+    if let Some(d) = h.settings.http.listen.clone() {
+        let l = tokio::net::TcpListener::bind(&d).await.with_context(|| format!("http.listen {d}"))?;
+        dashboard = format!(" dashboard http://{}/", l.local_addr()?);
+        let me = format!("http://127.0.0.1:{}", addr.port());
+        tokio::spawn(crate::dashboard::serve(l, h.settings.clone(), me, h.root.clone()));
+    }
     let mut metrics = String::new();
     if let Some(m) = h.settings.metrics.listen.clone() {
         let l = tokio::net::TcpListener::bind(&m).await.with_context(|| format!("metrics.listen {m}"))?;
@@ -58,6 +65,6 @@ pub(crate) async fn serve(a: &ServeArgs, mut s: Settings) -> Result<()> {
         h.serve_metrics(l);
     }
     // One line on stdout that scripts (and the tests) read the port from.
-    println!("listening on {addr} ({}) root {}{metrics}", services.join(","), h.root.root().display());
+    println!("listening on {addr} ({}) root {}{metrics}{dashboard}", services.join(","), h.root.root().display());
     h.serve(listener, termination()).await
 }

@@ -3,6 +3,7 @@
 
 mod align;
 mod cli_errors;
+mod dashboard;
 mod data;
 mod dpo;
 mod export;

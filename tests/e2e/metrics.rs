@@ -60,7 +60,8 @@ fn metrics_endpoint_passes_promtool_and_counts_calls_jobs_and_shedding() {
         &root,
         &[("FERROTUNE__METRICS__LISTEN", "127.0.0.1:0"), ("FERROTUNE__LIMITS__CONCURRENCY", "1")],
     );
-    let murl = server.line.split(" metrics ").nth(1).expect("the metrics address on the listening line").to_owned();
+    let murl = server.line.split(" metrics ").nth(1).and_then(|r| r.split_whitespace().next());
+    let murl = murl.expect("the metrics address on the listening line").to_owned();
     let ep = Endpoint::parse(murl.trim_end_matches("/metrics")).unwrap();
     let env = [("FERROTUNE__ENDPOINTS__POLICY", server.url.as_str())];
     let o = run_cli_env(&root, &env, &["train", "sft", "--recipe", r.to_str().unwrap()]);

@@ -41,6 +41,17 @@ pub struct Settings {
     pub tracking: crate::tracking::TrackingSettings,
     /// Prometheus metrics of `serve`.
     pub metrics: MetricsSettings,
+    /// The web dashboard of `serve`.
+    pub http: HttpSettings,
+}
+
+/// The web dashboard.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `host:port` where `serve` answers the dashboard and its JSON API (unset: none; port 0 = any free port).
+    /// With `auth.token` set every request needs it.
+    pub listen: Option<String>,
 }
 
 /// Prometheus metrics.

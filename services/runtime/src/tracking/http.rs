@@ -114,9 +114,35 @@ pub fn request(ep: &Endpoint, method: &str, path: &str, token: Option<&str>, bod
         }
     }
     s.flush()?;
+    // Read until the response is complete (by its length or last chunk): some servers keep the connection
+    // open after answering, `Connection: close` notwithstanding.
     let mut raw = vec![];
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return parse_response(&raw);
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if complete(&raw) {
+            return parse_response(&raw);
+        }
+    }
+}
+
+/// Whether `raw` holds a whole response whose end is known without the connection closing.
+fn complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    for l in head.split("\r\n") {
+        if let Some(v) = l.strip_prefix("content-length:") {
+            return v.trim().parse::<usize>().is_ok_and(|n| raw.len() >= end + 4 + n);
+        }
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            return parse_response(raw).is_ok();
+        }
+    }
+    false
 }
 
 fn bad(what: &str) -> std::io::Error {
@@ -206,6 +232,11 @@ mod tests {
         .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (404, &b"abcde"[..]));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
+        assert!(complete(b"HTTP/1.1 200 OK\r\nContent-Length:2\r\n\r\n{}"));
+        assert!(!complete(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}"));
+        assert!(!complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"));
+        assert!(complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"));
+        assert!(!complete(b"HTTP/1.1 200 OK\r\n\r\nuntil close"));
         assert!(parse_response(b"garbage").is_err());
         assert_eq!(query_escape("a b/é"), "a%20b%2F%C3%A9");
         assert_eq!(path_escape("adapter/x y.json"), "adapter/x%20y.json");
