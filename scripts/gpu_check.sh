@@ -75,6 +75,20 @@ fi
 section "generate on cuda:0 (bf16)"
 "$ft" generate --model "$model" --device cuda:0 --dtype bf16 --chat --prompt "What is the capital of France?" --max-new-tokens 16 --json || fail "generate"
 
+section "Prometheus /metrics of a policy server on cuda:0: GPU memory from NVML"
+mlog="$work/metrics-serve.log"
+FERROTUNE__POLICY__DEVICE=cuda:0 FERROTUNE__METRICS__LISTEN=127.0.0.1:0 "$ft" serve --services policy --listen 127.0.0.1:0 \
+  --artifact-root "$work" >"$mlog" 2>&1 &
+mpid=$!
+for _ in $(seq 50); do grep -q "metrics http" "$mlog" && break; sleep 0.2; done
+murl=$(grep -o "metrics http://[^ ]*" "$mlog" | head -1 | cut -d' ' -f2)
+if [ -n "$murl" ] && "$py" -c "import urllib.request,sys; t=urllib.request.urlopen(sys.argv[1]).read().decode(); g=[l for l in t.splitlines() if l.startswith('ferrotune_gpu_memory_used_bytes')]; print('\n'.join(g)); sys.exit(0 if g else 1)" "$murl"; then
+  echo "GPU memory reported"
+else
+  fail "no ferrotune_gpu_memory_used_bytes in /metrics"
+fi
+kill "$mpid" 2>/dev/null; wait "$mpid" 2>/dev/null
+
 sft() { # name, extra args...
   local name=$1; shift
   "$ft" train sft --recipe recipes/lora-sft.yaml --output-dir "$work/$name" --set "model=$model" "$@" --json >"$work/$name.log" 2>&1

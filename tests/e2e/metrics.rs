@@ -14,6 +14,11 @@ use ferrotune_proto::v1::{prompt, GenerateRequest, ModelRef, Prompt, Sampling};
 use ferrotune_proto::v1::{RewardModelRef, ScoreItem, ScoreRequest};
 use ferrotune_runtime::tracking::http::{self, Body, Endpoint};
 use ferrotune_tests::{repo, run_cli_env, tiny_chat_in, Server};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::metrics::v1::{metric as otlp_metric, number_data_point};
 
 fn scrape(ep: &Endpoint) -> String {
     let r = http::request(ep, "GET", "/metrics", None, Body::Empty).expect("GET /metrics");
@@ -133,4 +138,77 @@ fn metrics_endpoint_passes_promtool_and_counts_calls_jobs_and_shedding() {
     assert!(value(&text, "process_start_time_seconds").unwrap() > 1.7e9);
     let r = http::request(&ep, "GET", "/other", None, Body::Empty).unwrap();
     assert_eq!(r.status, 404);
+}
+
+/// A fake OTLP collector keeping every metrics export request.
+#[derive(Clone, Default)]
+struct MetricsCollector(std::sync::Arc<std::sync::Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for MetricsCollector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+    }
+}
+
+#[test]
+fn metrics_are_exported_over_otlp_when_a_collector_is_configured() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let collector = MetricsCollector::default();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let t = tempfile::tempdir().unwrap();
+    let env = [
+        ("FERROTUNE__TELEMETRY__OTLP_ENDPOINT", otlp.as_str()),
+        ("FERROTUNE__TELEMETRY__OTLP_METRICS_INTERVAL_S", "1"),
+    ];
+    let server = Server::start("reward", t.path(), &env);
+    score(&server.url, vec![item()]).unwrap();
+    score(&server.url, vec![item(), item()]).unwrap();
+    // The newest export that counts both calls.
+    let start = Instant::now();
+    let (sum, service, rss) = loop {
+        let found = collector.0.lock().unwrap().iter().rev().find_map(|req| {
+            let rm = &req.resource_metrics[0];
+            let service = rm.resource.as_ref().map(|r| format!("{:?}", r.attributes[0].value)).unwrap_or_default();
+            let metrics = &rm.scope_metrics[0].metrics;
+            let calls = metrics.iter().find(|m| m.name == "ferrotune_grpc_requests_total")?;
+            let Some(otlp_metric::Data::Sum(s)) = &calls.data else { return None };
+            let p = s
+                .data_points
+                .iter()
+                .find(|p| p.attributes.iter().any(|a| format!("{:?}", a.value).contains("\"Score\"")))?;
+            let v = match p.value {
+                Some(number_data_point::Value::AsDouble(v)) => v,
+                _ => return None,
+            };
+            let rss =
+                metrics.iter().find(|m| m.name == "process_resident_memory_bytes").and_then(|m| match &m.data {
+                    Some(otlp_metric::Data::Gauge(g)) => match g.data_points[0].value {
+                        Some(number_data_point::Value::AsDouble(v)) => Some(v),
+                        _ => None,
+                    },
+                    _ => None,
+                })?;
+            (v == 2.0).then_some((s.clone(), service, rss))
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no export counted the two Score calls");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(sum.is_monotonic && sum.aggregation_temporality == 2, "a cumulative monotonic sum");
+    assert!(service.contains("ferrotune-serve"), "{service}");
+    assert!(rss > 1e6);
+    drop(server);
 }

@@ -170,6 +170,12 @@ impl Hosting {
         if let Some(l) = self.metrics.take() {
             tokio::spawn(crate::metrics::serve(l));
         }
+        if let Some(ep) = self.settings.telemetry.otlp_endpoint.clone() {
+            let t = &self.settings.telemetry;
+            let name = if t.service_name.is_empty() { "serve".to_owned() } else { format!("{}-serve", t.service_name) };
+            let every = Duration::from_secs(t.otlp_metrics_interval_s);
+            tokio::spawn(crate::metrics::otlp::export_every(ep, name, every));
+        }
         let serve = builder
             .layer(crate::metrics::grpc::GrpcMetricsLayer::new(limits.concurrency))
             .add_routes(self.routes.routes())

@@ -137,6 +137,8 @@ pub struct Telemetry {
     pub service_name: String,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ferrotune=debug`.
     pub log: String,
+    /// Seconds between OTLP metrics exports (`serve`, with `otlp_endpoint`).
+    pub otlp_metrics_interval_s: u64,
 }
 
 /// Limits applied by every server.
@@ -236,6 +238,9 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.limits.max_message_bytes < 1024 {
             anyhow::bail!("configuration: limits.max_message_bytes must be at least 1024");
+        }
+        if self.telemetry.otlp_metrics_interval_s == 0 {
+            anyhow::bail!("configuration: telemetry.otlp_metrics_interval_s must be positive");
         }
         if self.limits.concurrency == 0 || self.limits.request_timeout_s == 0 {
             anyhow::bail!("configuration: limits.concurrency and limits.request_timeout_s must be positive");

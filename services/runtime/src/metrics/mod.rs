@@ -1,9 +1,11 @@
 //! Prometheus metrics of a `serve` process, on `GET /metrics` at `metrics.listen`: gRPC requests by service,
 //! method and code, their latency, requests in flight and shed, jobs by kind and state, training steps (time,
-//! tokens/s, loss), reward Score batches and their queue wait, loaded models, and the process's memory, CPU
-//! time and open files. Families are process-wide statics fed where the work happens.
+//! tokens/s, loss), reward Score batches and their queue wait, loaded models, the process's memory, CPU
+//! time and open files, and GPU memory where NVIDIA's driver is. Families are process-wide statics fed where the work happens.
 
+pub mod gpu;
 pub mod grpc;
+pub mod otlp;
 pub mod registry;
 
 use std::convert::Infallible;
@@ -63,18 +65,39 @@ pub static SCORE_WAIT: Histogram = Histogram::new(
 pub static MODELS_LOADED: Scalar =
     Scalar::gauge("ferrotune_models_loaded", "Models (with their adapters) held in memory.", &["service"]);
 
+const SCALARS: [&Scalar; 7] =
+    [&GRPC_REQUESTS, &GRPC_SHED, &GRPC_IN_FLIGHT, &TRAIN_STEPS, &TRAIN_TOKENS_PER_S, &TRAIN_LOSS, &MODELS_LOADED];
+const HISTOGRAMS: [&Histogram; 4] = [&GRPC_LATENCY, &TRAIN_STEP_TIME, &SCORE_BATCH, &SCORE_WAIT];
+
 /// The whole exposition.
 pub fn render() -> String {
-    registry::render(
-        &[&GRPC_REQUESTS, &GRPC_SHED, &GRPC_IN_FLIGHT, &TRAIN_STEPS, &TRAIN_TOKENS_PER_S, &TRAIN_LOSS, &MODELS_LOADED],
-        &[&GRPC_LATENCY, &TRAIN_STEP_TIME, &SCORE_BATCH, &SCORE_WAIT],
-    ) + &process_metrics()
+    let mut out = registry::render(&SCALARS, &HISTOGRAMS);
+    for (name, kind, help, v) in process_values() {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    }
+    out
 }
 
-/// `process_*` families as the Prometheus client libraries name them, read from /proc (not files of the
-/// artifact root, so not through fsx).
-fn process_metrics() -> String {
+/// Every family now (for the OTLP exporter).
+pub fn snapshot() -> Vec<registry::Snapshot> {
+    let mut out: Vec<registry::Snapshot> = SCALARS.iter().map(|s| s.snapshot()).collect();
+    out.extend(HISTOGRAMS.iter().map(|h| h.snapshot()));
+    out.extend(registry::collected());
+    out.extend(process_values().into_iter().map(|(name, kind, help, v)| registry::Snapshot {
+        name,
+        help,
+        kind,
+        points: registry::Points::Scalar(vec![(vec![], v)]),
+    }));
+    out
+}
+
+/// `process_*` families as the Prometheus client libraries name them (name, type, help, value), read from
+/// /proc (not files of the artifact root, so not through fsx).
+fn process_values() -> Vec<(&'static str, &'static str, &'static str, f64)> {
+    // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    // SAFETY: as above.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let mut pages = statm.split_whitespace().map(|x| x.parse::<f64>().unwrap_or(0.0));
@@ -91,17 +114,13 @@ fn process_metrics() -> String {
         .unwrap_or(0.0);
     let start = btime + field(22) / tick;
     let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0) as f64;
-    let mut out = String::new();
-    for (name, kind, help, v) in [
+    vec![
         ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss),
         ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", virt),
         ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu),
         ("process_open_fds", "gauge", "Number of open file descriptors.", fds),
         ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start),
-    ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
-    }
-    out
+    ]
 }
 
 /// Adds a scrape-time family source (jobs by state, …).
@@ -111,6 +130,7 @@ pub fn add_collector(c: impl Fn() -> Vec<Collected> + Send + Sync + 'static) {
 
 /// Serves `GET /metrics` (and 404 elsewhere) on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener) {
+    gpu::register();
     use http_body_util::Full;
     use hyper::body::Bytes;
     let handler = Arc::new(|req: hyper::Request<hyper::body::Incoming>| async move {

@@ -76,6 +76,12 @@ impl Scalar {
     pub fn get(&self, label_values: &[&str]) -> f64 {
         self.values.lock().expect("lock").get(&key(label_values)).copied().unwrap_or(0.0)
     }
+    /// The family's series now.
+    pub fn snapshot(&self) -> Snapshot {
+        let values = self.values.lock().expect("lock");
+        let series = values.iter().map(|(lv, v)| (pairs(self.label_names, lv), *v)).collect();
+        Snapshot { name: self.name, help: self.help, kind: self.kind, points: Points::Scalar(series) }
+    }
     fn render(&self, out: &mut String) {
         let values = self.values.lock().expect("lock");
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", self.name, self.help, self.name, self.kind);
@@ -130,6 +136,24 @@ impl Histogram {
     pub fn count(&self, label_values: &[&str]) -> u64 {
         self.values.lock().expect("lock").get(&key(label_values)).map(|s| s.count).unwrap_or(0)
     }
+    /// The family's series now.
+    pub fn snapshot(&self) -> Snapshot {
+        let values = self.values.lock().expect("lock");
+        let series = values
+            .iter()
+            .map(|(lv, s)| {
+                let mut counts = s.counts.clone();
+                counts.push(s.count - s.counts.iter().sum::<u64>());
+                HistogramPoint { labels: pairs(self.label_names, lv), counts, sum: s.sum, count: s.count }
+            })
+            .collect();
+        Snapshot {
+            name: self.name,
+            help: self.help,
+            kind: "histogram",
+            points: Points::Histogram(self.buckets, series),
+        }
+    }
     fn render(&self, out: &mut String) {
         let values = self.values.lock().expect("lock");
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
@@ -146,6 +170,48 @@ impl Histogram {
             let _ = writeln!(out, "{}_count{} {}", self.name, labels(self.label_names, lv, None), s.count);
         }
     }
+}
+
+/// Label pairs of a series.
+pub type Labels = Vec<(String, String)>;
+
+fn pairs(names: &[&str], values: &[String]) -> Labels {
+    names.iter().zip(values).map(|(n, v)| ((*n).to_owned(), v.clone())).collect()
+}
+
+/// One histogram series: counts per bucket (not cumulative; the last is above every bound), sum, count.
+#[derive(Debug, Clone)]
+pub struct HistogramPoint {
+    /// Labels.
+    pub labels: Labels,
+    /// Per-bucket counts, the overflow bucket last.
+    pub counts: Vec<u64>,
+    /// Sum of observations.
+    pub sum: f64,
+    /// Observations.
+    pub count: u64,
+}
+
+/// A family's values at one moment.
+#[derive(Debug, Clone)]
+pub enum Points {
+    /// Counter or gauge series.
+    Scalar(Vec<(Labels, f64)>),
+    /// Bucket upper bounds and series.
+    Histogram(&'static [f64], Vec<HistogramPoint>),
+}
+
+/// A family at one moment (for exporters other than the text format).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Name.
+    pub name: &'static str,
+    /// HELP text.
+    pub help: &'static str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Values.
+    pub points: Points,
 }
 
 /// A family computed at scrape time: (name, help, type, [(labels, value)]).
@@ -179,6 +245,22 @@ static COLLECTORS: LazyLock<Mutex<Vec<Collector>>> = LazyLock::new(|| Mutex::new
 /// Adds a scrape-time collector (for the life of the process).
 pub fn add_collector(c: Collector) {
     COLLECTORS.lock().expect("lock").push(c);
+}
+
+/// Snapshots of every collector's families.
+pub fn collected() -> Vec<Snapshot> {
+    let mut out = vec![];
+    for c in COLLECTORS.lock().expect("lock").iter() {
+        for f in c() {
+            let series = f
+                .series
+                .into_iter()
+                .map(|(ls, v)| (ls.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(), v))
+                .collect();
+            out.push(Snapshot { name: f.name, help: f.help, kind: f.kind, points: Points::Scalar(series) });
+        }
+    }
+    out
 }
 
 /// The exposition of `scalars`, `histograms` and every collector.
