@@ -97,6 +97,10 @@ pub(crate) struct Stage {
     /// eval: a text file whose perplexity under the model is reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) perplexity: Option<String>,
+    /// merge: upload the merged model to the pipeline's MLflow run and register it as a new version of this
+    /// registered model (needs `report_to: [mlflow]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) register_model: Option<String>,
 }
 
 impl Stage {
@@ -236,6 +240,12 @@ impl Plan {
             }
             let s: Stage = serde_yaml::from_value(v.clone()).map_err(|e| anyhow::anyhow!("stages.{name}: {e}"))?;
             s.check_fields().map_err(|e| anyhow::anyhow!("stages.{name}: {e}"))?;
+            if s.register_model.is_some() && s.kind != "merge" {
+                bail!("stages.{name}.register_model: only a merge stage registers its model (job stages: `set: [tracking.register_model=NAME]`)");
+            }
+            if s.register_model.is_some() && !p.report_to.as_ref().is_some_and(|r| r.iter().any(|t| t == "mlflow")) {
+                bail!("stages.{name}.register_model: registering a model needs `report_to: [mlflow]`");
+            }
             stages.push((name, s));
         }
         if stages.is_empty() {
@@ -375,6 +385,8 @@ mod tests {
         assert!(e.contains("own outputs"), "{e}");
         let e = err("name: p\nstages:\n  a: {kind: sft, recipe: '${b'}\n");
         assert!(e.contains("unclosed"), "{e}");
+        let e = err("name: p\nstages:\n  a: {kind: merge, model: m, adapter: x, register_model: n}\n");
+        assert!(e.contains("report_to: [mlflow]"), "{e}");
         let e = err("name: p\nreport_to: [wandb]\nstages:\n  a: {kind: sft, recipe: r}\n");
         assert!(e.contains("report_to") && e.contains("wandb"), "{e}");
     }

@@ -199,6 +199,10 @@ async fn run_stage(
             };
             let r = svc.merge.merge(req).await.map_err(status_error)?.into_inner();
             eprintln!("  merged {} layers into the {} base → {}", r.merged_layers, r.merge_base, r.path);
+            if let (Some(name), Some(t)) = (&s.register_model, tracker) {
+                t.register(Path::new(&r.path), c.name, name);
+                eprintln!("  registering {} as a new version of `{name}` (MLflow)", r.path);
+            }
             o.insert("model".into(), r.path);
         }
         "export" => {

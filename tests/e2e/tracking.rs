@@ -259,4 +259,36 @@ fn tracking_mlflow_and_tensorboard_survive_a_tracking_server_outage() {
     let w = run_cli_env(&root, &penv, &["jobs", "watch", &id, "--json"]);
     let w = String::from_utf8_lossy(&w.stdout);
     assert!(w.contains("unreachable"), "the outage is not in the job's log: {w}");
+
+    // 4. A pipeline: its own run, the parent of its stages' runs, with the eval numbers and a registered
+    //    version of its merged model.
+    recipe(&root, "runs/unused", 3);
+    std::fs::copy(repo("recipes/data/pirate-eval.jsonl"), root.join("pirate-eval.jsonl")).unwrap();
+    let pipeline = "name: pl\noutput_dir: runs/pl\nreport_to: [mlflow]\nexperiment_name: e2e-pipeline\nstages:\n  \
+        sft: {kind: sft, recipe: runs-unused.yaml}\n  \
+        merged: {kind: merge, model: tiny-chat, adapter: '${sft.adapter}', register_model: tiny-merged}\n  \
+        eval: {kind: eval, model: '${merged.model}', prompts: pirate-eval.jsonl, max_new_tokens: 4, rules: {ahoy: 'regex:^Ahoy'}}\n";
+    std::fs::write(root.join("pl.yaml"), pipeline).unwrap();
+    let o = run_cli_env(&root, &env, &["pipeline", "run", "pl.yaml"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let parent = m.run_of(&root.join("runs/pl"));
+    let parent_id = parent["info"]["run_id"].as_str().unwrap().to_owned();
+    eventually("the pipeline run's end", || m.run_of(&root.join("runs/pl"))["info"]["status"] == "FINISHED");
+    assert_eq!(m.history(&parent_id, "eval/ahoy").len(), 1, "the eval number is a metric of the pipeline's run");
+    let child = m.run_of(&root.join("runs/pl/sft"));
+    let tag = |r: &Value, k: &str| {
+        r["data"]["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["key"] == k)
+            .map(|t| t["value"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(tag(&child, "mlflow.parentRunId"), Some(parent_id.clone()), "the stage's run is nested");
+    let versions = m.get("/api/2.0/mlflow/model-versions/search?filter=name%3D%27tiny-merged%27");
+    let v = versions["model_versions"].as_array().unwrap().iter().find(|v| v["run_id"] == parent_id.as_str()).cloned();
+    let v = v.unwrap_or_else(|| panic!("no version of tiny-merged from the pipeline run: {versions}"));
+    assert!(v["source"].as_str().unwrap().ends_with("/merged"), "{v}");
+    let listed = m.get(&format!("/api/2.0/mlflow/artifacts/list?run_id={parent_id}&path=merged"));
+    assert!(listed.to_string().contains("merged/model.safetensors"), "{listed}");
 }

@@ -418,6 +418,20 @@ impl PipelineRun {
         self.m.push(mlflow::Op::Metrics(m));
     }
 
+    /// Uploads the top-level files of `dir` under `artifact_dir/` and registers them as a new version of
+    /// model `name`.
+    pub fn register(&self, dir: &Path, artifact_dir: &str, name: &str) {
+        let mut files: Vec<PathBuf> = ferrotune_core::fsx::read_dir(dir)
+            .map(|es| es.into_iter().filter(|e| !e.is_dir).map(|e| e.path).collect())
+            .unwrap_or_default();
+        files.sort();
+        for f in files {
+            let file_name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            self.m.push(mlflow::Op::Artifact { file: f, artifact_path: format!("{artifact_dir}/{file_name}") });
+        }
+        self.m.push(mlflow::Op::Register { name: name.to_owned(), artifact_dir: artifact_dir.to_owned() });
+    }
+
     /// Ends the run (FINISHED or FAILED).
     pub fn end(&self, ok: bool) {
         let status = if ok { "FINISHED" } else { "FAILED" };
