@@ -27,7 +27,22 @@ type Outputs = BTreeMap<String, String>;
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     name: String,
+    /// Every stage, in run order.
+    #[serde(default)]
+    order: Vec<String>,
     stages: BTreeMap<String, Done>,
+    /// The stage running now.
+    #[serde(default)]
+    running: Option<String>,
+    /// The stage that failed last, and why.
+    #[serde(default)]
+    failed: Option<(String, String)>,
+}
+
+impl State {
+    fn save(&self, path: &Path) -> Result<()> {
+        Ok(ferrotune_core::weights::write_atomically(path, serde_json::to_string_pretty(self)?.as_bytes())?)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,9 +81,11 @@ pub(crate) async fn run(
             plan.name
         ),
         Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}", state_path.display()))?,
-        Err(_) => State { name: plan.name.clone(), stages: BTreeMap::new() },
+        Err(_) => State { name: plan.name.clone(), ..Default::default() },
     };
     std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    state.order = plan.stages.iter().map(|(n, _)| n.clone()).collect();
+    state.failed = None;
     let tracker = if plan.report_to.iter().any(|t| t == "mlflow") {
         let warn: ferrotune_runtime::tracking::Warn = std::sync::Arc::new(|m: String| eprintln!("warning: {m}"));
         let params = vec![
@@ -110,6 +127,8 @@ pub(crate) async fn run(
             continue;
         }
         eprintln!("[{}/{total}] {name} ({})", i + 1, s.kind);
+        state.running = Some(name.clone());
+        state.save(&state_path)?;
         let ctx = StageCtx { name, dir: out.join(name), plan: &plan, parent: parent.as_deref(), resume, json_out };
         let r = run_stage(&ctx, &s, svc, tracker.as_ref()).await;
         match r {

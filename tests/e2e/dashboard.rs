@@ -238,5 +238,18 @@ fn dashboard_in_headless_chromium_charts_cancels_streams_and_starts_jobs() {
     let r = http::request(&ep, "GET", link.as_str().unwrap(), Some(TOKEN), Body::Empty).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(String::from_utf8_lossy(&r.body).lines().count(), 3, "metrics.jsonl of the 3 steps");
+
+    // A pipeline run on this root (by the CLI, embedded services) shows on the pipelines page.
+    std::fs::copy(repo("recipes/data/pirate-eval.jsonl"), root.join("pirate-eval.jsonl")).unwrap();
+    let p = "name: dash\noutput_dir: runs/dash\nstages:\n  sft: {kind: sft, recipe: short.yaml}\n  \
+             eval: {kind: eval, model: tiny-chat, adapter: '${sft.adapter}', prompts: pirate-eval.jsonl, max_new_tokens: 4, rules: {ahoy: 'regex:^Ahoy'}}\n";
+    std::fs::write(root.join("dash.yaml"), p).unwrap();
+    let o = ferrotune_tests::run_cli_env(&root, &[], &["pipeline", "run", "dash.yaml"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    b.go(&format!("{url}#/pipelines"));
+    let done = "table.pipeline[data-name=\"dash\"] tr[data-stage=\"eval\"] .state.succeeded";
+    b.until("the pipeline's stages", &format!("document.querySelector('{done}')"), 30);
+    let job_link = b.js("return document.querySelector('table.pipeline[data-name=\"dash\"] tr[data-stage=\"sft\"] a')?.getAttribute('href')");
+    assert!(job_link.as_str().is_some_and(|h| h.starts_with("#/job/sft-")), "{job_link}");
     drop(server);
 }

@@ -163,6 +163,7 @@ impl Api {
                 self.watch(id, query(&q, "after").and_then(|a| a.parse().ok()).unwrap_or(0)).await
             }
             ("POST", ["jobs", id, "cancel"]) => self.cancel(id).await,
+            ("GET", ["pipelines"]) => json(200, &json!({"pipelines": self.pipelines()})),
             ("GET", ["files"]) => self.file(&query(&q, "path").unwrap_or_default()),
             ("POST", ["generate"]) => match body(req).await {
                 Ok(b) => self.generate(b).await,
@@ -233,6 +234,42 @@ impl Api {
             }
         });
         resp
+    }
+
+    /// The pipelines run on this artifact root: every `pipeline.json` up to four directories down (hidden
+    /// directories, checkpoints and datasets skipped).
+    fn pipelines(&self) -> Vec<Value> {
+        fn walk(dir: &std::path::Path, depth: usize, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = ferrotune_core::fsx::read_dir(dir) else { return };
+            for e in entries {
+                let name = e.name.to_string_lossy();
+                if e.is_dir {
+                    if depth > 0
+                        && !name.starts_with('.')
+                        && !matches!(name.as_ref(), "checkpoints" | "dataset" | "mlflow")
+                    {
+                        walk(&e.path, depth - 1, out);
+                    }
+                } else if name == "pipeline.json" {
+                    out.push(e.path);
+                }
+            }
+        }
+        let mut found = vec![];
+        walk(self.root.root(), 4, &mut found);
+        found
+            .into_iter()
+            .filter_map(|p| {
+                let mut v: Value = serde_json::from_str(&ferrotune_core::fsx::read_to_string(&p).ok()?).ok()?;
+                v["path"] = json!(p.parent().unwrap_or(&p).display().to_string());
+                if let Some(stages) = v["stages"].as_object_mut() {
+                    for d in stages.values_mut() {
+                        d.as_object_mut().map(|o| o.remove("spec"));
+                    }
+                }
+                Some(v)
+            })
+            .collect()
     }
 
     async fn cancel(&self, id: &str) -> Resp {

@@ -244,6 +244,33 @@ function startPage() {
   };
 }
 
+async function pipelinesPage() {
+  view.innerHTML = `<h1>Pipelines</h1><div id="pipelines">loading…</div>`;
+  const out = v => Object.entries(v.outputs || {})
+    .map(([k, x]) => (k == 'job_id' ? `job <a href="#/job/${encodeURIComponent(x)}">${esc(x)}</a>` : `${esc(k)}: ${esc(x)}`))
+    .join('<br>');
+  const tick = async () => {
+    try {
+      const r = await api('pipelines');
+      $('#pipelines').innerHTML = r.pipelines.map(p => {
+        const rows = (p.order || Object.keys(p.stages)).map(n => {
+          const st = p.stages[n] ? 'succeeded' : p.running == n ? 'running' : p.failed && p.failed[0] == n ? 'failed' : 'queued';
+          return `<tr class="stage" data-stage="${esc(n)}"><td>${esc(n)}</td><td><span class="state ${st}">${st}</span></td>
+            <td>${p.stages[n] ? out(p.stages[n]) : p.failed && p.failed[0] == n ? esc(p.failed[1]) : ''}</td></tr>`;
+        }).join('');
+        return `<h2>${esc(p.name)} <small>${esc(p.path)}</small></h2>
+          <table class="pipeline" data-name="${esc(p.name)}"><thead><tr><th>stage</th><th>state</th><th>outputs</th></tr></thead>
+          <tbody>${rows}</tbody></table>`;
+      }).join('') || 'no pipelines under the artifact root yet (ferrotune pipeline run P.yaml)';
+    } catch (e) {
+      $('#pipelines').textContent = e.message;
+    }
+  };
+  await tick();
+  const t = setInterval(tick, 3000);
+  live.signal.addEventListener('abort', () => clearInterval(t));
+}
+
 function route() {
   if (live) live.abort();
   live = new AbortController();
@@ -251,6 +278,7 @@ function route() {
   if (h.startsWith('/job/')) jobPage(decodeURIComponent(h.slice(5)));
   else if (h == '/playground') playground();
   else if (h == '/start') startPage();
+  else if (h == '/pipelines') pipelinesPage();
   else jobsPage();
 }
 
