@@ -92,7 +92,8 @@ impl Browser {
     fn until(&self, what: &str, script: &str, secs: u64) -> Value {
         let start = Instant::now();
         loop {
-            let v = self.js(&format!("return ({script});"));
+            // A page still rendering has no element yet: that is "not yet", not an error.
+            let v = self.js(&format!("try {{ return ({script}); }} catch (e) {{ return null; }}"));
             if v.as_bool() != Some(false) && !v.is_null() && v != json!(0) && v != json!("") {
                 return v;
             }
@@ -198,8 +199,8 @@ fn dashboard_in_headless_chromium_charts_cancels_streams_and_starts_jobs() {
         120,
     );
     assert!(more.as_u64().unwrap() > first.as_u64().unwrap());
-    assert_eq!(b.js("return document.querySelector('#state').textContent"), json!("running"));
-    assert!(b.js("return document.querySelector('#metrics').textContent").as_str().unwrap().contains("grad_norm"));
+    assert_eq!(b.js("return document.querySelector('#state')?.textContent"), json!("running"));
+    b.until("the metrics table", "document.querySelector('#metrics')?.textContent.includes('grad_norm')", 30);
     let png = b.screenshot();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     if let Ok(dest) = std::env::var("FERROTUNE_DASHBOARD_SCREENSHOT") {
