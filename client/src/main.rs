@@ -9,6 +9,7 @@ mod connect;
 mod dashboard;
 mod data_cmd;
 mod jobs_cmd;
+mod launch;
 mod pipeline;
 mod pipeline_cmd;
 mod serve_cmd;
@@ -471,6 +472,25 @@ fn command_name(c: &Cmd) -> &'static str {
     }
 }
 
+/// The recipe command and its arguments, if `c` is one.
+fn recipe_command(c: &Cmd) -> Option<(train_cmd::Kind, &train_cmd::RecipeArgs)> {
+    use train_cmd::Kind;
+    Some(match c {
+        Cmd::Train { cmd: TrainCmd::Sft(a) } => (Kind::Sft, a),
+        Cmd::Train { cmd: TrainCmd::Reward(a) } => (Kind::Reward, a),
+        Cmd::Align { cmd } => match cmd {
+            AlignCmd::Dpo(a) => (Kind::Dpo, a),
+            AlignCmd::Ppo(a) => (Kind::Ppo, a),
+            AlignCmd::Grpo(a) => (Kind::Grpo, a),
+            AlignCmd::Rloo(a) => (Kind::Rloo, a),
+            AlignCmd::Orpo(a) => (Kind::Orpo, a),
+            AlignCmd::Simpo(a) => (Kind::Simpo, a),
+            AlignCmd::Kto(a) => (Kind::Kto, a),
+        },
+        _ => return None,
+    })
+}
+
 /// Refuses --device/--dtype against a remote policy service, whose device comes from its own config.
 fn embedded_policy(
     s: &ferrotune_runtime::Settings,
@@ -489,6 +509,9 @@ async fn dispatch(cli: &Cli, settings: ferrotune_runtime::Settings) -> Result<()
         Cmd::Serve(a) => return serve_cmd::serve(a, settings).await,
         Cmd::Jobs { cmd } => return jobs_cmd::run(cmd, Services::job_services(&settings).await?, cli.json).await,
         _ => {}
+    }
+    if let Some((kind, a)) = recipe_command(&cli.cmd).filter(|(_, a)| a.nproc_per_node.is_some()) {
+        return train_cmd::launch(kind, a, &settings, cli.threads);
     }
     let opts = match &cli.cmd {
         Cmd::Generate(a) => embedded_policy(&settings, &a.device, &a.dtype)?,

@@ -33,6 +33,29 @@ pub(crate) struct RecipeArgs {
     /// Start afresh in an output dir that holds another run, replacing its checkpoints and metrics.
     #[arg(long)]
     overwrite: bool,
+    /// Data parallel: run the job on N local processes (ranks), each on its share of every global batch
+    /// (micro × accumulation × ranks), gradients summed by c10d's Gloo all-reduce.
+    #[arg(long)]
+    pub(crate) nproc_per_node: Option<usize>,
+}
+
+/// `--nproc-per-node`: starts the ranks (see `launch`) instead of running the job here.
+pub(crate) fn launch(
+    kind: Kind,
+    a: &RecipeArgs,
+    s: &ferrotune_runtime::Settings,
+    threads: Option<usize>,
+) -> Result<()> {
+    let n = a.nproc_per_node.expect("asked for");
+    if !matches!(kind, Kind::Sft | Kind::Reward | Kind::Dpo | Kind::Orpo | Kind::Simpo | Kind::Kto) {
+        anyhow::bail!("--nproc-per-node: data parallelism covers sft, reward, dpo, orpo, simpo and kto (PPO, GRPO and RLOO train on a policy session)");
+    }
+    let remote = if kind == Kind::Reward { !s.endpoints.reward.is_empty() } else { s.endpoints.policy.is_some() };
+    if remote {
+        anyhow::bail!("--nproc-per-node starts the ranks on this machine, with embedded services; unset the remote endpoint (or run ferrotune on each node with torchrun's environment)");
+    }
+    let (_, _, r) = load(a)?;
+    crate::launch::run(n, &r.device, threads)
 }
 
 /// The recipe text, the overrides (with --output-dir / --max-steps), and the validated recipe.

@@ -1,5 +1,5 @@
 //! Embeds an rpath to libtorch in this crate's test binaries (see scripts/rpath_build.rs) and compiles the
-//! C++ autograd nodes in csrc/ against the same libtorch's headers (`<torch>/lib` → `<torch>/include`), with
+//! C++ in csrc/ (autograd nodes, the c10d process group) against the same libtorch's headers (`<torch>/lib` → `<torch>/include`), with
 //! the C++ ABI flag torch-sys uses (`LIBTORCH_CXX11_ABI`, default 1, as PyTorch's wheels are built).
 include!("../../scripts/rpath_build.rs");
 
@@ -19,7 +19,11 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // c10d's ProcessGroupGloo (declarations only; see csrc/gloo/README.md).
+        .include("csrc/gloo")
+        .define("USE_C10D_GLOO", None)
         .file("csrc/frozen_linear.cpp")
         .file("csrc/dropout.cpp")
+        .file("csrc/process_group.cpp")
         .compile("ferrotune_csrc");
 }

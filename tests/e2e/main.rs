@@ -5,6 +5,7 @@ mod align;
 mod cli_errors;
 mod dashboard;
 mod data;
+mod dist;
 mod dpo;
 mod export;
 mod fuzz;

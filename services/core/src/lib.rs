@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod chat;
 pub mod combine;
 pub mod data;
+pub mod dist;
 pub mod dora;
 pub mod error;
 pub mod fsx;

@@ -48,9 +48,12 @@ pub fn queue_recipe_job(
             out.display()
         )));
     }
-    // Refused now rather than as a failed job: a fresh run into another run's directory.
-    ferrotune_core::train::run_dir::check(&out, resume, recipe.training.overwrite_output_dir)
-        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    // Refused now rather than as a failed job: a fresh run into another run's directory (rank 0's call, in a
+    // data-parallel job: the other ranks find the directory rank 0 has just claimed).
+    if ferrotune_core::dist::rank() == 0 {
+        ferrotune_core::train::run_dir::check(&out, resume, recipe.training.overwrite_output_dir)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    }
     let spec = serde_json::json!({"recipe": recipe, "resume": resume});
     let job = jobs.submit(kind, spec, out).status()?;
     tracing::info!(job = %job.id, kind, "job queued");

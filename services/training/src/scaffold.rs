@@ -40,7 +40,10 @@ pub fn progress_of(ev: &StepEvent) -> Progress {
 pub fn job_recipe(ctx: &JobContext) -> Result<(Recipe, bool)> {
     let r: Recipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
     let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
-    ferrotune_core::train::run_dir::claim(&r.output_dir, resume, r.training.overwrite_output_dir, &ctx.id)?;
+    // In a data-parallel job rank 0 alone owns the output dir.
+    if ferrotune_core::dist::rank() == 0 {
+        ferrotune_core::train::run_dir::claim(&r.output_dir, resume, r.training.overwrite_output_dir, &ctx.id)?;
+    }
     Ok((r, resume))
 }
 
@@ -81,7 +84,11 @@ pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Pat
     Ok(match (&r.data.dataset, &r.data.path) {
         (Some(d), _) => d.clone(),
         (None, Some(p)) => {
-            let d = out.join("dataset");
+            // Ranks after the first of a data-parallel job format their own copy outside the output dir.
+            let d = match ferrotune_core::dist::rank() {
+                0 => out.join("dataset"),
+                r => std::env::temp_dir().join(format!("ferrotune-rank{r}-{}", std::process::id())).join("dataset"),
+            };
             let stats = build(
                 &BuildOptions {
                     inputs: vec![p.clone()],
@@ -170,6 +177,9 @@ pub fn write_provenance(
     qlora: bool,
     counts: (usize, usize),
 ) -> Result<()> {
+    if ferrotune_core::dist::rank() > 0 {
+        return Ok(());
+    }
     let out = &r.output_dir;
     let template = ChatTemplate::from_dir(model_dir)?;
     ferrotune_core::fsx::write(out.join("chat_template.jinja"), template.source())
@@ -188,6 +198,15 @@ pub fn write_provenance(
 
 /// Artifacts of a finished run, with the loss plot written (titled `title`).
 pub fn finish(out: &Path, dataset: &Path, kind: &str, title: &str, ctx: &JobContext) -> Vec<Artifact> {
+    if ferrotune_core::dist::rank() > 0 {
+        // This rank's own formatted copy of the data (see `dataset_dir`).
+        if let Some(dir) = dataset.parent().filter(|d| d.starts_with(std::env::temp_dir())) {
+            if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ferrotune-rank")) {
+                let _ = ferrotune_core::fsx::remove_dir_all(dir);
+            }
+        }
+        return vec![];
+    }
     let metrics = out.join("metrics.jsonl");
     let plot = out.join("loss.svg");
     if let Err(e) = ferrotune_runtime::plot::loss_curve(&metrics, &plot, title) {

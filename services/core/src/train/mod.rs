@@ -416,6 +416,14 @@ pub fn train<O: Algorithm>(
         run.state.load(model, dir)?;
     }
     let mut trainer = Trainer::new(run.state.params(model), cfg)?;
+    // Data parallel (WORLD_SIZE > 1, as torchrun sets it): every rank runs this loop on its share of each
+    // global batch; rank 0 alone writes checkpoints, metrics and the trained state.
+    let dist = crate::dist::DistEnv::from_env()?;
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
+    if let Some(d) = &dist {
+        trainer.dist = Some(d.join()?);
+    }
+    let writer = rank == 0;
     if let Some(dir) = &resume_from {
         pos = checkpoint::load(dir, &mut trainer.opt)?;
         trainer.restore(&pos);
@@ -424,7 +432,7 @@ pub fn train<O: Algorithm>(
         }
     }
     let metrics_path = run.output_dir.join("metrics.jsonl");
-    let mut metrics = checkpoint::MetricsLog::open(&metrics_path, pos.step)?;
+    let mut metrics = if writer { Some(checkpoint::MetricsLog::open(&metrics_path, pos.step)?) } else { None };
     model.set_training(true);
     let n = run.train.len();
     let mut order = epoch_order(n, cfg.seed, pos.epoch);
@@ -433,16 +441,17 @@ pub fn train<O: Algorithm>(
     while pos.step < cfg.max_steps {
         if should_stop() {
             // Asked to stop (SIGINT/SIGTERM, job cancelled): keep the progress so `--resume` loses nothing.
-            if pos.step > checkpointed {
+            if pos.step > checkpointed && writer {
                 checkpoint::save(&ckpt_root, model, run.state, &trainer.opt, &pos, cfg.save_total_limit, run_id)?;
             }
             stopped = true;
             break;
         }
         let started = Instant::now();
-        // This step's micro-batches, in data order.
-        let mut micro: Vec<Vec<&O::Example>> = Vec::with_capacity(cfg.gradient_accumulation_steps);
-        for _ in 0..cfg.gradient_accumulation_steps {
+        // This step's micro-batches, in data order: the global batch is micro × accumulation × ranks, and
+        // this rank keeps its contiguous share.
+        let mut micro: Vec<Vec<&O::Example>> = Vec::with_capacity(cfg.gradient_accumulation_steps * world);
+        for _ in 0..cfg.gradient_accumulation_steps * world {
             let mut mb = Vec::with_capacity(cfg.micro_batch_size);
             for _ in 0..cfg.micro_batch_size {
                 if pos.cursor == n {
@@ -455,6 +464,11 @@ pub fn train<O: Algorithm>(
             }
             micro.push(mb);
         }
+        let micro: Vec<Vec<&O::Example>> = micro
+            .into_iter()
+            .skip(rank * cfg.gradient_accumulation_steps)
+            .take(cfg.gradient_accumulation_steps)
+            .collect();
         let tokens: usize = micro.iter().flatten().map(|e| (run.tokens_of)(e)).sum();
         model.set_training(true);
         let lr = lr_at(cfg.lr_scheduler, cfg.learning_rate, pos.step, cfg.warmup_steps, cfg.max_steps);
@@ -480,7 +494,7 @@ pub fn train<O: Algorithm>(
         } else {
             None
         };
-        let checkpoint = if last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0) {
+        let checkpoint = if writer && (last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0)) {
             checkpointed = pos.step;
             Some(checkpoint::save(&ckpt_root, model, run.state, &trainer.opt, &pos, cfg.save_total_limit, run_id)?)
         } else {
@@ -501,11 +515,15 @@ pub fn train<O: Algorithm>(
             skipped,
             metrics: run.objective.take_metrics(),
         };
-        metrics.write(&ev)?;
+        if let Some(m) = &mut metrics {
+            m.write(&ev)?;
+        }
         on_step(&ev);
     }
     model.set_training(false);
-    run.state.save(model, run.output_dir)?;
+    if writer {
+        run.state.save(model, run.output_dir)?;
+    }
     Ok(TrainSummary {
         position: pos,
         final_loss: last_loss,

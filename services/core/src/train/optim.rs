@@ -138,6 +138,38 @@ impl AdamW {
         Ok(())
     }
 
+    /// Sums every gradient over the ranks of `pg` (one flat buffer per dtype, on the CPU). A parameter this
+    /// rank's micro-batches never reached contributes zeros (and gets the others' sum).
+    pub fn all_reduce_grads(&mut self, pg: &mut crate::dist::ProcessGroup) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for p in &self.params {
+            if !p.tensor.grad().defined() {
+                // Allocates a zero gradient through autograd (tch cannot set `.grad` directly).
+                let _guard = tch::with_grad(|| (p.tensor.sum(None) * 0.0).f_backward());
+            }
+        }
+        let mut kinds: Vec<Kind> = self.params.iter().map(|p| p.tensor.kind()).collect();
+        kinds.dedup();
+        kinds.sort_by_key(|k| format!("{k:?}"));
+        kinds.dedup();
+        for kind in kinds {
+            let grads: Vec<Tensor> =
+                self.params.iter().filter(|p| p.tensor.kind() == kind).map(|p| p.tensor.grad()).collect();
+            let flat: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1]).to_device(tch::Device::Cpu)).collect();
+            let buf = Tensor::f_cat(&flat, 0)?;
+            pg.all_reduce_sum(&[&buf])?;
+            let mut off = 0;
+            for g in &grads {
+                let n = g.numel() as i64;
+                let mut g = g.shallow_clone();
+                let part = buf.narrow(0, off, n).view(g.size().as_slice()).to_device(g.device());
+                g.f_copy_(&part)?;
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
     /// Multiplies every gradient by `f` (unscaling after a scaled loss).
     pub fn scale_grads(&mut self, f: f64) -> Result<()> {
         let _guard = tch::no_grad_guard();

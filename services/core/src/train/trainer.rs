@@ -27,6 +27,13 @@ pub struct UpdateStats {
     pub amp: f64,
 }
 
+/// `x` summed over the ranks of `g`.
+fn sum_over(g: &mut crate::dist::ProcessGroup, x: f64) -> Result<f64> {
+    let t = Tensor::from_slice(&[x]);
+    g.all_reduce_sum(&[&t])?;
+    Ok(f64::try_from(&t)?)
+}
+
 /// Optimizer, loss scaler, clipping and dropout seeding for one trained state.
 pub struct Trainer {
     /// AdamW over the trainable parameters.
@@ -40,6 +47,8 @@ pub struct Trainer {
     pub loss_scale: Option<(i32, u64)>,
     /// The settings it was built with.
     pub config: TrainConfig,
+    /// Data parallelism: the group whose ranks' gradients are summed before every update.
+    pub dist: Option<crate::dist::ProcessGroup>,
 }
 
 impl Trainer {
@@ -67,6 +76,7 @@ impl Trainer {
             micro_batches: 0,
             loss_scale: None,
             config: cfg.clone(),
+            dist: None,
         })
     }
 
@@ -101,13 +111,26 @@ impl Trainer {
             )
         });
         let amp = loss_scale.map_or(1.0, |s| s.scale());
+        // Data parallel: the loss is normalised by the units of every rank's micro-batches, and rank r's
+        // micro-batches are the global step's r·n … r·n + n − 1 (their dropout seeds too), so N ranks equal
+        // one rank accumulating N times as many.
+        let (rank, world) = self.dist.as_ref().map_or((0, 1), |g| (g.rank, g.world));
+        let units = match &mut self.dist {
+            Some(g) => sum_over(g, units as f64)?.round() as usize,
+            None => units,
+        };
         let scale = amp / units.max(1) as f64;
         self.opt.zero_grad()?;
         let mut loss_sum = 0.0;
+        let first = self.micro_batches + (rank * n) as u64;
         for i in 0..n {
-            model.set_dropout_seed(self.seed ^ self.micro_batches.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            self.micro_batches += 1;
+            model.set_dropout_seed(self.seed ^ (first + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             loss_sum += backward(model, i, scale)?.nll;
+        }
+        self.micro_batches += (n * world) as u64;
+        if let Some(g) = &mut self.dist {
+            self.opt.all_reduce_grads(g)?;
+            loss_sum = sum_over(g, loss_sum)?;
         }
         if amp != 1.0 {
             self.opt.scale_grads(1.0 / amp)?;

@@ -1,0 +1,83 @@
+// Data-parallel collectives on libtorch's own c10d: a TCPStore rendezvous (torchrun's MASTER_ADDR /
+// MASTER_PORT) and a ProcessGroupGloo whose all-reduce sums tensors across ranks. Everything runs in
+// libtorch_cpu.so (which bundles and exports gloo); see csrc/gloo/README.md for the headers.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <string>
+
+namespace {
+thread_local std::string last_error;
+
+struct Group {
+  c10::intrusive_ptr<c10d::Backend> pg;
+  std::chrono::milliseconds timeout;
+};
+
+bool loopback(const std::string& host) { return host == "127.0.0.1" || host == "localhost" || host == "::1"; }
+}  // namespace
+
+extern "C" const char* ft_pg_last_error() { return last_error.c_str(); }
+
+// Joins the group: rank 0 hosts the store on master_addr:port; every rank waits up to timeout_ms for the
+// others. Null on failure (ft_pg_last_error says why).
+extern "C" void* ft_pg_new(const char* master_addr, int port, int rank, int world, long long timeout_ms) {
+  try {
+    std::chrono::milliseconds timeout(timeout_ms);
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(port);
+    so.isServer = rank == 0;
+    so.numWorkers = static_cast<size_t>(world);
+    so.waitWorkers = true;
+    so.timeout = timeout;
+    std::string host(master_addr);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(host, so);
+    auto store = c10::make_intrusive<c10d::PrefixStore>("ferrotune/", tcp);
+    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    const char* iface = std::getenv("GLOO_SOCKET_IFNAME");
+    if (iface != nullptr && *iface != '\0') {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else if (loopback(host)) {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    opts->threads = 2;
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    return new Group{pg, timeout};
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+// Sums each tensor in place across the ranks (dense, same shape and dtype on every rank). 0 on success.
+extern "C" int ft_pg_allreduce_sum(void* g, at::Tensor** tensors, size_t n) {
+  auto* group = static_cast<Group*>(g);
+  try {
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<at::Tensor> v{*tensors[i]};
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      o.timeout = group->timeout;
+      auto work = group->pg->allreduce(v, o);
+      work->wait(group->timeout);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+// The backend's name ("gloo"), to check what was linked.
+extern "C" const char* ft_pg_backend(void* g) {
+  static thread_local std::string name;
+  name = static_cast<Group*>(g)->pg->getBackendName();
+  return name.c_str();
+}
+
+extern "C" void ft_pg_free(void* g) { delete static_cast<Group*>(g); }

@@ -1,0 +1,164 @@
+//! Data-parallel training through `--nproc-per-node` (c10d Gloo on the CPU): 2 ranks give the per-step losses
+//! and the final adapter of 1 rank with twice the gradient accumulation; a rank SIGKILLed mid-run ends the job
+//! with a clear message and `--resume` finishes it; bad launches are one line before any rank starts.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferrotune_tests::{ferrotune_bin, repo, run_cli, tiny_chat_dir};
+
+fn args<'a>(out: &'a str, model: &'a str, data: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "sft", "--recipe", "RECIPE", "--output-dir", out, "--set", model, "--set", data];
+    v.extend(extra);
+    v
+}
+
+fn sft(out: &Path, extra: &[&str]) -> std::process::Output {
+    let recipe = repo("recipes/lora-sft.yaml");
+    let model = format!("model={}", tiny_chat_dir().display());
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let out_s = out.display().to_string();
+    let mut a = args(&out_s, &model, &data, extra);
+    a[3] = recipe.to_str().unwrap();
+    run_cli(&a)
+}
+
+fn steps(out: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+#[test]
+fn dist_two_ranks_equal_one_rank_with_twice_the_accumulation() {
+    let t = tempfile::tempdir().unwrap();
+    let common = ["--max-steps", "6", "--set", "training.micro_batch_size=2", "--set", "training.save_steps=3"];
+    let one = t.path().join("one");
+    let o = sft(&one, &[&common[..], &["--set", "training.gradient_accumulation_steps=2"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let two = t.path().join("two");
+    let o = sft(
+        &two,
+        &[&common[..], &["--set", "training.gradient_accumulation_steps=1", "--nproc-per-node", "2"]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (steps(&one), steps(&two));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6, "rank 0 alone wrote metrics.jsonl");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(rel(x.0, y.0) <= 1e-5, "step {}: loss {} (1 rank) vs {} (2 ranks)", i + 1, x.0, y.0);
+        assert!(rel(x.1, y.1) <= 1e-5, "step {}: grad norm {} vs {}", i + 1, x.1, y.1);
+    }
+    let load = |d: &Path| {
+        let mut v = tch::Tensor::read_safetensors(d.join("adapter_model.safetensors")).unwrap();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (wa, wb) = (load(&one), load(&two));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let d = (ta - tb).abs().max().double_value(&[]);
+        let m = ta.abs().max().double_value(&[]);
+        assert!(d <= 1e-5 * m.max(1e-6), "{na}: max |Δ| {d} of max {m}");
+    }
+}
+
+#[test]
+fn dist_a_killed_rank_ends_the_job_and_resume_finishes_it() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("run");
+    let recipe = repo("recipes/lora-sft.yaml");
+    let model = format!("model={}", tiny_chat_dir().display());
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let out_s = out.display().to_string();
+    let extra = [
+        "--max-steps",
+        "400",
+        "--set",
+        "training.micro_batch_size=1",
+        "--set",
+        "training.save_steps=10",
+        "--set",
+        "training.lr_scheduler=constant",
+        "--nproc-per-node",
+        "2",
+    ];
+    let mut a = args(&out_s, &model, &data, &extra);
+    a[3] = recipe.to_str().unwrap();
+    let mut launcher = Command::new(ferrotune_bin())
+        .args(&a)
+        .env("FERROTUNE_DIST_TIMEOUT_S", "20")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while ferrotune_tests::newest_checkpoint(&out).unwrap_or(0) < 20 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(launcher.try_wait().unwrap().is_none(), "the job ended before a rank could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Rank 1: the launcher's child whose environment says RANK=1.
+    let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", launcher.id())).unwrap();
+    let rank1 = kids
+        .split_whitespace()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.split(|&b| b == 0).any(|kv| kv == b"RANK=1"))
+        })
+        .expect("rank 1's process");
+    let killed_at = Instant::now();
+    assert!(Command::new("kill").args(["-KILL", rank1]).status().unwrap().success());
+    let o = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(killed_at.elapsed() < Duration::from_secs(60), "the job did not end within the timeout");
+    assert!(err.contains("rank 1 of 2 failed"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists(), "killed too late to test anything");
+    let mut resume = a.clone();
+    resume.push("--resume");
+    let o = run_cli(&resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("adapter_model.safetensors").exists());
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 400, "every step once across the kill and the resume");
+}
+
+#[test]
+fn dist_bad_launches_are_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let o = sft(&t.path().join("a"), &["--nproc-per-node", "0"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--nproc-per-node 0"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let busy = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let recipe = repo("recipes/lora-sft.yaml");
+    let o = Command::new(ferrotune_bin())
+        .args(["train", "sft", "--recipe", recipe.to_str().unwrap(), "--nproc-per-node", "2"])
+        .env("MASTER_PORT", &port)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(&format!("MASTER_PORT {port} cannot be used")), "{err}");
+    let o = Command::new(ferrotune_bin())
+        .args(["train", "sft", "--recipe", recipe.to_str().unwrap(), "--nproc-per-node", "2"])
+        .env("WORLD_SIZE", "3")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("WORLD_SIZE=3 disagrees with --nproc-per-node 2") && err.lines().count() == 1, "{err}");
+    assert!(!t.path().join("a").exists());
+}
