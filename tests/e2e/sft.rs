@@ -11,7 +11,7 @@ use ferrotune_tests::{ferrotune_bin, repo, run_cli, smollm2_dir, tiny_chat_dir};
 use tch::{Device, Kind};
 
 /// Fraction of held-out questions whose greedy answer starts with "Ahoy!" (and the answers).
-fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {
+pub(crate) fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {
     compliance_of(&smollm2_dir(), adapter)
 }
 
