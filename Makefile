@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch tracking-venv test-tools build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
+.PHONY: target-link all libtorch tracking-venv test-tools bench-dist build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
 
 all: build
 
@@ -96,3 +96,7 @@ fixtures:
 
 clean-cache:
 	rm -rf "$(FERROTUNE_CACHE)/target"
+
+# Data-parallel overhead: 1 vs 2 ranks of LoRA SFT (scripts/bench_dist.sh).
+bench-dist: build
+	bash scripts/bench_dist.sh

@@ -513,7 +513,15 @@ pub fn train<O: Algorithm>(
             checkpoint,
             loss_scale: (amp != 1.0).then_some(amp),
             skipped,
-            metrics: run.objective.take_metrics(),
+            metrics: {
+                let mut m = run.objective.take_metrics();
+                if trainer.dist.is_some() {
+                    // Time in collectives this step, waiting for the other ranks included (`make bench-dist`).
+                    m.insert("dist/comm_s".into(), trainer.comm_s);
+                    m.insert("dist/step_s".into(), started.elapsed().as_secs_f64());
+                }
+                m
+            },
         };
         if let Some(m) = &mut metrics {
             m.write(&ev)?;

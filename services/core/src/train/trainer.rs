@@ -49,6 +49,8 @@ pub struct Trainer {
     pub config: TrainConfig,
     /// Data parallelism: the group whose ranks' gradients are summed before every update.
     pub dist: Option<crate::dist::ProcessGroup>,
+    /// Seconds the last update spent in collectives (waiting for the other ranks included).
+    pub comm_s: f64,
 }
 
 impl Trainer {
@@ -77,6 +79,7 @@ impl Trainer {
             loss_scale: None,
             config: cfg.clone(),
             dist: None,
+            comm_s: 0.0,
         })
     }
 
@@ -115,10 +118,12 @@ impl Trainer {
         // micro-batches are the global step's r·n … r·n + n − 1 (their dropout seeds too), so N ranks equal
         // one rank accumulating N times as many.
         let (rank, world) = self.dist.as_ref().map_or((0, 1), |g| (g.rank, g.world));
+        let t0 = std::time::Instant::now();
         let units = match &mut self.dist {
             Some(g) => sum_over(g, units as f64)?.round() as usize,
             None => units,
         };
+        self.comm_s = t0.elapsed().as_secs_f64();
         let scale = amp / units.max(1) as f64;
         self.opt.zero_grad()?;
         let mut loss_sum = 0.0;
@@ -129,8 +134,10 @@ impl Trainer {
         }
         self.micro_batches += (n * world) as u64;
         if let Some(g) = &mut self.dist {
+            let t0 = std::time::Instant::now();
             self.opt.all_reduce_grads(g)?;
             loss_sum = sum_over(g, loss_sum)?;
+            self.comm_s += t0.elapsed().as_secs_f64();
         }
         if amp != 1.0 {
             self.opt.scale_grads(1.0 / amp)?;
