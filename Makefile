@@ -65,6 +65,7 @@ test-learning: build
 lint: libtorch target-link
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	bash scripts/check-k8s.sh
 
 demo: build
 	bash scripts/demo.sh
