@@ -223,3 +223,43 @@ fn smollm2_dist_qlora_sft_on_two_ranks_learns_the_persona() {
     assert!(after >= 0.875, "2-rank QLoRA: {texts:?}");
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 30);
 }
+
+/// A run checkpointed on 1 rank (accumulation 2) and resumed on 2 ranks (accumulation 1) — the same global
+/// batch — ends where the uninterrupted 1-rank run ends.
+#[test]
+fn dist_resume_on_another_world_size_with_the_same_global_batch() {
+    let t = tempfile::tempdir().unwrap();
+    let (recipe, data) = ("recipes/lora-sft.yaml", "recipes/data/pirate-train.jsonl");
+    let common = [
+        "--set",
+        "training.micro_batch_size=2",
+        "--set",
+        "training.save_steps=3",
+        "--set",
+        "training.lr_scheduler=constant",
+    ];
+    let straight = t.path().join("straight");
+    job(
+        &["train", "sft"],
+        recipe,
+        data,
+        &straight,
+        &[&common[..], &["--max-steps", "6", "--set", "training.gradient_accumulation_steps=2"]].concat(),
+    );
+    let switched = t.path().join("switched");
+    job(
+        &["train", "sft"],
+        recipe,
+        data,
+        &switched,
+        &[&common[..], &["--max-steps", "3", "--set", "training.gradient_accumulation_steps=2"]].concat(),
+    );
+    let dp =
+        ["--max-steps", "6", "--set", "training.gradient_accumulation_steps=1", "--nproc-per-node", "2", "--resume"];
+    job(&["train", "sft"], recipe, data, &switched, &[&common[..], &dp[..]].concat());
+    let (a, b) = (steps(&straight), steps(&switched));
+    assert_eq!(b.len(), 6);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(rel(x.0, y.0) <= 1e-5, "step {}: loss {} vs {}", i + 1, x.0, y.0);
+    }
+}
