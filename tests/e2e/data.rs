@@ -140,6 +140,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 
 fn opts(inputs: Vec<std::path::PathBuf>, format: Format) -> BuildOptions {
     BuildOptions {
+        chat_template: None,
         inputs,
         format,
         columns: Columns::new(),

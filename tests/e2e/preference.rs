@@ -134,6 +134,7 @@ pub(crate) fn preference(model: &Path, adapter: Option<&Path>, pairs: &[(SftExam
 
 pub(crate) fn held_out_pairs(model: &Path, dir: &Path) -> Vec<(SftExample, SftExample)> {
     let opts = BuildOptions {
+        chat_template: None,
         inputs: vec![repo("recipes/data/pirate-prefs-eval.jsonl")],
         format: ferrotune_core::data::Format::Preference,
         columns: Default::default(),

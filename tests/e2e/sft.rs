@@ -593,3 +593,61 @@ fn smollm2_sft_dora_with_loraplus_learns_a_held_out_persona() {
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["use_dora"], true);
 }
+
+#[test]
+fn sft_chat_template_from_the_recipe_is_used_for_data_adapter_and_generation() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("zephyr");
+    let model = tiny();
+    train(&out, &["--set", &model, "--max-steps", "2", "--set", "chat_template=zephyr"]);
+    let zephyr = ferrotune_core::chat::ZEPHYR;
+    assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), zephyr, "the adapter keeps it");
+    assert_eq!(std::fs::read_to_string(out.join("dataset/chat_template.jinja")).unwrap(), zephyr, "the data used it");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("ferrotune_train.json")).unwrap()).unwrap();
+    assert_eq!(info["chat_template"], "named");
+    // Generation with the adapter renders with it (the tiny model's own template is ChatML-like).
+    let o = run_cli(&[
+        "generate",
+        "--model",
+        tiny_chat_dir().to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["chat_template"], "adapter", "{v}");
+    // A Jinja file works too; an unknown name is one line naming the key.
+    let file = t.path().join("mine.jinja");
+    std::fs::write(&file, "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}").unwrap();
+    let out2 = t.path().join("file");
+    train(&out2, &["--set", &model, "--max-steps", "2", "--set", &format!("chat_template={}", file.display())]);
+    assert!(std::fs::read_to_string(out2.join("chat_template.jinja"))
+        .unwrap()
+        .starts_with("{% for m in messages %}[{{"));
+    let recipe = repo("recipes/lora-sft.yaml");
+    let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
+    let bad = t.path().join("bad");
+    let o = run_cli(&[
+        "train",
+        "sft",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--set",
+        &model,
+        "--set",
+        &data,
+        "--output-dir",
+        bad.to_str().unwrap(),
+        "--set",
+        "chat_template=nope",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("chat_template: `nope` is neither a known template"), "{e}");
+}

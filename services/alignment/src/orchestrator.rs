@@ -173,7 +173,7 @@ impl<'a> Orchestration<'a> {
         // The tokenizer and chat template of the base render the prompts here; the policy gets ids.
         let model_dir = ferrotune_training::scaffold::model_dir(r)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
-        let template = ChatTemplate::from_dir(&model_dir)?;
+        let template = ChatTemplate::for_model(&model_dir, r.chat_template.as_deref())?;
         let fields: Vec<&str> = cfg.rewards.iter().filter_map(|f| f.reference_field.as_deref()).collect();
         let render = |path: &Path| -> Result<Vec<PromptRow>> {
             // The records, in the order load_prompts reads them (blank lines skipped).

@@ -45,7 +45,16 @@ impl ModelBundle {
         if crate::lora::trained_on_nf4(adapter)? {
             self.model.quantize_nf4()?;
         }
-        crate::prompt_tuning::load_adapter(&mut self.model, adapter)
+        crate::prompt_tuning::load_adapter(&mut self.model, adapter)?;
+        // An adapter trained with another chat template (the recipe's `chat_template`) is used with it.
+        let jinja = adapter.join("chat_template.jinja");
+        if crate::fsx::is_file(&jinja) {
+            let source = crate::fsx::read_to_string(&jinja).map_err(|e| CoreError::io(&jinja, e))?;
+            if source != self.template.source() {
+                self.template = self.template.with_source(source, crate::chat::TemplateOrigin::Adapter)?;
+            }
+        }
+        Ok(())
     }
 
     /// Prompt ids of a chat, rendered with the model's template and ending with the assistant's turn

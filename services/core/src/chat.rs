@@ -40,7 +40,22 @@ pub enum TemplateOrigin {
     TokenizerConfig,
     /// The model has none: ChatML ([`CHATML`]).
     ChatmlFallback,
+    /// Named in the recipe (`chat_template: zephyr`, …; see [`NAMED`]).
+    Named,
+    /// A Jinja file named in the recipe.
+    RecipeFile,
+    /// The adapter's own `chat_template.jinja`, which differs from the base model's.
+    Adapter,
 }
+
+/// Zephyr's template (HuggingFaceH4/zephyr-7b-beta, and TinyLlama-1.1B-Chat's), verbatim.
+pub const ZEPHYR: &str = include_str!("chat_templates/zephyr.jinja");
+
+/// Gemma 3's instruction template (google/gemma-3-*-it, as TRL keeps it in `trl/chat_templates/gemma3.jinja`).
+pub const GEMMA: &str = include_str!("chat_templates/gemma3.jinja");
+
+/// Templates a recipe can name (`chat_template: NAME`).
+pub const NAMED: &[(&str, &str)] = &[("chatml", CHATML), ("zephyr", ZEPHYR), ("gemma", GEMMA)];
 
 /// The fallback template: ChatML, as used by SmolLM2 and Qwen2 (without a default system message).
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -66,6 +81,35 @@ pub(crate) fn special_token(cfg: &serde_json::Value, key: &str) -> Option<String
 }
 
 impl ChatTemplate {
+    /// The template a recipe asks for: `spec` names one of [`NAMED`] or a Jinja file; `None` is the model's
+    /// own ([`ChatTemplate::from_dir`]). The special tokens are always the model's.
+    pub fn for_model(dir: &Path, spec: Option<&str>) -> Result<Self> {
+        let base = Self::from_dir(dir)?;
+        let Some(spec) = spec.filter(|s| !s.trim().is_empty()) else { return Ok(base) };
+        let (source, origin) = match NAMED.iter().find(|(n, _)| *n == spec) {
+            Some((_, src)) => ((*src).to_owned(), TemplateOrigin::Named),
+            None if crate::fsx::is_file(spec) => {
+                let text = crate::fsx::read_to_string(spec).map_err(|e| CoreError::io(Path::new(spec), e))?;
+                (text, TemplateOrigin::RecipeFile)
+            }
+            None => {
+                let names: Vec<&str> = NAMED.iter().map(|(n, _)| *n).collect();
+                return Err(CoreError::InvalidArgument(format!(
+                    "chat_template: `{spec}` is neither a known template ({}) nor a Jinja file",
+                    names.join(", ")
+                )));
+            }
+        };
+        base.with_source(source, origin)
+    }
+
+    /// This template's special tokens with another source.
+    pub fn with_source(&self, source: String, origin: TemplateOrigin) -> Result<Self> {
+        let t = Self { source, origin, specials: self.specials.clone() };
+        t.env()?.template_from_str(&t.source).map_err(|e| template_error(&e))?;
+        Ok(t)
+    }
+
     /// The template of the model (or tokenizer) directory `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
@@ -293,6 +337,31 @@ fn strftime(fmt: &str, secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The named templates render [system S, user Hi, assistant Hello, user Bye] + generation prompt as
+    /// transformers does (jinja2 3.1.6 with transformers' trim_blocks / lstrip_blocks, rendered outside this repo).
+    #[test]
+    fn named_templates_render_as_transformers() {
+        let chat = [
+            Message::new("system", "S"),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello"),
+            Message::new("user", "Bye"),
+        ];
+        let cases = [
+            (ZEPHYR, Some("<s>"), Some("</s>"), "<|system|>\nS</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n<|user|>\nBye</s>\n<|assistant|>\n"),
+            (GEMMA, Some("<bos>"), None, "<bos><start_of_turn>user\nS\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"),
+            (CHATML, None, None, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"),
+        ];
+        for (src, bos, eos, want) in cases {
+            assert_eq!(ChatTemplate::from_source(src, bos, eos).unwrap().render(&chat, true).unwrap(), want);
+        }
+        let e = ChatTemplate::from_source(GEMMA, Some("<bos>"), None)
+            .unwrap()
+            .render(&[Message::new("user", "a"), Message::new("user", "b")], true)
+            .unwrap_err();
+        assert!(e.to_string().contains("must alternate"), "{e}");
+    }
 
     #[test]
     fn strftime_formats_a_known_date() {

@@ -104,6 +104,7 @@ impl DataService for Data {
             return Err(invalid("eval_fraction", format!("{} is not in [0, 1)", r.eval_fraction)));
         }
         let opts = BuildOptions {
+            chat_template: None,
             inputs: src.inputs,
             format: src.format,
             columns: src.columns,

@@ -56,6 +56,10 @@ pub struct Recipe {
     /// RLOO settings (`align rloo`; absent otherwise). `data.path` is then a prompt file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rloo: Option<GroupRlConfig>,
+    /// Another chat template than the model's, for the data and the adapter: `chatml`, `zephyr`, `gemma`, or a
+    /// Jinja file. Stored beside the dataset and the adapter, so inference with the adapter uses it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     /// Experiment trackers of this job (`mlflow`, `tensorboard`, or `none`); absent = the service default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_to: Option<Vec<String>>,
@@ -548,6 +552,11 @@ impl Recipe {
             self.data.eval_path = Some(root.resolve("data.eval_path", &s(p))?);
         }
         self.output_dir = root.resolve("output_dir", &s(&self.output_dir))?;
+        if let Some(t) = &self.chat_template {
+            if t.contains('/') || t.ends_with(".jinja") {
+                self.chat_template = Some(root.resolve("chat_template", t)?.display().to_string());
+            }
+        }
         self.device = device.to_owned();
         Ok(())
     }

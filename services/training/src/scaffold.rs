@@ -81,6 +81,8 @@ pub fn model_dir(r: &Recipe) -> Result<PathBuf> {
 /// The recipe's dataset directory: formats `data.path` into `OUTPUT_DIR/dataset` unless `data.dataset` names one.
 pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<PathBuf> {
     let out = &r.output_dir;
+    // A bad `chat_template` is refused here, naming the key, before anything is formatted.
+    ChatTemplate::for_model(model_dir, r.chat_template.as_deref())?;
     Ok(match (&r.data.dataset, &r.data.path) {
         (Some(d), _) => d.clone(),
         (None, Some(p)) => {
@@ -102,6 +104,7 @@ pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Pat
                     strict: false,
                     pack: r.data.pack,
                     max_text_bytes: ferrotune_core::data::read::DEFAULT_MAX_TEXT_BYTES,
+                    chat_template: r.chat_template.clone(),
                 },
                 &d,
             )?;
@@ -181,7 +184,7 @@ pub fn write_provenance(
         return Ok(());
     }
     let out = &r.output_dir;
-    let template = ChatTemplate::from_dir(model_dir)?;
+    let template = ChatTemplate::for_model(model_dir, r.chat_template.as_deref())?;
     ferrotune_core::fsx::write(out.join("chat_template.jinja"), template.source())
         .context("writing chat_template.jinja")?;
     ferrotune_core::fsx::write(out.join("recipe.yaml"), serde_yaml::to_string(r)?).context("writing recipe.yaml")?;

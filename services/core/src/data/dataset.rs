@@ -49,6 +49,8 @@ pub struct BuildOptions {
     pub pack: bool,
     /// Longest record text, in bytes (see [`crate::data::read::DEFAULT_MAX_TEXT_BYTES`]).
     pub max_text_bytes: usize,
+    /// Another chat template than the model's: a name of [`crate::chat::NAMED`] or a Jinja file.
+    pub chat_template: Option<String>,
 }
 
 /// Counts reported in `stats.json`.
@@ -110,7 +112,7 @@ pub fn build(opts: &BuildOptions, out: &Path) -> Result<Stats> {
         return Err(DataError::InvalidArgument("no input files".into()));
     }
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
-    let template = ChatTemplate::from_dir(&opts.model)?;
+    let template = ChatTemplate::for_model(&opts.model, opts.chat_template.as_deref())?;
     let defaults = ModelDefaults::from_dir(&opts.model, &tokenizer)?;
     let eos_id = *defaults.eos_ids.first().ok_or_else(|| {
         DataError::InvalidArgument(format!("{}: the model declares no EOS token", opts.model.display()))
