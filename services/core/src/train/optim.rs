@@ -149,7 +149,6 @@ impl AdamW {
             }
         }
         let mut kinds: Vec<Kind> = self.params.iter().map(|p| p.tensor.kind()).collect();
-        kinds.dedup();
         kinds.sort_by_key(|k| format!("{k:?}"));
         kinds.dedup();
         for kind in kinds {

@@ -71,14 +71,10 @@ const HISTOGRAMS: [&Histogram; 4] = [&GRPC_LATENCY, &TRAIN_STEP_TIME, &SCORE_BAT
 
 /// The whole exposition.
 pub fn render() -> String {
-    let mut out = registry::render(&SCALARS, &HISTOGRAMS);
-    for (name, kind, help, v) in process_values() {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
-    }
-    out
+    registry::render(&snapshot())
 }
 
-/// Every family now (for the OTLP exporter).
+/// Every family now (for the text exposition and the OTLP exporter).
 pub fn snapshot() -> Vec<registry::Snapshot> {
     let mut out: Vec<registry::Snapshot> = SCALARS.iter().map(|s| s.snapshot()).collect();
     out.extend(HISTOGRAMS.iter().map(|h| h.snapshot()));

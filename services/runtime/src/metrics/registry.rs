@@ -82,13 +82,6 @@ impl Scalar {
         let series = values.iter().map(|(lv, v)| (pairs(self.label_names, lv), *v)).collect();
         Snapshot { name: self.name, help: self.help, kind: self.kind, points: Points::Scalar(series) }
     }
-    fn render(&self, out: &mut String) {
-        let values = self.values.lock().expect("lock");
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", self.name, self.help, self.name, self.kind);
-        for (lv, v) in values.iter() {
-            let _ = writeln!(out, "{}{} {}", self.name, labels(self.label_names, lv, None), num(*v));
-        }
-    }
 }
 
 /// One histogram series: per-bucket counts (not cumulative), sum, count.
@@ -154,22 +147,6 @@ impl Histogram {
             points: Points::Histogram(self.buckets, series),
         }
     }
-    fn render(&self, out: &mut String) {
-        let values = self.values.lock().expect("lock");
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
-        for (lv, s) in values.iter() {
-            let mut cum = 0;
-            for (b, c) in self.buckets.iter().zip(&s.counts) {
-                cum += c;
-                let _ =
-                    writeln!(out, "{}_bucket{} {cum}", self.name, labels(self.label_names, lv, Some(("le", &num(*b)))));
-            }
-            let _ =
-                writeln!(out, "{}_bucket{} {}", self.name, labels(self.label_names, lv, Some(("le", "+Inf"))), s.count);
-            let _ = writeln!(out, "{}_sum{} {}", self.name, labels(self.label_names, lv, None), num(s.sum));
-            let _ = writeln!(out, "{}_count{} {}", self.name, labels(self.label_names, lv, None), s.count);
-        }
-    }
 }
 
 /// Label pairs of a series.
@@ -226,17 +203,6 @@ pub struct Collected {
     pub series: Vec<(Vec<(&'static str, String)>, f64)>,
 }
 
-impl Collected {
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", self.name, self.help, self.name, self.kind);
-        for (ls, v) in &self.series {
-            let names: Vec<&str> = ls.iter().map(|(n, _)| *n).collect();
-            let values: Vec<String> = ls.iter().map(|(_, v)| v.clone()).collect();
-            let _ = writeln!(out, "{}{} {}", self.name, labels(&names, &values, None), num(*v));
-        }
-    }
-}
-
 /// A source of scrape-time families.
 pub type Collector = Box<dyn Fn() -> Vec<Collected> + Send + Sync>;
 
@@ -247,45 +213,60 @@ pub fn add_collector(c: Collector) {
     COLLECTORS.lock().expect("lock").push(c);
 }
 
-/// Snapshots of every collector's families.
+/// Snapshots of every collector's families; families several collectors report (one per hosted service)
+/// are merged by name.
 pub fn collected() -> Vec<Snapshot> {
-    let mut out = vec![];
+    let mut merged: BTreeMap<&'static str, Snapshot> = BTreeMap::new();
     for c in COLLECTORS.lock().expect("lock").iter() {
         for f in c() {
-            let series = f
+            let series: Vec<(Labels, f64)> = f
                 .series
                 .into_iter()
                 .map(|(ls, v)| (ls.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(), v))
                 .collect();
-            out.push(Snapshot { name: f.name, help: f.help, kind: f.kind, points: Points::Scalar(series) });
-        }
-    }
-    out
-}
-
-/// The exposition of `scalars`, `histograms` and every collector.
-pub fn render(scalars: &[&Scalar], histograms: &[&Histogram]) -> String {
-    let mut out = String::new();
-    for s in scalars {
-        s.render(&mut out);
-    }
-    for h in histograms {
-        h.render(&mut out);
-    }
-    // Collectors of several hosted services may report the same family: merge by name.
-    let mut merged: BTreeMap<&'static str, Collected> = BTreeMap::new();
-    for c in COLLECTORS.lock().expect("lock").iter() {
-        for f in c() {
             match merged.get_mut(f.name) {
-                Some(m) => m.series.extend(f.series),
-                None => {
-                    merged.insert(f.name, f);
+                Some(Snapshot { points: Points::Scalar(s), .. }) => s.extend(series),
+                _ => {
+                    merged.insert(
+                        f.name,
+                        Snapshot { name: f.name, help: f.help, kind: f.kind, points: Points::Scalar(series) },
+                    );
                 }
             }
         }
     }
-    for f in merged.values() {
-        f.render(&mut out);
+    merged.into_values().collect()
+}
+
+/// The text exposition (format 0.0.4) of `families`.
+pub fn render(families: &[Snapshot]) -> String {
+    let mut out = String::new();
+    for f in families {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
+        let lbl = |ls: &Labels, extra: Option<(&str, &str)>| {
+            let names: Vec<&str> = ls.iter().map(|(k, _)| k.as_str()).collect();
+            let values: Vec<String> = ls.iter().map(|(_, v)| v.clone()).collect();
+            labels(&names, &values, extra)
+        };
+        match &f.points {
+            Points::Scalar(series) => {
+                for (ls, v) in series {
+                    let _ = writeln!(out, "{}{} {}", f.name, lbl(ls, None), num(*v));
+                }
+            }
+            Points::Histogram(bounds, series) => {
+                for h in series {
+                    let mut cum = 0;
+                    for (b, c) in bounds.iter().zip(&h.counts) {
+                        cum += c;
+                        let _ = writeln!(out, "{}_bucket{} {cum}", f.name, lbl(&h.labels, Some(("le", &num(*b)))));
+                    }
+                    let _ = writeln!(out, "{}_bucket{} {}", f.name, lbl(&h.labels, Some(("le", "+Inf"))), h.count);
+                    let _ = writeln!(out, "{}_sum{} {}", f.name, lbl(&h.labels, None), num(h.sum));
+                    let _ = writeln!(out, "{}_count{} {}", f.name, lbl(&h.labels, None), h.count);
+                }
+            }
+        }
     }
     out
 }
@@ -304,7 +285,7 @@ mod tests {
         H.observe(&["Get"], 0.05);
         H.observe(&["Get"], 0.5);
         H.observe(&["Get"], 7.0);
-        let text = render(&[&C], &[&H]);
+        let text = render(&[C.snapshot(), H.snapshot()]);
         assert!(text.contains("# TYPE t_requests_total counter\n"), "{text}");
         assert!(text.contains("t_requests_total{method=\"Get\",code=\"OK\"} 3\n"), "{text}");
         assert!(text.contains("t_requests_total{method=\"Say \\\"hi\\\"\\n\",code=\"NOT_FOUND\"} 1\n"), "{text}");

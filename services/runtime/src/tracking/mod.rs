@@ -284,18 +284,18 @@ impl MlflowSink {
     }
 }
 
+/// The files (not directories) directly in `dir`, by name (read_dir sorts them).
+fn top_files(dir: &Path) -> Vec<PathBuf> {
+    ferrotune_core::fsx::read_dir(dir)
+        .map(|es| es.into_iter().filter(|e| !e.is_dir).map(|e| e.path).collect())
+        .unwrap_or_default()
+}
+
 /// The files of a finished run to keep as artifacts: (local file, artifact path). The trained output's
 /// top-level files go under `adapter/` or `model/` (checkpoints and the formatted dataset stay behind).
 pub fn artifact_files(out: &Path, artifacts: &[Artifact]) -> (Vec<(PathBuf, String)>, Option<String>) {
     let mut files = vec![];
     let mut output_dir = None;
-    let top_files = |dir: &Path| -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = ferrotune_core::fsx::read_dir(dir)
-            .map(|es| es.into_iter().filter(|e| !e.is_dir).map(|e| e.path).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
     for a in artifacts {
         let p = PathBuf::from(&a.path);
         match a.kind.as_str() {
@@ -421,11 +421,7 @@ impl PipelineRun {
     /// Uploads the top-level files of `dir` under `artifact_dir/` and registers them as a new version of
     /// model `name`.
     pub fn register(&self, dir: &Path, artifact_dir: &str, name: &str) {
-        let mut files: Vec<PathBuf> = ferrotune_core::fsx::read_dir(dir)
-            .map(|es| es.into_iter().filter(|e| !e.is_dir).map(|e| e.path).collect())
-            .unwrap_or_default();
-        files.sort();
-        for f in files {
+        for f in top_files(dir) {
             let file_name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             self.m.push(mlflow::Op::Artifact { file: f, artifact_path: format!("{artifact_dir}/{file_name}") });
         }
