@@ -383,13 +383,13 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
 fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
     let model = g.get_str("tokenizer.ggml.model")?;
     let arch = g.get_str("general.architecture")?;
-    let spm = model == "llama" && arch.starts_with("gemma");
+    let spm = model == "llama";
     if model != "gpt2" && !spm {
         return Err(CoreError::format(
             g.path(),
             format!(
                 "tokenizer model `{model}` of a `{arch}` file is not supported yet (supported: gpt2 byte-level BPE, \
-                 and the SentencePiece vocabulary (`llama`) of gemma files)"
+                 llama SentencePiece)"
             ),
         ));
     }
@@ -443,11 +443,41 @@ fn write_tokenizer(g: &GgufFile, dir: &Path) -> Result<()> {
             "special_tokens": {b: {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}}})),
         _ => None,
     };
-    // Checked for every file, as before Gemma vocabularies came (which do not use it: a Gemma file naming
-    // another pre-tokenizer is refused rather than imported differently from transformers).
+    // Checked for every file, as before SentencePiece vocabularies came (which do not use it: such a file
+    // naming another pre-tokenizer is refused rather than imported differently from transformers).
     let pre_tokenizer = byte_level_pre_tokenizer(g)?;
     let tokenizer = if spm {
-        crate::gguf_spm::gemma_tokenizer_json(&tokens, &types, bos_template.unwrap_or(Json::Null))
+        let flavor = if arch.starts_with("gemma") {
+            crate::gguf_spm::SpmFlavor::Gemma
+        } else {
+            crate::gguf_spm::SpmFlavor::Llama
+        };
+        let scores: Vec<f64> = match g.metadata.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+            Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+            Some(a) => {
+                return Err(CoreError::format(
+                    g.path(),
+                    format!("{} token scores for {} tokens", a.len(), tokens.len()),
+                ))
+            }
+            None if flavor == crate::gguf_spm::SpmFlavor::Gemma => vec![0.0; tokens.len()],
+            None => {
+                return Err(CoreError::format(
+                    g.path(),
+                    "metadata `tokenizer.ggml.scores` is missing: a SentencePiece vocabulary needs its scores",
+                ))
+            }
+        };
+        let specials: Vec<&str> = [&bos, &eos, &unk, &pad].into_iter().flatten().map(String::as_str).collect();
+        crate::gguf_spm::spm_tokenizer_json(
+            flavor,
+            &tokens,
+            &scores,
+            &types,
+            &specials,
+            unk.as_deref(),
+            bos_template.unwrap_or(Json::Null),
+        )
     } else {
         let post = bos_template.unwrap_or_else(
             || json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),

@@ -18,6 +18,7 @@ enum Kv {
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
+    F32s(Vec<f32>),
 }
 
 /// A minimal GGUF v3 writer (test-only), alignment 32.
@@ -70,6 +71,12 @@ impl Writer {
                 Kv::I32s(a) => {
                     b.extend(9u32.to_le_bytes());
                     b.extend(5u32.to_le_bytes());
+                    b.extend((a.len() as u64).to_le_bytes());
+                    a.iter().for_each(|x| b.extend(x.to_le_bytes()));
+                }
+                Kv::F32s(a) => {
+                    b.extend(9u32.to_le_bytes());
+                    b.extend(6u32.to_le_bytes());
                     b.extend((a.len() as u64).to_le_bytes());
                     a.iter().for_each(|x| b.extend(x.to_le_bytes()));
                 }
@@ -313,6 +320,52 @@ fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
     let tc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!((tc["bos_token"].as_str(), tc["add_bos_token"].as_bool()), (Some("<bos>"), Some(true)));
+}
+
+/// A Llama SentencePiece vocabulary (TinyLlama-style, trained by `tests/fixtures/make_tiny_llama_spm.py` and
+/// written as llama.cpp's converter does: tokens, scores, types, no merges): the tokenizer the import rebuilds
+/// gives transformers' ids for every fixture string, decodes them back to its text, and adds BOS as llama.cpp
+/// does; without its scores the file is refused by name.
+#[test]
+fn llama_sentencepiece_vocabulary_tokenizes_as_transformers() {
+    let fx = |f: &str| -> serde_json::Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/spm-llama").join(f);
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (vocab, reference) = (fx("vocab.json"), fx("reference.json"));
+    let mut w = fixture_as_gguf_of("llama-linear-sharded", "llama");
+    w.kv.retain(|(k, _)| !k.starts_with("tokenizer."));
+    let tokens: Vec<String> =
+        vocab["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
+    let types: Vec<i32> = vocab["token_type"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect();
+    let scores: Vec<f32> = vocab["scores"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap() as f32).collect();
+    w.kv("tokenizer.ggml.model", Kv::Str("llama".into()));
+    w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
+    w.kv("tokenizer.ggml.tokens", Kv::Strs(tokens));
+    w.kv("tokenizer.ggml.token_type", Kv::I32s(types));
+    for (key, field) in [("bos", "bos"), ("eos", "eos"), ("unknown", "unk")] {
+        w.kv(&format!("tokenizer.ggml.{key}_token_id"), Kv::U32(vocab[field].as_u64().unwrap() as u32));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let e = import_gguf(&write(&w, tmp.path()), &tmp.path().join("no-scores")).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.ggml.scores"), "{e}");
+    w.kv("tokenizer.ggml.scores", Kv::F32s(scores));
+    let out = tmp.path().join("hf");
+    import_gguf(&write(&w, tmp.path()), &out).unwrap();
+    let tok = Tokenizer::from_dir(&out).unwrap();
+    for case in reference["strings"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode_no_special(text).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+    }
+    // llama.cpp adds BOS to a SentencePiece vocabulary (transformers 5.24's GGUF loader leaves it out).
+    let mut with_bos = vec![1u32];
+    with_bos.extend(reference["with_bos"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32));
+    assert_eq!(tok.encode("hello world").unwrap(), with_bos);
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!((tc["bos_token"].as_str(), tc["unk_token"].as_str()), (Some("<s>"), Some("<unk>")));
 }
 
 /// Byte-level BPE vocabularies with llama.cpp's `llama-bpe` (Llama 3), `qwen2` and `gpt-2` pre-tokenizers

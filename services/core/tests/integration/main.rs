@@ -22,4 +22,5 @@ mod reward;
 mod rollout;
 mod session;
 mod tiny_models;
+mod tinyllama;
 mod train;

@@ -80,13 +80,18 @@ fn lora_trains_and_merges_into_a_model_with_the_adapters_logits() {
 }
 
 fn lora_and_merge(name: &str) {
+    lora_and_merge_dir(&tiny_dir(name), name)
+}
+
+/// LoRA on the model in `dir` lowers the loss, and the adapter merges into a model with its logits.
+pub(crate) fn lora_and_merge_dir(dir: &std::path::Path, name: &str) {
     let t = tempfile::tempdir().unwrap();
-    let mut m = load_model(&tiny_dir(name), Kind::Float, Device::Cpu).unwrap();
+    let mut m = load_model(dir, Kind::Float, Device::Cpu).unwrap();
     let cfg = lora(&mut m);
     let state = LoraState { cfg, base_model: "tiny".into() };
     let (first, last) = fit(&mut m, &state, &t.path().join("adapter"), 40, 3e-2);
     assert!(last < first - 0.3, "{name}: LoRA loss {first} → {last}");
-    merge_adapter(&tiny_dir(name), &t.path().join("adapter"), &t.path().join("merged"), Some(false)).unwrap();
+    merge_adapter(dir, &t.path().join("adapter"), &t.path().join("merged"), Some(false)).unwrap();
     let merged = load_model(&t.path().join("merged"), Kind::Float, Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[5i64, 9, 77, 3, 41, 100]).unsqueeze(0);
     let (a, b) = tch::no_grad(|| (m.forward(&ids, None, None).unwrap(), merged.forward(&ids, None, None).unwrap()));
