@@ -81,6 +81,7 @@ enum Meta {
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
+    F32s(Vec<f32>),
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -116,6 +117,12 @@ fn put_meta(buf: &mut Vec<u8>, key: &str, v: &Meta) {
         Meta::I32s(v) => {
             buf.extend(9u32.to_le_bytes());
             buf.extend(5u32.to_le_bytes());
+            buf.extend((v.len() as u64).to_le_bytes());
+            v.iter().for_each(|x| buf.extend(x.to_le_bytes()));
+        }
+        Meta::F32s(v) => {
+            buf.extend(9u32.to_le_bytes());
+            buf.extend(6u32.to_le_bytes());
             buf.extend((v.len() as u64).to_le_bytes());
             v.iter().for_each(|x| buf.extend(x.to_le_bytes()));
         }
@@ -160,14 +167,18 @@ pub fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
 
 /// HF name → llama.cpp name, and the heads to permute with (Llama q/k only).
 fn gguf_name(hf: &str, arch: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
-    use crate::gguf_import::{FIXED_TENSORS, LAYER_MODULES};
+    use crate::gguf_import::{FIXED_TENSORS, GEMMA_NORMS, LAYER_MODULES};
     if let Some((gguf, _)) = FIXED_TENSORS.iter().find(|(_, h)| *h == hf) {
         return Some(((*gguf).to_owned(), None));
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let (name, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    let gemma = GEMMA_NORMS.iter().find(|(_, h)| arch == "gemma3" && *h == module);
+    let (name, _) = match gemma {
+        Some(g) => g,
+        None => LAYER_MODULES.iter().find(|(_, h)| *h == module)?,
+    };
     let perm = match *name {
         "attn_q" => Some(heads),
         "attn_k" => Some(kv_heads),
@@ -195,33 +206,20 @@ fn split_pre_name(pre: &Json) -> Option<&'static str> {
     }
 }
 
-/// The byte-level BPE vocabulary of `tokenizer.json` as GGUF metadata (tokens by id, types, merges, pre name).
+/// The vocabulary of `tokenizer.json` as GGUF metadata: a byte-level BPE as `gpt2` (tokens by id, types,
+/// merges, pre-tokenizer name), a BPE with byte fallback (SentencePiece-converted: Llama 2, TinyLlama, Mistral,
+/// Gemma) as `llama` (tokens, scores, types).
 fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>> {
     let path = dir.join("tokenizer.json");
     let t = read_json(&path)?;
     let unsupported = |what: String| CoreError::InvalidArgument(format!("{}: {what}", path.display()));
-    if t["model"]["type"] != "BPE" || t["decoder"]["type"] != "ByteLevel" {
-        return Err(unsupported(
-            "only byte-level BPE vocabularies are exported so far (SentencePiece export is not supported yet)".into(),
-        ));
-    }
-    let pre = &t["pre_tokenizer"];
-    let is_byte_level = |p: &Json| p["type"] == "ByteLevel" && p["add_prefix_space"] != true;
-    let pre_name = if is_byte_level(pre) {
-        "gpt2"
-    } else if pre["type"] == "Sequence"
-        && pre["pretokenizers"].as_array().is_some_and(|a| {
-            a.len() == 2 && a[0]["type"] == "Digits" && a[0]["individual_digits"] == true && is_byte_level(&a[1])
-        })
-    {
-        "smollm"
-    } else if let Some(name) = split_pre_name(pre) {
-        name
-    } else {
+    let sentencepiece = t["model"]["type"] == "BPE" && t["model"]["byte_fallback"] == true;
+    if t["model"]["type"] != "BPE" || (t["decoder"]["type"] != "ByteLevel" && !sentencepiece) {
         return Err(unsupported(format!(
-            "pre-tokenizer {pre} has no llama.cpp name this exporter knows (gpt2, smollm, llama-bpe, qwen2)"
+            "a {} vocabulary with a {} decoder cannot be exported (byte-level BPE, or BPE with byte fallback)",
+            t["model"]["type"], t["decoder"]["type"]
         )));
-    };
+    }
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
     let mut types = vec![1i32; vocab_size];
     let vocab = t["model"]["vocab"].as_object().ok_or_else(|| unsupported("model.vocab is missing".into()))?;
@@ -233,12 +231,24 @@ fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>
         types[id as usize] = ty;
         Ok(())
     };
+    let is_byte = |s: &str| s.len() == 6 && s.starts_with("<0x") && s.ends_with('>');
+    let unk = t["model"]["unk_token"].as_str();
     for (tok, id) in vocab {
-        place(id.as_u64().unwrap_or(u64::MAX), tok, 1)?;
+        let ty = match tok.as_str() {
+            s if sentencepiece && is_byte(s) => 6,
+            s if sentencepiece && Some(s) == unk => 2,
+            _ => 1,
+        };
+        place(id.as_u64().unwrap_or(u64::MAX), tok, ty)?;
     }
     for a in t["added_tokens"].as_array().into_iter().flatten() {
-        let ty = if a["special"] == true { 3 } else { 4 };
-        place(a["id"].as_u64().unwrap_or(u64::MAX), a["content"].as_str().unwrap_or_default(), ty)?;
+        let content = a["content"].as_str().unwrap_or_default();
+        let ty = match a["special"] == true {
+            _ if sentencepiece && Some(content) == unk => 2,
+            true => 3,
+            false => 4,
+        };
+        place(a["id"].as_u64().unwrap_or(u64::MAX), content, ty)?;
     }
     // Rows of the embedding beyond the tokenizer (padded vocabularies): llama.cpp's `[PAD{i}]`, unused.
     let tokens: Vec<String> = tokens
@@ -261,6 +271,29 @@ fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>
             other => other.to_string(),
         })
         .collect();
+    if sentencepiece {
+        let unk_id = types.iter().position(|&ty| ty == 2);
+        let mut meta = sentencepiece_vocabulary(&t, tokens, types, &merges);
+        meta.extend(unk_id.map(|i| ("tokenizer.ggml.unknown_token_id", Meta::U32(i as u32))));
+        return Ok(meta);
+    }
+    let pre = &t["pre_tokenizer"];
+    let is_byte_level = |p: &Json| p["type"] == "ByteLevel" && p["add_prefix_space"] != true;
+    let pre_name = if is_byte_level(pre) {
+        "gpt2"
+    } else if pre["type"] == "Sequence"
+        && pre["pretokenizers"].as_array().is_some_and(|a| {
+            a.len() == 2 && a[0]["type"] == "Digits" && a[0]["individual_digits"] == true && is_byte_level(&a[1])
+        })
+    {
+        "smollm"
+    } else if let Some(name) = split_pre_name(pre) {
+        name
+    } else {
+        return Err(unsupported(format!(
+            "pre-tokenizer {pre} has no llama.cpp name this exporter knows (gpt2, smollm, llama-bpe, qwen2)"
+        )));
+    };
     Ok(vec![
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre", Meta::Str(pre_name.into())),
@@ -270,15 +303,80 @@ fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>
     ])
 }
 
+/// A SentencePiece-converted vocabulary as llama.cpp's `llama` tokenizer takes it. The file has no merges:
+/// llama.cpp (and transformers reading the GGUF) merge by the merged token's score, so each token's score is
+/// minus the rank of the first `tokenizer.json` merge that makes it — the same priorities — and tokens no merge
+/// makes (bytes, characters, specials) rank below all of them. `add_space_prefix` says whether a `▁` is
+/// prepended to the text (Llama's dummy prefix; Gemma has none).
+fn sentencepiece_vocabulary(
+    t: &Json,
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: &[String],
+) -> Vec<(&'static str, Meta)> {
+    let mut rank = std::collections::HashMap::<String, usize>::new();
+    for (i, m) in merges.iter().enumerate() {
+        if let Some((a, b)) = m.split_once(' ') {
+            rank.entry(format!("{a}{b}")).or_insert(i);
+        }
+    }
+    let scores: Vec<f32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, tok)| match rank.get(tok) {
+            Some(&r) => -(r as f32),
+            None => -((merges.len() + id) as f32),
+        })
+        .collect();
+    let prepends = |n: &Json| n["type"] == "Prepend" && n["prepend"] == "▁";
+    let normalizer = &t["normalizer"];
+    let metaspace =
+        |p: &Json| p["type"] == "Metaspace" && p["prepend_scheme"] != "never" && p["add_prefix_space"] != false;
+    let space_prefix = prepends(normalizer)
+        || normalizer["normalizers"].as_array().is_some_and(|a| a.iter().any(prepends))
+        || metaspace(&t["pre_tokenizer"])
+        || t["pre_tokenizer"]["pretokenizers"].as_array().is_some_and(|a| a.iter().any(metaspace));
+    vec![
+        ("tokenizer.ggml.model", Meta::Str("llama".into())),
+        ("tokenizer.ggml.pre", Meta::Str("default".into())),
+        ("tokenizer.ggml.tokens", Meta::Strs(tokens)),
+        ("tokenizer.ggml.scores", Meta::F32s(scores)),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ("tokenizer.ggml.add_space_prefix", Meta::Bool(space_prefix)),
+    ]
+}
+
+/// What llama.cpp's Gemma 3 assumes and a GGUF cannot say otherwise: every sixth layer global, attention
+/// scaled by 1/√head_dim (`query_pre_attn_scalar` = head_dim), GeGLU with tanh.
+fn gemma3_fits_llama_cpp(c: &crate::models::DecoderConfig) -> std::result::Result<(), String> {
+    let local = c.local_attention.as_ref().ok_or("no sliding-window layers")?;
+    let pattern: Vec<bool> = (0..local.layers.len()).map(|i| (i + 1) % 6 != 0).collect();
+    if local.layers != pattern {
+        return Err("`layer_types` is not every sixth layer global, the pattern llama.cpp hard-codes".into());
+    }
+    if c.attn_scale.is_some_and(|s| (s * (c.head_dim as f64).sqrt() - 1.0).abs() > 1e-9) {
+        return Err(format!(
+            "`query_pre_attn_scalar` differs from head_dim {} (llama.cpp scales by 1/√head_dim)",
+            c.head_dim
+        ));
+    }
+    if c.activation != crate::models::Activation::GeluTanh {
+        return Err("`hidden_activation` is not gelu_pytorch_tanh".into());
+    }
+    Ok(())
+}
+
 /// Writes the model in `model_dir` (with `adapter` merged in, when given) to `out` as GGUF.
 pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: ExportType) -> Result<ExportReport> {
     let config = read_json(&model_dir.join("config.json"))?;
     let arch = match config["model_type"].as_str().unwrap_or_default() {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
+        "qwen3" => "qwen3",
+        "gemma3_text" => "gemma3",
         other => {
             return Err(CoreError::InvalidArgument(format!(
-                "{}: model_type `{other}` cannot be exported to GGUF yet (llama, mistral, qwen2)",
+                "{}: model_type `{other}` cannot be exported to GGUF yet (llama, mistral, qwen2, qwen3, gemma3_text)",
                 model_dir.display()
             )))
         }
@@ -288,11 +386,13 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         None => crate::load_model(model_dir, Kind::Float, Device::Cpu)?,
     };
     let c = model.cfg.clone();
-    if !matches!(c.rope_scaling, crate::models::RopeScaling::None | crate::models::RopeScaling::Linear { .. }) {
-        return Err(CoreError::InvalidArgument(format!(
-            "{}: llama3 rope scaling is not exported yet (llama.cpp stores it as a rope_freqs tensor)",
-            model_dir.display()
-        )));
+    if arch == "gemma3" {
+        gemma3_fits_llama_cpp(&c).map_err(|why| {
+            CoreError::InvalidArgument(format!(
+                "{}: cannot be exported as llama.cpp's gemma3: {why}",
+                model_dir.display()
+            ))
+        })?;
     }
     let tokenizer = crate::Tokenizer::from_dir(model_dir)?;
     let defaults = crate::ModelDefaults::from_dir(model_dir, &tokenizer)?;
@@ -317,9 +417,21 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         (k("attention.layer_norm_rms_epsilon"), Meta::F32(c.rms_norm_eps as f32)),
         (k("rope.freq_base"), Meta::F32(c.rope_theta as f32)),
     ];
-    if let crate::models::RopeScaling::Linear { factor } = c.rope_scaling {
-        meta.push((k("rope.scaling.type"), Meta::Str("linear".into())));
-        meta.push((k("rope.scaling.factor"), Meta::F32(factor as f32)));
+    match c.rope_scaling {
+        crate::models::RopeScaling::Linear { factor } => {
+            meta.push((k("rope.scaling.type"), Meta::Str("linear".into())));
+            meta.push((k("rope.scaling.factor"), Meta::F32(factor as f32)));
+        }
+        // llama.cpp keeps Llama 3's band-wise factors as the `rope_freqs` tensor (below); the original context
+        // length goes beside it so that an import recovers the exact parameters.
+        crate::models::RopeScaling::Llama3 { original_max_position_embeddings, .. } => {
+            meta.push((k("rope.scaling.original_context_length"), Meta::U32(original_max_position_embeddings as u32)))
+        }
+        crate::models::RopeScaling::None => {}
+    }
+    if let Some(local) = &c.local_attention {
+        meta.push((k("attention.sliding_window"), Meta::U32(local.window as u32)));
+        meta.push((k("rope.freq_base_swa"), Meta::F32(local.rope_theta as f32)));
     }
     meta.extend(vocabulary(model_dir, c.vocab_size as usize)?.into_iter().map(|(k, v)| (k.to_owned(), v)));
     let id = |key: &str| config[key].as_u64().or_else(|| config[key].as_array()?.first()?.as_u64());
@@ -345,6 +457,10 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         let shape = t.size();
         let flat = t.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?;
         let mut data = Vec::<f32>::try_from(&flat)?;
+        if arch == "gemma3" && hf.ends_with("norm.weight") {
+            // llama.cpp's Gemma norms multiply by the stored weight: HF's offset w is stored as 1 + w.
+            data.iter_mut().for_each(|x| *x += 1.0);
+        }
         if let Some(n) = perm {
             let rows = shape[0] as usize;
             data = crate::gguf_import::permute_rows(&data, rows, data.len() / rows.max(1), n, false);
@@ -360,6 +476,24 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
             ExportType::Q4_0 => quantize_q4_0(&data),
         };
         tensors.push((gname, shape.iter().rev().map(|&d| d as u64).collect(), ty.ggml_id(), bytes));
+    }
+    if let crate::models::RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = c.rope_scaling
+    {
+        let factors = crate::gguf_rope::llama3_factors(
+            c.head_dim,
+            c.rope_theta,
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        );
+        let bytes = factors.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push(("rope_freqs.weight".into(), vec![factors.len() as u64], ExportType::F32.ggml_id(), bytes));
     }
     // llama.cpp's order: token_embd, then blocks by index, then output_norm / output.
     tensors.sort_by_key(|(n, ..)| {

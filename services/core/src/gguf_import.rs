@@ -204,6 +204,30 @@ fn hf_config(g: &GgufFile, arch: &str) -> Result<Json> {
             }
         }
     }
+    if let Some(t) = g.tensor("rope_freqs.weight") {
+        if !rope_scaling.is_null() {
+            return Err(CoreError::format(g.path(), "both `rope.scaling.type` and a `rope_freqs.weight` tensor"));
+        }
+        // Llama 3's band-wise scaling, kept by llama.cpp as per-frequency divisors.
+        let factors: Vec<f32> = g.dequantize(t)?;
+        let theta = g.metadata.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0);
+        let original =
+            g.metadata.get(&k("rope.scaling.original_context_length")).and_then(Value::as_f64).unwrap_or(8192.0);
+        if factors.iter().any(|f| (f - 1.0).abs() > 1e-6) {
+            let (factor, low, high) = crate::gguf_rope::llama3_from_factors(head_dim as i64, theta, &factors, original)
+                .ok_or_else(|| {
+                    CoreError::format(
+                        g.path(),
+                        format!(
+                            "tensor `rope_freqs.weight`: {} divisors that no Llama 3 rope scaling gives (head_dim {head_dim})",
+                            factors.len()
+                        ),
+                    )
+                })?;
+            rope_scaling = json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                  "high_freq_factor": high, "original_max_position_embeddings": original});
+        }
+    }
     let (model_type, class) = match arch {
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
@@ -286,6 +310,14 @@ pub(crate) const LAYER_MODULES: [(&str, &str); 11] = [
     ("ffn_down", "mlp.down_proj"),
 ];
 
+/// Gemma's norms whose llama.cpp names differ from the Llama layout's (`ffn_norm` is the MLP's input norm) or
+/// that only Gemma has.
+pub(crate) const GEMMA_NORMS: [(&str, &str); 3] = [
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
+
 /// llama.cpp tensor name → HF name (and, for llama q/k, the head count to un-permute with). Gemma's norm
 /// names differ: `ffn_norm` is the MLP's input norm (`pre_feedforward_layernorm`) and the outputs of attention
 /// and MLP have their own (`post_attention_norm`, `post_ffw_norm`).
@@ -297,11 +329,10 @@ fn hf_name(gguf: &str, arch: &str, heads: u64, kv_heads: u64) -> Option<(String,
     let (layer, rest) = rest.split_once('.')?;
     let layer: u64 = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "ffn_norm" if arch == "gemma3" => "pre_feedforward_layernorm",
-        "post_attention_norm" if arch == "gemma3" => "post_attention_layernorm",
-        "post_ffw_norm" if arch == "gemma3" => "post_feedforward_layernorm",
-        m => LAYER_MODULES.iter().find(|(g, _)| *g == m)?.1,
+    let gemma = GEMMA_NORMS.iter().find(|(g, _)| arch == "gemma3" && *g == module);
+    let hf = match gemma {
+        Some((_, hf)) => hf,
+        None => LAYER_MODULES.iter().find(|(g, _)| *g == module)?.1,
     };
     let permute = match module {
         "attn_q" => Some(heads),
@@ -344,6 +375,9 @@ fn write_weights(g: &GgufFile, arch: &str, cfg: &Json, out: &Path) -> Result<(us
     let mut tensors: Vec<(String, RawTensor)> = Vec::new();
     let mut skipped = Vec::new();
     for t in &g.tensors {
+        if t.name == "rope_freqs.weight" {
+            continue; // in config.json as `rope_scaling` (see [`hf_config`])
+        }
         let Some((name, permute)) = hf_name(&t.name, arch, heads, kv_heads) else {
             skipped.push(format!("{} (no HF equivalent)", t.name));
             continue;

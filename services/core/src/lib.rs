@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod gguf_export;
 pub mod gguf_import;
 pub mod gguf_quants;
+pub mod gguf_rope;
 pub mod gguf_spm;
 pub mod kernels;
 pub mod logprobs;
