@@ -97,6 +97,16 @@ pub enum TensorType {
 }
 
 impl TensorType {
+    /// ggml's type id (the inverse of [`Self::from_id`]).
+    pub fn id(self) -> u32 {
+        (0..32).find(|&i| Self::from_id(i) == Some(self)).expect("every type has an id")
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        self.block().0
+    }
+
     fn from_id(id: u32) -> Option<Self> {
         Some(match id {
             0 => Self::F32,

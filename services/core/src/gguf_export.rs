@@ -14,6 +14,7 @@ use serde_json::Value as Json;
 use tch::{Device, Kind};
 
 use crate::error::{CoreError, Result};
+use crate::gguf::TensorType;
 
 /// Element type of the exported weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,9 @@ pub enum ExportType {
     Q8_0,
     /// ggml's Q4_0 blocks (as `llama-quantize` writes them).
     Q4_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output and for half of the `attn_v` / `ffn_down`
+    /// matrices; rows that do not split into 256-blocks fall back to Q5_0 / Q8_0 as `llama-quantize` does.
+    Q4KM,
 }
 
 impl std::str::FromStr for ExportType {
@@ -36,29 +40,76 @@ impl std::str::FromStr for ExportType {
             "f16" => Ok(Self::F16),
             "q8_0" => Ok(Self::Q8_0),
             "q4_0" => Ok(Self::Q4_0),
-            other => Err(format!("unknown GGUF type `{other}` (f32, f16, q8_0, q4_0)")),
+            "q4_k_m" => Ok(Self::Q4KM),
+            other => Err(format!("unknown GGUF type `{other}` (f32, f16, q8_0, q4_0, q4_k_m)")),
         }
     }
 }
 
 impl ExportType {
-    fn ggml_id(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q8_0 => 8,
-            Self::Q4_0 => 2,
-        }
-    }
-
-    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0).
+    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q8_0,
+    /// MOSTLY_Q4_K_M).
     fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q8_0 => 7,
             Self::Q4_0 => 2,
+            Self::Q4KM => 15,
         }
+    }
+
+    /// The type of one tensor (`llama_tensor_get_type` for the mixes): vectors stay F32; with Q4_K_M the output
+    /// (the embedding when tied) and `attn_v` / `ffn_down` of the layers `use_more_bits` picks take Q6_K. A row
+    /// length the type's blocks do not divide falls back: Q4_K → Q5_0, Q6_K → Q8_0, then F16.
+    fn tensor_type(self, name: &str, shape: &[i64], n_layers: usize, tied: bool) -> TensorType {
+        if shape.len() != 2 {
+            return TensorType::F32;
+        }
+        let layer = name.strip_prefix("blk.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+        // llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third between.
+        let more_bits =
+            |i: usize| i < n_layers / 8 || i >= 7 * n_layers / 8 || (i >= n_layers / 8 && (i - n_layers / 8) % 3 == 2);
+        let ty = match self {
+            Self::F32 => TensorType::F32,
+            Self::F16 => TensorType::F16,
+            Self::Q8_0 => TensorType::Q8_0,
+            Self::Q4_0 => TensorType::Q4_0,
+            Self::Q4KM => {
+                let output = name == "output.weight" || (tied && name == "token_embd.weight");
+                let v_or_down = name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight");
+                if output || (v_or_down && layer.is_some_and(more_bits)) {
+                    TensorType::Q6_K
+                } else {
+                    TensorType::Q4_K
+                }
+            }
+        };
+        let cols = shape[1] as usize;
+        let ty = match ty {
+            TensorType::Q4_K if cols % 256 != 0 => TensorType::Q5_0,
+            TensorType::Q6_K if cols % 256 != 0 => TensorType::Q8_0,
+            t => t,
+        };
+        if cols % ty.block_size() != 0 {
+            TensorType::F16
+        } else {
+            ty
+        }
+    }
+}
+
+/// One tensor's data in `ty` (one the exporter writes).
+fn encode(ty: TensorType, data: &[f32]) -> Vec<u8> {
+    use crate::gguf_quantize as q;
+    match ty {
+        TensorType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        TensorType::Q8_0 => q::quantize_q8_0(data),
+        TensorType::Q4_0 => q::quantize_q4_0(data),
+        TensorType::Q5_0 => q::quantize_q5_0(data),
+        TensorType::Q4_K => q::quantize_q4_k(data),
+        TensorType::Q6_K => q::quantize_q6_k(data),
+        _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
 
@@ -129,41 +180,7 @@ fn put_meta(buf: &mut Vec<u8>, key: &str, v: &Meta) {
     }
 }
 
-/// ggml's `quantize_row_q8_0_ref` over rows of 32-element blocks.
-pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(x.len() / 32 * 34);
-    for block in x.chunks(32) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(half::f16::from_f32(d).to_le_bytes());
-        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
-    }
-    out
-}
-
-/// ggml's `quantize_row_q4_0_ref`: per block of 32, d = (the value of largest magnitude) / −8, codes
-/// `min(15, trunc(x/d + 8.5))`, the first 16 in the low nibbles and the last 16 in the high ones.
-pub fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(x.len() / 32 * 18);
-    for block in x.chunks(32) {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in block {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        let d = max / -8.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(half::f16::from_f32(d).to_le_bytes());
-        let code = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-        for j in 0..16 {
-            out.push(code(block[j]) | (code(block[16 + j]) << 4));
-        }
-    }
-    out
-}
+pub use crate::gguf_quantize::{quantize_q4_0, quantize_q8_0};
 
 /// HF name → llama.cpp name, and the heads to permute with (Llama q/k only).
 fn gguf_name(hf: &str, arch: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
@@ -386,6 +403,15 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         None => crate::load_model(model_dir, Kind::Float, Device::Cpu)?,
     };
     let c = model.cfg.clone();
+    if arch == "qwen3" && (c.o_bias || c.mlp_bias) {
+        // llama.cpp's qwen3 takes optional q/k/v biases but has no slot for the others (it refuses such a file).
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: cannot be exported as llama.cpp's qwen3: its o_proj{} bias (`attention_bias` puts one on o_proj) \
+             has no place in llama.cpp's qwen3",
+            model_dir.display(),
+            if c.mlp_bias { " and MLP" } else { "" }
+        )));
+    }
     if arch == "gemma3" {
         gemma3_fits_llama_cpp(&c).map_err(|why| {
             CoreError::InvalidArgument(format!(
@@ -465,17 +491,9 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
             let rows = shape[0] as usize;
             data = crate::gguf_import::permute_rows(&data, rows, data.len() / rows.max(1), n, false);
         }
-        let matrix = shape.len() == 2;
-        let ty = if matrix { ty } else { ExportType::F32 };
-        let ty =
-            if ty == ExportType::Q8_0 && shape.last().is_some_and(|&d| d % 32 != 0) { ExportType::F16 } else { ty };
-        let bytes = match ty {
-            ExportType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ExportType::F16 => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            ExportType::Q8_0 => quantize_q8_0(&data),
-            ExportType::Q4_0 => quantize_q4_0(&data),
-        };
-        tensors.push((gname, shape.iter().rev().map(|&d| d as u64).collect(), ty.ggml_id(), bytes));
+        let tt = ty.tensor_type(&gname, &shape, c.num_layers as usize, c.tie_word_embeddings);
+        let bytes = encode(tt, &data);
+        tensors.push((gname, shape.iter().rev().map(|&d| d as u64).collect(), tt.id(), bytes));
     }
     if let crate::models::RopeScaling::Llama3 {
         factor,
@@ -493,7 +511,7 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
             original_max_position_embeddings,
         );
         let bytes = factors.iter().flat_map(|x| x.to_le_bytes()).collect();
-        tensors.push(("rope_freqs.weight".into(), vec![factors.len() as u64], ExportType::F32.ggml_id(), bytes));
+        tensors.push(("rope_freqs.weight".into(), vec![factors.len() as u64], TensorType::F32.id(), bytes));
     }
     // llama.cpp's order: token_embd, then blocks by index, then output_norm / output.
     tensors.sort_by_key(|(n, ..)| {

@@ -15,6 +15,7 @@ pub mod generation;
 pub mod gguf;
 pub mod gguf_export;
 pub mod gguf_import;
+pub mod gguf_quantize;
 pub mod gguf_quants;
 pub mod gguf_rope;
 pub mod gguf_spm;

@@ -55,9 +55,19 @@ fn the_tiny_chat_model_round_trips_through_gguf() {
     let ids = Tensor::from_slice(&[1i64, 20, 300, 41, 7, 99, 2]).unsqueeze(0);
     let want = logits(&tiny_chat(), &ids);
     let original = weights(&tiny_chat());
-    for ty in [ExportType::F32, ExportType::F16, ExportType::Q8_0, ExportType::Q4_0] {
+    for ty in [ExportType::F32, ExportType::F16, ExportType::Q8_0, ExportType::Q4_0, ExportType::Q4KM] {
         let (file, back) = round_trip(&tiny_chat(), None, ty, t.path());
         let g = GgufFile::open(&file).unwrap();
+        if ty == ExportType::Q4KM {
+            // Rows of 64 do not split into 256-blocks: llama-quantize's fallbacks, Q4_K → Q5_0 and, for the tied
+            // embedding (the output), Q6_K → Q8_0; vectors F32.
+            use ferrotune_core::gguf::TensorType;
+            let ty_of = |n: &str| g.tensor(n).unwrap().ty.unwrap();
+            assert_eq!(ty_of("token_embd.weight"), TensorType::Q8_0);
+            assert_eq!(ty_of("blk.0.ffn_down.weight"), TensorType::Q5_0);
+            assert_eq!(ty_of("blk.1.attn_q.weight"), TensorType::Q5_0);
+            assert_eq!(ty_of("blk.0.attn_norm.weight"), TensorType::F32);
+        }
         assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
         assert_eq!(g.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
         assert!(g.tensor("output.weight").is_none(), "tied embeddings are stored once");
@@ -83,6 +93,19 @@ fn the_tiny_chat_model_round_trips_through_gguf() {
                         bool::try_from(err.le_tensor(&bound).all()).unwrap(),
                         "{name}: q8_0 error beyond half a step"
                     );
+                }
+                (ExportType::Q4KM, true) if name != "model.embed_tokens.weight" => {
+                    // Q5_0: d = max/−16, within one step |d| plus 16 codes × the f16 rounding of d.
+                    let amax = a.abs().view([-1, 32]).amax([1], true);
+                    let err = (a.view([-1, 32]) - b.view([-1, 32])).abs();
+                    let bound = amax / 16.0 * (1.0 + 16.0 / 2048.0) + 1e-7;
+                    assert!(bool::try_from(err.le_tensor(&bound).all()).unwrap(), "{name}: q5_0 error beyond a step");
+                }
+                (ExportType::Q4KM, true) => {
+                    let amax = a.abs().view([-1, 32]).amax([1], true);
+                    let err = (a.view([-1, 32]) - b.view([-1, 32])).abs();
+                    let bound = amax / 127.0 * (0.5 + 127.0 / 2048.0) + 1e-7;
+                    assert!(bool::try_from(err.le_tensor(&bound).all()).unwrap(), "{name}: q8_0 error");
                 }
                 (ExportType::Q4_0, true) => {
                     // d = max/−8: within one step |d| (the clamp at code 15 costs a full step for −max), plus
@@ -172,9 +195,22 @@ fn a_qwen2_with_a_merged_lora_adapter_round_trips() {
     assert!(max_abs_diff(&logits(&model, &ids), &want) > 1e-3, "the adapter matters");
 }
 
-/// Qwen3 (q/k norms, biases) and a Llama with Llama 3 rope scaling go out as `qwen3` and `llama`: the scaling
-/// as llama.cpp keeps it (a `rope_freqs` tensor of per-frequency divisors) and recovered by the import; f32
-/// logits come back.
+/// The tiny model in `model` without its attention biases (`attention_bias: false`), as released Qwen3
+/// checkpoints are.
+fn without_biases(model: &Path) {
+    let file = model.join("model.safetensors");
+    let kept: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(&file).unwrap().into_iter().filter(|(n, _)| !n.ends_with(".bias")).collect();
+    Tensor::write_safetensors(&kept, &file).unwrap();
+    let path = model.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["attention_bias"] = serde_json::json!(false);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
+/// Qwen3 (q/k norms) and a Llama with Llama 3 rope scaling go out as `qwen3` and `llama`: the scaling as
+/// llama.cpp keeps it (a `rope_freqs` tensor of per-frequency divisors) and recovered by the import; f32 logits
+/// come back. A Qwen3 with `attention_bias` (an o_proj bias llama.cpp's qwen3 has no place for) is refused.
 #[test]
 fn qwen3_and_llama3_rope_models_round_trip() {
     let ids = Tensor::from_slice(&[5i64, 17, 200, 3, 99, 250, 7, 41, 8, 8, 120, 64]).unsqueeze(0);
@@ -183,6 +219,11 @@ fn qwen3_and_llama3_rope_models_round_trip() {
     {
         let t = tempfile::tempdir().unwrap();
         let model = with_byte_level_vocabulary(name, t.path());
+        if arch == "qwen3" {
+            let e = export_gguf(&model, None, &t.path().join("b.gguf"), ExportType::F16).unwrap_err().to_string();
+            assert!(e.contains("o_proj") && e.contains("qwen3"), "{e}");
+            without_biases(&model);
+        }
         let (file, back) = round_trip(&model, None, ExportType::F32, t.path());
         let g = GgufFile::open(&file).unwrap();
         assert_eq!(g.get_str("general.architecture").unwrap(), arch);
