@@ -87,11 +87,11 @@ impl ExportType {
         };
         let cols = shape[1] as usize;
         let ty = match ty {
-            TensorType::Q4_K if cols % 256 != 0 => TensorType::Q5_0,
-            TensorType::Q6_K if cols % 256 != 0 => TensorType::Q8_0,
+            TensorType::Q4_K if !cols.is_multiple_of(256) => TensorType::Q5_0,
+            TensorType::Q6_K if !cols.is_multiple_of(256) => TensorType::Q8_0,
             t => t,
         };
-        if cols % ty.block_size() != 0 {
+        if !cols.is_multiple_of(ty.block_size()) {
             TensorType::F16
         } else {
             ty
