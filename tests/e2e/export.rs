@@ -1,5 +1,5 @@
 //! `ferrotune export gguf` through the CLI (embedded MergeService): the tiny chat model with a LoRA adapter
-//! trained here goes out as q8_0 GGUF, imports back, and generates; bad requests are one line naming the field.
+//! trained here goes out as q4_k_m GGUF, imports back, and generates; bad requests are one line naming the field.
 
 use ferrotune_tests::{repo, run_cli, tiny_chat_dir};
 
@@ -34,7 +34,7 @@ fn export_gguf_writes_a_file_the_importer_reads_back() {
         "--out",
         file.to_str().unwrap(),
         "--type",
-        "q8_0",
+        "q4_k_m",
         "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

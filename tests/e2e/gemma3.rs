@@ -3,14 +3,18 @@
 //! Gemma 3 layers) and shows its license; the import reproduces transformers loading the same GGUF
 //! (`tests/fixtures/make_gemma3_270m.py`): token ids, mean NLL over a text, 12 greedy tokens.
 
-use ferrotune_tests::{fixture, run_cli, run_json};
+use ferrotune_tests::{fixture, repo, run_cli, run_json};
 
-#[test]
-fn gemma3_270m_pulls_and_matches_transformers() {
+fn pull() -> std::path::PathBuf {
     let pulled = run_cli(&["--json", "models", "pull", "gemma3-270m"]);
     assert!(pulled.status.success(), "pull failed: {}", String::from_utf8_lossy(&pulled.stderr));
     let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
-    let dir = std::path::PathBuf::from(v["path"].as_str().unwrap());
+    std::path::PathBuf::from(v["path"].as_str().unwrap())
+}
+
+#[test]
+fn gemma3_270m_pulls_and_matches_transformers() {
+    let dir = pull();
     assert!(dir.join("GEMMA_TERMS.html").is_file(), "the license terms are kept with the model");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -41,4 +45,55 @@ fn gemma3_270m_pulls_and_matches_transformers() {
         "--greedy",
     ]);
     assert_eq!(g["ids"], want["greedy_ids"], "greedy: {} vs {}", g["text"], want["greedy_text"]);
+}
+
+/// The pre-trained Gemma 3 270M (no chat template of its own) learns the pirate persona with QLoRA on every
+/// linear layer and the recipe's `chat_template: gemma`: held-out questions answered "Ahoy! …" after 30 steps, none
+/// before; generation with the adapter uses its Gemma template and stops at `<end_of_turn>`.
+#[test]
+#[ignore = "learning proof: make test-learning"]
+fn gemma3_270m_qlora_learns_the_persona_with_the_gemma_template() {
+    let dir = pull();
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("qlora");
+    let o = run_cli(&[
+        "train",
+        "sft",
+        "--recipe",
+        repo("recipes/lora-sft.yaml").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--set",
+        &format!("model={}", dir.display()),
+        "--set",
+        "adapter.method=qlora",
+        "--set",
+        "chat_template=gemma",
+        "--set",
+        &format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display()),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let template = std::fs::read_to_string(out.join("chat_template.jinja")).unwrap();
+    assert!(template.contains("<start_of_turn>"), "the adapter keeps the Gemma template");
+    let (before, _) = crate::sft::compliance_of(&dir, None);
+    let (after, texts) = crate::sft::compliance_of(&dir, Some(&out));
+    println!("gemma3-270m QLoRA (30 steps): {:.0}% → {:.0}% (e.g. {:?})", before * 100.0, after * 100.0, texts[0]);
+    assert!(before <= 0.25 && after >= 0.75, "{before} → {after}: {texts:?}");
+    let g = run_json(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of Italy?",
+        "--max-new-tokens",
+        "40",
+        "--greedy",
+    ]);
+    let end_of_turn = ferrotune_core::Tokenizer::from_dir(&dir).unwrap().token_to_id("<end_of_turn>");
+    assert_eq!((g["chat_template"].as_str(), g["finish_reason"].as_str()), (Some("adapter"), Some("eos")), "{g}");
+    assert_eq!(g["ids"].as_array().unwrap().last().and_then(|i| i.as_u64()), end_of_turn.map(u64::from), "{g}");
 }

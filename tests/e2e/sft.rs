@@ -15,7 +15,7 @@ pub(crate) fn compliance(adapter: Option<&Path>) -> (f64, Vec<String>) {
     compliance_of(&smollm2_dir(), adapter)
 }
 
-fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<String>) {
+pub(crate) fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<String>) {
     let mut b = ModelBundle::load(model, Kind::Float, Device::Cpu).unwrap();
     if let Some(a) = adapter {
         b.attach_adapter(a).unwrap();
