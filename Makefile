@@ -12,7 +12,7 @@ export CARGO_TARGET_DIR ?= $(FERROTUNE_CACHE)/target
 CARGO ?= cargo
 BIN := target/release/ferrotune
 
-.PHONY: target-link all libtorch tracking-venv test-tools bench-dist build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
+.PHONY: target-link all libtorch tracking-venv test-tools bench-dist bench-long build build-cuda test test-learning lint demo bench bench-train bench-rollout bench-score bench-colocate fixtures clean-cache
 
 all: build
 
@@ -77,6 +77,10 @@ bench: libtorch target-link
 # Training throughput and peak RSS vs HF PEFT (HF side only where a dev Python with peft exists).
 bench-train: libtorch target-link
 	$(CARGO) bench --locked -p ferrotune-core --bench training
+
+# Peak memory and tokens/s at 1k / 2k / 4k tokens per row, with and without checkpointing, beside PEFT.
+bench-long: libtorch target-link
+	FERROTUNE_BENCH_LONG=1 FERROTUNE_BENCH_REPEATS=$${FERROTUNE_BENCH_REPEATS:-1} FERROTUNE_BENCH_STEPS=$${FERROTUNE_BENCH_STEPS:-1} $(CARGO) bench --locked -p ferrotune-core --bench training
 
 # Group rollouts (8 prompts × 8 samples) vs HF generate(num_return_sequences=8), and QLoRA vs LoRA sessions.
 bench-rollout: libtorch target-link

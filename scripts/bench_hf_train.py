@@ -3,9 +3,11 @@ CPU) training steps on SmolLM2, same shapes as ferrotune's bench. Prints one JSO
 {"tokens_per_s": x, "peak_rss_mb": y}, x from the median step time (as ferrotune's side reports it). Run once
 per setting, in its own process, so peak RSS is per setting.
 
-Usage: python scripts/bench_hf_train.py MODEL_DIR TARGETS(qv|all) METHOD(lora|qlora) BATCH SEQ STEPS [DEVICE [DTYPE]]
+Usage: python scripts/bench_hf_train.py MODEL_DIR TARGETS(qv|all) METHOD(lora|qlora) BATCH SEQ STEPS [DEVICE [DTYPE [GC]]]
 DEVICE: cpu (default) or cuda:N; DTYPE: f32 (default), bf16 or f16 for the base (PEFT keeps the adapters in f32).
-On a GPU the caller measures the process's GPU memory; peak_rss_mb is then host memory.
+GC: 1 for gradient checkpointing (`gradient_checkpointing_enable`, non-reentrant, inputs requiring grad as
+PEFT needs), 0 (default) without. On a GPU the caller measures the process's GPU memory; peak_rss_mb is then
+host memory.
 """
 import json
 import resource
@@ -29,6 +31,9 @@ def main():
     if device != "cpu":
         kw["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw)
+    if len(sys.argv) > 9 and sys.argv[9] == "1":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     tm = ["q_proj", "v_proj"] if targets == "qv" else "all-linear"
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=tm, task_type="CAUSAL_LM"))
     model.train()

@@ -6,7 +6,13 @@
 //! PEFT runs the same settings side by side when a dev Python with transformers + peft is available
 //! (`FERROTUNE_DEV_PYTHON`, else `~/.cache/ferrotune-dev/venv/bin/python`); skipped with a message otherwise.
 //!
-//! Run: `make bench-train` (or `cargo bench -p ferrotune-core --bench training`).
+//! The table names the CPU, the f32 GEMM peak measured in the same run on the model's own linear shapes
+//! (`x[1024, in] · Wᵀ`), and each side's model-FLOP utilisation: the step's matrix-product FLOPs (counted from
+//! the config, identical for both sides, see `common/mfu.rs`) per second over that peak.
+//!
+//! Run: `make bench-train` (or `cargo bench -p ferrotune-core --bench training`). `make bench-long`
+//! (`FERROTUNE_BENCH_LONG=1`) runs the long-sequence curve instead: LoRA all-linear, batch 1 × 1k / 2k / 4k
+//! tokens, with and without gradient checkpointing on both sides (HF: `gradient_checkpointing_enable`).
 //!
 //! Knobs: `FERROTUNE_BENCH_STEPS` timed steps, `FERROTUNE_BENCH_REPEATS` runs per side,
 //! `FERROTUNE_BENCH_MODEL=DIR` for a model directory other than the registry's SmolLM2, and
@@ -18,6 +24,9 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+
+#[path = "common/mfu.rs"]
+mod mfu;
 
 use ferrotune_core::lora::{LoraConfig, Targets};
 use ferrotune_core::registry;
@@ -35,19 +44,31 @@ const REPEATS: usize = 2;
 /// Seconds of idle before each run (`FERROTUNE_BENCH_PAUSE`), so that the memory a finished run (PEFT's
 /// take 5–8 GB) gave back is settled before the next one starts.
 const PAUSE_S: u64 = 5;
-/// (name, targets, method, gradient checkpointing); HF runs without checkpointing (PEFT's default).
-const SETTINGS: [(&str, &str, &str, bool); 5] = [
-    ("LoRA q,v", "qv", "lora", false),
-    ("LoRA all-linear", "all", "lora", false),
-    ("QLoRA all-linear", "all", "qlora", false),
-    ("LoRA all-linear, checkpointing", "all", "lora", true),
-    ("QLoRA all-linear, checkpointing", "all", "qlora", true),
+/// (name, targets, method, gradient checkpointing, batch, tokens per row); HF runs without checkpointing
+/// (PEFT's default) in the main table.
+type Setting = (&'static str, &'static str, &'static str, bool, usize, usize);
+const SETTINGS: [Setting; 5] = [
+    ("LoRA q,v", "qv", "lora", false, BATCH, SEQ),
+    ("LoRA all-linear", "all", "lora", false, BATCH, SEQ),
+    ("QLoRA all-linear", "all", "qlora", false, BATCH, SEQ),
+    ("LoRA all-linear, checkpointing", "all", "lora", true, BATCH, SEQ),
+    ("QLoRA all-linear, checkpointing", "all", "qlora", true, BATCH, SEQ),
+];
+/// The long-sequence curve (`FERROTUNE_BENCH_LONG=1`): both sides with the same checkpointing setting.
+const LONG: [Setting; 6] = [
+    ("1k tokens", "all", "lora", false, 1, 1024),
+    ("1k tokens, checkpointing", "all", "lora", true, 1, 1024),
+    ("2k tokens", "all", "lora", false, 1, 2048),
+    ("2k tokens, checkpointing", "all", "lora", true, 1, 2048),
+    ("4k tokens", "all", "lora", false, 1, 4096),
+    ("4k tokens, checkpointing", "all", "lora", true, 1, 4096),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
-        return child(&args[i + 1], &args[i + 2], args[i + 3] == "1");
+        let (batch, seq) = (args[i + 4].parse()?, args[i + 5].parse()?);
+        return child(&args[i + 1], &args[i + 2], args[i + 3] == "1", batch, seq);
     }
     let dir = match env("MODEL") {
         Some(d) => PathBuf::from(d),
@@ -79,22 +100,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut lora_hf_rss = None;
     // (targets, method) → PEFT's (tokens/s, peak RSS), measured once per pair.
     type HfRun = Result<(f64, f64), String>;
-    let mut hf_cache: Vec<((&str, &str), HfRun)> = Vec::new();
-    for (name, targets, method, gc) in SETTINGS {
-        let cached = hf_cache.iter().find(|(k, _)| *k == (targets, method)).map(|(_, r)| r.clone());
+    type HfKey = (&'static str, &'static str, bool, usize);
+    let mut hf_cache: Vec<(HfKey, HfRun)> = Vec::new();
+    let long = env("LONG").is_some_and(|v| v == "1");
+    let settings: &[Setting] = if long { &LONG } else { &SETTINGS };
+    for &(name, targets, method, gc, batch, seq) in settings {
+        // HF checkpoints only in the long-sequence curve; its no-checkpointing run is reused for the main table's
+        // checkpointing rows.
+        let hf_gc = long && gc;
+        let key = (targets, method, hf_gc, seq);
+        let cached = hf_cache.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone());
         let (mut ours, mut hf) = (Vec::new(), Vec::new());
+        let (b, s) = (batch.to_string(), seq.to_string());
         // The two sides alternate, so that a slow spell of the machine does not fall on one side only.
         for _ in 0..repeats {
-            ours.push(run(Command::new(&exe).args(["--child", targets, method, if gc { "1" } else { "0" }])));
+            ours.push(run(Command::new(&exe).args(["--child", targets, method, if gc { "1" } else { "0" }, &b, &s])));
             if cached.is_none() && python.exists() {
                 hf.push(run(Command::new(&python).arg(&script).arg(&dir).args([
                     targets,
                     method,
-                    &BATCH.to_string(),
-                    &SEQ.to_string(),
+                    &b,
+                    &s,
                     &steps.to_string(),
                     &device,
                     &dtype,
+                    if hf_gc { "1" } else { "0" },
                 ])));
             }
         }
@@ -107,24 +137,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if method == "lora" && targets == "all" {
             lora_hf_rss = hf.as_ref().ok().map(|h| h.1);
         }
-        hf_cache.push(((targets, method), hf.clone()));
-        rows.push((name, ours, hf));
+        hf_cache.push((key, hf.clone()));
+        rows.push((name, ours, hf, targets, gc, batch, seq));
     }
     let place = if gpu { device.clone() } else { format!("CPU ({} threads)", tch::get_num_threads()) };
-    println!("\ntraining benchmark: {}, {dtype}, {place}, r=8, batch {BATCH} × {SEQ} tokens; each side: best of {repeats} runs, each the median of {steps} timed steps", dir.display());
+    // The limit: the GEMM rate on the model's shapes, measured now on this machine.
+    let shapes = mfu::Shapes::from_dir(&dir)?;
+    let (kind, dev) = (ferrotune_core::parse_dtype(&dtype)?, ferrotune_core::parse_device(&device)?);
+    let (peak, weighted, per) = shapes.gemm_peak((BATCH * SEQ) as i64, kind, dev);
+    let machine = if gpu { device.clone() } else { mfu::cpu_model() };
+    println!("\ntraining benchmark on {machine}: {}, {dtype}, {place}, r=8; each side: best of {repeats} runs, each the median of {steps} timed steps", dir.display());
+    let per: Vec<String> = per.iter().map(|(s, g)| format!("{s} {g:.0}")).collect();
+    println!("{dtype} GEMM on the model's shapes (x[{}, in]·Wᵀ, GFLOP/s): peak {peak:.0}, FLOP-weighted over a step's products {weighted:.0}; per shape: {}", BATCH * SEQ, per.join(", "));
+    println!("MFU = the step's matrix-product FLOPs (counted from the config, the same for both sides) per second / the peak\n");
     let mem = if gpu { "peak GPU MB" } else { "peak RSS MB" };
-    println!("| setting | ferrotune tokens/s | ferrotune {mem} | HF PEFT tokens/s | HF PEFT {mem} | speed ratio | memory ratio |");
-    println!("|:--|--:|--:|--:|--:|--:|--:|");
-    for (name, (t, m), hf) in &rows {
+    println!("| setting | rows × tokens | ferrotune tokens/s | ferrotune MFU | ferrotune {mem} | HF PEFT tokens/s | HF PEFT MFU | HF PEFT {mem} | speed ratio | memory ratio |");
+    println!("|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for (name, (t, m), hf, targets, gc, batch, seq) in &rows {
+        let mfu_of = |tokens_per_s: f64, gc: bool| {
+            let flops = shapes.step_flops(targets, 8.0, *batch as f64, *seq as f64, gc);
+            100.0 * tokens_per_s / (*batch * *seq) as f64 * flops / (peak * 1e9)
+        };
+        let ours_mfu = mfu_of(*t, *gc);
         match hf {
-            Ok((ht, hm)) => {
-                println!("| {name} | {t:.0} | {m:.0} | {ht:.0} | {hm:.0} | {:.2}× | {:.2}× |", t / ht, m / hm)
+            Ok((ht, hm)) => println!(
+                "| {name} | {batch} × {seq} | {t:.0} | {ours_mfu:.0}% | {m:.0} | {ht:.0} | {:.0}% | {hm:.0} | {:.2}× | {:.2}× |",
+                mfu_of(*ht, long && *gc),
+                t / ht,
+                m / hm
+            ),
+            Err(e) => {
+                println!("| {name} | {batch} × {seq} | {t:.0} | {ours_mfu:.0}% | {m:.0} | — | — | — | — | — |  ({e})")
             }
-            Err(e) => println!("| {name} | {t:.0} | {m:.0} | — | — | — | — |  ({e})"),
         }
     }
     if let Some(hf_lora) = lora_hf_rss {
-        for (name, (_, q), _) in rows.iter().filter(|r| r.0.starts_with("QLoRA")) {
+        for (name, (_, q), ..) in rows.iter().filter(|r| r.0.starts_with("QLoRA")) {
             println!("\n{name}: peak memory / HF PEFT LoRA all-linear peak memory = {:.2}×", q / hf_lora);
         }
     }
@@ -132,7 +180,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// One setting in this process; prints {"tokens_per_s", "peak_rss_mb"}.
-fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error::Error>> {
+fn child(targets: &str, method: &str, gc: bool, batch: usize, seq: usize) -> Result<(), Box<dyn std::error::Error>> {
     let dir = env("MODEL").map(PathBuf::from).unwrap_or_else(|| registry::model_dir(registry::DEFAULT_MODEL));
     let device = ferrotune_core::parse_device(&device())?;
     let kind = ferrotune_core::parse_dtype(&dtype())?;
@@ -152,9 +200,9 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
     };
     model.add_lora(&lcfg, 0)?;
     let mut x = 12345u64;
-    let examples: Vec<SftExample> = (0..BATCH)
+    let examples: Vec<SftExample> = (0..batch)
         .map(|_| {
-            let ids: Vec<u32> = (0..SEQ)
+            let ids: Vec<u32> = (0..seq)
                 .map(|_| {
                     x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     3 + ((x >> 33) % 49149) as u32
@@ -165,7 +213,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
         .collect();
     let cfg = TrainConfig {
         max_steps: steps + 1,
-        micro_batch_size: BATCH,
+        micro_batch_size: batch,
         gradient_accumulation_steps: 1,
         learning_rate: 1e-4,
         gradient_checkpointing: gc,
@@ -197,7 +245,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
         &|| false,
     )?;
     let _ = std::fs::remove_dir_all(&tmp);
-    let mut secs: Vec<f64> = rates.iter().map(|r| (BATCH * SEQ) as f64 / r).collect();
+    let mut secs: Vec<f64> = rates.iter().map(|r| (batch * seq) as f64 / r).collect();
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -206,7 +254,7 @@ fn child(targets: &str, method: &str, gc: bool) -> Result<(), Box<dyn std::error
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(f64::NAN);
-    println!("{}", serde_json::json!({"tokens_per_s": (BATCH * SEQ) as f64 / median, "peak_rss_mb": hwm_kb / 1024.0}));
+    println!("{}", serde_json::json!({"tokens_per_s": (batch * seq) as f64 / median, "peak_rss_mb": hwm_kb / 1024.0}));
     Ok(())
 }
 
