@@ -41,13 +41,14 @@ impl Shapes {
 
     /// Matrix-product FLOPs of one training step of LoRA rank `r` on `targets` ("qv" or "all") over `batch`
     /// rows of `seq` tokens: the frozen products forward (2·N·P) and for the input gradients backward (2·N·P;
-    /// the first layer's projections need none), the attention products (Q·Kᵀ and P·V: forward 4·N·S·d_q per
-    /// layer, backward twice that, as computed over the full S×S), the head forward and backward, the LoRA
-    /// products (forward, input and weight gradients), and with checkpointing the decoder forward again.
+    /// the first layer's projections need none), the attention products over the causal triangle (Q·Kᵀ and
+    /// P·V: forward 2·N·S·d_q per layer, backward twice that — what a causal kernel computes, so MFU is not
+    /// flattered by masked work), the head forward and backward, the LoRA products (forward, input and weight
+    /// gradients), and with checkpointing the decoder forward again.
     pub(crate) fn step_flops(&self, targets: &str, r: f64, batch: f64, seq: f64, checkpointing: bool) -> f64 {
         let n = batch * seq;
         let per_layer: f64 = self.linears().iter().map(|(o, i)| o * i).sum();
-        let attention = 4.0 * n * seq * self.q;
+        let attention = 2.0 * n * seq * self.q;
         let layer_fwd = 2.0 * n * per_layer + attention;
         let head = 2.0 * n * self.vocab * self.hidden;
         let lora_modules: Vec<(f64, f64)> = match targets {
