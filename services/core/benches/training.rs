@@ -87,6 +87,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run = |cmd: &mut Command| -> Result<(f64, f64), String> {
         std::thread::sleep(pause);
         let (out, gpu_mb) = run_measured(cmd, gpu).map_err(|e| e.to_string())?;
+        if std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(9) {
+            return Err("killed (SIGKILL: out of memory)".into());
+        }
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").to_owned());
         }
