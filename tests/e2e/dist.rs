@@ -35,6 +35,25 @@ fn steps(out: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Each step's objective metrics (the `metrics` object of a metrics.jsonl line, minus the data-parallel
+/// timings).
+fn objective_metrics(out: &Path) -> Vec<std::collections::BTreeMap<String, f64>> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["metrics"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| !k.starts_with("dist/"))
+                .map(|(k, x)| (k.clone(), x.as_f64().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -69,6 +88,21 @@ fn two_ranks_equal_one(cmd: &[&str], recipe: &str, data: &str) {
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(rel(x.0, y.0) <= 1e-5, "step {}: loss {} (1 rank) vs {} (2 ranks)", i + 1, x.0, y.0);
         assert!(rel(x.1, y.1) <= 1e-5, "step {}: grad norm {} vs {}", i + 1, x.1, y.1);
+    }
+    // The objective's own metrics (DPO's rewards, accuracies, margins, log-probs) cover the whole step on 2
+    // ranks too, not rank 0's half of it.
+    let (ma, mb) = (objective_metrics(&one), objective_metrics(&two));
+    assert!(cmd != ["align", "dpo"] || ma[0].contains_key("rewards/accuracies"), "{:?}", ma[0]);
+    for (i, (x, y)) in ma.iter().zip(&mb).enumerate() {
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "step {}", i + 1);
+        for (k, v) in x {
+            assert!(
+                (v - y[k]).abs() <= 1e-5 * v.abs().max(1.0),
+                "step {} {k}: {v} (1 rank) vs {} (2 ranks)",
+                i + 1,
+                y[k]
+            );
+        }
     }
     let load = |d: &Path| {
         let mut v = tch::Tensor::read_safetensors(d.join("adapter_model.safetensors")).unwrap();
@@ -146,10 +180,14 @@ fn dist_a_killed_rank_ends_the_job_and_resume_finishes_it() {
     assert!(killed_at.elapsed() < Duration::from_secs(60), "the job did not end within the timeout");
     assert!(err.contains("rank 1 of 2 failed"), "{err}");
     assert!(!out.join("adapter_model.safetensors").exists(), "killed too late to test anything");
+    // The killed rank's own formatted copy of the data is left behind; the next rank 1 removes it.
+    let stale = std::env::temp_dir().join(format!("ferrotune-rank1-{rank1}"));
+    assert!(stale.is_dir(), "{} missing", stale.display());
     let mut resume = a.clone();
     resume.push("--resume");
     let o = run_cli(&resume);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!stale.exists(), "the killed rank's copy of the data was not cleaned up");
     assert!(out.join("adapter_model.safetensors").exists());
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 400, "every step once across the kill and the resume");

@@ -89,7 +89,10 @@ pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Pat
             // Ranks after the first of a data-parallel job format their own copy outside the output dir.
             let d = match ferrotune_core::dist::rank() {
                 0 => out.join("dataset"),
-                r => std::env::temp_dir().join(format!("ferrotune-rank{r}-{}", std::process::id())).join("dataset"),
+                r => {
+                    sweep_stale_rank_copies();
+                    std::env::temp_dir().join(format!("ferrotune-rank{r}-{}", std::process::id())).join("dataset")
+                }
             };
             let stats = build(
                 &BuildOptions {
@@ -170,6 +173,20 @@ pub fn splits<T, E: Into<anyhow::Error>>(
         vec![]
     };
     Ok((train, eval))
+}
+
+/// Removes the formatted copies (`ferrotune-rank{r}-{pid}` in the temp dir) of ranks whose process is gone: a
+/// rank killed mid-run (SIGKILL, out of memory) never reaches [`finish`], so the next rank that formats one
+/// cleans up after it. A copy whose process still runs (another job's) is left alone.
+fn sweep_stale_rank_copies() {
+    let tmp = std::env::temp_dir();
+    for e in ferrotune_core::fsx::read_dir(&tmp).unwrap_or_default() {
+        let name = e.name.to_string_lossy();
+        let pid = name.strip_prefix("ferrotune-rank").and_then(|r| r.split_once('-')).map(|(_, pid)| pid);
+        if pid.is_some_and(|p| p.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = ferrotune_core::fsx::remove_dir_all(tmp.join(&e.name));
+        }
+    }
 }
 
 /// The template used for the data, the resolved recipe and `ferrotune_train.json`, beside the output.

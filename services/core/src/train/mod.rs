@@ -515,6 +515,9 @@ pub fn train<O: Algorithm>(
             skipped,
             metrics: {
                 let mut m = run.objective.take_metrics();
+                if let Some(g) = &mut trainer.dist {
+                    m = trainer::mean_over_ranks(g, m)?;
+                }
                 if trainer.dist.is_some() {
                     // Time in collectives this step, waiting for the other ranks included (`make bench-dist`).
                     m.insert("dist/comm_s".into(), trainer.comm_s);
