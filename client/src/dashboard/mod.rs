@@ -94,19 +94,11 @@ pub(crate) async fn serve(
         }
     };
     let token = Arc::new(token);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+    ferrotune_runtime::metrics::serve_http1(listener, move |req| {
         let (api, token) = (api.clone(), token.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let (api, token) = (api.clone(), token.clone());
-                async move { Ok::<_, Infallible>(handle(req, &api, token.as_deref()).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { handle(req, &api, token.as_deref()).await }
+    })
+    .await
 }
 
 async fn handle(req: hyper::Request<hyper::body::Incoming>, api: &Api, token: Option<&str>) -> Resp {

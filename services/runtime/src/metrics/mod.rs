@@ -9,7 +9,6 @@ pub mod otlp;
 pub mod registry;
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use registry::{Collected, Histogram, Scalar};
 
@@ -129,23 +128,38 @@ pub async fn serve(listener: tokio::net::TcpListener) {
     gpu::register();
     use http_body_util::Full;
     use hyper::body::Bytes;
-    let handler = Arc::new(|req: hyper::Request<hyper::body::Incoming>| async move {
+    serve_http1(listener, |req: hyper::Request<hyper::body::Incoming>| async move {
         let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
             ("GET", "/metrics") => (200, "text/plain; version=0.0.4; charset=utf-8", render()),
             _ => (404, "text/plain", "not found: metrics are at GET /metrics\n".to_owned()),
         };
-        let resp = hyper::Response::builder()
+        hyper::Response::builder()
             .status(status)
             .header("content-type", ctype)
             .body(Full::new(Bytes::from(body)))
-            .expect("a valid response");
-        Ok::<_, Infallible>(resp)
-    });
+            .expect("a valid response")
+    })
+    .await
+}
+
+/// Serves HTTP/1.1 on `listener` until the process ends, each connection on its own task and every request
+/// answered by `handle` (the metrics endpoint here, the CLI's dashboard).
+pub async fn serve_http1<F, Fut, B>(listener: tokio::net::TcpListener, handle: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let h = handler.clone();
+        let h = handle.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| h(req));
+            let svc = hyper::service::service_fn(move |req| {
+                let answer = h(req);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
