@@ -32,7 +32,7 @@ pub(crate) fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<S
         max_new_tokens: 12,
         sampling: SamplingParams::default(),
         seed: 0,
-        eos_ids: b.defaults.eos_ids.clone(),
+        eos_ids: b.stop_ids(),
         stop_strings: vec![],
         pad_id: b.defaults.pad_id,
     };

@@ -35,23 +35,24 @@ impl ModelBundle {
         let template = ChatTemplate::from_dir(dir)?;
         let defaults = ModelDefaults::from_dir(dir, &tokenizer)?;
         let model = load_model(dir, kind, device)?;
-        let mut b = Self { dir: dir.to_path_buf(), model, tokenizer, template, defaults };
-        b.stop_at_turn_ends();
-        Ok(b)
+        Ok(Self { dir: dir.to_path_buf(), model, tokenizer, template, defaults })
     }
 
-    /// Chats end a turn with a token of their template (`<end_of_turn>`, `<|im_end|>`, …) that a model
-    /// without a chat template of its own (Gemma 3 pre-trained, imported from a GGUF) does not list among its
-    /// EOS ids: generation with the template stops there too.
-    fn stop_at_turn_ends(&mut self) {
+    /// The ids generation stops at: the model's EOS ids and its chat template's turn end (`<end_of_turn>`,
+    /// `<|im_end|>`, …), which a model without a chat template of its own (Gemma 3 pre-trained, imported from a
+    /// GGUF) does not list among them. Only for generation: the data and the reward scorer keep the declared
+    /// EOS ids, so what is scored ends as what was trained.
+    pub fn stop_ids(&self) -> Vec<u32> {
         const TURN_ENDS: [&str; 4] = ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>"];
+        let mut ids = self.defaults.eos_ids.clone();
         for t in TURN_ENDS.iter().filter(|t| self.template.source().contains(*t)) {
             if let Some(id) = self.tokenizer.token_to_id(t) {
-                if !self.defaults.eos_ids.contains(&id) {
-                    self.defaults.eos_ids.push(id);
+                if !ids.contains(&id) {
+                    ids.push(id);
                 }
             }
         }
+        ids
     }
 
     /// Attaches a PEFT adapter (LoRA or prompt tuning). When the adapter was trained by ferrotune on an NF4 base (QLoRA,
@@ -68,7 +69,6 @@ impl ModelBundle {
             let source = crate::fsx::read_to_string(&jinja).map_err(|e| CoreError::io(&jinja, e))?;
             if source != self.template.source() {
                 self.template = self.template.with_source(source, crate::chat::TemplateOrigin::Adapter)?;
-                self.stop_at_turn_ends();
             }
         }
         Ok(())

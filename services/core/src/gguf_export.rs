@@ -290,7 +290,7 @@ fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>
         .collect();
     if sentencepiece {
         let unk_id = types.iter().position(|&ty| ty == 2);
-        let mut meta = sentencepiece_vocabulary(&t, tokens, types, &merges);
+        let mut meta = sentencepiece_vocabulary(&t, tokens, types);
         meta.extend(unk_id.map(|i| ("tokenizer.ggml.unknown_token_id", Meta::U32(i as u32))));
         return Ok(meta);
     }
@@ -325,24 +325,29 @@ fn vocabulary(dir: &Path, vocab_size: usize) -> Result<Vec<(&'static str, Meta)>
 /// minus the rank of the first `tokenizer.json` merge that makes it — the same priorities — and tokens no merge
 /// makes (bytes, characters, specials) rank below all of them. `add_space_prefix` says whether a `▁` is
 /// prepended to the text (Llama's dummy prefix; Gemma has none).
-fn sentencepiece_vocabulary(
-    t: &Json,
-    tokens: Vec<String>,
-    types: Vec<i32>,
-    merges: &[String],
-) -> Vec<(&'static str, Meta)> {
+fn sentencepiece_vocabulary(t: &Json, tokens: Vec<String>, types: Vec<i32>) -> Vec<(&'static str, Meta)> {
+    // The token each merge makes (an array merge's parts are joined as they are: a part may hold a space).
+    let made: Vec<String> = t["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => s.split_once(' ').map(|(a, b)| format!("{a}{b}")),
+            Json::Array(p) => Some(p.iter().filter_map(Json::as_str).collect()),
+            _ => None,
+        })
+        .collect();
+    let n_merges = made.len();
     let mut rank = std::collections::HashMap::<String, usize>::new();
-    for (i, m) in merges.iter().enumerate() {
-        if let Some((a, b)) = m.split_once(' ') {
-            rank.entry(format!("{a}{b}")).or_insert(i);
-        }
+    for (i, m) in made.into_iter().enumerate() {
+        rank.entry(m).or_insert(i);
     }
     let scores: Vec<f32> = tokens
         .iter()
         .enumerate()
         .map(|(id, tok)| match rank.get(tok) {
             Some(&r) => -(r as f32),
-            None => -((merges.len() + id) as f32),
+            None => -((n_merges + id) as f32),
         })
         .collect();
     let prepends = |n: &Json| n["type"] == "Prepend" && n["prepend"] == "▁";
@@ -371,11 +376,23 @@ fn gemma3_fits_llama_cpp(c: &crate::models::DecoderConfig) -> std::result::Resul
     if local.layers != pattern {
         return Err("`layer_types` is not every sixth layer global, the pattern llama.cpp hard-codes".into());
     }
-    if c.attn_scale.is_some_and(|s| (s * (c.head_dim as f64).sqrt() - 1.0).abs() > 1e-9) {
+    // llama.cpp scales attention by 1/√head_dim, except for its 62-layer (27B) Gemma 3: 1/√(hidden/heads).
+    let (scalar, rule) = if c.num_layers == 62 {
+        (c.hidden_size as f64 / c.num_heads as f64, "hidden/heads, as llama.cpp takes it for 62 layers")
+    } else {
+        (c.head_dim as f64, "head_dim")
+    };
+    if c.attn_scale.is_some_and(|s| (s * scalar.sqrt() - 1.0).abs() > 1e-9) {
+        return Err(format!("`query_pre_attn_scalar` differs from {scalar} ({rule}), the scale llama.cpp uses"));
+    }
+    if (local.rope_theta - 10_000.0).abs() > 1e-6 {
         return Err(format!(
-            "`query_pre_attn_scalar` differs from head_dim {} (llama.cpp scales by 1/√head_dim)",
-            c.head_dim
+            "the sliding layers' RoPE base is {} (llama.cpp's gemma3 takes 10000 whatever the file says)",
+            local.rope_theta
         ));
+    }
+    if c.qkv_bias || c.o_bias || c.mlp_bias {
+        return Err("it has linear biases (`attention_bias`), which llama.cpp's gemma3 has no place for".into());
     }
     if c.activation != crate::models::Activation::GeluTanh {
         return Err("`hidden_activation` is not gelu_pytorch_tanh".into());
@@ -403,6 +420,13 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         None => crate::load_model(model_dir, Kind::Float, Device::Cpu)?,
     };
     let c = model.cfg.clone();
+    if arch != "llama" && matches!(c.rope_scaling, crate::models::RopeScaling::Llama3 { .. }) {
+        // llama.cpp reads the `rope_freqs` tensor that carries it only for its llama architecture.
+        return Err(CoreError::InvalidArgument(format!(
+            "{}: Llama 3 rope scaling cannot be exported for `{arch}` (llama.cpp applies it to llama only)",
+            model_dir.display()
+        )));
+    }
     if arch == "qwen3" && (c.o_bias || c.mlp_bias) {
         // llama.cpp's qwen3 takes optional q/k/v biases but has no slot for the others (it refuses such a file).
         return Err(CoreError::InvalidArgument(format!(
@@ -490,6 +514,12 @@ pub fn export_gguf(model_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Exp
         if let Some(n) = perm {
             let rows = shape[0] as usize;
             data = crate::gguf_import::permute_rows(&data, rows, data.len() / rows.max(1), n, false);
+        }
+        if let Some(bad) = data.iter().find(|x| !x.is_finite()) {
+            return Err(CoreError::InvalidArgument(format!(
+                "{}: tensor `{hf}` holds {bad}: a model with non-finite weights is not exported",
+                model_dir.display()
+            )));
         }
         let tt = ty.tensor_type(&gname, &shape, c.num_layers as usize, c.tie_word_embeddings);
         let bytes = encode(tt, &data);

@@ -2,7 +2,8 @@
 //! no importance matrix is given), written for GGUF export: Q8_0, Q4_0, Q5_0 (blocks of 32) and the K-quants
 //! Q4_K and Q6_K (super-blocks of 256). Same operations in the same f32 order, so the bytes equal ggml's
 //! (checked against libggml's own functions by `scripts/check_gguf_quant_bytes.py`); each is decoded by
-//! [`crate::gguf_quants`].
+//! [`crate::gguf_quants`]. Like ggml's, they take whole blocks: the input's length must be a multiple of the
+//! block size (the exporter picks a type whose blocks divide each row, see `gguf_export`).
 
 /// ggml's `nearest_int`: round half to even through the float adder, as ggml does it.
 fn nearest_int(v: f32) -> i32 {
@@ -181,15 +182,21 @@ pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
             }
             let (s, m) = make_qkx2_quants(15, xs, &weights, &mut l[32 * j..32 * j + 32], &mut laux, -1.0, 0.1, 20);
             (scales[j], mins[j]) = (s, m);
-            max_scale = max_scale.max(s);
-            max_min = max_min.max(m);
+            // ggml's comparisons, so that a −0.0 minimum leaves the super-minimum +0.0 as it does.
+            if s > max_scale {
+                max_scale = s;
+            }
+            if m > max_min {
+                max_min = m;
+            }
         }
         let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
         let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
         let mut packed = [0u8; 12];
         for j in 0..8 {
-            let ls = nearest_int(inv_scale * scales[j]).min(63) as u8;
-            let lm = nearest_int(inv_min * mins[j]).min(63) as u8;
+            // ggml stores the rounded value in a uint8_t first, then takes MIN(63, ·).
+            let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+            let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
             if j < 4 {
                 packed[j] = ls;
                 packed[j + 4] = lm;

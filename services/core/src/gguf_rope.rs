@@ -35,7 +35,8 @@ pub fn llama3_factors(head_dim: i64, theta: f64, factor: f64, low: f64, high: f6
 /// (at least two), or, with fewer, placed in the gaps between the bands. None when nothing fits.
 pub fn llama3_from_factors(head_dim: i64, theta: f64, factors: &[f32], original: f64) -> Option<(f64, f64, f64)> {
     let freqs = base_freqs(head_dim, theta);
-    if factors.len() != freqs.len() || factors.iter().any(|f| !f.is_finite() || *f < 1.0) {
+    // A divisor of 1 written through f32 arithmetic may come back a hair below it.
+    if factors.len() != freqs.len() || factors.iter().any(|f| !f.is_finite() || *f < 1.0 - 1e-6) {
         return None;
     }
     let factor = factors.iter().fold(1f32, |a, &b| a.max(b)) as f64;

@@ -51,7 +51,9 @@ fn merges(tokens: &[String], vocab: &HashMap<&str, usize>, scores: &[f64]) -> Ve
         all.extend(local);
     }
     all.sort_by(|a, b| {
-        b.2.total_cmp(&a.2)
+        // As Python compares floats: −0.0 and 0.0 are equal (the stable sort keeps their order).
+        b.2.partial_cmp(&a.2)
+            .unwrap_or(std::cmp::Ordering::Equal)
             .then_with(|| Reverse(a.0.chars().count()).cmp(&Reverse(b.0.chars().count())))
             .then_with(|| Reverse(a.1.chars().count()).cmp(&Reverse(b.1.chars().count())))
     });

@@ -239,7 +239,7 @@ impl PolicyService for Policy {
             .call(move |m| {
                 let b = m.get(&model, adapter.as_deref())?;
                 let (prompts, chat) = prompt_ids(b, &r)?;
-                opts.eos_ids = b.defaults.eos_ids.clone();
+                opts.eos_ids = b.stop_ids();
                 opts.pad_id = b.defaults.pad_id;
                 let cancelled = ferrotune_runtime::worker::cancelled;
                 let g = generate_until(&b.model, &b.tokenizer, &prompts, &opts, &mut |_| {}, &cancelled).status()?;
@@ -270,7 +270,7 @@ impl PolicyService for Policy {
             let run = || -> Result<GenerateResponse, Status> {
                 let b = m.get(&model, adapter.as_deref())?;
                 let (prompts, chat) = prompt_ids(b, &r)?;
-                opts.eos_ids = b.defaults.eos_ids.clone();
+                opts.eos_ids = b.stop_ids();
                 opts.pad_id = b.defaults.pad_id;
                 let mut rows = vec![ferrotune_core::tokenizer::StreamDecoder::default(); prompts.len()];
                 let tok = &b.tokenizer;

@@ -91,7 +91,9 @@ pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Pat
                 0 => out.join("dataset"),
                 r => {
                     sweep_stale_rank_copies();
-                    std::env::temp_dir().join(format!("ferrotune-rank{r}-{}", std::process::id())).join("dataset")
+                    let own = std::env::temp_dir().join(format!("ferrotune-rank{r}-{}", std::process::id()));
+                    hold_owner_lock(&own)?;
+                    own.join("dataset")
                 }
             };
             let stats = build(
@@ -175,16 +177,48 @@ pub fn splits<T, E: Into<anyhow::Error>>(
     Ok((train, eval))
 }
 
-/// Removes the formatted copies (`ferrotune-rank{r}-{pid}` in the temp dir) of ranks whose process is gone: a
+/// The lock file inside a rank's own copy of the data: held (flock) for the life of the process that made it.
+const OWNER_LOCK: &str = ".owner.lock";
+
+/// Creates `dir` and holds an exclusive lock on its [`OWNER_LOCK`] until the process ends, so that a sweep in
+/// another process (another job, another PID namespace sharing the temp dir) knows the copy is in use.
+fn hold_owner_lock(dir: &Path) -> Result<()> {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    ferrotune_core::fsx::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(OWNER_LOCK);
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.lock().with_context(|| format!("locking {}", path.display()))?;
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+    Ok(())
+}
+
+/// Removes the formatted copies (`ferrotune-rank{r}-{pid}` in the temp dir) that no process holds any more: a
 /// rank killed mid-run (SIGKILL, out of memory) never reaches [`finish`], so the next rank that formats one
-/// cleans up after it. A copy whose process still runs (another job's) is left alone.
+/// cleans up after it. A copy is in use while its [`OWNER_LOCK`] is locked (whatever PID namespace its process
+/// runs in); a copy without one (made before locks, or still being created) is removed only when its process
+/// id names no process here and it is more than a minute old.
 fn sweep_stale_rank_copies() {
     let tmp = std::env::temp_dir();
     for e in ferrotune_core::fsx::read_dir(&tmp).unwrap_or_default() {
         let name = e.name.to_string_lossy();
-        let pid = name.strip_prefix("ferrotune-rank").and_then(|r| r.split_once('-')).map(|(_, pid)| pid);
-        if pid.is_some_and(|p| p.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{p}")).exists()) {
-            let _ = ferrotune_core::fsx::remove_dir_all(tmp.join(&e.name));
+        let Some(pid) = name.strip_prefix("ferrotune-rank").and_then(|r| r.split_once('-')).map(|(_, pid)| pid) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() {
+            continue;
+        }
+        let dir = tmp.join(&e.name);
+        let stale = match std::fs::File::open(dir.join(OWNER_LOCK)) {
+            Ok(f) => f.try_lock().is_ok(),
+            Err(_) => {
+                let old = std::fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 60));
+                old && !Path::new(&format!("/proc/{pid}")).exists()
+            }
+        };
+        if stale {
+            let _ = ferrotune_core::fsx::remove_dir_all(&dir);
         }
     }
 }

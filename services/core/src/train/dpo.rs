@@ -230,4 +230,8 @@ impl Objective for DpoObjective {
     fn take_metrics(&self) -> BTreeMap<String, f64> {
         self.metrics.take()
     }
+
+    fn take_metric_sums(&self) -> BTreeMap<String, (f64, usize)> {
+        self.metrics.take_sums()
+    }
 }

@@ -60,6 +60,11 @@ pub trait Objective {
     fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
         Default::default()
     }
+    /// [`Objective::take_metrics`] as (sum, count) per name, so that data-parallel ranks can pool them; by
+    /// default each mean counts once.
+    fn take_metric_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
+        self.take_metrics().into_iter().map(|(k, v)| (k, (v, 1))).collect()
+    }
 }
 
 /// What the data loop asks of a training algorithm once per optimizer step. Every [`Objective`] is one: a step
@@ -83,6 +88,10 @@ pub trait Algorithm {
     /// Metrics averaged since the last call, reported with each step.
     fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
         Default::default()
+    }
+    /// [`Algorithm::take_metrics`] as (sum, count) per name (see [`Objective::take_metric_sums`]).
+    fn take_metric_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
+        self.take_metrics().into_iter().map(|(k, v)| (k, (v, 1))).collect()
     }
     /// A number the algorithm carries from step to step (PPO's adaptive KL coefficient), kept in checkpoints.
     fn carried(&self) -> Option<f64> {
@@ -114,6 +123,10 @@ impl<O: Objective> Algorithm for O {
     fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
         Objective::take_metrics(self)
     }
+
+    fn take_metric_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
+        Objective::take_metric_sums(self)
+    }
 }
 
 /// Running means of named per-example metrics, for [`Objective::take_metrics`]. Objectives record during
@@ -143,6 +156,11 @@ impl MetricSums {
                 ("rewards/margins", chosen - rejected),
             ],
         );
+    }
+
+    /// The sums and counts since the last call (and a fresh start).
+    pub fn take_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
+        std::mem::take(&mut *self.0.borrow_mut())
     }
 
     /// The means since the last call (and a fresh start).
@@ -514,10 +532,10 @@ pub fn train<O: Algorithm>(
             loss_scale: (amp != 1.0).then_some(amp),
             skipped,
             metrics: {
-                let mut m = run.objective.take_metrics();
-                if let Some(g) = &mut trainer.dist {
-                    m = trainer::mean_over_ranks(g, m)?;
-                }
+                let mut m = match &mut trainer.dist {
+                    Some(g) => trainer::mean_over_ranks(g, run.objective.take_metric_sums())?,
+                    None => run.objective.take_metrics(),
+                };
                 if trainer.dist.is_some() {
                     // Time in collectives this step, waiting for the other ranks included (`make bench-dist`).
                     m.insert("dist/comm_s".into(), trainer.comm_s);

@@ -259,4 +259,8 @@ impl Objective for RefFreeObjective {
     fn take_metrics(&self) -> BTreeMap<String, f64> {
         self.metrics.take()
     }
+
+    fn take_metric_sums(&self) -> BTreeMap<String, (f64, usize)> {
+        self.metrics.take_sums()
+    }
 }

@@ -158,6 +158,10 @@ impl Objective for RewardObjective {
     fn take_metrics(&self) -> BTreeMap<String, f64> {
         self.metrics.take()
     }
+
+    fn take_metric_sums(&self) -> BTreeMap<String, (f64, usize)> {
+        self.metrics.take_sums()
+    }
 }
 
 /// LoRA adapters plus the score head, saved PEFT-style as `SEQ_CLS`.

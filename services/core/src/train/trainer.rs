@@ -34,13 +34,17 @@ fn sum_over(g: &mut crate::dist::ProcessGroup, x: f64) -> Result<f64> {
     Ok(f64::try_from(&t)?)
 }
 
-/// Per-step objective metrics as the whole data-parallel step saw them: each rank's means averaged over the
-/// ranks (every rank runs the same number of examples a step, so this is the mean over all of them). When the
-/// ranks do not report the same metric names (a rank-local evaluation), each keeps its own.
+/// Per-step objective metrics as the whole data-parallel step saw them: each name's sums and counts pooled
+/// over the ranks, then divided (a metric recorded for some examples only, as KTO's, is weighted by how many each
+/// rank saw). When the ranks do not report the same names (one saw no example of a kind, or evaluated alone),
+/// each keeps its own means — decided together, so every rank makes the same collective calls.
 pub fn mean_over_ranks(
     g: &mut crate::dist::ProcessGroup,
-    m: std::collections::BTreeMap<String, f64>,
+    m: std::collections::BTreeMap<String, (f64, usize)>,
 ) -> Result<std::collections::BTreeMap<String, f64>> {
+    let means = |m: std::collections::BTreeMap<String, (f64, usize)>| {
+        m.into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect()
+    };
     // The names' fingerprint: equal on every rank iff the sum over ranks is world × this rank's.
     let fp = m.keys().fold(0xcbf2_9ce4_8422_2325u64, |h, k| {
         k.bytes().chain([0]).fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
@@ -49,18 +53,19 @@ pub fn mean_over_ranks(
     let t = Tensor::from_slice(&mine);
     g.all_reduce_sum(&[&t])?;
     let all = Vec::<f64>::try_from(&t)?;
-    // Fingerprints are exchanged in 20- and 24-bit pieces so that sums stay exact in f64; all ranks take the
-    // same branch (they all see the same sums and compare them with their own pieces).
+    // Fingerprints are exchanged in 24- and 20-bit pieces so that sums stay exact in f64; all ranks take the
+    // same branch (they all see the same sums and agree on the outcome).
     let same = all.iter().zip(&mine).all(|(a, b)| *a == b * g.world as f64);
     let agree = sum_over(g, f64::from(u8::from(same)))? == g.world as f64;
     if !agree || m.is_empty() {
-        return Ok(m);
+        return Ok(means(m));
     }
-    let values: Vec<f64> = m.values().copied().collect();
+    let values: Vec<f64> = m.values().map(|v| v.0).chain(m.values().map(|v| v.1 as f64)).collect();
     let t = Tensor::from_slice(&values);
     g.all_reduce_sum(&[&t])?;
-    let sums = Vec::<f64>::try_from(&t)?;
-    Ok(m.into_keys().zip(sums).map(|(k, s)| (k, s / g.world as f64)).collect())
+    let pooled = Vec::<f64>::try_from(&t)?;
+    let n = m.len();
+    Ok(m.into_keys().enumerate().map(|(i, k)| (k, pooled[i] / pooled[n + i].max(1.0))).collect())
 }
 
 /// Optimizer, loss scaler, clipping and dropout seeding for one trained state.
