@@ -3,7 +3,7 @@
 //! Gemma 3 layers) and shows its license; the import reproduces transformers loading the same GGUF
 //! (`tests/fixtures/make_gemma3_270m.py`): token ids, mean NLL over a text, 12 greedy tokens.
 
-use ferrotune_tests::{fixture, repo, run_cli, run_json};
+use ferrotune_tests::{fixture, run_cli, run_json};
 
 fn pull() -> std::path::PathBuf {
     let pulled = run_cli(&["--json", "models", "pull", "gemma3-270m"]);
@@ -56,24 +56,8 @@ fn gemma3_270m_qlora_learns_the_persona_with_the_gemma_template() {
     let dir = pull();
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("qlora");
-    let o = run_cli(&[
-        "train",
-        "sft",
-        "--recipe",
-        repo("recipes/lora-sft.yaml").to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--set",
-        &format!("model={}", dir.display()),
-        "--set",
-        "adapter.method=qlora",
-        "--set",
-        "chat_template=gemma",
-        "--set",
-        &format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display()),
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let model = format!("model={}", dir.display());
+    crate::sft::train(&out, &["--set", &model, "--set", "adapter.method=qlora", "--set", "chat_template=gemma"]);
     let template = std::fs::read_to_string(out.join("chat_template.jinja")).unwrap();
     assert!(template.contains("<start_of_turn>"), "the adapter keeps the Gemma template");
     let (before, _) = crate::sft::compliance_of(&dir, None);

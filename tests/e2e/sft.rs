@@ -42,7 +42,7 @@ pub(crate) fn compliance_of(model: &Path, adapter: Option<&Path>) -> (f64, Vec<S
     (ok as f64 / texts.len() as f64, texts)
 }
 
-fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+pub(crate) fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     let recipe = repo("recipes/lora-sft.yaml");
     let data = format!("data.path={}", repo("recipes/data/pirate-train.jsonl").display());
     let mut args = vec![

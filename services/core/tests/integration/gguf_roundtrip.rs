@@ -282,17 +282,21 @@ fn imported_gemma3_gguf_reproduces_transformers_logits() {
     assert!(d < 1e-5, "max |Δlogit| {d}");
 }
 
-/// A Gemma SentencePiece vocabulary (`tests/fixtures/make_spm_gguf.py`) imported with a tiny Gemma 3: the
-/// tokenizer it becomes gives transformers' ids for every fixture string (with and without BOS) and decodes
-/// them back to transformers' text.
-#[test]
-fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
+/// The SentencePiece vocabulary of fixture dir `spm` (`vocab.json`: tokens, types, scores, special ids) in place
+/// of the tokenizer metadata of the tiny model `model` written as a `arch` GGUF, with the fixture's
+/// `reference.json`. `specials` are (GGUF key, vocab.json field) of the special ids to write.
+fn spm_gguf(
+    spm: &str,
+    model: &str,
+    arch: &str,
+    specials: &[(&str, &str)],
+) -> (Writer, serde_json::Value, serde_json::Value) {
     let fx = |f: &str| -> serde_json::Value {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/spm").join(f);
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(spm).join(f);
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
     let (vocab, reference) = (fx("vocab.json"), fx("reference.json"));
-    let mut w = fixture_as_gguf_of("gemma3-gguf-shape", "gemma3");
+    let mut w = fixture_as_gguf_of(model, arch);
     w.kv.retain(|(k, _)| !k.starts_with("tokenizer."));
     let tokens: Vec<String> =
         vocab["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
@@ -301,19 +305,36 @@ fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
     w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
     w.kv("tokenizer.ggml.tokens", Kv::Strs(tokens));
     w.kv("tokenizer.ggml.token_type", Kv::I32s(types));
-    for (key, field) in [("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")] {
-        w.kv(&format!("tokenizer.ggml.{key}_token_id"), Kv::U32(vocab[field].as_u64().unwrap() as u32));
+    for (key, field) in specials {
+        w.kv(&format!("tokenizer.ggml.{key}_token_id"), Kv::U32(vocab[*field].as_u64().unwrap() as u32));
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("hf");
-    import_gguf(&write(&w, tmp.path()), &out).unwrap();
-    let tok = Tokenizer::from_dir(&out).unwrap();
+    (w, vocab, reference)
+}
+
+/// The imported tokenizer in `out` gives the reference's ids for every fixture string (without specials) and
+/// decodes them back to its text; returns the tokenizer.
+fn tokenizes_as_reference(out: &Path, reference: &serde_json::Value) -> Tokenizer {
+    let tok = Tokenizer::from_dir(out).unwrap();
     for case in reference["strings"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode_no_special(text).unwrap(), want, "{text:?}");
         assert_eq!(tok.decode(&want, false).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
     }
+    tok
+}
+
+/// A Gemma SentencePiece vocabulary (`tests/fixtures/make_spm_gguf.py`) imported with a tiny Gemma 3: the
+/// tokenizer it becomes gives transformers' ids for every fixture string (with and without BOS) and decodes
+/// them back to transformers' text.
+#[test]
+fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
+    let specials = [("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")];
+    let (w, _, reference) = spm_gguf("spm", "gemma3-gguf-shape", "gemma3", &specials);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("hf");
+    import_gguf(&write(&w, tmp.path()), &out).unwrap();
+    let tok = tokenizes_as_reference(&out, &reference);
     let with_bos: Vec<u32> =
         reference["with_bos"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
     assert_eq!(tok.encode("hello").unwrap(), with_bos);
@@ -328,37 +349,16 @@ fn gemma_sentencepiece_vocabulary_tokenizes_as_transformers() {
 /// does; without its scores the file is refused by name.
 #[test]
 fn llama_sentencepiece_vocabulary_tokenizes_as_transformers() {
-    let fx = |f: &str| -> serde_json::Value {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/spm-llama").join(f);
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    };
-    let (vocab, reference) = (fx("vocab.json"), fx("reference.json"));
-    let mut w = fixture_as_gguf_of("llama-linear-sharded", "llama");
-    w.kv.retain(|(k, _)| !k.starts_with("tokenizer."));
-    let tokens: Vec<String> =
-        vocab["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
-    let types: Vec<i32> = vocab["token_type"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect();
-    let scores: Vec<f32> = vocab["scores"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap() as f32).collect();
-    w.kv("tokenizer.ggml.model", Kv::Str("llama".into()));
-    w.kv("tokenizer.ggml.pre", Kv::Str("default".into()));
-    w.kv("tokenizer.ggml.tokens", Kv::Strs(tokens));
-    w.kv("tokenizer.ggml.token_type", Kv::I32s(types));
-    for (key, field) in [("bos", "bos"), ("eos", "eos"), ("unknown", "unk")] {
-        w.kv(&format!("tokenizer.ggml.{key}_token_id"), Kv::U32(vocab[field].as_u64().unwrap() as u32));
-    }
+    let specials = [("bos", "bos"), ("eos", "eos"), ("unknown", "unk")];
+    let (mut w, vocab, reference) = spm_gguf("spm-llama", "llama-linear-sharded", "llama", &specials);
     let tmp = tempfile::tempdir().unwrap();
     let e = import_gguf(&write(&w, tmp.path()), &tmp.path().join("no-scores")).unwrap_err().to_string();
     assert!(e.contains("tokenizer.ggml.scores"), "{e}");
+    let scores: Vec<f32> = vocab["scores"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap() as f32).collect();
     w.kv("tokenizer.ggml.scores", Kv::F32s(scores));
     let out = tmp.path().join("hf");
     import_gguf(&write(&w, tmp.path()), &out).unwrap();
-    let tok = Tokenizer::from_dir(&out).unwrap();
-    for case in reference["strings"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
-        assert_eq!(tok.encode_no_special(text).unwrap(), want, "{text:?}");
-        assert_eq!(tok.decode(&want, false).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
-    }
+    let tok = tokenizes_as_reference(&out, &reference);
     // llama.cpp adds BOS to a SentencePiece vocabulary (transformers 5.24's GGUF loader leaves it out).
     let mut with_bos = vec![1u32];
     with_bos.extend(reference["with_bos"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32));
