@@ -11,7 +11,8 @@
 # FERROTUNE_TEMPLATE; scripts/make_random_model.py, which also gives HF's loss as the reference).
 #
 # Checks: forward loss on cuda:0 (f32, bf16) against HF transformers on the same GPU and against ferrotune on
-# the CPU; generation on cuda:0; LoRA SFT losses on cuda:0 f32 against the CPU; LoRA and QLoRA SFT in bf16
+# the CPU; generation on cuda:0; LoRA SFT losses on cuda:0 f32 against the CPU; the same with the layers split
+# between the CPU and cuda:0 by a device_map; LoRA and QLoRA SFT in bf16
 # on cuda:0; kill-and-resume on cuda:0 against an uninterrupted run; the training benchmark against HF PEFT
 # on the same GPU.
 set -uo pipefail
@@ -101,6 +102,15 @@ if sft cpu4 --max-steps 4 --set adapter.lora_dropout=0 --set device=cpu && sft g
   "$py" -c "import sys; a=list(map(float,sys.argv[1].split())); b=list(map(float,sys.argv[2].split())); d=max(abs(x-y) for x,y in zip(a,b)); print('max |Δloss| = %.2e' % d); sys.exit(0 if len(a)==len(b)==4 and d<2e-3 else 1)" "$a" "$b" || fail "cuda f32 SFT losses differ from cpu"
 else
   fail "SFT cpu/cuda f32"; tail -n 3 "$work/cpu4.log" "$work/gpu4.log"
+fi
+
+section "device_map: layers split over two devices (embedding + layer 0 on the CPU, the rest on cuda:0), 4 steps, against cpu f32"
+# A real cross-device split: every activation, table, cache and gradient move runs (on a CPU host they are no-ops).
+if sft split4 --max-steps 4 --set adapter.lora_dropout=0 --set device=cpu --set 'device_map={model.embed_tokens: cpu, model.layers.0: cpu, model.layers: 0, model.norm: 0, lm_head: 0}' --set training.gradient_checkpointing=true; then
+  a=$(losses "$work/cpu4"); b=$(losses "$work/split4"); echo "cpu:   $a"; echo "split: $b"
+  "$py" -c "import sys; a=list(map(float,sys.argv[1].split())); b=list(map(float,sys.argv[2].split())); d=max(abs(x-y) for x,y in zip(a,b)); print('max |Δloss| = %.2e' % d); sys.exit(0 if len(a)==len(b)==4 and d<2e-3 else 1)" "$a" "$b" || fail "device_map split SFT losses differ from cpu"
+else
+  fail "device_map split SFT"; tail -n 3 "$work/split4.log"
 fi
 
 for m in lora qlora; do

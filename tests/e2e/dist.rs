@@ -301,3 +301,25 @@ fn dist_resume_on_another_world_size_with_the_same_global_batch() {
         assert!(rel(x.0, y.0) <= 1e-5, "step {}: loss {} vs {}", i + 1, x.0, y.0);
     }
 }
+
+/// `device_map` through a recipe: the base split in two parts (`[cpu, cpu]`, the only split a CPU host has)
+/// trains, with gradient checkpointing, to the same per-step losses and the same adapter as the unsplit base;
+/// a map naming a device this host lacks is one line before training.
+#[test]
+fn device_map_split_training_equals_unsplit() {
+    let t = tempfile::tempdir().unwrap();
+    let (recipe, data) = ("recipes/lora-sft.yaml", "recipes/data/pirate-train.jsonl");
+    let common = ["--max-steps", "3", "--set", "training.gradient_checkpointing=true"];
+    let plain = t.path().join("plain");
+    job(&["train", "sft"], recipe, data, &plain, &common);
+    let split = t.path().join("split");
+    job(&["train", "sft"], recipe, data, &split, &[&common[..], &["--set", "device_map=[cpu, cpu]"]].concat());
+    assert_eq!(steps(&plain), steps(&split));
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(read(&plain) == read(&split), "the adapters differ");
+    let bad = t.path().join("bad");
+    let o = sft(&bad, &["--max-steps", "3", "--set", "device_map=[cpu, cuda:3]"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("device_map") && err.contains("cuda:3"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

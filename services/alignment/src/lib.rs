@@ -78,6 +78,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         root: h.root.clone(),
         jobs,
         device: h.settings.policy.device.clone(),
+        device_map: h.settings.policy.device_map.clone(),
         has_reward: !h.settings.endpoints.reward.is_empty(),
         has_policy: h.settings.endpoints.policy.is_some(),
         rewards: reward_pool(h)?,

@@ -21,6 +21,8 @@ pub struct Alignment {
     pub jobs: JobManager,
     /// The policy device (DPO and PPO jobs run there).
     pub device: String,
+    /// The policy's device map (`policy.device_map`), for jobs whose recipe sets none.
+    pub device_map: Option<serde_json::Value>,
     /// Whether reward replicas are configured (PPO, GRPO and RLOO score on them).
     pub has_reward: bool,
     /// Whether a policy endpoint is configured (GRPO and RLOO drive a session there).
@@ -96,7 +98,15 @@ impl Alignment {
         if matches!(kind, "grpo" | "rloo" | "ppo") {
             self.check_rewards(kind, &r).await?;
         }
-        let job = queue_recipe_job(kind, &r.recipe_yaml, &r.overrides, r.resume, &self.root, &self.device, &self.jobs)?;
+        let job = queue_recipe_job(
+            kind,
+            &r.recipe_yaml,
+            &r.overrides,
+            r.resume,
+            &self.root,
+            (&self.device, self.device_map.as_ref()),
+            &self.jobs,
+        )?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
     }
 }

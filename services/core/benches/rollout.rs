@@ -118,6 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             value_head: false,
             kind: Kind::Float,
             device: Device::Cpu,
+            device_map: None,
         };
         let mut s = PolicySession::open(&spec)?;
         let r = best(&mut |seed| {

@@ -8,7 +8,7 @@ use tch::{Device, Kind};
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{CoreError, Result};
 use crate::generation::ModelDefaults;
-use crate::models::{load_model, CausalLm};
+use crate::models::{load_model_placed, CausalLm};
 use crate::tokenizer::Tokenizer;
 
 /// Everything needed to run a model directory.
@@ -28,13 +28,18 @@ pub struct ModelBundle {
 impl ModelBundle {
     /// Loads `dir` with weights in `kind` on `device`.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::load_placed(dir, kind, device, None)
+    }
+
+    /// [`Self::load`] with the layers placed by a `device_map` ([`crate::models::device_map`]).
+    pub fn load_placed(dir: &Path, kind: Kind, device: Device, device_map: Option<&serde_json::Value>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(CoreError::format(dir, "model directory not found"));
         }
         let tokenizer = Tokenizer::from_dir(dir)?;
         let template = ChatTemplate::from_dir(dir)?;
         let defaults = ModelDefaults::from_dir(dir, &tokenizer)?;
-        let model = load_model(dir, kind, device)?;
+        let model = load_model_placed(dir, kind, device, device_map)?;
         Ok(Self { dir: dir.to_path_buf(), model, tokenizer, template, defaults })
     }
 

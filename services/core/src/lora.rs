@@ -318,13 +318,13 @@ impl CausalLm {
                 )));
             }
         }
-        let dev = self.device();
         let mut n = 0;
         for (path, lin) in self.linears_mut() {
             if !cfg.targets.matches(&path) {
                 continue;
             }
             let (out_dim, in_dim) = lin.dims();
+            let dev = lin.device();
             // One stream per module, so adding a target does not shift the others' init.
             let mut rng = Rng(seed ^ fnv1a(&path));
             let bound = 1.0 / (in_dim as f64).sqrt();
@@ -603,9 +603,9 @@ pub fn load_peft(model: &mut CausalLm, dir: &Path) -> Result<PeftConfig> {
         return Err(CoreError::format(&wpath, "adapter weights not found"));
     }
     let files = WeightFiles::open_files(std::slice::from_ref(&wpath))?;
-    let dev = model.device();
     let mut used = 0;
     for (path, lin) in model.linears_mut() {
+        let dev = lin.device();
         let (ka, kb) = (format!("{PREFIX}{path}.lora_A.weight"), format!("{PREFIX}{path}.lora_B.weight"));
         if !files.contains(&ka) && !files.contains(&kb) {
             lin.lora = None;

@@ -198,6 +198,11 @@ impl Weights {
         Self { prefix, ..self.clone() }
     }
 
+    /// The same path, loading onto `device`.
+    pub fn on(&self, device: Device) -> Self {
+        Self { device, ..self.clone() }
+    }
+
     fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_owned()

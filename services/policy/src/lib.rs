@@ -21,7 +21,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let idle = std::time::Duration::from_secs(cfg.session_idle_s);
     let sessions = sessions::Sessions::new(cfg.max_sessions, idle);
     let worker = Worker::spawn("ferrotune-policy", cfg.threads, move || {
-        models::Models::new(device, kind, cfg.max_loaded_models, sessions)
+        models::Models::new(device, cfg.device_map, kind, cfg.max_loaded_models, sessions)
     })?;
     let alive = Arc::new(());
     sessions::spawn_idle_expiry(worker.clone(), Arc::downgrade(&alive), idle)
@@ -38,6 +38,7 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         worker,
         jobs,
         device: h.settings.policy.device.clone(),
+        device_map: h.settings.policy.device_map.clone(),
         device_of: device,
         kind,
         max_generated_tokens: h.settings.policy.max_generated_tokens,

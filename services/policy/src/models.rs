@@ -14,6 +14,7 @@ type Key = (PathBuf, Option<PathBuf>);
 /// Loaded models and the open training sessions (both on the worker thread).
 pub struct Models {
     device: Device,
+    device_map: Option<serde_json::Value>,
     kind: Kind,
     cache: Lru<Key, ModelBundle>,
     /// Training sessions.
@@ -21,9 +22,16 @@ pub struct Models {
 }
 
 impl Models {
-    /// Empty; models load on `device` in `kind`, at most `max` kept; `sessions` bounds the sessions.
-    pub fn new(device: Device, kind: Kind, max: usize, sessions: crate::sessions::Sessions) -> Self {
-        Self { device, kind, cache: Lru::new(max).metered("policy"), sessions }
+    /// Empty; models load on `device` (split by `device_map` when given) in `kind`, at most `max` kept;
+    /// `sessions` bounds the sessions.
+    pub fn new(
+        device: Device,
+        device_map: Option<serde_json::Value>,
+        kind: Kind,
+        max: usize,
+        sessions: crate::sessions::Sessions,
+    ) -> Self {
+        Self { device, device_map, kind, cache: Lru::new(max).metered("policy"), sessions }
     }
 
     /// The bundle for `model` + `adapter`, loading it when needed.
@@ -46,10 +54,10 @@ impl Models {
                 }
             }
         }
-        let (device, kind) = (self.device, self.kind);
+        let (device, kind, map) = (self.device, self.kind, self.device_map.as_ref());
         // Room is made before loading: two models need not fit at once.
         self.cache.get_or_load(key, || {
-            let mut b = ModelBundle::load(model, kind, device).status()?;
+            let mut b = ModelBundle::load_placed(model, kind, device, map).status()?;
             if let Some(a) = adapter {
                 b.attach_adapter(a).status()?;
             }

@@ -41,6 +41,8 @@ pub struct Policy {
     pub jobs: JobManager,
     /// The service's device (recipes run there).
     pub device: String,
+    /// `policy.device_map`, for recipe jobs that set none.
+    pub device_map: Option<serde_json::Value>,
     /// The same, parsed (sessions are pinned there).
     pub device_of: tch::Device,
     /// The compute dtype of sessions (`policy.dtype`).
@@ -62,7 +64,15 @@ impl Policy {
         overrides: &[String],
         resume: bool,
     ) -> Result<Response<StartJobResponse>, Status> {
-        let job = queue_recipe_job(kind, yaml, overrides, resume, &self.root, &self.device, &self.jobs)?;
+        let job = queue_recipe_job(
+            kind,
+            yaml,
+            overrides,
+            resume,
+            &self.root,
+            (&self.device, self.device_map.as_ref()),
+            &self.jobs,
+        )?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))
     }
 

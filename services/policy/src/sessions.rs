@@ -213,6 +213,7 @@ impl Policy {
             value_head: r.value_head,
             kind: self.kind,
             device: self.device_of,
+            device_map: self.device_map.clone(),
         };
         let device = self.device.clone();
         let restore = r.restore_updates;

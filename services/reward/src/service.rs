@@ -138,7 +138,7 @@ impl RewardService for Reward {
             &r.overrides,
             r.resume,
             &self.root,
-            &self.cfg.device,
+            (&self.cfg.device, None),
             &self.jobs,
         )?;
         Ok(Response::new(StartJobResponse { job: Some(job) }))

@@ -172,6 +172,11 @@ pub struct Jobs {
 pub struct Policy {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The models' layers placed across several devices of this process (transformers' `device_map`, for a
+    /// model that does not fit one): `auto`, a list of devices, or module name → device. Generation,
+    /// log-probs and recipe jobs that set none of their own use it. Null: everything on `device`.
+    #[serde(default)]
+    pub device_map: Option<serde_json::Value>,
     /// Weights dtype for generation and log-probs: f32, bf16 or f16.
     pub dtype: String,
     /// Loaded (model, adapter) pairs kept in memory.
@@ -327,6 +332,15 @@ mod tests {
         assert_eq!(s.policy.device, "cuda:1");
         assert_eq!(s.policy.dtype, "f32", "untouched keys keep their defaults");
         assert_eq!(s.services, vec!["policy"]);
+        assert_eq!(s.policy.device_map, None);
+        // transformers' form keeps its dotted module names as keys.
+        std::fs::write(&f, "policy:\n  device_map: {model.embed_tokens: 0, model.layers.1: cuda:1, lm_head: 1}\n")
+            .unwrap();
+        let m = Settings::load(Some(&f)).unwrap().policy.device_map.unwrap();
+        assert_eq!(m, serde_json::json!({"model.embed_tokens": 0, "model.layers.1": "cuda:1", "lm_head": 1}));
+        std::fs::write(&f, "policy:\n  device_map: [cuda:0, cuda:1]\n").unwrap();
+        let m = Settings::load(Some(&f)).unwrap().policy.device_map.unwrap();
+        assert_eq!(m, serde_json::json!(["cuda:0", "cuda:1"]));
         std::fs::write(&f, "services: [policy, rewrd]\n").unwrap();
         assert!(Settings::load(Some(&f)).unwrap_err().to_string().contains("unknown service `rewrd`"));
         std::fs::write(&f, "polcy: {}\n").unwrap();

@@ -9,14 +9,14 @@ use ferrotune_runtime::{invalid, ArtifactRoot, StatusExt};
 use tonic::Status;
 
 /// Validates a recipe for a `kind` job (`sft`, `dpo`, `reward`), resolves its paths under `root`, runs it on
-/// `device`, and queues it in `jobs`.
+/// the service's `(device, device map)` (the recipe's own device map wins), and queues it in `jobs`.
 pub fn queue_recipe_job(
     kind: &str,
     yaml: &str,
     overrides: &[String],
     resume: bool,
     root: &ArtifactRoot,
-    device: &str,
+    (device, device_map): (&str, Option<&serde_json::Value>),
     jobs: &JobManager,
 ) -> Result<ferrotune_proto::v1::Job, Status> {
     if yaml.trim().is_empty() {
@@ -25,6 +25,14 @@ pub fn queue_recipe_job(
     let mut recipe = crate::recipe::parse(yaml, Path::new("recipe"), overrides).status()?;
     recipe.settle_objective(kind).map_err(|(field, msg)| invalid(field, msg))?;
     recipe.resolve_paths(root, device)?;
+    if recipe.device_map.is_none() {
+        recipe.device_map = device_map.cloned();
+    }
+    // Devices are known where the job runs: checked here, before anything is queued.
+    ferrotune_core::parse_device(&recipe.device).status()?;
+    if let Some(m) = &recipe.device_map {
+        ferrotune_core::models::device_map::check(m).status()?;
+    }
     if Path::new(&recipe.model).is_absolute() && !Path::new(&recipe.model).join("config.json").is_file() {
         return Err(Status::not_found(format!("model: {} is not a model directory (no config.json)", recipe.model)));
     }

@@ -32,6 +32,11 @@ pub struct Recipe {
     /// Compute dtype of the base: f32 (CPU), bf16/f16 (CUDA).
     #[serde(default = "f32")]
     pub dtype: String,
+    /// The base's layers placed across several devices of this process (transformers' `device_map`), for a
+    /// model that does not fit one: `auto`, a list of devices (`[cuda:0, cuda:1]`), or module name → device
+    /// (`{model.embed_tokens: 0, model.layers.0: 0, …, lm_head: 1}`). Absent: everything on `device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_map: Option<serde_json::Value>,
     /// DPO settings (`align dpo`; absent for SFT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<ferrotune_core::train::dpo::DpoConfig>,
@@ -435,6 +440,10 @@ fn parse_unclassified(text: &str, path: &Path, sets: &[String]) -> Result<Recipe
     }
     let r: Recipe = serde_yaml::from_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     r.training.validate().with_context(|| format!("{}: training", path.display()))?;
+    if let Some(m) = &r.device_map {
+        // The form here; the devices where the job runs (they may be another host's).
+        ferrotune_core::models::device_map::check_with(m, usize::MAX).with_context(|| format!("{}", path.display()))?;
+    }
     if let Some(list) = &r.report_to {
         ferrotune_runtime::tracking::check_report_to(list)
             .map_err(|e| anyhow::anyhow!("{}: report_to: {e}", path.display()))?;
@@ -571,6 +580,20 @@ mod tests {
             "model: m\noutput_dir: out\nadapter: {method: lora, r: 4}\ndata: {path: d.jsonl, format: messages}\n";
         let sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         parse(yaml, Path::new("r.yaml"), &sets).unwrap()
+    }
+
+    #[test]
+    fn a_device_map_is_read_in_transformers_form_and_a_bad_one_names_the_recipe() {
+        let yaml =
+            "model: m\noutput_dir: out\nadapter: {method: lora, r: 4}\ndata: {path: d.jsonl, format: messages}\n\
+                    device_map: {model.embed_tokens: 0, model.layers: cuda:1, model.norm: 1, lm_head: cpu}\n";
+        let r = parse(yaml, Path::new("r.yaml"), &[]).unwrap();
+        let m = r.device_map.unwrap();
+        assert_eq!((m["model.layers"].as_str(), m["model.embed_tokens"].as_i64()), (Some("cuda:1"), Some(0)));
+        assert_eq!(recipe(&["device_map=auto"]).device_map.unwrap(), "auto");
+        let e = parse(yaml, Path::new("r.yaml"), &["device_map=[gpu0]".into()]).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("r.yaml") && e.contains("device_map") && e.contains("gpu0"), "{e}");
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub fn dataset_dir(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<Pat
 pub fn load_model(r: &Recipe, model_dir: &Path, ctx: &JobContext) -> Result<(ferrotune_core::CausalLm, bool)> {
     let kind = ferrotune_core::parse_dtype(&r.dtype)?;
     let device = ferrotune_core::parse_device(&r.device)?;
-    let mut model = ferrotune_core::load_model(model_dir, kind, device)?;
+    let mut model = ferrotune_core::models::load_model_placed(model_dir, kind, device, r.device_map.as_ref())?;
     let qlora = r.adapter.method()? == Method::Qlora || r.adapter.load_in_4bit;
     if qlora {
         let (before, after) = model.quantize_nf4()?;

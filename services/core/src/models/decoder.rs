@@ -9,6 +9,8 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Activation, DecoderConfig, RopeScaling};
+use super::device_map::Placement;
+use super::kv_cache::{KvCache, LayerKv};
 use crate::error::{CoreError, Result};
 use crate::kernels::frozen_linear::frozen_linear;
 use crate::lora::Lora;
@@ -55,6 +57,14 @@ impl Linear {
         match &self.base {
             BaseWeight::Dense(w) => (w.size()[0], w.size()[1]),
             BaseWeight::Nf4 { q, .. } => (q.shape[0], q.shape[1]),
+        }
+    }
+
+    /// Device of the base weight.
+    pub fn device(&self) -> Device {
+        match &self.base {
+            BaseWeight::Dense(w) => w.device(),
+            BaseWeight::Nf4 { q, .. } => q.packed.device(),
         }
     }
 
@@ -445,6 +455,11 @@ impl DecoderLayer {
         })
     }
 
+    /// Device of the layer's weights.
+    pub fn device(&self) -> Device {
+        self.input_layernorm.weight.device()
+    }
+
     fn linears(&self) -> [&Linear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
@@ -508,23 +523,36 @@ pub struct CausalLm {
     inv_freq: Tensor,
     /// The local layers' inverse frequencies (Gemma 3).
     local_inv_freq: Option<Tensor>,
+    /// Loaded with a device map: activations move between the parts' devices.
+    split: bool,
 }
 
 impl CausalLm {
     /// Builds the model from HF-named weights.
     pub fn load(vb: &Weights, cfg: DecoderConfig) -> Result<Self> {
-        let m = vb.pp("model");
+        Self::load_placed(vb, cfg, None)
+    }
+
+    /// [`Self::load`] with each part on the device `placement` gives it ([`super::device_map`]; `None`: all
+    /// on `vb.device`).
+    pub fn load_placed(vb: &Weights, cfg: DecoderConfig, placement: Option<&Placement>) -> Result<Self> {
+        let at = |d: Option<Device>| vb.on(d.unwrap_or(vb.device));
+        let m = at(placement.map(|p| p.embed)).pp("model");
         let embed_tokens = m.pp("embed_tokens").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, i as usize))
+            .map(|i| {
+                let vb = at(placement.map(|p| p.layers[i as usize])).pp("model.layers").pp(i);
+                DecoderLayer::load(&vb, &cfg, i as usize)
+            })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, &cfg)?;
+        let norm = RmsNorm::load(&at(placement.map(|p| p.norm)).pp("model.norm"), cfg.hidden_size, &cfg)?;
         // Tied checkpoints normally omit lm_head.weight; when one stores it anyway it is the same matrix.
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
-            vb.pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?
+            at(placement.map(|p| p.head)).pp("lm_head").get(&[cfg.vocab_size, cfg.hidden_size], "weight")?
         };
+        let vb = &at(placement.map(|p| p.embed));
         let local_inv_freq = match &cfg.local_attention {
             Some(l) => {
                 let local = DecoderConfig { rope_theta: l.rope_theta, rope_scaling: RopeScaling::None, ..cfg.clone() };
@@ -544,12 +572,24 @@ impl CausalLm {
             score: None,
             inv_freq,
             local_inv_freq,
+            split: placement.is_some(),
         })
     }
 
-    /// Device of the weights.
+    /// Device of the outputs (hidden states, logits; the head's) and, unless a device map splits the model,
+    /// of every weight. Inputs may be anywhere.
     pub fn device(&self) -> Device {
+        self.lm_head.device()
+    }
+
+    /// Device of the embedding (where a forward pass starts).
+    fn input_device(&self) -> Device {
         self.embed_tokens.device()
+    }
+
+    /// With a device map: `x` on the device of `to`'s weights (a no-op on the same device); without, `x`.
+    fn moved(&self, x: Tensor, to: &Tensor) -> Result<Tensor> {
+        Ok(if self.split { x.f_to_device(to.device())? } else { x })
     }
 
     /// Floating-point kind of the weights.
@@ -614,13 +654,15 @@ impl CausalLm {
                 c.layers[i].v.f_narrow(2, 0, n)?.f_copy_(pv)?;
             }
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            let (rot, mask) = tables.of(layer);
-            h = layer.forward(&h, rot, mask.as_ref(), kv, pkv.as_ref())?;
+            let on = self.split.then(|| tables.on(layer.device())).transpose()?;
+            let (rot, mask) = on.as_ref().unwrap_or(&tables).of(layer);
+            h = layer.forward(&self.moved(h, &layer.input_layernorm.weight)?, rot, mask.as_ref(), kv, pkv.as_ref())?;
         }
         if let Some(c) = cache {
             c.len = past + prefix + s;
         }
-        self.norm.forward(&h.f_narrow(1, prefix, s)?)
+        let h = self.norm.forward(&self.moved(h, &self.norm.weight)?.f_narrow(1, prefix, s)?)?;
+        self.moved(h, &self.lm_head)
     }
 
     /// Forward and backward with per-layer recomputation (gradient checkpointing): the layers run once
@@ -649,13 +691,16 @@ impl CausalLm {
         let mut inputs = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let states = layer.dropout_states();
-            let (rot, mask) = tables.of(layer);
+            let on = self.split.then(|| tables.on(layer.device())).transpose()?;
+            let (rot, mask) = on.as_ref().unwrap_or(&tables).of(layer);
             let pkv = self.prefix_kv(kv_leaf.as_ref(), i, b)?;
+            h = self.moved(h, &layer.input_layernorm.weight)?;
             let out = tch::no_grad(|| layer.forward(&h, rot, mask.as_ref(), None, pkv.as_ref()))?;
             inputs.push((std::mem::replace(&mut h, out), states));
         }
         let leaf = h.f_detach()?.f_set_requires_grad(true)?;
-        let result = loss_backward(&self.norm.forward(&leaf.f_narrow(1, prefix, s)?)?)?;
+        let last = self.norm.forward(&self.moved(leaf.shallow_clone(), &self.norm.weight)?.f_narrow(1, prefix, s)?)?;
+        let result = loss_backward(&self.moved(last, &self.lm_head)?)?;
         let mut grad = leaf.grad();
         if !grad.defined() {
             return Ok(result);
@@ -664,9 +709,11 @@ impl CausalLm {
             let (x, states) = inputs.pop().expect("one input per layer");
             layer.set_dropout_states(&states);
             let x = if i > 0 { x.f_detach()?.f_set_requires_grad(true)? } else { x };
-            let (rot, mask) = tables.of(layer);
+            let on = self.split.then(|| tables.on(layer.device())).transpose()?;
+            let (rot, mask) = on.as_ref().unwrap_or(&tables).of(layer);
             let pkv = self.prefix_kv(kv_leaf.as_ref(), i, b)?;
             let out = layer.forward(&x, rot, mask.as_ref(), None, pkv.as_ref())?;
+            grad = self.moved(grad, &out)?;
             out.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
             if i > 0 {
                 grad = x.grad();
@@ -688,9 +735,13 @@ impl CausalLm {
             + self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0])
             + self.prefix_tuning.as_ref().map_or(0, |p| p.len());
         let shape = [batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim];
-        let opts = (self.kind(), self.device());
-        let layers = (0..self.layers.len())
-            .map(|_| Ok(LayerKv { k: Tensor::f_zeros(shape, opts)?, v: Tensor::f_zeros(shape, opts)? }))
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let opts = (self.kind(), l.device());
+                Ok(LayerKv { k: Tensor::f_zeros(shape, opts)?, v: Tensor::f_zeros(shape, opts)? })
+            })
             .collect::<Result<_>>()?;
         Ok(KvCache { layers, len: 0, batch, capacity })
     }
@@ -733,7 +784,7 @@ impl CausalLm {
         past: i64,
     ) -> Result<Prepared> {
         let (b, s) = input_ids.size2()?;
-        let dev = self.device();
+        let dev = self.input_device();
         let n_virtual = self.prompt_embeddings.as_ref().map_or(0, |p| p.size()[0]);
         let prefix = if past == 0 { n_virtual } else { 0 };
         // Prefix tuning: the prefix's positions count as cached ones, also on a fresh pass.
@@ -804,7 +855,7 @@ impl CausalLm {
             h = h.f_mul(&scale)?;
         }
         if prefix > 0 {
-            let p = self.prompt_embeddings.as_ref().expect("n_virtual > 0").f_to_kind(h.kind())?;
+            let p = self.prompt_embeddings.as_ref().expect("n_virtual > 0").f_to_kind(h.kind())?.f_to_device(dev)?;
             h = Tensor::f_cat(&[p.f_unsqueeze(0)?.f_expand([b, prefix, p.size()[1]], false)?, h], 1)?;
         }
         Ok(Prepared { h, tables: LayerTables { global: (rot, mask), local }, prefix, past, kv_table })
@@ -812,11 +863,11 @@ impl CausalLm {
 
     /// Layer `i`'s prefix keys and values for a batch of `b` from a prefix-tuning table.
     fn prefix_kv(&self, table: Option<&Tensor>, i: usize, b: i64) -> Result<Option<(Tensor, Tensor)>> {
-        table
-            .map(|t| {
-                crate::prefix_tuning::layer_kv(t, i as i64, b, self.cfg.num_kv_heads, self.cfg.head_dim, self.kind())
-            })
-            .transpose()
+        let Some(t) = table else { return Ok(None) };
+        let (k, v) =
+            crate::prefix_tuning::layer_kv(t, i as i64, b, self.cfg.num_kv_heads, self.cfg.head_dim, self.kind())?;
+        let w = &self.layers[i].input_layernorm.weight;
+        Ok(Some((self.moved(k, w)?, self.moved(v, w)?)))
     }
 
     /// The boolean `[b, 1, s, past + s]` mask (true = attend) for padding, segments, sliding window, or new
@@ -837,7 +888,7 @@ impl CausalLm {
         if pad.is_none() && !window_bites && (past == 0 || s == 1) {
             return Ok(None);
         }
-        let dev = self.device();
+        let dev = self.input_device();
         let q = Tensor::f_arange_start(past, total, (Kind::Int64, dev))?.f_unsqueeze(1)?;
         let k = Tensor::f_arange(total, (Kind::Int64, dev))?.f_unsqueeze(0)?;
         let mut m = q.f_ge_tensor(&k)?;
@@ -880,89 +931,21 @@ struct LayerTables {
 }
 
 impl LayerTables {
+    /// A copy on `device` (shared tensors where they are there already).
+    fn on(&self, device: Device) -> Result<Self> {
+        let pair = |(r, m): &(Rotary, Option<Tensor>)| -> Result<(Rotary, Option<Tensor>)> {
+            let rot = Rotary { cos: r.cos.f_to_device(device)?, sin: r.sin.f_to_device(device)? };
+            Ok((rot, m.as_ref().map(|m| m.f_to_device(device)).transpose()?))
+        };
+        Ok(Self { global: pair(&self.global)?, local: self.local.as_ref().map(pair).transpose()? })
+    }
+
     /// The tables `layer` attends with.
     fn of(&self, layer: &DecoderLayer) -> &(Rotary, Option<Tensor>) {
         match &self.local {
             Some(local) if layer.local => local,
             _ => &self.global,
         }
-    }
-}
-
-/// Keys and values of one layer for every cached position.
-#[derive(Debug)]
-pub struct LayerKv {
-    /// `[b, kv_heads, capacity, head_dim]`.
-    k: Tensor,
-    /// `[b, kv_heads, capacity, head_dim]`.
-    v: Tensor,
-}
-
-/// The KV cache of a batch of sequences: preallocated buffers, one per layer, filled front to back, so a
-/// decoding step writes one slot instead of concatenating (and copying) the whole history.
-#[derive(Debug)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    len: i64,
-    batch: i64,
-    capacity: i64,
-}
-
-impl KvCache {
-    /// Positions filled so far.
-    pub fn len(&self) -> i64 {
-        self.len
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets every cached position (the buffers are kept for reuse).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Sequences cached.
-    pub fn batch(&self) -> i64 {
-        self.batch
-    }
-
-    /// Keeps the sequences `keep` (increasing indices into the batch) in place: each kept row's filled
-    /// positions move down to its new index (rows before the first dropped one do not move), and the batch
-    /// becomes a view of the first `keep.len()` rows. Cheaper than [`Self::select_rows`] for dropping
-    /// finished sequences: only moved rows and only filled positions are copied, nothing is allocated.
-    pub fn retain_rows(&mut self, keep: &[i64]) -> Result<()> {
-        if keep.windows(2).any(|w| w[0] >= w[1]) || keep.last().is_some_and(|&i| i >= self.batch) {
-            return Err(CoreError::InvalidArgument(format!("retain_rows: {keep:?} of {} rows", self.batch)));
-        }
-        let _guard = tch::no_grad_guard();
-        for l in &mut self.layers {
-            for t in [&mut l.k, &mut l.v] {
-                for (dst, &src) in keep.iter().enumerate() {
-                    let dst = dst as i64;
-                    if dst != src {
-                        let from = t.f_select(0, src)?.f_narrow(1, 0, self.len)?;
-                        t.f_select(0, dst)?.f_narrow(1, 0, self.len)?.f_copy_(&from)?;
-                    }
-                }
-                *t = t.f_narrow(0, 0, keep.len() as i64)?;
-            }
-        }
-        self.batch = keep.len() as i64;
-        Ok(())
-    }
-
-    /// Keeps the sequences `rows` (indices into the batch, in the new order; repeats allowed): a prompt's
-    /// cache shared by its samples.
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for l in &mut self.layers {
-            l.k = l.k.f_index_select(0, rows)?;
-            l.v = l.v.f_index_select(0, rows)?;
-        }
-        self.batch = rows.size()[0];
-        Ok(())
     }
 }
 

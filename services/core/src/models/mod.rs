@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod decoder;
+pub mod device_map;
 pub mod gemma3;
+pub mod kv_cache;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;
@@ -15,7 +17,8 @@ use std::sync::Arc;
 use tch::{Device, Kind};
 
 pub use config::{Activation, DecoderConfig, LocalAttention, RopeScaling};
-pub use decoder::{CausalLm, KvCache};
+pub use decoder::CausalLm;
+pub use kv_cache::KvCache;
 
 use crate::error::{CoreError, Result};
 use crate::weights::{WeightFiles, Weights};
@@ -48,14 +51,32 @@ pub fn read_config(dir: &Path) -> Result<DecoderConfig> {
 
 /// Loads the model in `dir` (config.json + safetensors) with weights in `kind` on `device`.
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
+    load_model_placed(dir, kind, device, None)
+}
+
+/// [`load_model`] with the layers placed by a `device_map` ([`device_map`]; `None`: all on `device`).
+pub fn load_model_placed(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+    device_map: Option<&serde_json::Value>,
+) -> Result<CausalLm> {
     let cfg = read_config(dir)?;
+    let placement = device_map
+        .map(|m| device_map::resolve(m, cfg.num_layers as usize, cfg.tie_word_embeddings, device))
+        .transpose()?;
     let files = Arc::new(WeightFiles::open_dir(dir)?);
     let _guard = tch::no_grad_guard();
-    CausalLm::load(&Weights::new(files, kind, device), cfg)
+    CausalLm::load_placed(&Weights::new(files, kind, device), cfg, placement.as_ref())
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`; a CUDA device that libtorch cannot see is an error.
 pub fn parse_device(s: &str) -> Result<Device> {
+    parse_device_with(s, tch::Cuda::device_count() as usize)
+}
+
+/// [`parse_device`] on a host with `n` CUDA devices.
+pub fn parse_device_with(s: &str, n: usize) -> Result<Device> {
     let dev = match s {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
@@ -64,7 +85,6 @@ pub fn parse_device(s: &str) -> Result<Device> {
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| CoreError::InvalidArgument(format!("unknown device `{s}` (use cpu, cuda or cuda:N)")))?,
     };
-    let n = tch::Cuda::device_count() as usize;
     if dev >= n {
         return Err(CoreError::InvalidArgument(format!(
             "device `{s}` is not available: libtorch sees {n} CUDA device(s)"

@@ -51,6 +51,8 @@ pub struct SessionSpec {
     pub kind: Kind,
     /// Device.
     pub device: Device,
+    /// The base's layers across several devices ([`crate::models::device_map`]; `None`: all on `device`).
+    pub device_map: Option<serde_json::Value>,
 }
 
 /// A rollout: `n` samples of each prompt.
@@ -165,7 +167,7 @@ impl PolicySession {
     pub fn open(spec: &SessionSpec) -> Result<Self> {
         let tokenizer = Tokenizer::from_dir(&spec.base)?;
         let defaults = ModelDefaults::from_dir(&spec.base, &tokenizer)?;
-        let mut model = crate::load_model(&spec.base, spec.kind, spec.device)?;
+        let mut model = crate::models::load_model_placed(&spec.base, spec.kind, spec.device, spec.device_map.as_ref())?;
         if spec.qlora {
             model.quantize_nf4()?;
         }

@@ -5,6 +5,7 @@
 mod bad_inputs;
 mod combine;
 mod common;
+mod device_map;
 mod dora;
 mod dpo;
 mod gguf_export;

@@ -32,6 +32,7 @@ fn spec() -> SessionSpec {
         value_head: false,
         kind: Kind::Float,
         device: Device::Cpu,
+        device_map: None,
     }
 }
 
