@@ -25,5 +25,6 @@ fn main() {
         .file("csrc/frozen_linear.cpp")
         .file("csrc/dropout.cpp")
         .file("csrc/process_group.cpp")
+        .file("csrc/grad_sync.cpp")
         .compile("ferrotune_csrc");
 }

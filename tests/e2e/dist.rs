@@ -85,6 +85,11 @@ fn two_ranks_equal_one(cmd: &[&str], recipe: &str, data: &str) {
     let (a, b) = (steps(&one), steps(&two));
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6, "rank 0 alone wrote metrics.jsonl");
+    // The sums were made by the buckets started inside the backward pass, not by the fallback after it.
+    let overlapped =
+        |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["metrics"]["dist/buckets_overlapped"].as_f64();
+    let text = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert!(text.lines().all(|l| overlapped(l) == Some(1.0)), "{text}");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(rel(x.0, y.0) <= 1e-5, "step {}: loss {} (1 rank) vs {} (2 ranks)", i + 1, x.0, y.0);
         assert!(rel(x.1, y.1) <= 1e-5, "step {}: grad norm {} vs {}", i + 1, x.1, y.1);

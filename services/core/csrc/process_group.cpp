@@ -9,18 +9,20 @@
 #include <cstdlib>
 #include <string>
 
+#include "group.h"
+
+using ferrotune::Group;
+
+std::string& ferrotune::last_error() {
+  static thread_local std::string e;
+  return e;
+}
+
 namespace {
-thread_local std::string last_error;
-
-struct Group {
-  c10::intrusive_ptr<c10d::Backend> pg;
-  std::chrono::milliseconds timeout;
-};
-
 bool loopback(const std::string& host) { return host == "127.0.0.1" || host == "localhost" || host == "::1"; }
 }  // namespace
 
-extern "C" const char* ft_pg_last_error() { return last_error.c_str(); }
+extern "C" const char* ft_pg_last_error() { return ferrotune::last_error().c_str(); }
 
 // Joins the group: rank 0 hosts the store on master_addr:port; every rank waits up to timeout_ms for the
 // others. Null on failure (ft_pg_last_error says why).
@@ -49,7 +51,7 @@ extern "C" void* ft_pg_new(const char* master_addr, int port, int rank, int worl
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
     return new Group{pg, timeout};
   } catch (const std::exception& e) {
-    last_error = e.what();
+    ferrotune::last_error() = e.what();
     return nullptr;
   }
 }
@@ -68,7 +70,7 @@ extern "C" int ft_pg_allreduce_sum(void* g, at::Tensor** tensors, size_t n) {
     }
     return 0;
   } catch (const std::exception& e) {
-    last_error = e.what();
+    ferrotune::last_error() = e.what();
     return -1;
   }
 }

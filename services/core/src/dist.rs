@@ -25,7 +25,7 @@ extern "C" {
     fn ft_pg_free(g: *mut c_void);
 }
 
-fn last_error() -> String {
+pub(crate) fn last_error() -> String {
     // SAFETY: a NUL-terminated thread-local string owned by the C++ side, valid until its next call here.
     unsafe { CStr::from_ptr(ft_pg_last_error()) }.to_string_lossy().into_owned()
 }
@@ -60,6 +60,11 @@ impl ProcessGroup {
             )));
         }
         Ok(Self { handle, rank, world })
+    }
+
+    /// The C++ group, for [`crate::grad_sync`].
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.handle
     }
 
     /// The c10d backend in use (`gloo`).
@@ -174,7 +179,7 @@ pub fn rank() -> usize {
     DistEnv::from_env().ok().flatten().map_or(0, |d| d.rank)
 }
 
-fn first_line(s: &str) -> &str {
+pub(crate) fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 

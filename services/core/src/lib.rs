@@ -19,6 +19,7 @@ pub mod gguf_quantize;
 pub mod gguf_quants;
 pub mod gguf_rope;
 pub mod gguf_spm;
+pub mod grad_sync;
 pub mod kernels;
 pub mod logprobs;
 pub mod lora;

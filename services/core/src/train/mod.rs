@@ -540,6 +540,9 @@ pub fn train<O: Algorithm>(
                     // Time in collectives this step, waiting for the other ranks included (`make bench-dist`).
                     m.insert("dist/comm_s".into(), trainer.comm_s);
                     m.insert("dist/step_s".into(), started.elapsed().as_secs_f64());
+                    // Gradient buckets whose all-reduce started inside the backward pass, of all.
+                    let (early, all) = trainer.buckets_early;
+                    m.insert("dist/buckets_overlapped".into(), early as f64 / all.max(1) as f64);
                 }
                 m
             },

@@ -85,6 +85,11 @@ pub struct Trainer {
     pub dist: Option<crate::dist::ProcessGroup>,
     /// Seconds the last update spent in collectives (waiting for the other ranks included).
     pub comm_s: f64,
+    /// Data parallelism: gradient buckets summed while the last micro-batch's backward pass runs (made at the
+    /// first update; off with `FERROTUNE_DIST_OVERLAP=0`).
+    sync: Option<crate::grad_sync::GradSync>,
+    /// Buckets whose all-reduce started during the last update's backward pass, of all buckets.
+    pub buckets_early: (usize, usize),
 }
 
 impl Trainer {
@@ -114,6 +119,8 @@ impl Trainer {
             config: cfg.clone(),
             dist: None,
             comm_s: 0.0,
+            sync: None,
+            buckets_early: (0, 0),
         })
     }
 
@@ -160,16 +167,40 @@ impl Trainer {
         self.comm_s = t0.elapsed().as_secs_f64();
         let scale = amp / units.max(1) as f64;
         self.opt.zero_grad()?;
+        if let (Some(g), None) = (&self.dist, &self.sync) {
+            if std::env::var("FERROTUNE_DIST_OVERLAP").map_or(true, |v| v != "0") {
+                let params: Vec<&Tensor> = self.opt.params.iter().map(|p| &p.tensor).collect();
+                let (bucket, first) = (crate::grad_sync::BUCKET_BYTES, crate::grad_sync::FIRST_BUCKET_BYTES);
+                self.sync = Some(crate::grad_sync::GradSync::new(g, &params, bucket, first)?);
+            }
+        }
         let mut loss_sum = 0.0;
         let first = self.micro_batches + (rank * n) as u64;
         for i in 0..n {
             model.set_dropout_seed(self.seed ^ (first + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            if i + 1 == n {
+                if let Some(s) = &mut self.sync {
+                    s.arm();
+                }
+            }
             loss_sum += backward(model, i, scale)?.nll;
         }
         self.micro_batches += (n * world) as u64;
         if let Some(g) = &mut self.dist {
             let t0 = std::time::Instant::now();
-            self.opt.all_reduce_grads(g)?;
+            let summed = match &mut self.sync {
+                Some(s) => match s.finish()? {
+                    crate::grad_sync::Finished::Summed { early } => {
+                        self.buckets_early = (early, s.buckets());
+                        true
+                    }
+                    crate::grad_sync::Finished::Stale => false,
+                },
+                None => false,
+            };
+            if !summed {
+                self.opt.all_reduce_grads(g)?;
+            }
             loss_sum = sum_over(g, loss_sum)?;
             self.comm_s += t0.elapsed().as_secs_f64();
         }

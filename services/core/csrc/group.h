@@ -1,0 +1,17 @@
+// The process group handle shared by the collectives (process_group.cpp) and the overlapped gradient sync
+// (grad_sync.cpp).
+#pragma once
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include <chrono>
+#include <string>
+
+namespace ferrotune {
+struct Group {
+  c10::intrusive_ptr<c10d::Backend> pg;
+  std::chrono::milliseconds timeout;
+};
+
+// The calling thread's last error message (ft_pg_last_error).
+std::string& last_error();
+}  // namespace ferrotune
