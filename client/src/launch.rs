@@ -3,7 +3,8 @@
 //! with the environment every rank reads (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`),
 //! for several machines taking the node count and rank from `PET_NNODES` / `NNODES` and `PET_NODE_RANK` /
 //! `NODE_RANK` and the master from `MASTER_ADDR` / `PET_MASTER_ADDR`. When a rank fails, the others are
-//! stopped and the command fails naming it.
+//! stopped and the command fails naming it. SIGINT / SIGTERM to the launcher pass SIGTERM on to every rank
+//! (each checkpoints and stops, so `--resume` continues).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -75,6 +76,11 @@ pub(crate) fn run(nproc: usize, device: &str, threads: Option<usize>) -> Result<
         .unwrap_or_else(|| std::env::var("OMP_NUM_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(cpus));
     let per_rank = (total / nproc).max(1);
     let exe = std::env::current_exe().context("this program's path")?;
+    let stop_asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop_asked.clone()).context("installing the signal handler")?;
+    }
+    let mut passed_on = false;
     let mut children: Vec<(usize, Child)> = vec![];
     for local in 0..nproc {
         let rank = node * nproc + local;
@@ -127,6 +133,15 @@ pub(crate) fn run(nproc: usize, device: &str, threads: Option<usize>) -> Result<
         }
         if running == 0 {
             return Ok(());
+        }
+        if !passed_on && stop_asked.load(std::sync::atomic::Ordering::Relaxed) {
+            passed_on = true;
+            for (_, c) in children.iter_mut() {
+                if c.try_wait()?.is_none() {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -606,3 +606,49 @@ fn jobs_commands_reach_reward_jobs_too() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("not found on") && err.contains(&reward.url), "{err}");
 }
+
+/// `policy.devices: [cpu, cpu]`: a served SFT job runs on 2 ranks (through the launcher of `--nproc-per-node`),
+/// streams its steps as job events and gives the losses of the CLI's own 2-rank run; cancelled, the ranks stop
+/// together after a checkpoint and the job ends cancelled.
+#[test]
+fn services_policy_with_two_devices_runs_sft_data_parallel() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().canonicalize().unwrap();
+    let policy = Server::start("policy", &root, &[("FERROTUNE__POLICY__DEVICES", "cpu,cpu")]);
+    let env = [("FERROTUNE__ENDPOINTS__POLICY", policy.url.as_str())];
+    let r = recipe(&root, "runs/dp", 4, 2);
+    let served = ok(&run_cli_env(&root, &env, &["train", "sft", "--recipe", r.to_str().unwrap(), "--json"]));
+    let steps = served.lines().filter(|l| l.contains("\"tokens_per_s\"")).count();
+    assert_eq!(steps, 4, "every step streamed as a job event: {served}");
+    assert!(last_json(&served)["done"].as_bool().unwrap_or(false), "{served}");
+    let cli = ["train", "sft", "--recipe", r.to_str().unwrap(), "--output-dir", "runs/cli", "--nproc-per-node", "2"];
+    ok(&run_cli_env(&root, &[], &cli));
+    let losses = |d: &str| -> Vec<(f64, bool)> {
+        std::fs::read_to_string(root.join(d).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| (v["loss"].as_f64().unwrap(), v["metrics"].get("dist/comm_s").is_some()))
+            .collect()
+    };
+    let (a, b) = (losses("runs/dp"), losses("runs/cli"));
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().all(|(_, dist)| *dist), "the served job ran on 2 ranks");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x.0 - y.0).abs() <= 1e-6 * y.0.abs(), "step {}: served {} vs CLI {}", i + 1, x.0, y.0);
+    }
+    assert!(root.join("runs/dp/adapter_model.safetensors").exists());
+    // Cancel a long one: every rank checkpoints and stops; the job ends cancelled.
+    let long = recipe(&root, "runs/long", 1_000_000, 2);
+    let text = std::fs::read_to_string(&long).unwrap();
+    let id = rt().block_on(async {
+        let mut p = PolicyServiceClient::connect(policy.url.clone()).await.unwrap();
+        let req = StartRecipeJobRequest { recipe_yaml: text, overrides: vec![], resume: false };
+        p.start_sft(req).await.unwrap().into_inner().job.unwrap().id
+    });
+    wait_job(&root, &env, &id, |j| j["step"].as_u64().unwrap_or(0) >= 3);
+    ok(&run_cli_env(&root, &env, &["jobs", "cancel", &id]));
+    let j = wait_job(&root, &env, &id, |j| j["state"] != "running" && j["state"] != "queued");
+    assert_eq!(j["state"].as_str(), Some("cancelled"), "{j}");
+    assert!(ferrotune_tests::newest_checkpoint(&root.join("runs/long")).unwrap_or(0) >= 3, "checkpointed on stop");
+}

@@ -28,10 +28,22 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("starting the session expiry thread: {e}"))?;
     let jobs = h.jobs()?;
     let threads = h.settings.policy.threads;
-    jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
-    jobs.register("dpo", Arc::new(ferrotune_training::dpo::DpoRunner), threads);
-    for kind in ["orpo", "simpo", "kto"] {
-        jobs.register(kind, Arc::new(ferrotune_training::preference::PreferenceRunner), threads);
+    let parallel = ferrotune_training::data_parallel::Devices::parse(&h.settings.policy.devices)
+        .map_err(|e| anyhow::anyhow!("policy.devices: {e}"))?;
+    match parallel {
+        Some(devices) => {
+            for kind in ["sft", "dpo", "orpo", "simpo", "kto"] {
+                let runner = ferrotune_training::data_parallel::DataParallel::runner(kind, devices.clone(), threads);
+                jobs.register(kind, runner, threads);
+            }
+        }
+        None => {
+            jobs.register("sft", Arc::new(ferrotune_training::sft::SftRunner), threads);
+            jobs.register("dpo", Arc::new(ferrotune_training::dpo::DpoRunner), threads);
+            for kind in ["orpo", "simpo", "kto"] {
+                jobs.register(kind, Arc::new(ferrotune_training::preference::PreferenceRunner), threads);
+            }
+        }
     }
     let svc = service::Policy {
         root: h.root.clone(),

@@ -177,6 +177,10 @@ pub struct Policy {
     /// log-probs and recipe jobs that set none of their own use it. Null: everything on `device`.
     #[serde(default)]
     pub device_map: Option<serde_json::Value>,
+    /// Several devices (all `cpu`, or distinct `cuda:N`): recipe jobs (SFT, DPO, ORPO, SimPO, KTO) run
+    /// data-parallel, one rank per device; generation and sessions stay on `device`. Empty or one: off.
+    #[serde(default)]
+    pub devices: Vec<String>,
     /// Weights dtype for generation and log-probs: f32, bf16 or f16.
     pub dtype: String,
     /// Loaded (model, adapter) pairs kept in memory.
@@ -216,6 +220,7 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("services")
             .with_list_parse_key("endpoints.reward")
+            .with_list_parse_key("policy.devices")
             .try_parsing(true);
         let cfg = b.add_source(env).build().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
         let s: Settings = cfg.try_deserialize().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;

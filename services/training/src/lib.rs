@@ -3,6 +3,7 @@
 //! one device (SFT, DPO, ORPO, SimPO, KTO, reward model), and the reward reference of online RL recipes (PPO, GRPO and RLOO
 //! run as sessions driven by the alignment service). No service crate depends on another.
 
+pub mod data_parallel;
 pub mod dpo;
 pub mod preference;
 pub mod queue;

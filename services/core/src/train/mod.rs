@@ -457,7 +457,13 @@ pub fn train<O: Algorithm>(
     let (mut last_loss, mut last_eval, mut stopped) = (f64::NAN, None, false);
     let mut checkpointed = pos.step;
     while pos.step < cfg.max_steps {
-        if should_stop() {
+        // Data parallel: the ranks stop together (each may see the signal or the cancel a step apart, and one
+        // that went on alone would wait for the others in its first all-reduce).
+        let stop = match &mut trainer.dist {
+            Some(g) => trainer::sum_over(g, f64::from(u8::from(should_stop())))? > 0.0,
+            None => should_stop(),
+        };
+        if stop {
             // Asked to stop (SIGINT/SIGTERM, job cancelled): keep the progress so `--resume` loses nothing.
             if pos.step > checkpointed && writer {
                 checkpoint::save(&ckpt_root, model, run.state, &trainer.opt, &pos, cfg.save_total_limit, run_id)?;

@@ -28,7 +28,7 @@ pub struct UpdateStats {
 }
 
 /// `x` summed over the ranks of `g`.
-fn sum_over(g: &mut crate::dist::ProcessGroup, x: f64) -> Result<f64> {
+pub(crate) fn sum_over(g: &mut crate::dist::ProcessGroup, x: f64) -> Result<f64> {
     let t = Tensor::from_slice(&[x]);
     g.all_reduce_sum(&[&t])?;
     Ok(f64::try_from(&t)?)
