@@ -12,7 +12,7 @@
 #
 # Checks: forward loss on cuda:0 (f32, bf16) against HF transformers on the same GPU and against ferrotune on
 # the CPU; generation on cuda:0; LoRA SFT losses on cuda:0 f32 against the CPU; the same with the layers split
-# between the CPU and cuda:0 by a device_map; LoRA and QLoRA SFT in bf16
+# between the CPU and cuda:0 by a device_map; 2-rank NCCL data parallelism (2 GPUs); LoRA and QLoRA SFT in bf16
 # on cuda:0; kill-and-resume on cuda:0 against an uninterrupted run; the training benchmark against HF PEFT
 # on the same GPU.
 set -uo pipefail
@@ -111,6 +111,19 @@ if sft split4 --max-steps 4 --set adapter.lora_dropout=0 --set device=cpu --set 
   "$py" -c "import sys; a=list(map(float,sys.argv[1].split())); b=list(map(float,sys.argv[2].split())); d=max(abs(x-y) for x,y in zip(a,b)); print('max |Δloss| = %.2e' % d); sys.exit(0 if len(a)==len(b)==4 and d<2e-3 else 1)" "$a" "$b" || fail "device_map split SFT losses differ from cpu"
 else
   fail "device_map split SFT"; tail -n 3 "$work/split4.log"
+fi
+
+section "data parallel over NCCL: 2 ranks (cuda:0, cuda:1) vs 1 rank with twice the accumulation, 4 steps"
+if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]; then
+  if sft nccl1 --max-steps 4 --set adapter.lora_dropout=0 --set device=cuda:0 --set training.micro_batch_size=2 --set training.gradient_accumulation_steps=2 \
+     && sft nccl2 --max-steps 4 --set adapter.lora_dropout=0 --set device=cuda:0 --set training.micro_batch_size=2 --set training.gradient_accumulation_steps=1 --nproc-per-node 2; then
+    a=$(losses "$work/nccl1"); b=$(losses "$work/nccl2"); echo "1 rank:  $a"; echo "2 ranks: $b"
+    "$py" -c "import sys; a=list(map(float,sys.argv[1].split())); b=list(map(float,sys.argv[2].split())); d=max(abs(x-y) for x,y in zip(a,b)); print('max |Δloss| = %.2e' % d); sys.exit(0 if len(a)==len(b)==4 and d<1e-4 else 1)" "$a" "$b" || fail "NCCL 2-rank losses differ"
+  else
+    fail "NCCL data parallel"; tail -n 3 "$work/nccl1.log" "$work/nccl2.log"
+  fi
+else
+  echo "skipped: one GPU (NCCL refuses two ranks on one device; a 1-rank NCCL group is checked by the core unit test nccl::)"
 fi
 
 for m in lora qlora; do

@@ -13,4 +13,9 @@ if [ "$have" != "$want" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "torch==$want" numpy >&2
 fi
+# The CUDA C++ core library headers (libcu++ `nv/target`), which the CUDA runtime headers of the wheel's
+# nvidia-* packages include: services/core/build.rs builds the NCCL shim with them (headers only).
+if ! "$venv/bin/python" -c 'import glob, sys; sys.exit(not glob.glob(sys.prefix + "/lib/python3*/site-packages/nvidia/cu13/include/nv/target"))'; then
+  "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-cccl==13.0.*" >&2
+fi
 echo "$venv"

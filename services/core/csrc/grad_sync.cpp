@@ -159,6 +159,7 @@ extern "C" int ft_gs_finish(void* h, size_t* launched_early) {
     while (s.next < s.buckets.size()) s.launch(s.next++);
     for (auto& w : s.works) w->wait(s.group->timeout);
     auto flag = at::full({1}, s.stale ? 1.0 : 0.0, at::kFloat);
+    if (s.group->cuda_device >= 0) flag = flag.to(at::Device(at::kCUDA, s.group->cuda_device));
     std::vector<at::Tensor> v{flag};
     s.group->pg->allreduce(v, s.opts())->wait(s.group->timeout);
     if (flag.item<float>() > 0) {

@@ -10,6 +10,8 @@ namespace ferrotune {
 struct Group {
   c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout;
+  // NCCL: the rank's CUDA device (collectives on host tensors are staged through it); Gloo: -1.
+  int cuda_device;
 };
 
 // The calling thread's last error message (ft_pg_last_error).

@@ -24,10 +24,19 @@ bool loopback(const std::string& host) { return host == "127.0.0.1" || host == "
 
 extern "C" const char* ft_pg_last_error() { return ferrotune::last_error().c_str(); }
 
+using NcclBackendFn = void* (*)(void* store, int rank, int world, int device, long long timeout_ms, char* err,
+                                size_t err_len);
+
 // Joins the group: rank 0 hosts the store on master_addr:port; every rank waits up to timeout_ms for the
-// others. Null on failure (ft_pg_last_error says why).
-extern "C" void* ft_pg_new(const char* master_addr, int port, int rank, int world, long long timeout_ms) {
+// others. The backend is Gloo, or NCCL on CUDA device `device` when `nccl` (nccl_group.cpp's
+// ft_nccl_backend, from the shim library) is given. Null on failure (ft_pg_last_error says why).
+extern "C" void* ft_pg_new(const char* master_addr, int port, int rank, int world, long long timeout_ms,
+                           void* nccl, int device) {
   try {
+    // c10d's flight recorder captures a traceback for every collective, and its first insertion of a group
+    // is unguarded (a race between groups of one process, as in the tests): off unless asked for. Read once,
+    // when the first group records.
+    setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
     std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
@@ -38,6 +47,17 @@ extern "C" void* ft_pg_new(const char* master_addr, int port, int rank, int worl
     std::string host(master_addr);
     auto tcp = c10::make_intrusive<c10d::TCPStore>(host, so);
     auto store = c10::make_intrusive<c10d::PrefixStore>("ferrotune/", tcp);
+    if (nccl != nullptr) {
+      c10::intrusive_ptr<c10d::Store> base = store;
+      char err[1024] = {0};
+      void* raw = reinterpret_cast<NcclBackendFn>(nccl)(&base, rank, world, device, timeout_ms, err, sizeof err);
+      if (raw == nullptr) {
+        ferrotune::last_error() = err;
+        return nullptr;
+      }
+      auto pg = c10::intrusive_ptr<c10d::Backend>::reclaim(static_cast<c10d::Backend*>(raw));
+      return new Group{pg, timeout, device};
+    }
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     const char* iface = std::getenv("GLOO_SOCKET_IFNAME");
     if (iface != nullptr && *iface != '\0') {
@@ -49,7 +69,7 @@ extern "C" void* ft_pg_new(const char* master_addr, int port, int rank, int worl
     }
     opts->threads = 2;
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
-    return new Group{pg, timeout};
+    return new Group{pg, timeout, -1};
   } catch (const std::exception& e) {
     ferrotune::last_error() = e.what();
     return nullptr;
@@ -61,12 +81,16 @@ extern "C" int ft_pg_allreduce_sum(void* g, at::Tensor** tensors, size_t n) {
   auto* group = static_cast<Group*>(g);
   try {
     for (size_t i = 0; i < n; ++i) {
-      std::vector<at::Tensor> v{*tensors[i]};
+      at::Tensor& t = *tensors[i];
+      // NCCL sums CUDA tensors only: host ones go through the group's device.
+      bool staged = group->cuda_device >= 0 && !t.is_cuda();
+      std::vector<at::Tensor> v{staged ? t.to(at::Device(at::kCUDA, group->cuda_device)) : t};
       c10d::AllreduceOptions o;
       o.reduceOp = c10d::ReduceOp::SUM;
       o.timeout = group->timeout;
       auto work = group->pg->allreduce(v, o);
       work->wait(group->timeout);
+      if (staged) t.copy_(v[0]);
     }
     return 0;
   } catch (const std::exception& e) {

@@ -48,16 +48,7 @@ impl ModelBundle {
     /// GGUF) does not list among them. Only for generation: the data and the reward scorer keep the declared
     /// EOS ids, so what is scored ends as what was trained.
     pub fn stop_ids(&self) -> Vec<u32> {
-        const TURN_ENDS: [&str; 4] = ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>"];
-        let mut ids = self.defaults.eos_ids.clone();
-        for t in TURN_ENDS.iter().filter(|t| self.template.source().contains(*t)) {
-            if let Some(id) = self.tokenizer.token_to_id(t) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-        }
-        ids
+        crate::chat::stop_ids(&self.defaults.eos_ids, &[self.template.source()], &self.tokenizer)
     }
 
     /// Attaches a PEFT adapter (LoRA or prompt tuning). When the adapter was trained by ferrotune on an NF4 base (QLoRA,

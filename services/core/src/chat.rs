@@ -80,6 +80,22 @@ pub(crate) fn special_token(cfg: &serde_json::Value, key: &str) -> Option<String
     }
 }
 
+/// `eos` and the turn-end tokens (`<end_of_turn>`, `<|im_end|>`, `<|eot_id|>`, `<|end|>`) that any of the chat
+/// templates `sources` (Jinja) writes and the tokenizer knows: where generation stops (see
+/// [`crate::ModelBundle::stop_ids`]).
+pub fn stop_ids(eos: &[u32], sources: &[&str], tok: &crate::Tokenizer) -> Vec<u32> {
+    const TURN_ENDS: [&str; 4] = ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>"];
+    let mut ids = eos.to_vec();
+    for t in TURN_ENDS.iter().filter(|t| sources.iter().any(|s| s.contains(*t))) {
+        if let Some(id) = tok.token_to_id(t) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
 impl ChatTemplate {
     /// The template a recipe asks for: `spec` names one of [`NAMED`] or a Jinja file; `None` is the model's
     /// own ([`ChatTemplate::from_dir`]). The special tokens are always the model's.

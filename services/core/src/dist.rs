@@ -18,6 +18,8 @@ extern "C" {
         rank: c_int,
         world: c_int,
         timeout_ms: c_longlong,
+        nccl: *mut c_void,
+        device: c_int,
     ) -> *mut c_void;
     fn ft_pg_allreduce_sum(g: *mut c_void, tensors: *const *mut C_tensor, n: usize) -> c_int;
     fn ft_pg_backend(g: *mut c_void) -> *const c_char;
@@ -28,6 +30,34 @@ extern "C" {
 pub(crate) fn last_error() -> String {
     // SAFETY: a NUL-terminated thread-local string owned by the C++ side, valid until its next call here.
     unsafe { CStr::from_ptr(ft_pg_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// The collective engine of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// c10d's ProcessGroupGloo (CPU; CUDA tensors through host copies).
+    Gloo,
+    /// c10d's ProcessGroupNCCL on this rank's CUDA device (from the NCCL shim, [`crate::nccl`]).
+    Nccl {
+        /// The rank's CUDA device index.
+        device: usize,
+    },
+}
+
+impl Backend {
+    /// NCCL for a CUDA `device`, Gloo otherwise; `FERROTUNE_DIST_BACKEND=gloo|nccl` overrides (NCCL still
+    /// needs a CUDA device).
+    pub fn for_device(device: tch::Device) -> Result<Self> {
+        let asked = std::env::var("FERROTUNE_DIST_BACKEND").unwrap_or_default();
+        match (asked.as_str(), device) {
+            ("" | "nccl", tch::Device::Cuda(i)) => Ok(Self::Nccl { device: i }),
+            ("nccl", d) => Err(CoreError::InvalidArgument(format!(
+                "FERROTUNE_DIST_BACKEND=nccl: NCCL sums CUDA tensors, and this job trains on {d:?} (use gloo)"
+            ))),
+            ("" | "gloo", _) => Ok(Self::Gloo),
+            (other, _) => Err(CoreError::InvalidArgument(format!("FERROTUNE_DIST_BACKEND={other}: use gloo or nccl"))),
+        }
+    }
 }
 
 /// One process's membership of a group of `world` ranks.
@@ -43,19 +73,37 @@ pub struct ProcessGroup {
 unsafe impl Send for ProcessGroup {}
 
 impl ProcessGroup {
-    /// Joins the group at `addr:port` as `rank` of `world`, waiting up to `timeout` for every rank (and
+    /// Joins the group at `addr:port` as `rank` of `world` on Gloo, waiting up to `timeout` for every rank (and
     /// bounding every later collective by it).
     pub fn join(addr: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Self> {
+        Self::join_on(addr, port, rank, world, timeout, Backend::Gloo)
+    }
+
+    /// [`Self::join`] on `backend`.
+    pub fn join_on(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        backend: Backend,
+    ) -> Result<Self> {
         if world == 0 || rank >= world {
             return Err(CoreError::InvalidArgument(format!("rank {rank} is not in a group of {world}")));
         }
         let host = CString::new(addr).map_err(|_| CoreError::InvalidArgument(format!("master address `{addr}`")))?;
         let ms = timeout.as_millis().min(i64::MAX as u128) as c_longlong;
-        // SAFETY: valid C string for the call; the result is null or an owned handle.
-        let handle = unsafe { ft_pg_new(host.as_ptr(), port as c_int, rank as c_int, world as c_int, ms) };
+        let (nccl, device) = match backend {
+            Backend::Gloo => (std::ptr::null_mut(), -1),
+            Backend::Nccl { device } => (crate::nccl::backend_fn()?, device as c_int),
+        };
+        // SAFETY: valid C string for the call; `nccl` is null or ft_nccl_backend from the loaded shim; the
+        // result is null or an owned handle.
+        let handle =
+            unsafe { ft_pg_new(host.as_ptr(), port as c_int, rank as c_int, world as c_int, ms, nccl, device) };
         if handle.is_null() {
             return Err(CoreError::Unavailable(format!(
-                "rank {rank} of {world}: the group at {addr}:{port} did not form within {timeout:?}: {}",
+                "rank {rank} of {world}: joining the group at {addr}:{port} failed (the ranks wait {timeout:?} for each other): {}",
                 first_line(&last_error())
             )));
         }
@@ -67,7 +115,7 @@ impl ProcessGroup {
         self.handle
     }
 
-    /// The c10d backend in use (`gloo`).
+    /// The c10d backend in use (`gloo`, `nccl`).
     pub fn backend(&self) -> String {
         // SAFETY: live handle; the string is copied at once.
         unsafe { CStr::from_ptr(ft_pg_backend(self.handle)) }.to_string_lossy().into_owned()
@@ -168,9 +216,11 @@ impl DistEnv {
         Self::from_vars(&|k| std::env::var(k).ok())
     }
 
-    /// Joins the group this environment describes.
-    pub fn join(&self) -> Result<ProcessGroup> {
-        ProcessGroup::join(&self.master_addr, self.master_port, self.rank, self.world, self.timeout)
+    /// Joins the group this environment describes, on the backend for a job training on `device`
+    /// ([`Backend::for_device`]).
+    pub fn join(&self, device: tch::Device) -> Result<ProcessGroup> {
+        let backend = Backend::for_device(device)?;
+        ProcessGroup::join_on(&self.master_addr, self.master_port, self.rank, self.world, self.timeout, backend)
     }
 }
 
@@ -265,7 +315,7 @@ mod tests {
         let started = std::time::Instant::now();
         let e = ProcessGroup::join("127.0.0.1", port, 0, 2, Duration::from_millis(1500)).err().unwrap();
         assert!(started.elapsed() < Duration::from_secs(20), "bounded by the timeout");
-        assert!(e.to_string().contains("did not form within"), "{e}");
+        assert!(e.to_string().contains("joining the group") && e.to_string().contains("wait 1.5s"), "{e}");
         assert!(ProcessGroup::join("127.0.0.1", port, 2, 2, Duration::from_secs(1)).is_err());
     }
 }

@@ -25,6 +25,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod merge;
 pub mod models;
+pub mod nccl;
 pub mod nf4;
 pub mod perplexity;
 pub mod prefix_tuning;

@@ -238,7 +238,7 @@ impl Policy {
                     updates: session.updates() as u32,
                     restored,
                     device,
-                    eos_ids: session.defaults.eos_ids.clone(),
+                    eos_ids: session.stop_ids.clone(),
                     pad_id: session.defaults.pad_id,
                 };
                 tracing::info!(session = %id, restored, updates = info.updates, "training session open");

@@ -439,7 +439,7 @@ pub fn train<O: Algorithm>(
     let dist = crate::dist::DistEnv::from_env()?;
     let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
     if let Some(d) = &dist {
-        trainer.dist = Some(d.join()?);
+        trainer.dist = Some(d.join(model.device())?);
     }
     let writer = rank == 0;
     if let Some(dir) = &resume_from {

@@ -157,6 +157,9 @@ pub struct PolicySession {
     pub tokenizer: Tokenizer,
     /// EOS and pad ids.
     pub defaults: ModelDefaults,
+    /// Where rollouts stop: the EOS ids and the chat template's turn end (the base's template, or the one a
+    /// continued adapter was trained with), as [`crate::ModelBundle::stop_ids`] for generation.
+    pub stop_ids: Vec<u32>,
     trainer: Trainer,
     state: Box<dyn TrainableState + Send>,
     updates: usize,
@@ -167,6 +170,15 @@ impl PolicySession {
     pub fn open(spec: &SessionSpec) -> Result<Self> {
         let tokenizer = Tokenizer::from_dir(&spec.base)?;
         let defaults = ModelDefaults::from_dir(&spec.base, &tokenizer)?;
+        let mut templates = vec![crate::chat::ChatTemplate::from_dir(&spec.base)?.source().to_owned()];
+        if let AdapterInit::Continue(dir) = &spec.adapter {
+            let jinja = dir.join("chat_template.jinja");
+            if crate::fsx::is_file(&jinja) {
+                templates.push(crate::fsx::read_to_string(&jinja).map_err(|e| CoreError::io(&jinja, e))?);
+            }
+        }
+        let sources: Vec<&str> = templates.iter().map(String::as_str).collect();
+        let stop_ids = crate::chat::stop_ids(&defaults.eos_ids, &sources, &tokenizer);
         let mut model = crate::models::load_model_placed(&spec.base, spec.kind, spec.device, spec.device_map.as_ref())?;
         if spec.qlora {
             model.quantize_nf4()?;
@@ -186,7 +198,7 @@ impl PolicySession {
             Box::new(LoraState { cfg, base_model })
         };
         let trainer = Trainer::new(state.params(&mut model), &spec.train)?;
-        Ok(Self { model, tokenizer, defaults, trainer, state, updates: 0 })
+        Ok(Self { model, tokenizer, defaults, stop_ids, trainer, state, updates: 0 })
     }
 
     /// Updates done so far.
@@ -205,7 +217,7 @@ impl PolicySession {
             max_new_tokens: spec.max_new_tokens,
             sampling: spec.sampling,
             seed: spec.seed,
-            eos_ids: self.defaults.eos_ids.clone(),
+            eos_ids: self.stop_ids.clone(),
             stop_strings: spec.stop.clone(),
             pad_id: self.defaults.pad_id,
         };

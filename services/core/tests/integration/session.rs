@@ -180,3 +180,31 @@ fn ppo_sessions_train_and_checkpoint_the_value_head() {
     let e = plain.update(&b, &UpdateLoss::Ppo(ppo), 1.0, 1e-2, 4).unwrap_err().to_string();
     assert!(e.contains("value head"), "{e}");
 }
+
+#[test]
+fn rollouts_stop_at_the_chat_templates_turn_end_when_the_eos_is_another_token() {
+    // The tiny chat model re-declared with `<|endoftext|>` (id 0) as its EOS everywhere: its ChatML template still
+    // ends turns with `<|im_end|>`, so rollouts must stop there too, as generation does.
+    let t = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(tiny_chat()).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        let text = match name {
+            "generation_config.json" => br#"{"bos_token_id": 1, "eos_token_id": 0}"#.to_vec(),
+            "config.json" => {
+                String::from_utf8(text).unwrap().replace(r#""eos_token_id": 2"#, r#""eos_token_id": 0"#).into()
+            }
+            "tokenizer_config.json" => String::from_utf8(text)
+                .unwrap()
+                .replace(r#""eos_token": "<|im_end|>""#, r#""eos_token": "<|endoftext|>""#)
+                .into(),
+            _ => text,
+        };
+        std::fs::write(t.path().join(name), text).unwrap();
+    }
+    let s = PolicySession::open(&SessionSpec { base: t.path().to_path_buf(), ..spec() }).unwrap();
+    assert_eq!(s.defaults.eos_ids, vec![0], "the declared EOS");
+    let im_end = s.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(s.stop_ids, vec![0, im_end], "plus the template's turn end");
+}
