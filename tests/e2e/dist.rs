@@ -129,6 +129,12 @@ fn dist_sft_two_ranks_equal_one_rank_with_twice_the_accumulation() {
     two_ranks_equal_one(&["train", "sft"], "recipes/lora-sft.yaml", "recipes/data/pirate-train.jsonl");
 }
 
+/// KTO reports its per-kind rewards only for the kinds a batch holds: the ranks pool each over those that saw it.
+#[test]
+fn dist_kto_two_ranks_equal_one_rank_with_twice_the_accumulation() {
+    two_ranks_equal_one(&["align", "kto"], "recipes/kto.yaml", "recipes/data/pirate-kto-train.jsonl");
+}
+
 #[test]
 fn dist_dpo_two_ranks_equal_one_rank_with_twice_the_accumulation() {
     two_ranks_equal_one(&["align", "dpo"], "recipes/dpo.yaml", "recipes/data/pirate-prefs-train.jsonl");

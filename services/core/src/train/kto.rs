@@ -232,6 +232,20 @@ impl Objective for KtoObjective {
 
     fn take_metrics(&self) -> BTreeMap<String, f64> {
         let mut m = self.metrics.take();
+        self.derive_metrics(&mut m);
+        m
+    }
+
+    fn take_metric_sums(&self) -> BTreeMap<String, (f64, usize)> {
+        self.metrics.take_sums()
+    }
+
+    fn metric_names(&self) -> Option<Vec<String>> {
+        let names = ["kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"];
+        Some(["", "eval_"].iter().flat_map(|p| names.iter().map(move |n| format!("{p}{n}"))).collect())
+    }
+
+    fn derive_metrics(&self, m: &mut BTreeMap<String, f64>) {
         // TRL's margin: the mean chosen reward minus the mean rejected one, when both were seen.
         for prefix in ["", "eval_"] {
             if let (Some(c), Some(r)) =
@@ -241,6 +255,5 @@ impl Objective for KtoObjective {
                 m.insert(format!("{prefix}rewards/margins"), margin);
             }
         }
-        m
     }
 }

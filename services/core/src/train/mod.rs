@@ -61,9 +61,17 @@ pub trait Objective {
         Default::default()
     }
     /// [`Objective::take_metrics`] as (sum, count) per name, so that data-parallel ranks can pool them; by
-    /// default each mean counts once.
+    /// default each mean counts once. Metrics derived from others (KTO's margin) are left to
+    /// [`Objective::derive_metrics`].
     fn take_metric_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
         self.take_metrics().into_iter().map(|(k, v)| (k, (v, 1))).collect()
+    }
+    /// Adds the metrics computed from pooled means (after [`Objective::take_metric_sums`] is pooled).
+    fn derive_metrics(&self, _m: &mut std::collections::BTreeMap<String, f64>) {}
+    /// Every name [`Objective::take_metric_sums`] can report, when some are reported only for some batches
+    /// (KTO's per-kind rewards): data-parallel ranks then pool each name over the ranks that saw it.
+    fn metric_names(&self) -> Option<Vec<String>> {
+        None
     }
 }
 
@@ -92,6 +100,12 @@ pub trait Algorithm {
     /// [`Algorithm::take_metrics`] as (sum, count) per name (see [`Objective::take_metric_sums`]).
     fn take_metric_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
         self.take_metrics().into_iter().map(|(k, v)| (k, (v, 1))).collect()
+    }
+    /// See [`Objective::derive_metrics`].
+    fn derive_metrics(&self, _m: &mut std::collections::BTreeMap<String, f64>) {}
+    /// See [`Objective::metric_names`].
+    fn metric_names(&self) -> Option<Vec<String>> {
+        None
     }
     /// A number the algorithm carries from step to step (PPO's adaptive KL coefficient), kept in checkpoints.
     fn carried(&self) -> Option<f64> {
@@ -126,6 +140,14 @@ impl<O: Objective> Algorithm for O {
 
     fn take_metric_sums(&self) -> std::collections::BTreeMap<String, (f64, usize)> {
         Objective::take_metric_sums(self)
+    }
+
+    fn derive_metrics(&self, m: &mut std::collections::BTreeMap<String, f64>) {
+        Objective::derive_metrics(self, m)
+    }
+
+    fn metric_names(&self) -> Option<Vec<String>> {
+        Objective::metric_names(self)
     }
 }
 
@@ -539,7 +561,12 @@ pub fn train<O: Algorithm>(
             skipped,
             metrics: {
                 let mut m = match &mut trainer.dist {
-                    Some(g) => trainer::mean_over_ranks(g, run.objective.take_metric_sums())?,
+                    Some(g) => {
+                        let names = run.objective.metric_names();
+                        let mut m = trainer::mean_over_ranks(g, run.objective.take_metric_sums(), names)?;
+                        run.objective.derive_metrics(&mut m);
+                        m
+                    }
                     None => run.objective.take_metrics(),
                 };
                 if trainer.dist.is_some() {

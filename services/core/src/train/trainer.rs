@@ -36,12 +36,28 @@ pub(crate) fn sum_over(g: &mut crate::dist::ProcessGroup, x: f64) -> Result<f64>
 
 /// Per-step objective metrics as the whole data-parallel step saw them: each name's sums and counts pooled
 /// over the ranks, then divided (a metric recorded for some examples only, as KTO's, is weighted by how many each
-/// rank saw). When the ranks do not report the same names (one saw no example of a kind, or evaluated alone),
-/// each keeps its own means — decided together, so every rank makes the same collective calls.
+/// rank saw). With `names`, every name the objective can report: a rank that did not see one (no example of a
+/// kind this step) adds nothing to it, and a name no rank saw is left out. Without, when the ranks do not report
+/// the same names each keeps its own means — decided together, so every rank makes the same collective calls.
 pub fn mean_over_ranks(
     g: &mut crate::dist::ProcessGroup,
     m: std::collections::BTreeMap<String, (f64, usize)>,
+    names: Option<Vec<String>>,
 ) -> Result<std::collections::BTreeMap<String, f64>> {
+    if let Some(names) = names {
+        let get = |k: &String| m.get(k).copied().unwrap_or((0.0, 0));
+        let values: Vec<f64> = names.iter().map(|k| get(k).0).chain(names.iter().map(|k| get(k).1 as f64)).collect();
+        let t = Tensor::from_slice(&values);
+        g.all_reduce_sum(&[&t])?;
+        let pooled = Vec::<f64>::try_from(&t)?;
+        let n = names.len();
+        return Ok(names
+            .into_iter()
+            .enumerate()
+            .filter(|&(i, _)| pooled[n + i] > 0.0)
+            .map(|(i, k)| (k, pooled[i] / pooled[n + i]))
+            .collect());
+    }
     let means = |m: std::collections::BTreeMap<String, (f64, usize)>| {
         m.into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect()
     };
