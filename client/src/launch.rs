@@ -4,7 +4,7 @@
 //! for several machines taking the node count and rank from `PET_NNODES` / `NNODES` and `PET_NODE_RANK` /
 //! `NODE_RANK` and the master from `MASTER_ADDR` / `PET_MASTER_ADDR`. When a rank fails, the others are
 //! stopped and the command fails naming it. SIGINT / SIGTERM to the launcher pass SIGTERM on to every rank
-//! (each checkpoints and stops, so `--resume` continues).
+//! (each checkpoints and stops, so `--resume` continues); a second one stops them (SIGKILL after 30 s).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -134,7 +134,12 @@ pub(crate) fn run(nproc: usize, device: &str, threads: Option<usize>) -> Result<
         if running == 0 {
             return Ok(());
         }
-        if !passed_on && stop_asked.load(std::sync::atomic::Ordering::Relaxed) {
+        if stop_asked.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            if passed_on {
+                // Asked again while the ranks stop: SIGTERM once more, SIGKILL after 30 s.
+                stop(&mut children);
+                bail!("stopped on a second signal; --resume continues from the newest checkpoint");
+            }
             passed_on = true;
             for (_, c) in children.iter_mut() {
                 if c.try_wait()?.is_none() {

@@ -55,6 +55,9 @@ pub(crate) fn launch(
         anyhow::bail!("--nproc-per-node starts the ranks on this machine, with embedded services; unset the remote endpoint (or run ferrotune on each node with torchrun's environment)");
     }
     let (_, _, r) = load(a)?;
+    if r.device_map.is_some() {
+        anyhow::bail!("--nproc-per-node gives each rank one device; remove the recipe's device_map (or run one rank per node with torchrun's environment)");
+    }
     crate::launch::run(n, &r.device, threads)
 }
 

@@ -75,8 +75,16 @@ fn job(cmd: &[&str], recipe: &str, data: &str, out: &Path, extra: &[&str]) -> st
 /// The same job on 1 rank with accumulation 2 and on 2 ranks with accumulation 1: per-step losses and gradient
 /// norms within 1e-5 relative, the final adapters within 1e-5 of their largest weight.
 fn two_ranks_equal_one(cmd: &[&str], recipe: &str, data: &str) {
+    two_ranks_equal_one_with(cmd, recipe, data, &[], 1.0)
+}
+
+/// [`two_ranks_equal_one`] with `extra` arguments, the 2-rank run's `dist/buckets_overlapped` being `overlapped`
+/// on every step.
+fn two_ranks_equal_one_with(cmd: &[&str], recipe: &str, data: &str, extra: &[&str], overlapped: f64) {
     let t = tempfile::tempdir().unwrap();
-    let common = ["--max-steps", "6", "--set", "training.micro_batch_size=2", "--set", "training.save_steps=3"];
+    let common =
+        [&["--max-steps", "6", "--set", "training.micro_batch_size=2", "--set", "training.save_steps=3"], extra]
+            .concat();
     let one = t.path().join("one");
     job(cmd, recipe, data, &one, &[&common[..], &["--set", "training.gradient_accumulation_steps=2"]].concat());
     let two = t.path().join("two");
@@ -86,10 +94,10 @@ fn two_ranks_equal_one(cmd: &[&str], recipe: &str, data: &str) {
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6, "rank 0 alone wrote metrics.jsonl");
     // The sums were made by the buckets started inside the backward pass, not by the fallback after it.
-    let overlapped =
+    let overlapped_of =
         |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["metrics"]["dist/buckets_overlapped"].as_f64();
     let text = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
-    assert!(text.lines().all(|l| overlapped(l) == Some(1.0)), "{text}");
+    assert!(text.lines().all(|l| overlapped_of(l) == Some(overlapped)), "{text}");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(rel(x.0, y.0) <= 1e-5, "step {}: loss {} (1 rank) vs {} (2 ranks)", i + 1, x.0, y.0);
         assert!(rel(x.1, y.1) <= 1e-5, "step {}: grad norm {} vs {}", i + 1, x.1, y.1);
@@ -110,7 +118,10 @@ fn two_ranks_equal_one(cmd: &[&str], recipe: &str, data: &str) {
         }
     }
     let load = |d: &Path| {
-        let mut v = tch::Tensor::read_safetensors(d.join("adapter_model.safetensors")).unwrap();
+        // An adapter, or (full fine-tuning) the whole model.
+        let adapter = d.join("adapter_model.safetensors");
+        let file = if adapter.exists() { adapter } else { d.join("model.safetensors") };
+        let mut v = tch::Tensor::read_safetensors(file).unwrap();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
@@ -127,6 +138,14 @@ fn two_ranks_equal_one(cmd: &[&str], recipe: &str, data: &str) {
 #[test]
 fn dist_sft_two_ranks_equal_one_rank_with_twice_the_accumulation() {
     two_ranks_equal_one(&["train", "sft"], "recipes/lora-sft.yaml", "recipes/data/pirate-train.jsonl");
+}
+
+/// Full fine-tuning reaches the tied embedding and the head's chunks in several backward calls: the first step's
+/// buckets are stale, the ranks agree to sum after the backward pass, and do so for the rest of the run.
+#[test]
+fn dist_full_fine_tuning_falls_back_to_summing_after_the_backward_pass() {
+    let full = ["--set", "adapter.method=full", "--set", "training.learning_rate=1e-4"];
+    two_ranks_equal_one_with(&["train", "sft"], "recipes/lora-sft.yaml", "recipes/data/pirate-train.jsonl", &full, 0.0);
 }
 
 /// KTO reports its per-kind rewards only for the kinds a batch holds: the ranks pool each over those that saw it.
@@ -333,4 +352,9 @@ fn device_map_split_training_equals_unsplit() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("device_map") && err.contains("cuda:3"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Data-parallel ranks take one device each: a device map with them is refused before any rank starts.
+    let o = sft(&t.path().join("dp"), &["--max-steps", "3", "--set", "device_map=[cpu, cpu]", "--nproc-per-node", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("device_map") && err.contains("one device"), "{err}");
+    assert!(!t.path().join("dp").exists(), "no rank started");
 }

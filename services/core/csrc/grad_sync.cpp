@@ -50,12 +50,17 @@ struct Sync {
       parts.push_back(g.defined() ? g.detach().reshape({-1}) : at::zeros({p.numel()}, p.options()));
     }
     flats[b] = at::cat(parts);
+    // NCCL sums tensors on the rank's CUDA device only (parameters a device map left elsewhere go through it).
+    if (group->cuda_device >= 0) flats[b] = flats[b].to(at::Device(at::kCUDA, group->cuda_device));
     std::vector<at::Tensor> v{flats[b]};
     works[b] = group->pg->allreduce(v, opts());
   }
 
   void launch_ready() {
-    while (next < buckets.size() && pending[next] == 0) launch(next++);
+    while (next < buckets.size() && pending[next] == 0) {
+      launch(next);
+      ++next;
+    }
   }
 
   void reset() {
@@ -156,8 +161,13 @@ extern "C" int ft_gs_finish(void* h, size_t* launched_early) {
     std::lock_guard<std::mutex> lock(s.mu);
     s.armed = false;
     *launched_early = s.next;
-    while (s.next < s.buckets.size()) s.launch(s.next++);
-    for (auto& w : s.works) w->wait(s.group->timeout);
+    while (s.next < s.buckets.size()) {
+      s.launch(s.next);
+      ++s.next;
+    }
+    for (auto& w : s.works) {
+      if (w) w->wait(s.group->timeout);
+    }
     auto flag = at::full({1}, s.stale ? 1.0 : 0.0, at::kFloat);
     if (s.group->cuda_device >= 0) flag = flag.to(at::Device(at::kCUDA, s.group->cuda_device));
     std::vector<at::Tensor> v{flag};

@@ -31,10 +31,21 @@ fn load() -> std::result::Result<*mut c_void, String> {
     if SHIM.is_empty() {
         return Err("this build has no NCCL support (its libtorch came without the CUDA and NCCL headers)".into());
     }
-    // One file per shim content: ranks racing here each write their own temp file and rename it into place.
+    // In a directory only this user can write (so nobody else can plant a library there), one file per shim
+    // content: ranks racing here each write their own temp file and rename it into place; an existing file is
+    // used only when it holds exactly these bytes.
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("ferrotune-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!("{} is not a directory of this user's alone (mode 0700)", dir.display()));
+    }
     let hash = SHIM.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    let path = std::env::temp_dir().join(format!("ferrotune-nccl-{hash:016x}.so"));
-    if std::fs::metadata(&path).map_or(true, |m| m.len() != SHIM.len() as u64) {
+    let path = dir.join(format!("nccl-{hash:016x}.so"));
+    if std::fs::read(&path).map_or(true, |b| b != SHIM) {
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         std::fs::write(&tmp, SHIM).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &path).map_err(|e| format!("placing {}: {e}", path.display()))?;

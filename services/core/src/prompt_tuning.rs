@@ -46,7 +46,8 @@ impl CausalLm {
             return Err(CoreError::InvalidArgument(format!("num_virtual_tokens must be in 1..=4096, got {n}")));
         }
         let h = self.cfg.hidden_size;
-        let dev = self.device();
+        // Where the virtual tokens join the sequence (the embedding's device, under a device map too).
+        let dev = self.embed_tokens.device();
         let init = match &cfg.init {
             PromptInit::Random => {
                 let mut rng = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);

@@ -30,6 +30,11 @@ pub fn host(h: &mut Hosting) -> anyhow::Result<()> {
     let threads = h.settings.policy.threads;
     let parallel = ferrotune_training::data_parallel::Devices::parse(&h.settings.policy.devices)
         .map_err(|e| anyhow::anyhow!("policy.devices: {e}"))?;
+    if parallel.is_some() && h.settings.policy.device_map.is_some() {
+        anyhow::bail!(
+            "policy.devices and policy.device_map cannot both be set: data-parallel ranks take one device each"
+        );
+    }
     match parallel {
         Some(devices) => {
             for kind in ["sft", "dpo", "orpo", "simpo", "kto"] {

@@ -2,8 +2,8 @@
 //! device, through the same launcher as `--nproc-per-node` — this program started as
 //! `ferrotune train sft|align … --nproc-per-node N --json` on the resolved recipe, with embedded services and
 //! none of the server's settings — and is followed from here: rank 0's progress and log lines become this job's
-//! events, its end this job's end. Cancelling (or the server draining) sends SIGTERM to the launcher, which
-//! passes it to every rank; they checkpoint, so the job resumes like any other.
+//! events, its end this job's end. Cancelling (or the server draining) sends SIGTERM to the launcher and its
+//! ranks (one process group); they checkpoint, so the job resumes like any other.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
@@ -89,6 +89,9 @@ impl JobRunner for DataParallel {
         // The launched rank 0 claims the output dir for its own job; this one only reads the spec.
         let mut r: Recipe = serde_json::from_value(ctx.spec["recipe"].clone()).context("job spec: recipe")?;
         let resume = ctx.resume || ctx.spec["resume"].as_bool().unwrap_or(false);
+        if r.device_map.is_some() {
+            bail!("device_map: this service runs recipe jobs data-parallel (policy.devices), one device per rank");
+        }
         let dir = r.output_dir.join(".data-parallel");
         ferrotune_core::fsx::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
         r.device = match &self.devices {
@@ -181,11 +184,19 @@ fn parse_line(l: &str) -> Line {
 
 /// Runs the launcher, turning rank 0's lines into job events; SIGTERM to it when the job must stop.
 fn follow(mut cmd: Command, ctx: &JobContext) -> Result<JobOutcome> {
+    // Its own process group (the ranks join it): a stop reaches the launcher and every rank at once.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("starting the ranks")?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let out = child.stdout.take().expect("piped");
     std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+        let mut r = BufReader::new(out);
+        let mut buf = vec![];
+        // Lossy, line by line to the end: a line that is not UTF-8 must not stop the reading (rank 0 would block
+        // on a full pipe).
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let l = String::from_utf8_lossy(&buf).trim_end().to_owned();
+            buf.clear();
             if tx.send(l).is_err() {
                 break;
             }
@@ -201,8 +212,8 @@ fn follow(mut cmd: Command, ctx: &JobContext) -> Result<JobOutcome> {
     loop {
         if ctx.should_stop() && !signalled {
             signalled = true;
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // SAFETY: kill(2) on the process group our own child leads.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) => match parse_line(&l) {

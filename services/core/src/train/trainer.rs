@@ -97,13 +97,17 @@ pub struct Trainer {
     pub loss_scale: Option<(i32, u64)>,
     /// The settings it was built with.
     pub config: TrainConfig,
+    /// Data parallelism: gradient buckets summed while the last micro-batch's backward pass runs (made at the
+    /// first update; off with `FERROTUNE_DIST_OVERLAP=0`, and for the rest of the run after a step where a
+    /// gradient grew after its bucket started). Declared before `dist`, so that it is dropped first: it sums on
+    /// that group.
+    sync: Option<crate::grad_sync::GradSync>,
+    /// The overlap fell back once: no more buckets for this run.
+    sync_off: bool,
     /// Data parallelism: the group whose ranks' gradients are summed before every update.
     pub dist: Option<crate::dist::ProcessGroup>,
     /// Seconds the last update spent in collectives (waiting for the other ranks included).
     pub comm_s: f64,
-    /// Data parallelism: gradient buckets summed while the last micro-batch's backward pass runs (made at the
-    /// first update; off with `FERROTUNE_DIST_OVERLAP=0`).
-    sync: Option<crate::grad_sync::GradSync>,
     /// Buckets whose all-reduce started during the last update's backward pass, of all buckets.
     pub buckets_early: (usize, usize),
 }
@@ -136,6 +140,7 @@ impl Trainer {
             dist: None,
             comm_s: 0.0,
             sync: None,
+            sync_off: false,
             buckets_early: (0, 0),
         })
     }
@@ -183,7 +188,7 @@ impl Trainer {
         self.comm_s = t0.elapsed().as_secs_f64();
         let scale = amp / units.max(1) as f64;
         self.opt.zero_grad()?;
-        if let (Some(g), None) = (&self.dist, &self.sync) {
+        if let (Some(g), None, false) = (&self.dist, &self.sync, self.sync_off) {
             if std::env::var("FERROTUNE_DIST_OVERLAP").map_or(true, |v| v != "0") {
                 let params: Vec<&Tensor> = self.opt.params.iter().map(|p| &p.tensor).collect();
                 let (bucket, first) = (crate::grad_sync::BUCKET_BYTES, crate::grad_sync::FIRST_BUCKET_BYTES);
@@ -210,10 +215,19 @@ impl Trainer {
                         self.buckets_early = (early, s.buckets());
                         true
                     }
-                    crate::grad_sync::Finished::Stale => false,
+                    crate::grad_sync::Finished::Stale => {
+                        // A weight reached by several backward calls (full fine-tuning's chunked head): it
+                        // would fall back on every step, so the run sums after the backward pass from now on.
+                        self.sync_off = true;
+                        self.buckets_early = (0, s.buckets());
+                        false
+                    }
                 },
                 None => false,
             };
+            if self.sync_off {
+                self.sync = None;
+            }
             if !summed {
                 self.opt.all_reduce_grads(g)?;
             }
