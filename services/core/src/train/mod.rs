@@ -540,6 +540,28 @@ pub fn train<O: Algorithm>(
         } else {
             None
         };
+        // The step's metrics before its checkpoint: pooling them is a collective, and a rank dying there must
+        // not leave a checkpoint whose metrics line was never written (a resume would then miss that line).
+        let step_metrics = {
+            let mut m = match &mut trainer.dist {
+                Some(g) => {
+                    let names = run.objective.metric_names();
+                    let mut m = trainer::mean_over_ranks(g, run.objective.take_metric_sums(), names)?;
+                    run.objective.derive_metrics(&mut m);
+                    m
+                }
+                None => run.objective.take_metrics(),
+            };
+            if trainer.dist.is_some() {
+                // Time in collectives this step, waiting for the other ranks included (`make bench-dist`).
+                m.insert("dist/comm_s".into(), trainer.comm_s);
+                m.insert("dist/step_s".into(), started.elapsed().as_secs_f64());
+                // Gradient buckets whose all-reduce started inside the backward pass, of all.
+                let (early, all) = trainer.buckets_early;
+                m.insert("dist/buckets_overlapped".into(), early as f64 / all.max(1) as f64);
+            }
+            m
+        };
         let checkpoint = if writer && (last || (cfg.save_steps > 0 && pos.step % cfg.save_steps == 0)) {
             checkpointed = pos.step;
             Some(checkpoint::save(&ckpt_root, model, run.state, &trainer.opt, &pos, cfg.save_total_limit, run_id)?)
@@ -559,26 +581,7 @@ pub fn train<O: Algorithm>(
             checkpoint,
             loss_scale: (amp != 1.0).then_some(amp),
             skipped,
-            metrics: {
-                let mut m = match &mut trainer.dist {
-                    Some(g) => {
-                        let names = run.objective.metric_names();
-                        let mut m = trainer::mean_over_ranks(g, run.objective.take_metric_sums(), names)?;
-                        run.objective.derive_metrics(&mut m);
-                        m
-                    }
-                    None => run.objective.take_metrics(),
-                };
-                if trainer.dist.is_some() {
-                    // Time in collectives this step, waiting for the other ranks included (`make bench-dist`).
-                    m.insert("dist/comm_s".into(), trainer.comm_s);
-                    m.insert("dist/step_s".into(), started.elapsed().as_secs_f64());
-                    // Gradient buckets whose all-reduce started inside the backward pass, of all.
-                    let (early, all) = trainer.buckets_early;
-                    m.insert("dist/buckets_overlapped".into(), early as f64 / all.max(1) as f64);
-                }
-                m
-            },
+            metrics: step_metrics,
         };
         if let Some(m) = &mut metrics {
             m.write(&ev)?;
