@@ -141,25 +141,25 @@ pub(crate) fn run(nproc: usize, device: &str, threads: Option<usize>) -> Result<
                 bail!("stopped on a second signal; --resume continues from the newest checkpoint");
             }
             passed_on = true;
-            for (_, c) in children.iter_mut() {
-                if c.try_wait()?.is_none() {
-                    // SAFETY: kill(2) on our own child's pid.
-                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                }
-            }
+            terminate(&mut children);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// SIGTERM to every rank still running (they checkpoint), SIGKILL after 30 s.
-fn stop(children: &mut [(usize, Child)]) {
+/// SIGTERM to every rank still running (each checkpoints and stops).
+fn terminate(children: &mut [(usize, Child)]) {
     for (_, c) in children.iter_mut() {
         if c.try_wait().ok().flatten().is_none() {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
     }
+}
+
+/// [`terminate`], then SIGKILL to the ranks still running after 30 s.
+fn stop(children: &mut [(usize, Child)]) {
+    terminate(children);
     let deadline = Instant::now() + Duration::from_secs(30);
     for (_, c) in children.iter_mut() {
         while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {

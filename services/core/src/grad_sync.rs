@@ -129,6 +129,13 @@ mod tests {
             .collect()
     }
 
+    /// [`params`] hooked into 16-byte buckets (one parameter each).
+    fn synced(g: &ProcessGroup) -> (Vec<Tensor>, GradSync) {
+        let p = params();
+        let sync = GradSync::new(g, &p.iter().collect::<Vec<_>>(), 16, 16).unwrap();
+        (p, sync)
+    }
+
     /// Σ_k (k+1)·s·p_k² over the parameters `use_` picks: the gradient of p_k is 2(k+1)·s·p_k.
     fn backward(p: &[Tensor], s: f64, use_: &[usize]) {
         let loss = use_
@@ -141,8 +148,7 @@ mod tests {
     #[test]
     fn buckets_sum_during_the_backward_pass_and_untouched_ones_at_finish() {
         let out = two_ranks(|rank, g| {
-            let p = params();
-            let mut sync = GradSync::new(&g, &p.iter().collect::<Vec<_>>(), 16, 16).unwrap();
+            let (p, mut sync) = synced(&g);
             assert_eq!(sync.buckets(), 3);
             let s = rank as f64 + 1.0;
             // An unarmed micro-batch accumulates; the armed one reaches p0 and p1 only (p2 never: zero).
@@ -166,8 +172,7 @@ mod tests {
     #[test]
     fn buckets_start_in_order_as_the_backward_pass_readies_them() {
         let out = two_ranks(|rank, g| {
-            let p = params();
-            let mut sync = GradSync::new(&g, &p.iter().collect::<Vec<_>>(), 16, 16).unwrap();
+            let (p, mut sync) = synced(&g);
             sync.arm();
             backward(&p, rank as f64 + 1.0, &[0, 1, 2]);
             (sync.finish().unwrap(), p.iter().map(|t| Vec::<f32>::try_from(t.grad()).unwrap()).collect::<Vec<_>>())
@@ -183,8 +188,7 @@ mod tests {
     #[test]
     fn a_gradient_that_grows_after_its_bucket_started_is_stale_on_every_rank() {
         let out = two_ranks(|rank, g| {
-            let p = params();
-            let mut sync = GradSync::new(&g, &p.iter().collect::<Vec<_>>(), 16, 16).unwrap();
+            let (p, mut sync) = synced(&g);
             sync.arm();
             backward(&p, 1.0, &[0, 1, 2]);
             if rank == 0 {
