@@ -380,7 +380,16 @@ impl Attention {
         let gqa = self.n_heads != self.n_kv;
         // Without a mask: causal for a fresh sequence; a single new token may see every cached key.
         let is_causal = mask.is_none() && past == 0 && s > 1;
-        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, self.scale, gqa)?;
+        let y = if gqa && s == 1 && past > 0 {
+            // One new token per row: the query heads sharing a key/value head attend as that head's rows, so
+            // each cached key and value is read once per group instead of once per query head.
+            let groups = self.n_heads / self.n_kv;
+            let q = q.f_reshape([b, self.n_kv, groups, self.head_dim])?;
+            let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, self.scale, false)?;
+            y.f_reshape([b, self.n_heads, 1, self.head_dim])?
+        } else {
+            Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, self.scale, gqa)?
+        };
         let y = y.f_transpose(1, 2)?.f_reshape([b, s, self.n_heads * self.head_dim])?;
         self.o_proj.forward(&y)
     }
