@@ -325,6 +325,7 @@ impl<'a> Orchestration<'a> {
         n: usize,
         seed: u64,
         reference: bool,
+        logprobs: bool,
     ) -> Result<Vec<RolloutSample>, Status> {
         let req = RolloutRequest {
             session_id: self.run_id.clone(),
@@ -335,6 +336,7 @@ impl<'a> Orchestration<'a> {
             seed,
             stop: vec![],
             reference,
+            skip_logprobs: !logprobs,
         };
         let mut p = self.policy.clone();
         Ok(self.rt.block_on(p.rollout(req))?.into_inner().samples)
@@ -417,23 +419,28 @@ impl<'a> Orchestration<'a> {
         let rows = self.batch(step);
         let beta = self.cfg.beta(algo);
         let seed = rollout_seed(self.train_cfg().seed, step);
-        let samples =
-            self.rollout(&rows, self.cfg.num_generations, seed, beta > 0.0).map_err(|s| step_lost(step, s))?;
+        let loss = self.cfg.policy_loss(algo)?;
+        // An on-policy update computes its old log-probs itself: the rollout skips that pass.
+        let samples = self
+            .rollout(&rows, self.cfg.num_generations, seed, beta > 0.0, !loss.on_policy)
+            .map_err(|s| step_lost(step, s))?;
         let (funcs, replicas) = self.score(&rows, &samples)?;
         // k1 per completion, on the sampling policy's log-probs (RLOO's penalty and its `kl` metric).
-        let k1: Vec<f64> =
-            samples.iter().map(|s| token_kl(&s.logprobs, &s.ref_logprobs, KlEstimator::K1).iter().sum()).collect();
+        let k1: Vec<f64> = if algo == GroupAlgorithm::Rloo {
+            samples.iter().map(|s| token_kl(&s.logprobs, &s.ref_logprobs, KlEstimator::K1).iter().sum()).collect()
+        } else {
+            vec![0.0; samples.len()]
+        };
         let adv = self.advantages(algo, &funcs, &k1)?;
         let t = self.train_cfg();
         let lr = lr_at(t.lr_scheduler, t.learning_rate, step, t.warmup_steps, t.max_steps);
-        let loss = self.cfg.policy_loss(algo)?;
         let update_samples: Vec<UpdateSample> = samples
             .iter()
             .zip(&adv.advantages)
             .map(|(s, &a)| UpdateSample {
                 prompt_ids: rows[s.prompt as usize].ids.clone(),
                 completion_ids: s.ids.clone(),
-                old_logprobs: s.logprobs.clone(),
+                old_logprobs: if loss.on_policy { vec![] } else { s.logprobs.clone() },
                 ref_logprobs: if loss.beta > 0.0 { s.ref_logprobs.clone() } else { vec![] },
                 advantages: vec![a; s.ids.len()],
                 masked: self.cfg.mask_truncated_completions && s.finish_reason == "length",
@@ -455,6 +462,7 @@ impl<'a> Orchestration<'a> {
                 ferrotune_core::train::grpo::RatioLevel::SequenceSum => "sequence_sum",
             }
             .into(),
+            on_policy: loss.on_policy,
             ..Default::default()
         };
         let mut last = None;
@@ -509,7 +517,7 @@ impl<'a> Orchestration<'a> {
         let mut all = vec![];
         for chunk in rows.chunks(16) {
             let samples = self
-                .rollout(chunk, 4, rollout_seed(self.train_cfg().seed, usize::MAX / 2), false)
+                .rollout(chunk, 4, rollout_seed(self.train_cfg().seed, usize::MAX / 2), false, false)
                 .map_err(|s| status_err("evaluation rollout", s))?;
             let (funcs, _) = self.score(chunk, &samples)?;
             for i in 0..samples.len() {

@@ -51,7 +51,7 @@ impl Orchestration<'_> {
         let t = self.r.training.clone();
         let rows = self.batch(step);
         let seed = rollout_seed(t.seed, step);
-        let samples = self.rollout(&rows, 1, seed, true).map_err(|s| step_lost(step, s))?;
+        let samples = self.rollout(&rows, 1, seed, true, true).map_err(|s| step_lost(step, s))?;
         let (funcs, replicas) = self.score(&rows, &samples)?;
         let scores = &funcs[0];
         let beta = self.kl_coef.get();
@@ -174,7 +174,7 @@ impl Orchestration<'_> {
         let (mut scores, mut lengths, mut eos) = (vec![], vec![], vec![]);
         for chunk in rows.chunks(16) {
             let samples = self
-                .rollout(chunk, cfg.eval_samples, self.r.training.seed ^ 0x0E7A_15EE_D000_0001, false)
+                .rollout(chunk, cfg.eval_samples, self.r.training.seed ^ 0x0E7A_15EE_D000_0001, false, false)
                 .map_err(|s| status_err("evaluation rollout", s))?;
             let (funcs, _) = self.score(chunk, &samples)?;
             scores.extend(funcs[0].iter().copied());

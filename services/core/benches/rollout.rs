@@ -7,7 +7,8 @@
 //! - HF transformers' `generate(num_return_sequences=8)` on the same prompts (when a dev Python with
 //!   transformers exists: `FERROTUNE_DEV_PYTHON`, else `~/.cache/ferrotune-dev/venv/bin/python`);
 //! - policy-session rollouts with a LoRA adapter on the f32 base and on the NF4 base (QLoRA: dense copies of
-//!   the NF4 weights held for the rollout).
+//!   the NF4 weights held for the rollout), with the teacher-forced log-prob pass an off-policy update needs,
+//!   and without it (an on-policy update: GRPO with `num_iterations` 1).
 //!
 //! Throughput counts useful tokens: each completion's tokens up to and including its EOS. Sampling makes
 //! lengths differ between engines; tokens/s is what compares.
@@ -99,9 +100,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hf = hf(&dir, &prompts, &b.defaults.eos_ids, b.defaults.pad_id);
     drop(b);
     let mut session_rows = vec![];
-    for (qlora, name) in [
-        (false, "session rollout, LoRA r=8 on the f32 base"),
-        (true, "session rollout, QLoRA (NF4 base, dense copies held)"),
+    for (qlora, logprobs, name) in [
+        (false, true, "session rollout, LoRA r=8 on the f32 base (+ teacher-forced log-probs)"),
+        (false, false, "session rollout, LoRA r=8, on-policy (no log-prob pass)"),
+        (true, true, "session rollout, QLoRA (NF4 base, dense copies held; + log-probs)"),
     ] {
         let spec = SessionSpec {
             base: dir.clone(),
@@ -130,6 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 seed,
                 stop: vec![],
                 reference: false,
+                logprobs,
             };
             Ok(s.rollout(&spec, &|| false)?.iter().map(|x| x.ids.len()).sum())
         })?;
@@ -155,7 +158,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => println!("\nHF side skipped: {e}"),
     }
     let tps = |r: (usize, f64)| r.0 as f64 / r.1;
-    println!("\nQLoRA / LoRA session rollouts: {:.2}×", tps(session_rows[1].1) / tps(session_rows[0].1));
+    println!("\nQLoRA / LoRA session rollouts: {:.2}×", tps(session_rows[2].1) / tps(session_rows[0].1));
     Ok(())
 }
 

@@ -152,6 +152,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\ntraining benchmark on {machine}: {}, {dtype}, {place}, r=8; each side: best of {repeats} runs, each the median of {steps} timed steps", dir.display());
     let per: Vec<String> = per.iter().map(|(s, g)| format!("{s} {g:.0}")).collect();
     println!("{dtype} GEMM on the model's shapes (x[{}, in]·Wᵀ, GFLOP/s): peak {peak:.0}, FLOP-weighted over a step's products {weighted:.0}; per shape: {}", BATCH * SEQ, per.join(", "));
+    let fusion: Vec<String> = shapes
+        .fusion((BATCH * SEQ) as i64, kind, dev)
+        .iter()
+        .map(|(name, split, fused)| {
+            format!("{name} {:.2} / {:.2} ms ({:.2}×)", split * 1e3, fused * 1e3, split / fused)
+        })
+        .collect();
+    println!(
+        "projections fused into one product, per layer, forward + input gradient, separate / fused: {}",
+        fusion.join(", ")
+    );
     println!("MFU = the step's matrix-product FLOPs (counted from the config, the same for both sides) per second / the peak\n");
     let mem = if gpu { "peak GPU MB" } else { "peak RSS MB" };
     println!("| setting | rows × tokens | ferrotune tokens/s | ferrotune MFU | ferrotune {mem} | HF PEFT tokens/s | HF PEFT MFU | HF PEFT {mem} | speed ratio | memory ratio |");

@@ -161,6 +161,9 @@ fn loss(r: &UpdateRequest) -> Result<UpdateLoss, Status> {
                 format!("PPO: epsilon in (0, 1), cliprange_value > 0, vf_coef >= 0; got {cfg:?}"),
             ));
         }
+        if l.on_policy {
+            return Err(invalid("loss.on_policy", "PPO updates use the rollout's log-probs and values"));
+        }
         return Ok(UpdateLoss::Ppo(cfg));
     }
     let loss_type = if l.loss_type.is_empty() { LossType::Dapo } else { LossType::parse(&l.loss_type).status()? };
@@ -183,6 +186,7 @@ fn loss(r: &UpdateRequest) -> Result<UpdateLoss, Status> {
                 ))
             }
         },
+        on_policy: l.on_policy,
     };
     cfg.validate().map_err(|e| invalid("loss", e))?;
     Ok(UpdateLoss::Clipped(cfg))
@@ -282,6 +286,7 @@ impl Policy {
             seed: r.seed,
             stop: r.stop,
             reference: r.reference,
+            logprobs: !r.skip_logprobs,
         };
         self.worker
             .call(move |m| {

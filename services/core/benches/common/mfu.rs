@@ -72,25 +72,8 @@ impl Shapes {
         let mut per = Vec::new();
         let (mut flops, mut secs) = (0.0, 0.0);
         for (o, i) in shapes {
-            let w = Tensor::randn([o as i64, i as i64], (kind, device));
-            let x = Tensor::randn([rows, i as i64], (kind, device));
             let f = 2.0 * rows as f64 * o * i;
-            let reps = ((2e10 / f).ceil() as usize).clamp(2, 50);
-            let mut best = f64::INFINITY;
-            for _ in 0..3 {
-                let _ = x.linear::<Tensor>(&w, None);
-                if device.is_cuda() {
-                    tch::Cuda::synchronize(0);
-                }
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    let _ = x.linear::<Tensor>(&w, None);
-                }
-                if device.is_cuda() {
-                    tch::Cuda::synchronize(0);
-                }
-                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-            }
+            let best = product_secs(rows, o, i, false, kind, device);
             let weight = if o == self.vocab { 1.0 } else { self.layers };
             flops += weight * f;
             secs += weight * best;
@@ -99,6 +82,61 @@ impl Shapes {
         let peak = per.iter().map(|p| p.1).fold(0.0, f64::max);
         (peak, flops / secs / 1e9, per)
     }
+
+    /// What fusing a layer's projections into one product would buy on this machine: for q/k/v and for
+    /// gate/up, the seconds of the separate products and of the one fused product, forward (`x·Wᵀ`) plus the
+    /// input gradient (`g·W`; the separate gradients also pay their sum): (name, separate, fused).
+    pub(crate) fn fusion(&self, rows: i64, kind: Kind, device: Device) -> Vec<(&'static str, f64, f64)> {
+        let (h, q, kv, i) = (self.hidden, self.q, self.kv, self.inter);
+        let both =
+            |o: f64| product_secs(rows, o, h, false, kind, device) + product_secs(rows, o, h, true, kind, device);
+        let sum_secs = |n: usize| {
+            let a = Tensor::randn([rows, h as i64], (kind, device));
+            let b = Tensor::randn([rows, h as i64], (kind, device));
+            best_secs(device, (10_000 / rows.max(1)).clamp(5, 50) as usize, &|| {
+                let mut acc = a.shallow_clone();
+                for _ in 1..n {
+                    acc = &acc + &b;
+                }
+                acc
+            })
+        };
+        vec![
+            ("q/k/v", both(q) + 2.0 * both(kv) + sum_secs(3), both(q + 2.0 * kv)),
+            ("gate/up", 2.0 * both(i) + sum_secs(2), both(2.0 * i)),
+        ]
+    }
+}
+
+/// Best seconds of one `x[rows, in] · Wᵀ` (`input_grad`: `g[rows, out] · W`, a linear layer's input gradient)
+/// for a weight `[out, in]`.
+fn product_secs(rows: i64, out: f64, inp: f64, input_grad: bool, kind: Kind, device: Device) -> f64 {
+    let w = Tensor::randn([out as i64, inp as i64], (kind, device));
+    let x = Tensor::randn([rows, if input_grad { out } else { inp } as i64], (kind, device));
+    let f = 2.0 * rows as f64 * out * inp;
+    let reps = ((2e10 / f).ceil() as usize).clamp(2, 50);
+    best_secs(device, reps, &|| if input_grad { x.mm(&w) } else { x.linear::<Tensor>(&w, None) })
+}
+
+/// Best of 3 timings of `reps` calls of `f` (after one untimed call), seconds per call.
+fn best_secs(device: Device, reps: usize, f: &dyn Fn() -> Tensor) -> f64 {
+    let sync = || {
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let _ = f();
+        sync();
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            let _ = f();
+        }
+        sync();
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    best
 }
 
 /// The CPU's model name (from /proc/cpuinfo) and its widest vector extension, so tables from different

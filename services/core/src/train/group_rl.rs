@@ -191,6 +191,7 @@ impl GroupRlConfig {
                         )))
                     }
                 },
+                on_policy: self.num_iterations == 1,
             },
             // RLOO: the KL is in the reward; the loss is the mean over completions of the sequence-ratio
             // surrogate.
@@ -202,6 +203,8 @@ impl GroupRlConfig {
                 max_completion_length: self.max_completion_length,
                 bias_correction_kl: false,
                 ratio: RatioLevel::SequenceSum,
+                // RLOO's KL penalty needs the sampling policy's log-probs anyway.
+                on_policy: false,
             },
         })
     }

@@ -67,6 +67,10 @@ pub struct PolicyLoss {
     pub bias_correction_kl: bool,
     /// Where the importance ratio is taken.
     pub ratio: RatioLevel,
+    /// The old log-probs are the update's own, detached: the update is the only one on its rollout, so the
+    /// policy that sampled is the policy being updated (TRL's GRPO with `num_iterations` 1, which then
+    /// skips the old log-probs' forward pass). The ratio is exactly 1 and the samples carry no old log-probs.
+    pub on_policy: bool,
 }
 
 /// Where the importance ratio is taken.
@@ -253,6 +257,7 @@ mod tests {
             max_completion_length: 4,
             bias_correction_kl: false,
             ratio: RatioLevel::Token,
+            on_policy: false,
         };
         let want = [
             (LossType::Grpo, ((per[0] + per[1]) / 2.0 + per[2]) / 2.0),
@@ -319,6 +324,7 @@ mod tests {
                 } else {
                     RatioLevel::Token
                 },
+                on_policy: false,
             };
             let logp = t(&flat(&inp["per_token_logps"])).set_requires_grad(true);
             let refp = t(&flat(&inp["ref_per_token_logps"]));
@@ -378,6 +384,7 @@ mod tests {
                 max_completion_length: 0,
                 bias_correction_kl: false,
                 ratio: RatioLevel::SequenceSum,
+                on_policy: false,
             };
             let lp = t(&logp).set_requires_grad(true);
             let (l, _) = micro_batch_loss(&cfg, &lp, &t(&old), None, &t(&adv), &counts).unwrap();

@@ -72,6 +72,10 @@ pub struct RolloutSpec {
     pub stop: Vec<String>,
     /// Also compute the reference log-probs (adapter disabled).
     pub reference: bool,
+    /// Compute the sampling policy's teacher-forced log-probs (and the values, with a value head): one more
+    /// forward pass over every completion. Off, `logp` and `values` stay empty — what an on-policy update
+    /// ([`crate::train::grpo::PolicyLoss::on_policy`]) or an evaluation needs.
+    pub logprobs: bool,
 }
 
 /// One sampled completion.
@@ -243,14 +247,16 @@ impl PolicySession {
         let seqs: Vec<SftExample> = samples.iter().map(|s| example(&spec.prompts[s.prompt], &s.ids)).collect();
         let temperature = if spec.sampling.greedy { 1.0 } else { f64::from(spec.sampling.temperature) };
         let pad = self.defaults.pad_id;
-        let pass = if self.model.score.is_some() { Pass::Rollout } else { Pass::Reference };
-        let pol = token_stats(&self.model, &seqs, pad, temperature, pass)?;
-        for (s, lp) in samples.iter_mut().zip(split(&to_vec(&pol.logp)?, &pol.counts)) {
-            s.logp = lp;
-        }
-        if let Some(v) = pol.values() {
-            for (s, v) in samples.iter_mut().zip(split(&to_vec(v)?, &pol.counts)) {
-                s.values = v;
+        if spec.logprobs {
+            let pass = if self.model.score.is_some() { Pass::Rollout } else { Pass::Reference };
+            let pol = token_stats(&self.model, &seqs, pad, temperature, pass)?;
+            for (s, lp) in samples.iter_mut().zip(split(&to_vec(&pol.logp)?, &pol.counts)) {
+                s.logp = lp;
+            }
+            if let Some(v) = pol.values() {
+                for (s, v) in samples.iter_mut().zip(split(&to_vec(v)?, &pol.counts)) {
+                    s.values = v;
+                }
             }
         }
         if spec.reference {
@@ -284,10 +290,10 @@ impl PolicySession {
         lr: f64,
         micro_batch_size: usize,
     ) -> Result<UpdateReport> {
-        let beta = match loss {
+        let (beta, on_policy) = match loss {
             UpdateLoss::Clipped(l) => {
                 l.validate()?;
-                l.beta
+                (l.beta, l.on_policy)
             }
             UpdateLoss::Ppo(p) => {
                 if self.model.score.is_none() {
@@ -298,7 +304,7 @@ impl PolicySession {
                 if !(p.cliprange > 0.0 && p.cliprange < 1.0 && p.cliprange_value > 0.0 && p.vf_coef >= 0.0) {
                     return Err(CoreError::InvalidArgument(format!("PPO loss settings out of range: {p:?}")));
                 }
-                0.0
+                (0.0, false)
             }
         };
         let ppo = matches!(loss, UpdateLoss::Ppo(_));
@@ -314,12 +320,12 @@ impl PolicySession {
             let n = s.completion.len();
             let refs_ok = beta == 0.0 || s.ref_logp.len() == n;
             let ppo_ok = !ppo || (s.returns.len() == n && s.old_values.len() == n);
-            if s.prompt.is_empty() || n == 0 || s.old_logp.len() != n || s.advantages.len() != n || !refs_ok || !ppo_ok
-            {
+            let old_ok = if on_policy { s.old_logp.is_empty() } else { s.old_logp.len() == n };
+            if s.prompt.is_empty() || n == 0 || !old_ok || s.advantages.len() != n || !refs_ok || !ppo_ok {
                 return Err(CoreError::InvalidArgument(format!(
                     "samples[{i}]: {} prompt ids, {n} completion ids, {} old log-probs, {} advantages, {} reference \
                      log-probs, {} returns, {} old values: every per-token list needs one value per completion \
-                     token{}{}",
+                     token{}{}{}",
                     s.prompt.len(),
                     s.old_logp.len(),
                     s.advantages.len(),
@@ -327,7 +333,8 @@ impl PolicySession {
                     s.returns.len(),
                     s.old_values.len(),
                     if beta > 0.0 { " (reference log-probs too, beta > 0)" } else { "" },
-                    if ppo { " (returns and old values too, PPO)" } else { "" }
+                    if ppo { " (returns and old values too, PPO)" } else { "" },
+                    if on_policy { " (no old log-probs: the update is on-policy)" } else { "" }
                 )));
             }
         }
@@ -356,9 +363,9 @@ impl PolicySession {
                 let v: Vec<f64> = live.iter().flat_map(|s| f(s).iter().copied()).collect();
                 Tensor::from_slice(&v).to_device(st.logp.device())
             };
-            let old = flat(&|s| &s.old_logp);
             let adv = flat(&|s| &s.advantages);
             let logp = st.logp.f_to_kind(Kind::Double)?;
+            let old = if on_policy { logp.f_detach()? } else { flat(&|s| &s.old_logp) };
             let (l, n) = match loss {
                 UpdateLoss::Clipped(cfg) => {
                     let refp = (cfg.beta > 0.0).then(|| flat(&|s| &s.ref_logp));

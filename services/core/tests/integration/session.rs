@@ -37,6 +37,10 @@ fn spec() -> SessionSpec {
 }
 
 fn rollout(s: &mut PolicySession, seed: u64) -> Vec<Sample> {
+    rollout_with(s, seed, true)
+}
+
+fn rollout_with(s: &mut PolicySession, seed: u64, logprobs: bool) -> Vec<Sample> {
     let prompts = vec![s.tokenizer.encode("Ahoy there").unwrap(), s.tokenizer.encode("The sea is").unwrap()];
     let spec = RolloutSpec {
         prompts,
@@ -46,6 +50,7 @@ fn rollout(s: &mut PolicySession, seed: u64) -> Vec<Sample> {
         seed,
         stop: vec![],
         reference: true,
+        logprobs,
     };
     s.rollout(&spec, &|| false).unwrap()
 }
@@ -77,6 +82,7 @@ const LOSS: PolicyLoss = PolicyLoss {
     max_completion_length: 6,
     bias_correction_kl: true,
     ratio: ferrotune_core::train::grpo::RatioLevel::Token,
+    on_policy: false,
 };
 
 #[test]
@@ -138,6 +144,35 @@ fn sessions_roll_out_update_and_resume_exactly() {
     bad[1].advantages.pop();
     let e = s.update(&bad, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 4).unwrap_err().to_string();
     assert!(e.contains("samples[1]"), "{e}");
+}
+
+/// An on-policy update (TRL's GRPO with num_iterations 1) takes its old log-probs from its own forward pass:
+/// the rollout can skip the teacher-forced pass, and the update equals one given the rollout's log-probs.
+#[test]
+fn on_policy_updates_need_no_old_log_probs() {
+    let (mut a, mut b) = (PolicySession::open(&spec()).unwrap(), PolicySession::open(&spec()).unwrap());
+    let with = rollout_with(&mut a, 5, true);
+    let without = rollout_with(&mut b, 5, false);
+    assert_eq!(with.iter().map(|x| &x.ids).collect::<Vec<_>>(), without.iter().map(|x| &x.ids).collect::<Vec<_>>());
+    assert!(without.iter().all(|x| x.logp.is_empty() && x.ref_logp.len() == x.ids.len()));
+    let on_policy = PolicyLoss { on_policy: true, ..LOSS };
+    // Give the adapter a non-zero B first, so the policy differs from the reference and the KL term counts.
+    let warm = batch(&a, &with);
+    a.update(&warm, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 3).unwrap();
+    b.update(&warm, &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 3).unwrap();
+    let with = rollout_with(&mut a, 6, true);
+    let without = rollout_with(&mut b, 6, false);
+    let ra = a.update(&batch(&a, &with), &UpdateLoss::Clipped(LOSS), 1.0, 1e-2, 3).unwrap();
+    let mut nb = batch(&b, &without);
+    let rb = b.update(&nb, &UpdateLoss::Clipped(on_policy), 1.0, 1e-2, 3).unwrap();
+    assert!(rb.stats.kl > 0.0, "the KL to the reference counts");
+    assert!((ra.loss - rb.loss).abs() < 1e-6, "{} vs {}", ra.loss, rb.loss);
+    assert!((ra.grad_norm - rb.grad_norm).abs() < 1e-5 * ra.grad_norm, "{} vs {}", ra.grad_norm, rb.grad_norm);
+    assert_eq!((rb.stats.clipped_low, rb.stats.clipped_high), (0.0, 0.0));
+    // Old log-probs sent to an on-policy update are a mistake, named.
+    nb[0].old_logp = vec![0.0; nb[0].completion.len()];
+    let e = b.update(&nb, &UpdateLoss::Clipped(on_policy), 1.0, 1e-2, 3).unwrap_err().to_string();
+    assert!(e.contains("samples[0]") && e.contains("on-policy"), "{e}");
 }
 
 #[test]
