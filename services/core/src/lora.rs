@@ -421,9 +421,11 @@ impl CausalLm {
         Ok(n)
     }
 
-    /// With `on`, holds dense copies of the NF4 base weights for forward passes without gradients — a
-    /// rollout phase of QLoRA then runs at dense speed, for the memory of the dense weights (SmolLM2-135M
-    /// in f32: ~0.5 GB beside its ~0.1 GB of NF4); without, frees them. Returns the bytes held.
+    /// With `on`, holds dense weights for forward passes without gradients (a rollout phase, the model in
+    /// evaluation mode): every plain LoRA adapter folded into its base (`W + s·B·A`), every other NF4 base
+    /// dequantized — a rollout of LoRA or QLoRA then runs at the speed of the plain model, for the memory of
+    /// the dense weights it holds (SmolLM2-135M in f32, all-linear: ~0.4 GB beside its ~0.1 GB of NF4 or
+    /// its 0.5 GB of f32 weights); without, frees them. Returns the bytes held.
     pub fn hold_dense(&mut self, on: bool) -> Result<usize> {
         let _guard = tch::no_grad_guard();
         let mut n = 0;

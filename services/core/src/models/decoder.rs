@@ -41,15 +41,18 @@ pub struct Linear {
     /// Optional adapter ([`crate::lora`]).
     pub lora: Option<Lora>,
     /// A dense copy of an NF4 base, held for a phase of forward passes without gradients (rollouts) so
-    /// that they do not dequantize every weight on every token ([`Linear::hold_dense`]).
+    /// that they do not dequantize every weight on every token ([`Linear::hold_dense`]); with `merged`, the
+    /// base with the adapter folded in.
     held: Option<Tensor>,
+    /// `held` is `W + s·B·A`: the adapter's contribution is in the one product.
+    merged: bool,
 }
 
 impl Linear {
     fn load(vb: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = vb.get(&[out_dim, in_dim], "weight")?;
         let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
-        Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None, held: None })
+        Ok(Self { base: BaseWeight::Dense(weight), bias, lora: None, held: None, merged: false })
     }
 
     /// `(out, in)`.
@@ -90,11 +93,21 @@ impl Linear {
         })
     }
 
-    /// With `on`, keeps a dense copy of an NF4 base weight for forward passes without gradients (the
-    /// memory of a dense weight, in its compute kind); without, drops it. Returns the bytes held.
+    /// With `on`, keeps dense weights for a phase of forward passes without gradients and without dropout
+    /// (rollouts), each the memory of a dense weight in its compute kind: an enabled plain LoRA adapter folded
+    /// into its base, `W + s·B·A` (one product per token instead of three, as PEFT's merge; a disabled adapter
+    /// — the reference — still uses the base alone), else an NF4 base dequantized once instead of at every
+    /// token. Without `on`, drops them. Returns the bytes held.
     pub fn hold_dense(&mut self, on: bool) -> Result<usize> {
-        self.held = match (&self.base, on) {
-            (BaseWeight::Nf4 { q, kind }, true) => Some(q.dequantize(*kind)?),
+        let fold = self.lora.as_ref().filter(|l| on && l.enabled && !l.training && l.magnitude.is_none());
+        self.merged = fold.is_some();
+        self.held = match (fold, &self.base, on) {
+            (Some(l), _, _) => {
+                let w = self.dense_weight()?;
+                let delta = l.b.f_mm(&l.a)?.f_mul_scalar(l.scaling)?.f_to_kind(w.kind())?;
+                Some(w.f_add(&delta)?.f_contiguous()?)
+            }
+            (None, BaseWeight::Nf4 { q, kind }, true) => Some(q.dequantize(*kind)?),
             _ => None,
         };
         Ok(self.held.as_ref().map_or(0, |w| w.numel() * w.kind().elt_size_in_bytes()))
@@ -103,9 +116,14 @@ impl Linear {
     /// # Shapes
     /// `x`: `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (true, Some(w), false) = (self.merged, &self.held, x.requires_grad()) {
+            if self.lora.as_ref().is_some_and(|l| l.enabled && !l.training) {
+                return linear_product(x, w, self.bias.as_ref());
+            }
+        }
         let y = match &self.base {
             BaseWeight::Dense(w) => linear_product(x, w, self.bias.as_ref())?,
-            BaseWeight::Nf4 { .. } if !x.requires_grad() && self.held.is_some() => {
+            BaseWeight::Nf4 { .. } if !x.requires_grad() && self.held.is_some() && !self.merged => {
                 linear_product(x, self.held.as_ref().expect("held"), self.bias.as_ref())?
             }
             BaseWeight::Nf4 { q, kind } if x.requires_grad() => {

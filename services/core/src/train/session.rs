@@ -225,8 +225,8 @@ impl PolicySession {
             stop_strings: spec.stop.clone(),
             pad_id: self.defaults.pad_id,
         };
-        // QLoRA: the rollout phase runs on dense copies of the NF4 weights (freed afterwards), not on weights
-        // dequantized again at every token.
+        // The rollout phase runs on dense weights held for it (freed afterwards): each LoRA adapter folded into
+        // its base, NF4 weights dequantized once instead of at every token.
         self.model.hold_dense(true)?;
         let gen = generate_groups(&self.model, &self.tokenizer, &spec.prompts, spec.n, &opts, &mut |_| {}, cancelled);
         self.model.hold_dense(false)?;

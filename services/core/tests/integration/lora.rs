@@ -90,6 +90,57 @@ fn adapter_forward_equals_merged_weights() {
     assert!(d < 1e-5, "merged vs adapter: {d}");
 }
 
+/// Rollout weights (`hold_dense`): each adapter folded into its base (dense and NF4) gives the adapter's logits;
+/// a disabled adapter (the reference) still sees the base alone; training-mode forwards and the model after
+/// the rollout phase are untouched.
+/// Zeroes every adapter's tensors' B (`None`) or writes back `saved` (every adapter tensor, in order).
+fn set_b(model: &mut ferrotune_core::CausalLm, saved: Option<&[Tensor]>) {
+    let _g = tch::no_grad_guard();
+    for (k, (name, mut t)) in model.lora_tensors().into_iter().enumerate() {
+        match saved {
+            Some(s) => t.copy_(&s[k]),
+            None if name.contains("lora_B") => {
+                let _ = t.zero_();
+            }
+            None => {}
+        }
+    }
+}
+
+#[test]
+fn held_rollout_weights_fold_the_adapters_in() {
+    let cfg =
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, targets: Targets::AllLinear, use_rslora: false, use_dora: false };
+    let (ids, _) = reference("qwen2-bias");
+    for nf4 in [false, true] {
+        let mut model = load_model(&tiny_dir("qwen2-bias"), Kind::Float, Device::Cpu).unwrap();
+        if nf4 {
+            model.quantize_nf4().unwrap();
+        }
+        let base = tch::no_grad(|| model.forward(&ids, None, None)).unwrap();
+        model.add_lora(&cfg, 3).unwrap();
+        randomise_b(&mut model);
+        model.set_training(false);
+        let logits = |m: &mut ferrotune_core::CausalLm| tch::no_grad(|| m.forward(&ids, None, None)).unwrap();
+        let adapter = logits(&mut model);
+        assert!(max_abs_diff(&adapter, &base) > 1e-3);
+        let dense: i64 = model.linears_mut().iter().map(|(_, l)| l.dims().0 * l.dims().1).sum();
+        assert_eq!(model.hold_dense(true).unwrap(), dense as usize * 4, "nf4 {nf4}: one f32 weight per layer");
+        // The folded weights, not the live adapters, compute the rollout: zeroing B changes nothing until they
+        // are dropped.
+        let saved: Vec<Tensor> = model.lora_tensors().into_iter().map(|(_, t)| t.copy()).collect();
+        set_b(&mut model, None);
+        let held = logits(&mut model);
+        let d = max_abs_diff(&held, &adapter);
+        assert!(d < 1e-5, "nf4 {nf4}: folded vs adapter {d}");
+        set_b(&mut model, Some(&saved));
+        let reference = tch::no_grad(|| model.adapters_disabled().forward(&ids, None, None)).unwrap();
+        assert!(max_abs_diff(&reference, &base) == 0.0, "nf4 {nf4}: the reference must not see the adapter");
+        model.hold_dense(false).unwrap();
+        assert!(max_abs_diff(&logits(&mut model), &adapter) == 0.0, "nf4 {nf4}: not restored");
+    }
+}
+
 #[test]
 fn fresh_adapter_is_identity_and_trains_only_a_and_b() {
     let mut model = load_model(&tiny_dir("llama3-rope"), Kind::Float, Device::Cpu).unwrap();
