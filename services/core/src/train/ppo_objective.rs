@@ -233,7 +233,14 @@ impl TokenStats {
     }
 }
 
+/// Sequences per forward pass of a pass without gradients.
+const NO_GRAD_BATCH: usize = 16;
+
 /// With [`Pass::Rollout`] or [`Pass::Update`], values come from the value head when the model has one.
+/// Without gradients (rollout and reference passes), longer lists go through in batches of
+/// [`NO_GRAD_BATCH`] sequences of similar length, longest first, so each batch pads only to its own longest
+/// instead of every sequence to the longest of all (a group's completions range from a few tokens to
+/// `max_new_tokens`); the results come back in the sequences' order.
 pub(crate) fn token_stats(
     model: &CausalLm,
     seqs: &[SftExample],
@@ -241,8 +248,55 @@ pub(crate) fn token_stats(
     temperature: f64,
     pass: Pass,
 ) -> Result<TokenStats> {
-    let refs: Vec<&SftExample> = seqs.iter().collect();
-    let c = SftObjective { pad_id, chunk: 1, gradient_checkpointing: false }.collate(model, &refs)?;
+    let all: Vec<&SftExample> = seqs.iter().collect();
+    if pass == Pass::Update || seqs.len() <= NO_GRAD_BATCH {
+        return batch_stats(model, &all, pad_id, temperature, pass);
+    }
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].input_ids.len()));
+    let parts = order
+        .chunks(NO_GRAD_BATCH)
+        .map(|chunk| {
+            let sub: Vec<&SftExample> = chunk.iter().map(|&i| &seqs[i]).collect();
+            batch_stats(model, &sub, pad_id, temperature, pass)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Where each sequence's tokens are in the batches' concatenation, in the sequences' order.
+    let counts = labelled_counts(&all);
+    let mut start = vec![0; seqs.len()];
+    let mut at = 0;
+    for &i in &order {
+        start[i] = at;
+        at += counts[i];
+    }
+    let index: Vec<i64> = (0..seqs.len()).flat_map(|i| (start[i]..start[i] + counts[i]).map(|p| p as i64)).collect();
+    let index = Tensor::f_from_slice(&index)?.f_to_device(parts[0].logp.device())?;
+    let gather = |f: &dyn Fn(&TokenStats) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+        let Some(ts) = parts.iter().map(f).collect::<Option<Vec<&Tensor>>>() else { return Ok(None) };
+        Ok(Some(Tensor::f_cat(&ts, 0)?.f_index_select(0, &index)?))
+    };
+    Ok(TokenStats {
+        logp: gather(&|p| Some(&p.logp))?.ok_or_else(|| CoreError::Internal("no log-probs".into()))?,
+        entropy: gather(&|p| p.entropy.as_ref())?,
+        values: gather(&|p| p.values.as_ref())?,
+        counts,
+    })
+}
+
+/// Labelled (scored) tokens of each sequence.
+fn labelled_counts(seqs: &[&SftExample]) -> Vec<usize> {
+    seqs.iter().map(|s| s.labels.iter().skip(1).filter(|&&l| l != -100).count()).collect()
+}
+
+/// [`token_stats`] of `seqs` in one forward pass.
+fn batch_stats(
+    model: &CausalLm,
+    seqs: &[&SftExample],
+    pad_id: u32,
+    temperature: f64,
+    pass: Pass,
+) -> Result<TokenStats> {
+    let c = SftObjective { pad_id, chunk: 1, gradient_checkpointing: false }.collate(model, seqs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
     let (rows, target, _) = scored_rows(&hidden, &c.labels)?;
     let logits = model.logits(&rows)?.f_to_kind(Kind::Float)?.f_div_scalar(temperature)?;
@@ -259,12 +313,7 @@ pub(crate) fn token_stats(
         }
         _ => None,
     };
-    Ok(TokenStats {
-        logp,
-        entropy,
-        values,
-        counts: seqs.iter().map(|s| s.labels.iter().skip(1).filter(|&&l| l != -100).count()).collect(),
-    })
+    Ok(TokenStats { logp, entropy, values, counts: labelled_counts(seqs) })
 }
 
 fn no_value_head() -> CoreError {
