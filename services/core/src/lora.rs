@@ -426,11 +426,20 @@ impl CausalLm {
     /// dequantized — a rollout of LoRA or QLoRA then runs at the speed of the plain model, for the memory of
     /// the dense weights it holds (SmolLM2-135M in f32, all-linear: ~0.4 GB beside its ~0.1 GB of NF4 or
     /// its 0.5 GB of f32 weights); without, frees them. Returns the bytes held.
+    /// If holding fails part way (out of memory), everything held so far is dropped.
     pub fn hold_dense(&mut self, on: bool) -> Result<usize> {
         let _guard = tch::no_grad_guard();
         let mut n = 0;
         for (_, lin) in self.linears_mut() {
-            n += lin.hold_dense(on)?;
+            match lin.hold_dense(on) {
+                Ok(b) => n += b,
+                Err(e) => {
+                    for (_, lin) in self.linears_mut() {
+                        let _ = lin.hold_dense(false);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(n)
     }

@@ -97,19 +97,33 @@ impl Linear {
     /// (rollouts), each the memory of a dense weight in its compute kind: an enabled plain LoRA adapter folded
     /// into its base, `W + s·B·A` (one product per token instead of three, as PEFT's merge; a disabled adapter
     /// — the reference — still uses the base alone), else an NF4 base dequantized once instead of at every
-    /// token. Without `on`, drops them. Returns the bytes held.
+    /// token. Folding needs f32 weights (in bf16 / f16 an update smaller than half a step of W would be lost,
+    /// so the rollout would sample from another policy than the one the update sees), and a dense base is
+    /// folded only on the CPU: on a GPU the copy would be memory taken from the KV cache, where an NF4 base
+    /// holds its dense copy anyway. Without `on`, drops them. Returns the bytes held.
     pub fn hold_dense(&mut self, on: bool) -> Result<usize> {
-        let fold = self.lora.as_ref().filter(|l| on && l.enabled && !l.training && l.magnitude.is_none());
-        self.merged = fold.is_some();
-        self.held = match (fold, &self.base, on) {
+        let (kind, nf4) = match &self.base {
+            BaseWeight::Dense(w) => (w.kind(), false),
+            BaseWeight::Nf4 { kind, .. } => (*kind, true),
+        };
+        let fold = self.lora.as_ref().filter(|l| {
+            on && l.enabled
+                && !l.training
+                && l.magnitude.is_none()
+                && kind == Kind::Float
+                && (nf4 || self.device() == Device::Cpu)
+        });
+        let held = match (fold, &self.base, on) {
             (Some(l), _, _) => {
                 let w = self.dense_weight()?;
-                let delta = l.b.f_mm(&l.a)?.f_mul_scalar(l.scaling)?.f_to_kind(w.kind())?;
+                let delta = l.b.f_mm(&l.a)?.f_mul_scalar(l.scaling)?;
                 Some(w.f_add(&delta)?.f_contiguous()?)
             }
             (None, BaseWeight::Nf4 { q, kind }, true) => Some(q.dequantize(*kind)?),
             _ => None,
         };
+        self.merged = fold.is_some();
+        self.held = held;
         Ok(self.held.as_ref().map_or(0, |w| w.numel() * w.kind().elt_size_in_bytes()))
     }
 

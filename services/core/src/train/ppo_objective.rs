@@ -212,7 +212,7 @@ pub(crate) enum Pass {
     Rollout,
     /// The reference (adapters disabled): log-probs only.
     Reference,
-    /// An update: values, with gradients.
+    /// An update, with gradients: values too with a value head (PPO).
     Update,
 }
 

@@ -169,6 +169,26 @@ pub struct PolicySession {
     updates: usize,
 }
 
+/// The model's weights held for a rollout phase ([`CausalLm::hold_dense`]), released when this is dropped —
+/// on every path out of the phase, errors and panics included (a caught panic leaves the session open, and
+/// stale folded weights would otherwise outlive the next update).
+struct HeldWeights<'a>(&'a mut CausalLm);
+
+impl<'a> HeldWeights<'a> {
+    fn new(model: &'a mut CausalLm) -> Result<Self> {
+        let held = Self(model);
+        held.0.hold_dense(true)?;
+        Ok(held)
+    }
+}
+
+impl Drop for HeldWeights<'_> {
+    fn drop(&mut self) {
+        // Releasing only drops tensors.
+        let _ = self.0.hold_dense(false);
+    }
+}
+
 impl PolicySession {
     /// Loads the base, adds (or loads) the adapter and builds the trainer.
     pub fn open(spec: &SessionSpec) -> Result<Self> {
@@ -225,12 +245,12 @@ impl PolicySession {
             stop_strings: spec.stop.clone(),
             pad_id: self.defaults.pad_id,
         };
-        // The rollout phase runs on dense weights held for it (freed afterwards): each LoRA adapter folded into
-        // its base, NF4 weights dequantized once instead of at every token.
-        self.model.hold_dense(true)?;
-        let gen = generate_groups(&self.model, &self.tokenizer, &spec.prompts, spec.n, &opts, &mut |_| {}, cancelled);
-        self.model.hold_dense(false)?;
-        let gen = gen?;
+        // The rollout phase runs on dense weights held for it: each LoRA adapter folded into its base, NF4
+        // weights dequantized once instead of at every token; released on every way out, a panic included.
+        let gen = {
+            let held = HeldWeights::new(&mut self.model)?;
+            generate_groups(held.0, &self.tokenizer, &spec.prompts, spec.n, &opts, &mut |_| {}, cancelled)?
+        };
         let mut samples: Vec<Sample> = gen
             .into_iter()
             .enumerate()
@@ -357,8 +377,7 @@ impl PolicySession {
                 return Ok(LossSum { nll: 0.0, tokens: 0 });
             }
             let seqs: Vec<SftExample> = live.iter().map(|s| example(&s.prompt, &s.completion)).collect();
-            let pass = if ppo { Pass::Update } else { Pass::Reference };
-            let st = token_stats(model, &seqs, pad, temperature, pass)?;
+            let st = token_stats(model, &seqs, pad, temperature, Pass::Update)?;
             let flat = |f: &dyn Fn(&UpdateSample) -> &[f64]| {
                 let v: Vec<f64> = live.iter().flat_map(|s| f(s).iter().copied()).collect();
                 Tensor::from_slice(&v).to_device(st.logp.device())

@@ -90,10 +90,7 @@ fn adapter_forward_equals_merged_weights() {
     assert!(d < 1e-5, "merged vs adapter: {d}");
 }
 
-/// Rollout weights (`hold_dense`): each adapter folded into its base (dense and NF4) gives the adapter's logits;
-/// a disabled adapter (the reference) still sees the base alone; training-mode forwards and the model after
-/// the rollout phase are untouched.
-/// Zeroes every adapter's tensors' B (`None`) or writes back `saved` (every adapter tensor, in order).
+/// Zeroes every adapter's B (`None`) or writes back `saved` (every adapter tensor, in order).
 fn set_b(model: &mut ferrotune_core::CausalLm, saved: Option<&[Tensor]>) {
     let _g = tch::no_grad_guard();
     for (k, (name, mut t)) in model.lora_tensors().into_iter().enumerate() {
@@ -107,6 +104,9 @@ fn set_b(model: &mut ferrotune_core::CausalLm, saved: Option<&[Tensor]>) {
     }
 }
 
+/// Rollout weights (`hold_dense`): each adapter folded into its base (dense and NF4, f32) gives the adapter's
+/// logits; a disabled adapter (the reference) and a training-mode forward still use the live adapters; after the
+/// rollout phase nothing folded is left; bf16 weights are not folded.
 #[test]
 fn held_rollout_weights_fold_the_adapters_in() {
     let cfg =
@@ -126,19 +126,31 @@ fn held_rollout_weights_fold_the_adapters_in() {
         assert!(max_abs_diff(&adapter, &base) > 1e-3);
         let dense: i64 = model.linears_mut().iter().map(|(_, l)| l.dims().0 * l.dims().1).sum();
         assert_eq!(model.hold_dense(true).unwrap(), dense as usize * 4, "nf4 {nf4}: one f32 weight per layer");
-        // The folded weights, not the live adapters, compute the rollout: zeroing B changes nothing until they
-        // are dropped.
+        // The folded weights, not the live adapters, compute the rollout: zeroing B changes nothing while held.
         let saved: Vec<Tensor> = model.lora_tensors().into_iter().map(|(_, t)| t.copy()).collect();
         set_b(&mut model, None);
         let held = logits(&mut model);
         let d = max_abs_diff(&held, &adapter);
         assert!(d < 1e-5, "nf4 {nf4}: folded vs adapter {d}");
-        set_b(&mut model, Some(&saved));
         let reference = tch::no_grad(|| model.adapters_disabled().forward(&ids, None, None)).unwrap();
         assert!(max_abs_diff(&reference, &base) == 0.0, "nf4 {nf4}: the reference must not see the adapter");
+        // Training mode (dropout on) takes the live adapters, here B = 0: the base's logits.
+        model.set_training(true);
+        let training = logits(&mut model);
+        assert!(max_abs_diff(&training, &base) == 0.0, "nf4 {nf4}: training mode used the folded weights");
+        model.set_training(false);
+        // Released: the live adapters (B = 0) again, then B restored gives the adapter's logits exactly.
         model.hold_dense(false).unwrap();
+        assert!(max_abs_diff(&logits(&mut model), &base) == 0.0, "nf4 {nf4}: folded weights left after release");
+        set_b(&mut model, Some(&saved));
         assert!(max_abs_diff(&logits(&mut model), &adapter) == 0.0, "nf4 {nf4}: not restored");
     }
+    // bf16: folding would round the update away; only NF4 bases are held (dequantized), nothing folded.
+    let mut model = load_model(&tiny_dir("qwen2-bias"), Kind::BFloat16, Device::Cpu).unwrap();
+    model.add_lora(&cfg, 3).unwrap();
+    model.set_training(false);
+    assert_eq!(model.hold_dense(true).unwrap(), 0);
+    model.hold_dense(false).unwrap();
 }
 
 #[test]
