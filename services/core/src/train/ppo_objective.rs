@@ -237,11 +237,10 @@ impl TokenStats {
 const NO_GRAD_BATCH: usize = 16;
 
 /// With [`Pass::Rollout`] or [`Pass::Update`], values come from the value head when the model has one.
-/// Without gradients (rollout and reference passes), longer lists go through in batches of at most
-/// [`NO_GRAD_BATCH`] sequences, results in the sequences' order: when sequences share their prompt (a group's
-/// samples), each batch holds samples of one prompt, whose prompt is computed once and its KV cache shared by
-/// their completions (as the rollout engine does); otherwise batches of similar length, longest first, so each
-/// pads only to its own longest instead of every sequence to the longest of all.
+/// Without gradients (rollout and reference passes), longer lists go through in batches of
+/// [`NO_GRAD_BATCH`] sequences of similar length, longest first, so each batch pads only to its own longest
+/// instead of every sequence to the longest of all (a group's completions range from a few tokens to
+/// `max_new_tokens`); the results come back in the sequences' order.
 pub(crate) fn token_stats(
     model: &CausalLm,
     seqs: &[SftExample],
@@ -253,43 +252,20 @@ pub(crate) fn token_stats(
     if pass == Pass::Update || seqs.len() <= NO_GRAD_BATCH {
         return batch_stats(model, &all, pad_id, temperature, pass);
     }
-    let counts = labelled_counts(&all);
-    let (batches, parts) = match prompt_groups(seqs) {
-        Some(groups) if groups.len() < seqs.len() => {
-            let mut batches = vec![];
-            for (split, members) in groups {
-                // Longest first within the prompt, so each batch pads little.
-                let mut members = members;
-                members.sort_by_key(|&i| std::cmp::Reverse(seqs[i].input_ids.len()));
-                batches.extend(members.chunks(NO_GRAD_BATCH).map(|c| (split, c.to_vec())));
-            }
-            let parts = batches
-                .iter()
-                .map(|(split, b)| {
-                    let sub: Vec<&SftExample> = b.iter().map(|&i| &seqs[i]).collect();
-                    shared_prompt_stats(model, &sub, *split, pad_id, temperature, pass)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            (batches.into_iter().map(|b| b.1).collect::<Vec<_>>(), parts)
-        }
-        _ => {
-            let mut order: Vec<usize> = (0..seqs.len()).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].input_ids.len()));
-            let batches: Vec<Vec<usize>> = order.chunks(NO_GRAD_BATCH).map(<[usize]>::to_vec).collect();
-            let parts = batches
-                .iter()
-                .map(|b| {
-                    let sub: Vec<&SftExample> = b.iter().map(|&i| &seqs[i]).collect();
-                    batch_stats(model, &sub, pad_id, temperature, pass)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            (batches, parts)
-        }
-    };
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].input_ids.len()));
+    let parts = order
+        .chunks(NO_GRAD_BATCH)
+        .map(|chunk| {
+            let sub: Vec<&SftExample> = chunk.iter().map(|&i| &seqs[i]).collect();
+            batch_stats(model, &sub, pad_id, temperature, pass)
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Where each sequence's tokens are in the batches' concatenation, in the sequences' order.
+    let counts = labelled_counts(&all);
     let mut start = vec![0; seqs.len()];
     let mut at = 0;
-    for &i in batches.iter().flatten() {
+    for &i in &order {
         start[i] = at;
         at += counts[i];
     }
@@ -305,72 +281,6 @@ pub(crate) fn token_stats(
         values: gather(&|p| p.values.as_ref())?,
         counts,
     })
-}
-
-/// The sequences grouped by prompt — (prompt length, members in order) in order of first appearance — when every
-/// sequence is an unpacked prompt followed by a labelled completion of at least one token; else `None`.
-fn prompt_groups(seqs: &[SftExample]) -> Option<Vec<(usize, Vec<usize>)>> {
-    let mut groups: Vec<(usize, Vec<usize>)> = vec![];
-    for (i, s) in seqs.iter().enumerate() {
-        let split = s.labels.iter().position(|&l| l != -100)?;
-        if split == 0 || !s.segment_ids.is_empty() || s.labels[split..].contains(&-100) {
-            return None;
-        }
-        let prompt = &s.input_ids[..split];
-        match groups.iter_mut().find(|(k, m)| *k == split && &seqs[m[0]].input_ids[..*k] == prompt) {
-            Some((_, m)) => m.push(i),
-            None => groups.push((split, vec![i])),
-        }
-    }
-    Some(groups)
-}
-
-/// [`token_stats`] of sequences sharing their first `split` tokens (the prompt; the rest is each one's
-/// completion, every token labelled): the prompt goes through once, its KV cache is copied to every
-/// completion, and the completions go through after it, right-padded (causal attention keeps the padding
-/// out of every real token's view). The prompt's last hidden state predicts each completion's first token.
-fn shared_prompt_stats(
-    model: &CausalLm,
-    seqs: &[&SftExample],
-    split: usize,
-    pad_id: u32,
-    temperature: f64,
-    pass: Pass,
-) -> Result<TokenStats> {
-    let dev = model.device();
-    let n = seqs.len();
-    let comps: Vec<&[u32]> = seqs.iter().map(|s| &s.input_ids[split..]).collect();
-    let longest = comps.iter().map(|c| c.len()).max().unwrap_or(0);
-    let mut cache = model.new_cache(1, (split + longest) as i64)?;
-    let prompt: Vec<i64> = seqs[0].input_ids[..split].iter().map(|&t| i64::from(t)).collect();
-    let prompt = Tensor::f_from_slice(&prompt)?.f_view([1, split as i64])?.f_to_device(dev)?;
-    let hidden = model.forward_hidden_cached(&prompt, None, None, Some(&mut cache))?;
-    let last = hidden.f_select(1, split as i64 - 1)?;
-    // Every completion token but the last is an input: [n, longest - 1].
-    let completions = if longest > 1 {
-        cache.select_rows(&Tensor::f_zeros([n as i64], (Kind::Int64, dev))?)?;
-        let mut ids = vec![i64::from(pad_id); n * (longest - 1)];
-        for (r, c) in comps.iter().enumerate() {
-            for (j, &t) in c[..c.len() - 1].iter().enumerate() {
-                ids[r * (longest - 1) + j] = i64::from(t);
-            }
-        }
-        let ids = Tensor::f_from_slice(&ids)?.f_view([n as i64, longest as i64 - 1])?.f_to_device(dev)?;
-        Some(model.forward_hidden_cached(&ids, None, None, Some(&mut cache))?)
-    } else {
-        None
-    };
-    let mut rows = Vec::with_capacity(2 * n);
-    for (r, c) in comps.iter().enumerate() {
-        rows.push(last.shallow_clone());
-        if let (Some(h), true) = (&completions, c.len() > 1) {
-            rows.push(h.f_select(0, r as i64)?.f_narrow(0, 0, c.len() as i64 - 1)?.f_to_device(last.device())?);
-        }
-    }
-    let rows = Tensor::f_cat(&rows, 0)?;
-    let target: Vec<i64> = comps.iter().flat_map(|c| c.iter().map(|&t| i64::from(t))).collect();
-    let target = Tensor::f_from_slice(&target)?.f_to_device(rows.device())?;
-    row_stats(model, &rows, &target, temperature, pass, labelled_counts(seqs))
 }
 
 /// Labelled (scored) tokens of each sequence.
@@ -389,20 +299,7 @@ fn batch_stats(
     let c = SftObjective { pad_id, chunk: 1, gradient_checkpointing: false }.collate(model, seqs)?;
     let hidden = model.forward_hidden(&c.ids, c.mask.as_ref(), c.positions.as_ref())?;
     let (rows, target, _) = scored_rows(&hidden, &c.labels)?;
-    row_stats(model, &rows, &target, temperature, pass, labelled_counts(seqs))
-}
-
-/// Log-probs of `target` (and entropies, values as the pass asks) from the hidden states `rows` that predict
-/// them.
-fn row_stats(
-    model: &CausalLm,
-    rows: &Tensor,
-    target: &Tensor,
-    temperature: f64,
-    pass: Pass,
-    counts: Vec<usize>,
-) -> Result<TokenStats> {
-    let logits = model.logits(rows)?.f_to_kind(Kind::Float)?.f_div_scalar(temperature)?;
+    let logits = model.logits(&rows)?.f_to_kind(Kind::Float)?.f_div_scalar(temperature)?;
     let lp = logits.f_log_softmax(-1, Kind::Float)?;
     let logp = lp.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
     let entropy = if pass == Pass::Rollout {
@@ -416,7 +313,7 @@ fn row_stats(
         }
         _ => None,
     };
-    Ok(TokenStats { logp, entropy, values, counts })
+    Ok(TokenStats { logp, entropy, values, counts: labelled_counts(seqs) })
 }
 
 fn no_value_head() -> CoreError {
