@@ -146,31 +146,44 @@ fn sessions_roll_out_update_and_resume_exactly() {
     assert!(e.contains("samples[1]"), "{e}");
 }
 
-/// The rollout's teacher-forced log-probs of many samples (batched longest first, in groups of similar length)
-/// equal each sample's own pass, in the samples' order.
+/// The rollout's teacher-forced log-probs of many samples (batched longest first, 16 at a time) equal each
+/// sample's own full pass, in the samples' order — one-token completions too.
 #[test]
 fn rollout_log_probs_equal_one_sequence_passes() {
     let mut s = PolicySession::open(&spec()).unwrap();
     let prompts = vec![s.tokenizer.encode("Ahoy there").unwrap(), s.tokenizer.encode("The sea is a wide").unwrap()];
-    let spec = RolloutSpec {
-        prompts: prompts.clone(),
-        n: 13,
-        max_new_tokens: 9,
-        sampling: SamplingParams { greedy: false, temperature: 0.7, top_k: None, top_p: None, repetition_penalty: 1.0 },
-        seed: 2,
-        stop: vec![],
-        reference: false,
-        logprobs: true,
-    };
-    let samples = s.rollout(&spec, &|| false).unwrap();
-    assert_eq!(samples.len(), 26);
-    // The prompts differ in length: the batches pad.
+    // The prompts differ in length.
     assert_ne!(prompts[0].len(), prompts[1].len());
-    for (i, x) in samples.iter().enumerate() {
-        let one = s.logprobs(&prompts[x.prompt], &x.ids, 0.7).unwrap();
-        assert_eq!(one.len(), x.logp.len(), "sample {i}");
-        for (a, b) in x.logp.iter().zip(&one) {
-            assert!((a - b).abs() < 1e-5, "sample {i}: {a} vs {b}");
+    for (n, max_new_tokens) in [(13, 9), (9, 1), (20, 5)] {
+        let spec = RolloutSpec {
+            prompts: prompts.clone(),
+            n,
+            max_new_tokens,
+            sampling: SamplingParams {
+                greedy: false,
+                temperature: 0.7,
+                top_k: None,
+                top_p: None,
+                repetition_penalty: 1.0,
+            },
+            seed: 2,
+            stop: vec![],
+            reference: true,
+            logprobs: true,
+        };
+        let samples = s.rollout(&spec, &|| false).unwrap();
+        assert_eq!(samples.len(), 2 * n);
+        for (i, x) in samples.iter().enumerate() {
+            let one = s.logprobs(&prompts[x.prompt], &x.ids, 0.7).unwrap();
+            assert_eq!((one.len(), x.ref_logp.len()), (x.logp.len(), x.logp.len()), "sample {i}");
+            for (a, b) in x.logp.iter().zip(&one) {
+                // f32: a padded batch against a sequence alone.
+                assert!((a - b).abs() < 5e-5, "n {n}, sample {i}: {a} vs {b}");
+            }
+            // A new adapter (B = 0): the reference's log-probs are the policy's.
+            for (a, b) in x.ref_logp.iter().zip(&one) {
+                assert!((a - b).abs() < 5e-5, "n {n}, sample {i}: reference {a} vs {b}");
+            }
         }
     }
 }
