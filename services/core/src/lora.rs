@@ -111,6 +111,13 @@ pub struct Lora {
 }
 
 impl Lora {
+    /// The base weight `w` with this (plain) adapter folded in, `W + s · B A`: computed in f32, returned in
+    /// `w`'s kind (PEFT's merge).
+    pub fn merged(&self, w: &Tensor) -> Result<Tensor> {
+        let delta = self.b.f_matmul(&self.a)?.f_mul_scalar(self.scaling)?;
+        Ok(w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?)
+    }
+
     /// `s · dropout(x) Aᵀ Bᵀ`, computed in the adapter's kind and returned in `x`'s.
     ///
     /// # Shapes
@@ -409,10 +416,7 @@ impl CausalLm {
                 let w = lin.dense_weight()?;
                 let merged = match &l.magnitude {
                     Some(m) => crate::dora::merged(&w, &l, m)?.f_to_kind(w.kind())?,
-                    None => {
-                        let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
-                        w.f_to_kind(Kind::Float)?.f_add(&delta)?.f_to_kind(w.kind())?
-                    }
+                    None => l.merged(&w)?,
                 };
                 lin.base = crate::models::decoder::BaseWeight::Dense(merged);
                 n += 1;

@@ -114,11 +114,7 @@ impl Linear {
                 && (nf4 || self.device() == Device::Cpu)
         });
         let held = match (fold, &self.base, on) {
-            (Some(l), _, _) => {
-                let w = self.dense_weight()?;
-                let delta = l.b.f_mm(&l.a)?.f_mul_scalar(l.scaling)?;
-                Some(w.f_add(&delta)?.f_contiguous()?)
-            }
+            (Some(l), _, _) => Some(l.merged(&self.dense_weight()?)?.f_contiguous()?),
             (None, BaseWeight::Nf4 { q, kind }, true) => Some(q.dequantize(*kind)?),
             _ => None,
         };
